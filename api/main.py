@@ -1,0 +1,107 @@
+"""The API application: `uvicorn --factory api.main:create_app`."""
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api.routes import health, jobs, streams, workers
+from services.config import Settings, get_settings
+from services.errors import (
+    JobFinished,
+    JobNotFound,
+    MalformedJob,
+    SpecRejected,
+    StoreUnavailable,
+)
+from services.store import Store
+
+RETRY_AFTER_S = "1"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API; settings come from the environment unless given."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.store = Store.from_url(settings.redis_url)
+        # Blocking XREADs wait up to the keep-alive interval: the socket must wait longer.
+        app.state.async_redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=5,
+            socket_timeout=settings.sse_keepalive_s + 10,
+        )
+        try:
+            yield
+        finally:
+            await app.state.async_redis.aclose()
+            app.state.store.redis.close()
+
+    app = FastAPI(
+        title="gradstream",
+        version="1",
+        summary="Linear-regression training jobs whose every step is stored and streamed.",
+        lifespan=lifespan,
+    )
+    for router in (jobs.router, streams.router, workers.router, health.router):
+        app.include_router(router)
+    _add_error_handlers(app)
+    return app
+
+
+def _finite_only(value: Any) -> Any:
+    """The input echoed in a 422, with non-finite floats (which JSON cannot carry) as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_only(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_only(v) for v in value]
+    return value
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes `input`; a NaN there would make the 422 itself fail.
+        errors = []
+        for error in exc.errors():
+            error = dict(error)
+            error.pop("url", None)
+            if "input" in error:
+                error["input"] = _finite_only(error["input"])
+            if "ctx" in error:
+                error["ctx"] = {k: str(v) for k, v in error["ctx"].items()}
+            errors.append(error)
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
+
+    @app.exception_handler(SpecRejected)
+    async def spec_rejected(_: Request, exc: SpecRejected) -> JSONResponse:
+        detail = [{"type": "limit", "loc": ["body", *exc.field], "msg": exc.message}]
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.exception_handler(JobNotFound)
+    async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(JobFinished)
+    async def job_finished(_: Request, exc: JobFinished) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc), "status": exc.status})
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse(
+            status_code=503, content={"detail": str(exc)}, headers={"Retry-After": RETRY_AFTER_S}
+        )
+
+    @app.exception_handler(MalformedJob)
+    async def malformed_job(_: Request, exc: MalformedJob) -> JSONResponse:
+        return JSONResponse(status_code=500, content={"detail": str(exc)})

@@ -1,0 +1,58 @@
+"""Job routes: submit, list, read, steps, cancel."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+
+from api.deps import JobIdDep, SettingsDep, StoreDep
+from services import jobs
+from services.schemas import JobList, JobSpec, JobStatus, JobView, StepsPage
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201)
+def submit_job(spec: JobSpec, store: StoreDep, settings: SettingsDep, response: Response) -> JobView:
+    """Submit a training job; it is queued on the worker queue its device routes to."""
+    view = jobs.submit_job(store, spec, settings)
+    response.headers["Location"] = f"/v1/jobs/{view.id}"
+    return view
+
+
+@router.get("")
+def list_jobs(
+    store: StoreDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> JobList:
+    """List jobs, newest first; pass `next` back as `cursor` for the following page."""
+    views, next_cursor = store.list_jobs(status, limit, cursor)
+    return JobList(jobs=views, next=next_cursor)
+
+
+@router.get("/{job_id}")
+def get_job(job_id: JobIdDep, store: StoreDep) -> JobView:
+    """Read one job."""
+    return store.get_job(job_id)
+
+
+@router.get("/{job_id}/steps", response_model=StepsPage)
+def get_steps(
+    job_id: JobIdDep,
+    store: StoreDep,
+    after: Annotated[int, Query(ge=-1, description="return steps after this one")] = -1,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+) -> JSONResponse:
+    """Stored steps with `step > after`, in order; `next` is the `after` of the next page."""
+    records, next_after = store.read_steps(job_id, after, limit)
+    # Records are plain dicts already checked by construction; skipping a pydantic round trip
+    # per step keeps a 5 000-step page cheap.
+    return JSONResponse({"steps": records, "next": next_after})
+
+
+@router.post("/{job_id}/cancel", status_code=202)
+def cancel_job(job_id: JobIdDep, store: StoreDep) -> JobView:
+    """Cancel a job: a queued one at once, a running one at its next step boundary."""
+    return jobs.cancel_job(store, job_id)

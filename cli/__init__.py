@@ -1,0 +1,1 @@
+"""The `gradstream` command line: starts processes, and talks to the API over HTTP."""

@@ -1,0 +1,277 @@
+"""`gradstream`: start the processes (up, api, worker) and use the API (submit, watch, ...).
+
+The composition root: `api`, `worker` and `up` start processes by module path; every other
+command talks to the API over HTTP through api.client.
+"""
+
+import csv
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from api.client import TERMINAL, Client, GradstreamError
+from cli.stack import Stack, visible_gpus
+from services.queue import Device
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+UrlOpt = Annotated[str | None, typer.Option("--url", help="API URL (default: $GRADSTREAM_URL)")]
+KeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key ($GRADSTREAM_API_KEY)")]
+
+# The tutorial's worked example: x=1, y=2, w=1 gives loss 1 and dLoss/dw = -2 at step 0.
+SEED_EXAMPLE: dict[str, Any] = {
+    "data": {"x": [[1.0]], "y": [2.0]},
+    "init": {"w": [1.0]},
+    "bias": False,
+    "optimizer": {"name": "sgd", "lr": 0.1},
+    "steps": 10,
+    "device": "cpu",
+}
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def worker(
+    device: Annotated[str, typer.Option(help="cpu or cuda:N")] = "cpu",
+    concurrency: Annotated[int, typer.Option(help="jobs at once (cpu only; a GPU runs 1)")] = 1,
+    loglevel: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Start a Celery worker pinned to one device, consuming its queue (cpu or gpu)."""
+    try:
+        pinned = Device.parse(device)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    env = {**os.environ, **pinned.pinning_env()}
+    if pinned.kind == "cuda":
+        concurrency = 1  # one job per GPU: jobs would otherwise compete for its memory
+    # exec: the worker keeps this pid, so its node name and signals refer to one process.
+    name = f"{pinned.kind}{pinned.index if pinned.index is not None else ''}-{os.getpid()}@%h"
+    argv = [
+        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        "-Q", pinned.queue, "-c", str(concurrency), "-P", "prefork", "-n", name,
+        "-l", loglevel, "--without-gossip", "--without-mingle",
+    ]
+    os.execve(sys.executable, argv, env)
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Start the HTTP API (uvicorn)."""
+    argv = [
+        sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app",
+        "--host", host, "--port", str(port), "--no-access-log",
+    ]
+    os.execv(sys.executable, argv)
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="API port (0: any free port)")] = 8000,
+    demo: Annotated[bool, typer.Option(help="run the tutorial's example, then stop")] = False,
+) -> None:
+    """Run the local stack: a private redis-server, one CPU worker (+1 per GPU) and the API."""
+    started = time.monotonic()
+    run_dir = Path(tempfile.mkdtemp(prefix="gradstream-"))
+    stack = Stack(run_dir)
+    try:
+        typer.echo(f"starting redis-server, workers and the API (logs in {run_dir})")
+        stack.start_redis()
+        stack.start_worker("cpu")
+        gpus = visible_gpus()
+        for index in gpus:
+            stack.start_worker(f"cuda:{index}")
+        stack.start_api(port or None)
+        stack.wait_for_workers({"cpu", "gpu"} if gpus else {"cpu"})
+        typer.echo(f"ready in {time.monotonic() - started:.1f} s: API {stack.api_url}")
+        typer.echo(f"  GRADSTREAM_URL={stack.api_url} gradstream jobs")
+        if demo:
+            _run_demo(stack.api_url, started)
+        else:
+            typer.echo("Ctrl-C stops everything")
+            while all(p.poll() is None for _, p in stack.processes):
+                time.sleep(0.5)
+            dead = [name for name, p in stack.processes if p.poll() is not None]
+            _fail(f"{', '.join(dead)} exited; logs in {run_dir}")
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+    except (TimeoutError, RuntimeError) as exc:
+        _fail(f"{exc} (logs in {run_dir})")
+    finally:
+        stack.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run_demo(url: str, started: float) -> None:
+    with Client(url) as client:
+        typer.echo(f"submitting the tutorial's example: {json.dumps(SEED_EXAMPLE)}")
+        job = client.submit(SEED_EXAMPLE)
+        typer.echo(f"job {job['id']}: {job['status']} on {job['device']}")
+        first = True
+        for event in client.stream(job["id"]):
+            if event.event == "step":
+                if first:
+                    typer.echo(f"(first step {time.monotonic() - started:.1f} s after start)")
+                    first = False
+                typer.echo(_format_step(event.data))
+            elif event.event == "done":
+                view = event.data
+                typer.echo(f"job {view['id']} {view['status']}: result {json.dumps(view['result'])}")
+                if view["status"] != "succeeded":
+                    raise typer.Exit(1)
+
+
+def _f32(value: float | None) -> str:
+    """The shortest decimal that reads back as the same float32 (the API sends exact float64s)."""
+    if value is None:
+        return "nan"
+    for digits in range(1, 10):
+        text = f"{value:.{digits}g}"
+        if struct.unpack("f", struct.pack("f", float(text)))[0] == value:
+            break
+    return text if any(c in text for c in ".en") else text + ".0"
+
+
+def _f32s(values: Any) -> str:
+    if isinstance(values, list):
+        return "[" + ", ".join(_f32(v) for v in values) + "]"
+    return _f32(values)
+
+
+def _format_step(step: dict[str, Any]) -> str:
+    grads, params = step["grads"], step["params"]
+    text = (
+        f"step {step['step']:>4}  loss {_f32(step['loss']):<12}"
+        f"  dLoss/dw {_f32s(grads['w'])}  w {_f32s(params['w'])}"
+    )
+    if "b" in grads:
+        text += f"  dLoss/db {_f32s(grads['b'])}  b {_f32s(params['b'])}"
+    return text
+
+
+def _client(url: str | None, api_key: str | None) -> Client:
+    return Client(url, api_key)
+
+
+@app.command()
+def submit(
+    spec_file: Annotated[str, typer.Argument(help="JobSpec as a JSON file, or - for stdin")],
+    watch_job: Annotated[bool, typer.Option("--watch", help="print steps until it ends")] = False,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Submit a job from a JSON spec."""
+    text = sys.stdin.read() if spec_file == "-" else Path(spec_file).read_text()
+    with _client(url, api_key) as client:
+        try:
+            job = client.submit(json.loads(text))
+        except GradstreamError as exc:
+            _fail(str(exc))
+        typer.echo(job["id"])
+        if watch_job:
+            _watch(client, job["id"])
+
+
+def _watch(client: Client, job_id: str) -> None:
+    for event in client.stream(job_id):
+        if event.event == "step":
+            typer.echo(_format_step(event.data))
+        elif event.event == "status":
+            typer.echo(f"status: {event.data['status']}")
+        elif event.event == "done":
+            view = event.data
+            typer.echo(f"{view['status']}: {json.dumps(view['result'] or view['error'])}")
+            if view["status"] != "succeeded":
+                raise typer.Exit(1)
+
+
+@app.command()
+def watch(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """Print a job's steps live until it ends (exit 1 unless it succeeded)."""
+    with _client(url, api_key) as client:
+        try:
+            _watch(client, job_id)
+        except GradstreamError as exc:
+            _fail(str(exc))
+
+
+@app.command()
+def show(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """Print a job as JSON."""
+    with _client(url, api_key) as client:
+        try:
+            typer.echo(json.dumps(client.get(job_id), indent=2))
+        except GradstreamError as exc:
+            _fail(str(exc))
+
+
+@app.command()
+def jobs(
+    status: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option()] = 20,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """List jobs, newest first."""
+    with _client(url, api_key) as client:
+        for job in client.jobs(status, limit):
+            typer.echo(f"{job['id']}  {job['status']:<10}  {job['device']:<4}  steps {job['steps_done']}")
+
+
+@app.command()
+def cancel(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """Cancel a job."""
+    with _client(url, api_key) as client:
+        try:
+            typer.echo(client.cancel(job_id)["status"])
+        except GradstreamError as exc:
+            _fail(str(exc))
+
+
+@app.command()
+def steps(
+    job_id: str,
+    format: Annotated[str, typer.Option(help="jsonl or csv")] = "jsonl",
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Export a job's stored steps."""
+    with _client(url, api_key) as client:
+        records = client.steps(job_id)
+        if format == "jsonl":
+            for record in records:
+                typer.echo(json.dumps(record))
+            return
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["step", "loss", "grads", "params"])
+        for record in records:
+            writer.writerow(
+                [record["step"], record["loss"], json.dumps(record["grads"]), json.dumps(record["params"])]
+            )
+
+
+@app.command()
+def workers(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """List live workers."""
+    with _client(url, api_key) as client:
+        for w in client.workers():
+            typer.echo(f"{w['name']}  {w['device']:<7}  {','.join(w['queues']):<4}  job {w['current_job']}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,158 @@
+"""Local processes: a private redis-server, workers and the API, started and stopped together.
+
+Used by `gradstream up` (and so `make demo`) and by the tests, which need the same real
+processes. Each process runs in its own session, so stopping it stops its children too.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import httpx
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `check` until it is true; TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except Exception:  # not up yet: connection refused and the like
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout} s")
+        time.sleep(interval)
+
+
+def redis_server_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        raise RuntimeError(
+            "redis-server not found: install it (Debian/Ubuntu: apt-get install redis-server; "
+            "macOS: brew install redis), or run `make demo`, which installs it as root"
+        )
+    return path
+
+
+def visible_gpus() -> list[int]:
+    """GPU indexes nvidia-smi reports (none without it), restricted by CUDA_VISIBLE_DEVICES."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = [i for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        allowed = {int(v) for v in visible.split(",") if v.strip().isdigit()}
+        gpus = [g for g in gpus if g in allowed]
+    return gpus
+
+
+class Stack:
+    """A set of local processes sharing one private Redis, all stopped by `stop()`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.redis_url = ""
+        self.api_url = ""
+        self._logs: list[IO[bytes]] = []
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop())
+        self._logs.append(log)
+        process = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.processes.append((name, process))
+        return process
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {**os.environ, "GRADSTREAM_REDIS_URL": self.redis_url, "PYTHONUNBUFFERED": "1"}
+        env.update(extra)
+        return env
+
+    def start_redis(self, port: int | None = None) -> str:
+        port = port or free_port()
+        data_dir = self.run_dir / "redis"
+        data_dir.mkdir(exist_ok=True)
+        argv = [
+            redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+            "--dir", str(data_dir), "--save", "", "--appendonly", "no",
+            "--maxmemory-policy", "noeviction",
+        ]
+        self._spawn("redis", argv, dict(os.environ))
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1)
+        try:
+            wait_until(lambda: bool(client.ping()), 10, f"redis-server on port {port}")
+        finally:
+            client.close()
+        return self.redis_url
+
+    def start_worker(self, device: str = "cpu", **extra_env: str) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "cli.main", "worker", "--device", device]
+        name = f"worker-{device.replace(':', '')}-{len(self.processes)}"
+        return self._spawn(name, argv, self.env(**extra_env))
+
+    def start_api(self, port: int | None = None) -> str:
+        port = port or free_port()
+        argv = [sys.executable, "-m", "cli.main", "api", "--host", "127.0.0.1", "--port", str(port)]
+        self._spawn("api", argv, self.env())
+        self.api_url = f"http://127.0.0.1:{port}"
+        wait_until(
+            lambda: httpx.get(self.api_url + "/readyz", timeout=1).status_code == 200, 30, "API"
+        )
+        return self.api_url
+
+    def wait_for_workers(self, queues: set[str], timeout: float = 60) -> None:
+        def registered() -> bool:
+            workers = httpx.get(self.api_url + "/v1/workers", timeout=2).json()["workers"]
+            return queues <= {q for w in workers for q in w["queues"]}
+
+        wait_until(registered, timeout, f"workers for queues {sorted(queues)}", interval=0.1)
+
+    def stop(self, grace: float = 10) -> None:
+        """Stop every process (newest first): SIGTERM, then SIGKILL after `grace` seconds."""
+        for _, process in reversed(self.processes):
+            stop_process(process, grace)
+        self.processes.clear()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+
+def stop_process(process: "subprocess.Popen[bytes]", grace: float = 10) -> None:
+    """SIGTERM the process (a Celery worker then shuts down warm), SIGKILL its group after
+    `grace` seconds; whatever is left of the group after it exits is killed too."""
+    if process.poll() is None:
+        try:
+            process.send_signal(signal.SIGTERM)
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait(5)

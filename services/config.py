@@ -1,0 +1,48 @@
+"""Settings: the only place that reads the environment (prefix GRADSTREAM_)."""
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with defaults that suit the local stack."""
+
+    model_config = SettingsConfigDict(env_prefix="GRADSTREAM_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Limits on what one job may ask for (each refusal is a 422 naming the field).
+    max_steps: int = Field(default=1_000_000, ge=1)
+    max_elements: int = Field(default=100_000_000, ge=1, description="samples x features per job")
+
+    # Recording: steps are flushed to Redis in chunks, by time or by count.
+    flush_interval_s: float = Field(default=0.02, gt=0)
+    flush_max_steps: int = Field(default=4096, ge=1)
+
+    # Worker.
+    device: str = "cpu"
+    # A `cuda:N` worker on a machine without CUDA refuses to start unless this is set (then it
+    # computes on the CPU: useful to test routing to the gpu queue on a CPU-only machine).
+    cuda_fallback_cpu: bool = False
+    torch_threads: int = Field(default=1, ge=1)
+    worker_heartbeat_s: float = Field(default=2.0, gt=0)
+    worker_ttl_s: float = Field(default=10.0, gt=0)
+
+    # Routing of `device: auto`: jobs with at least this many samples x features go to a
+    # GPU worker when one is live; below it a CPU step beats the GPU's kernel launches.
+    auto_gpu_min_elements: int = Field(default=1_000_000, ge=1)
+
+    # API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    sse_keepalive_s: float = Field(default=15.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()

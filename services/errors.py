@@ -1,0 +1,39 @@
+"""Domain errors. Services raise these; only api/ maps them to HTTP status codes."""
+
+
+class GradstreamError(Exception):
+    """Base class of every error gradstream raises on purpose."""
+
+
+class JobNotFound(GradstreamError):
+    """No job with this id (or not one the caller may see)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id!r} not found")
+        self.job_id = job_id
+
+
+class JobFinished(GradstreamError):
+    """The job has already reached a terminal status, so the request cannot apply."""
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id!r} already finished with status {status!r}")
+        self.job_id = job_id
+        self.status = status
+
+
+class SpecRejected(GradstreamError):
+    """A spec that is well-formed but breaks a configured limit; `field` names where."""
+
+    def __init__(self, field: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class StoreUnavailable(GradstreamError):
+    """Redis could not be reached; the request may be retried."""
+
+
+class MalformedJob(GradstreamError):
+    """A job record in Redis that cannot be read back (corrupt or written by something else)."""

@@ -1,0 +1,108 @@
+"""The Celery app (configured lazily from Settings), the task name, and device -> queue routing."""
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from celery import Celery
+
+from services.config import Settings, get_settings
+from services.schemas import JobSpec
+
+TRAIN_TASK = "gradstream.train"
+CPU_QUEUE = "cpu"
+GPU_QUEUE = "gpu"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for at-least-once delivery of jobs to one-job-at-a-time workers."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: a task carries a job id, never a pickled object.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "task_default_queue": CPU_QUEUE,
+        # Acknowledge after the attempt, so a job whose worker died is delivered again; take one
+        # message at a time, so a busy worker does not sit on jobs another could run.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Before Celery 6 a worker that loses the broker keeps running late-ack tasks that will
+        # be delivered again elsewhere; stop them instead.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+    }
+
+
+class GradstreamCelery(Celery):  # type: ignore[misc]
+    """Reads Settings when the app is first used, not at import (`celery -A worker.app` imports)."""
+
+    def on_configure(self) -> None:
+        self.config_from_object(SimpleNamespace(**celery_config(get_settings())))
+
+
+celery_app = GradstreamCelery("gradstream", set_as_current=False)
+
+
+def enqueue_training(job_id: str, queue: str) -> None:
+    """Send the training task by name: the API never imports the worker."""
+    celery_app.send_task(TRAIN_TASK, args=[job_id], queue=queue)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A worker's device: `cpu`, or `cuda` with an index (`cuda:1`)."""
+
+    kind: str
+    index: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Device":
+        if text == "cpu":
+            return cls("cpu")
+        kind, _, index = text.partition(":")
+        if kind == "cuda" and index.isdigit():
+            return cls("cuda", int(index))
+        raise ValueError(f"unknown device {text!r}: use cpu or cuda:N")
+
+    def __str__(self) -> str:
+        return self.kind if self.index is None else f"{self.kind}:{self.index}"
+
+    @property
+    def queue(self) -> str:
+        return GPU_QUEUE if self.kind == "cuda" else CPU_QUEUE
+
+    def pinning_env(self) -> dict[str, str]:
+        """Environment that pins a worker to this device before any CUDA initialisation."""
+        if self.kind == "cuda":
+            return {"CUDA_VISIBLE_DEVICES": str(self.index), "GRADSTREAM_DEVICE": str(self)}
+        return {"CUDA_VISIBLE_DEVICES": "", "GRADSTREAM_DEVICE": "cpu"}
+
+
+@dataclass(frozen=True)
+class Route:
+    device: str  # cpu | cuda
+    queue: str
+    reason: str
+
+
+def route_job(spec: JobSpec, live_queues: set[str], settings: Settings) -> Route:
+    """Where a job goes: as asked, or for `auto` by problem size and which workers are live."""
+    if spec.device == "cpu":
+        return Route("cpu", CPU_QUEUE, "asked for cpu")
+    if spec.device == "cuda":
+        return Route("cuda", GPU_QUEUE, "asked for cuda")
+    elements = spec.data.samples * spec.data.features
+    gpu_live, cpu_live = GPU_QUEUE in live_queues, CPU_QUEUE in live_queues
+    if gpu_live and (elements >= settings.auto_gpu_min_elements or not cpu_live):
+        why = "no cpu worker live" if not cpu_live else f"{elements} samples x features"
+        return Route("cuda", GPU_QUEUE, f"auto: gpu ({why})")
+    if not gpu_live:
+        return Route("cpu", CPU_QUEUE, "auto: cpu (no gpu worker live)")
+    return Route(
+        "cpu",
+        CPU_QUEUE,
+        f"auto: cpu ({elements} samples x features < {settings.auto_gpu_min_elements})",
+    )

@@ -1,0 +1,233 @@
+"""Pydantic models at the boundaries: what a client sends (JobSpec) and what it reads back."""
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+
+class StrictModel(BaseModel):
+    """Input model: unknown fields and non-finite numbers are refused (JSON allows NaN by default)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class SyntheticParams(StrictModel):
+    """A generated problem: x ~ N(0, 1), y = x @ w_true (+ b_true) + noise."""
+
+    n: int = Field(ge=1, description="samples")
+    d: int = Field(ge=1, description="features")
+    noise: float = Field(default=0.01, ge=0)
+    seed: int = 0
+
+
+class DataSpec(StrictModel):
+    """Training data: inline `x` and `y`, or `synthetic` parameters; exactly one of the two."""
+
+    x: list[list[float]] | None = Field(
+        default=None, description="one row per sample; a flat list means one feature"
+    )
+    y: list[float] | None = None
+    synthetic: SyntheticParams | None = None
+
+    @field_validator("x", mode="before")
+    @classmethod
+    def _flat_x_is_one_feature(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and not any(isinstance(v, list) for v in value):
+            return [[v] for v in value]
+        return value
+
+    @field_validator("x")
+    @classmethod
+    def _rectangular(cls, x: list[list[float]] | None) -> list[list[float]] | None:
+        if x is None:
+            return x
+        if not x:
+            raise ValueError("x is empty: give at least one sample")
+        width = len(x[0])
+        if width == 0:
+            raise ValueError("x rows are empty: give at least one feature")
+        for i, row in enumerate(x):
+            if len(row) != width:
+                raise ValueError(f"x is ragged: row {i} has {len(row)} values, row 0 has {width}")
+        return x
+
+    @field_validator("y")
+    @classmethod
+    def _one_target_per_row(cls, y: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        if y is None:
+            return y
+        if not y:
+            raise ValueError("y is empty: give one target per sample")
+        x = info.data.get("x")
+        if x is not None and len(x) != len(y):
+            raise ValueError(f"y has {len(y)} values but x has {len(x)} rows")
+        return y
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        inline = self.x is not None or self.y is not None
+        if inline and self.synthetic is not None:
+            raise ValueError("data takes either x and y, or synthetic, not both")
+        if not inline and self.synthetic is None:
+            raise ValueError("data needs x and y, or synthetic")
+        if inline and (self.x is None or self.y is None):
+            missing = "y" if self.y is None else "x"
+            raise ValueError(f"data.{missing} is missing: inline data needs both x and y")
+        return self
+
+    @property
+    def samples(self) -> int:
+        if self.synthetic is not None:
+            return self.synthetic.n
+        assert self.y is not None
+        return len(self.y)
+
+    @property
+    def features(self) -> int:
+        if self.synthetic is not None:
+            return self.synthetic.d
+        assert self.x is not None
+        return len(self.x[0])
+
+
+class InitSpec(StrictModel):
+    """Initial parameters; `w` defaults to zeros and `b` to 0."""
+
+    w: list[float] | None = None
+    b: float | None = None
+
+
+class OptimizerSpec(StrictModel):
+    """The optimizer and its learning rate."""
+
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+
+
+DeviceRequest = Literal["cpu", "cuda", "auto"]
+
+
+class JobSpec(StrictModel):
+    """What a client submits: a linear-regression training job."""
+
+    data: DataSpec
+    bias: bool = False
+    init: InitSpec | None = None
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    steps: int = Field(default=100, ge=1)
+    device: DeviceRequest = "auto"
+
+    @field_validator("init")
+    @classmethod
+    def _init_fits_model(cls, init: InitSpec | None, info: ValidationInfo) -> InitSpec | None:
+        # `data` and `bias` are declared before `init`, so they are validated by now.
+        data: DataSpec | None = info.data.get("data")
+        if init is None or data is None:
+            return init
+        if init.w is not None and len(init.w) != data.features:
+            raise ValueError(
+                f"init.w has {len(init.w)} values but the data has {data.features} feature(s)"
+            )
+        if init.b is not None and not info.data.get("bias", False):
+            raise ValueError("init.b is allowed only with bias: true")
+        return init
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DIVERGED = "diverged"
+
+    @property
+    def finished(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DIVERGED}
+)
+
+
+def _iso_utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+UtcTime = Annotated[datetime, PlainSerializer(_iso_utc, return_type=str)]
+"""A time rendered as ISO 8601 UTC with microseconds, e.g. 2026-11-26T12:00:00.000000Z."""
+
+# A parameter or gradient: a list for w, a number for b; null where it was not finite.
+ParamValues = dict[str, list[float | None] | float | None]
+
+
+class StepRecord(BaseModel):
+    """One training step: the loss, the gradients, and the parameters used in its forward pass."""
+
+    step: int
+    loss: float | None
+    grads: ParamValues
+    params: ParamValues
+
+
+class JobResult(BaseModel):
+    """Final parameters (after the last update) and the last step's loss."""
+
+    params: ParamValues
+    loss: float | None
+
+
+class JobView(BaseModel):
+    """A job as clients see it."""
+
+    id: str
+    status: JobStatus
+    spec: JobSpec
+    device: Literal["cpu", "cuda"]
+    route_reason: str
+    worker: str | None
+    attempt: int
+    steps_done: int
+    created_at: UtcTime
+    started_at: UtcTime | None
+    finished_at: UtcTime | None
+    result: JobResult | None
+    error: str | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    next: str | None
+
+
+class StepsPage(BaseModel):
+    steps: list[StepRecord]
+    next: int | None
+
+
+class WorkerInfo(BaseModel):
+    """A live worker process and what it can run."""
+
+    name: str
+    device: str
+    device_name: str
+    memory_bytes: int
+    queues: list[str]
+    current_job: str | None
+    heartbeat_at: UtcTime
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerInfo]

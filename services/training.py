@@ -1,0 +1,119 @@
+"""The training loop of the backpropagation tutorial, in plain torch: no Redis, no Celery.
+
+One step is the tutorial's four moves on a linear model:
+
+    forward    y_hat = x @ w (+ b)
+    loss       mean((y_hat - y) ** 2)          -- (y_hat - y)^2 for a single sample
+    backward   loss.backward()                 -- autograd gives dLoss/dw (and dLoss/db)
+    update     optimizer.step()                -- SGD: w <- w - lr * dLoss/dw
+
+The parameters live in one flat tensor `theta` = [w..., b] so that a step's record (loss,
+gradients, parameters) is a single row of float32 values, copied on the device without a
+host sync.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from services.schemas import JobSpec
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each value sits in a step's record row: [loss, grads (p), params (p)]."""
+
+    features: int
+    bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.features + int(self.bias)
+
+    @property
+    def width(self) -> int:
+        return 1 + 2 * self.params
+
+
+def compute_device(device: str, cuda_fallback_cpu: bool = False) -> torch.device:
+    """The torch device a worker pinned to `device` computes on.
+
+    A `cuda:N` worker sees only GPU N (CUDA_VISIBLE_DEVICES=N), which torch calls cuda:0.
+    """
+    if device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if cuda_fallback_cpu:
+        return torch.device("cpu")
+    raise RuntimeError(f"worker pinned to {device} but CUDA is not available")
+
+
+def build_dataset(spec: JobSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The job's (x, y) as float32 tensors on the CPU; synthetic data is reproducible by seed."""
+    data = spec.data
+    if data.synthetic is None:
+        assert data.x is not None and data.y is not None
+        return (
+            torch.tensor(data.x, dtype=torch.float32),
+            torch.tensor(data.y, dtype=torch.float32),
+        )
+    params = data.synthetic
+    # Generated on the CPU with its own generator, so every device trains on the same numbers.
+    generator = torch.Generator().manual_seed(params.seed)
+    x = torch.randn(params.n, params.d, generator=generator)
+    w_true = torch.randn(params.d, generator=generator)
+    y = x @ w_true
+    if spec.bias:
+        y += torch.randn((), generator=generator)
+    if params.noise > 0:
+        y += params.noise * torch.randn(params.n, generator=generator)
+    return x, y
+
+
+def initial_theta(spec: JobSpec) -> torch.Tensor:
+    """The flat parameter vector [w..., b] before step 0 (zeros unless `init` says otherwise)."""
+    layout = Layout(spec.data.features, spec.bias)
+    theta = torch.zeros(layout.params, dtype=torch.float32)
+    if spec.init is not None:
+        if spec.init.w is not None:
+            theta[: layout.features] = torch.tensor(spec.init.w, dtype=torch.float32)
+        if spec.init.b is not None:
+            theta[layout.features] = spec.init.b
+    return theta
+
+
+class Trainer:
+    """One job's data, model and optimizer on one device."""
+
+    def __init__(self, spec: JobSpec, device: torch.device) -> None:
+        self.layout = Layout(spec.data.features, spec.bias)
+        x, y = build_dataset(spec)
+        self.x = x.to(device)
+        self.y = y.to(device)
+        self.theta = initial_theta(spec).to(device).requires_grad_()
+        self.optimizer = torch.optim.SGD([self.theta], lr=spec.optimizer.lr)
+
+    def step(self, record: torch.Tensor) -> None:
+        """Run one step and write its [loss, grads, params] into `record` (a row on the device)."""
+        d = self.layout.features
+        theta = self.theta
+        # Forward: the views are taken each step, after the previous in-place update.
+        if self.layout.bias:
+            y_hat = self.x @ theta[:d] + theta[d]
+        else:
+            y_hat = self.x @ theta
+        loss = ((y_hat - self.y) ** 2).mean()
+        # Backward: autograd fills theta.grad with dLoss/dtheta.
+        loss.backward()
+        # Record before the update, which changes theta in place: the row must hold the
+        # parameters this step's forward pass used. One device-side copy, no .item() sync.
+        assert theta.grad is not None
+        torch.cat((loss.detach().reshape(1), theta.grad, theta.detach()), out=record)
+        # Update, then drop the gradient so the next backward starts from nothing.
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def params(self) -> torch.Tensor:
+        """The current parameters (after the last update), detached."""
+        return self.theta.detach()

@@ -1,0 +1,1 @@
+"""The Celery worker: device pinning, the registry heartbeat, and the training task."""

@@ -1,0 +1,134 @@
+"""The worker's Celery app: `celery -A worker.app worker -Q cpu|gpu` (or `gradstream worker`).
+
+The main process never touches torch: Celery's prefork pool forks children from it, and a
+child of a process that started torch's thread pool or CUDA can hang or fail (DESIGN §8). Torch
+is set up in each child (`worker_process_init`); the main process only pins the device through
+the environment its children inherit, and keeps the registry entry alive with a heartbeat.
+"""
+
+import logging
+import os
+import platform
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutdown
+
+from services.config import get_settings
+from services.queue import Device, celery_app
+from services.store import Store
+from services.training import compute_device
+
+log = logging.getLogger(__name__)
+
+app = celery_app
+
+
+@dataclass
+class ChildContext:
+    """What a pool child needs to run jobs: its own Redis connection and its torch device."""
+
+    store: Store
+    device: torch.device
+
+
+_child: ChildContext | None = None
+_heartbeat_stop = threading.Event()
+_node_name = ""
+
+
+def child_context() -> ChildContext:
+    if _child is None:
+        raise RuntimeError("worker_process_init has not run in this process")
+    return _child
+
+
+@celeryd_init.connect
+def pin_device(sender: str, **_: Any) -> None:
+    """Main process, before the pool forks: pin CUDA to the worker's one GPU."""
+    global _node_name
+    _node_name = sender
+    device = Device.parse(get_settings().device)
+    for name, value in device.pinning_env().items():
+        os.environ.setdefault(name, value)
+
+
+@worker_process_init.connect
+def init_child(**_: Any) -> None:
+    """Each pool child: torch threads, its device, and a connection of its own."""
+    global _child
+    settings = get_settings()
+    torch.set_num_threads(settings.torch_threads)
+    _child = ChildContext(
+        store=Store.from_url(settings.redis_url),
+        device=compute_device(settings.device, settings.cuda_fallback_cpu),
+    )
+
+
+def _describe_device(device: Device) -> tuple[str, int]:
+    """Device name and memory in bytes, found without torch (this runs in the main process)."""
+    if device.kind == "cuda":
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits",
+                 "-i", str(device.index)],
+                capture_output=True, text=True, timeout=10, check=True,
+            ).stdout.strip()
+            name, mib = (part.strip() for part in out.split(","))
+            return name, int(mib) * 1024 * 1024
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return f"cuda:{device.index} (nvidia-smi unavailable)", 0
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return name, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@worker_ready.connect
+def start_heartbeat(**_: Any) -> None:
+    """Main process: register the worker and refresh its entry until shutdown."""
+    settings = get_settings()
+    device = Device.parse(settings.device)
+    device_name, memory = _describe_device(device)
+    info: dict[str, str | int] = {
+        "name": _node_name,
+        "device": str(device),
+        "device_name": device_name,
+        "memory_bytes": memory,
+        "queues": device.queue,
+    }
+    store = Store.from_url(settings.redis_url)
+
+    def beat() -> None:
+        while True:
+            try:
+                store.heartbeat(info, settings.worker_ttl_s)
+            except Exception:
+                log.exception("worker heartbeat failed")
+            if _heartbeat_stop.wait(settings.worker_heartbeat_s):
+                return
+
+    threading.Thread(target=beat, name="gradstream-heartbeat", daemon=True).start()
+    log.info("worker %s registered on queue %s (%s)", _node_name, device.queue, device_name)
+
+
+@worker_shutdown.connect
+def stop_heartbeat(**_: Any) -> None:
+    _heartbeat_stop.set()
+    try:
+        Store.from_url(get_settings().redis_url).unregister_worker(_node_name)
+    except Exception:
+        log.exception("could not unregister worker %s", _node_name)
+
+
+# Registers the task on the app; last, because tasks.py reads this module's names.
+import worker.tasks  # noqa: E402, F401
