@@ -69,8 +69,9 @@ def visible_gpus() -> list[int]:
 class Stack:
     """A set of local processes sharing one private Redis, all stopped by `stop()`."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, env: dict[str, str] | None = None) -> None:
         self.run_dir = run_dir
+        self.base_env = env or {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.redis_url = ""
@@ -88,8 +89,8 @@ class Stack:
         return process
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, "GRADSTREAM_REDIS_URL": self.redis_url, "PYTHONUNBUFFERED": "1"}
-        env.update(extra)
+        env = {**os.environ, **self.base_env, "PYTHONUNBUFFERED": "1"}
+        env.update(GRADSTREAM_REDIS_URL=self.redis_url, **extra)
         return env
 
     def start_redis(self, port: int | None = None) -> str:

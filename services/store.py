@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from services.errors import JobNotFound, MalformedJob, StoreUnavailable
+from services.errors import JobFinished, JobNotFound, MalformedJob, StoreUnavailable
 from services.records import Chunk, expand_chunk
 from services.schemas import JobSpec, JobStatus, JobView, WorkerInfo
 
@@ -146,18 +146,19 @@ _CANCEL = (
     _SET_STATUS
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing'} end
+if not status then return {'missing', ''} end
 local done = redis.call('HGET', KEYS[1], 'steps_done')
 if status == 'queued' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
   set_status(KEYS[1], KEYS[2], ARGV[1], status, 'cancelled', done)
-  return {'cancelled'}
+  return {'ok', 'cancelled'}
 end
 if status == 'running' then
   set_status(KEYS[1], KEYS[2], ARGV[1], status, 'cancelling', done)
-  return {'cancelling'}
+  return {'ok', 'cancelling'}
 end
-return {status}
+if status == 'cancelling' then return {'ok', status} end
+return {'finished', status}
 """
 )
 
@@ -330,11 +331,12 @@ class Store:
 
     @_translate_redis_errors
     def cancel_job(self, job_id: str) -> str:
-        """Ask a job to stop: the status it has now (`cancelled`, `cancelling`, or a final one)."""
-        (status,) = self._cancel(
-            keys=[job_key(job_id), events_key(job_id)], args=[job_id, utc_now()]
-        )
-        if status == b"missing":
+        """Ask a job to stop; its status now: `cancelled` (it was queued) or `cancelling`."""
+        keys = [job_key(job_id), events_key(job_id)]
+        outcome, status = self._cancel(keys=keys, args=[job_id, utc_now()])
+        if outcome == b"finished":
+            raise JobFinished(job_id, status.decode())
+        if outcome != b"ok":
             raise JobNotFound(job_id)
         return str(status.decode())
 

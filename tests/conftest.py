@@ -1,0 +1,59 @@
+"""Real parts for the tests: a private redis-server on a free port, uvicorn, Celery workers.
+
+Session-wide: one redis-server, one API and one CPU worker (prefork, as deployed). Tests that
+need other workers start their own through the same Stack and stop them afterwards.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from api.client import Client
+from cli.stack import Stack
+
+# Short intervals so that tests see keep-alives, heartbeats and lapsed workers quickly.
+TEST_ENV = {
+    "GRADSTREAM_SSE_KEEPALIVE_S": "1",
+    "GRADSTREAM_WORKER_HEARTBEAT_S": "0.5",
+    "GRADSTREAM_WORKER_TTL_S": "3",
+    "GRADSTREAM_LOG_LEVEL": "info",
+}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    run_dir: Path = tmp_path_factory.mktemp("stack")
+    local = Stack(run_dir, env=TEST_ENV)
+    try:
+        local.start_redis()
+        local.start_api()
+        local.start_worker("cpu")
+        local.wait_for_workers({"cpu"})
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_client(stack: Stack) -> Iterator["redis.Redis"]:
+    client = redis.Redis.from_url(stack.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[Client]:
+    with Client(stack.api_url, timeout=10) as api:
+        yield api
+
+
+SEED_EXAMPLE = {
+    "data": {"x": [[1.0]], "y": [2.0]},
+    "init": {"w": [1.0]},
+    "bias": False,
+    "optimizer": {"name": "sgd", "lr": 0.1},
+    "steps": 10,
+    "device": "cpu",
+}

@@ -1,0 +1,74 @@
+"""The SSE wire: frames, resume by Last-Event-ID, keep-alives, and agreement with GET /steps."""
+
+import httpx
+
+from api.client import Client, parse_sse
+from cli.stack import Stack
+
+
+def _spec(steps: int) -> dict[str, object]:
+    return {
+        "data": {"x": [[1.0, 2.0], [3.0, 4.0]], "y": [1.0, 0.0]},
+        "bias": True,
+        "optimizer": {"name": "sgd", "lr": 0.01},
+        "steps": steps,
+        "device": "cpu",
+    }
+
+
+def test_reconnect_with_last_event_id_resumes_exactly_once(stack: Stack, client: Client) -> None:
+    job = client.submit(_spec(3000))
+    first: list[dict[str, object]] = []
+    with httpx.stream("GET", f"{stack.api_url}/v1/jobs/{job['id']}/events", timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for event in parse_sse(response.iter_lines()):
+            if event.event == "step":
+                assert event.id == str(event.data["step"])
+                first.append(event.data)
+                if len(first) == 25:
+                    break  # the client drops the connection mid-job
+    k = first[-1]["step"]
+    assert k == 24
+
+    rest = [e for e in client.stream(job["id"], last_event_id=24)]
+    steps = [e.data for e in rest if e.event == "step"]
+    assert rest[-1].event == "done" and rest[-1].data["status"] == "succeeded"
+    assert [s["step"] for s in steps] == list(range(25, 3000))
+    assert first + steps == list(client.steps(job["id"]))
+
+
+def test_control_frames_carry_no_id_and_keepalives_flow(stack: Stack, client: Client) -> None:
+    # A cuda job with no gpu worker waits, so its stream has nothing but keep-alives to send.
+    waiting = client.submit({**_spec(5), "device": "cuda"})
+    lines: list[str] = []
+    with httpx.stream(
+        "GET", f"{stack.api_url}/v1/jobs/{waiting['id']}/events", timeout=30
+    ) as response:
+        for line in response.iter_lines():
+            lines.append(line)
+            if line.startswith(": keep-alive"):
+                break
+    assert "event: status" in lines
+    status_at = lines.index("event: status")
+    assert lines[status_at + 1].startswith("data: ")  # no id: line between
+    client.cancel(waiting["id"])
+
+    job = client.submit(_spec(5))
+    client.wait(job["id"], timeout=30)
+    with httpx.stream("GET", f"{stack.api_url}/v1/jobs/{job['id']}/events", timeout=30) as response:
+        body = response.read().decode()
+    frames = [frame for frame in body.split("\n\n") if frame.startswith("event:")]
+    kinds = [frame.splitlines()[0] for frame in frames]
+    assert kinds == ["event: status"] + ["event: step"] * 5 + ["event: done"]
+    for frame in frames:
+        has_id = any(line.startswith("id:") for line in frame.splitlines())
+        assert has_id == frame.startswith("event: step")
+
+
+def test_stream_of_finished_job_sends_rest_then_done(client: Client) -> None:
+    job = client.submit(_spec(40))
+    client.wait(job["id"], timeout=30)
+    events = list(client.stream(job["id"], last_event_id=35))
+    assert [e.event for e in events] == ["status"] + ["step"] * 4 + ["done"]
+    assert [e.data["step"] for e in events if e.event == "step"] == [36, 37, 38, 39]
+    assert events[0].data == {"status": "succeeded", "steps_done": 40}

@@ -1,0 +1,123 @@
+"""Bad input: a 422 that names the field, and nothing stored or queued. Unknown ids: 404."""
+
+from typing import Any
+
+import pytest
+import redis
+
+from api.client import Client
+from tests.conftest import SEED_EXAMPLE
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    return {**SEED_EXAMPLE, **changes}
+
+
+BAD_SPECS = {
+    "mismatched lengths": (_with(data={"x": [[1.0], [2.0]], "y": [1.0]}), ["data", "y"]),
+    "ragged rows": (_with(data={"x": [[1.0, 2.0], [3.0]], "y": [1.0, 2.0]}, init=None), ["data", "x"]),
+    "empty data": (_with(data={"x": [], "y": []}), ["data", "x"]),
+    "no data": (_with(data={}), ["data"]),
+    "steps zero": (_with(steps=0), ["steps"]),
+    "steps negative": (_with(steps=-3), ["steps"]),
+    "lr zero": (_with(optimizer={"name": "sgd", "lr": 0}), ["optimizer", "lr"]),
+    "lr negative": (_with(optimizer={"name": "sgd", "lr": -0.1}), ["optimizer", "lr"]),
+    "unknown field": (_with(epochs=3), ["epochs"]),
+    "unknown nested field": (_with(optimizer={"name": "sgd", "lr": 0.1, "beta": 1}), ["optimizer", "beta"]),
+    "unknown device": (_with(device="tpu"), ["device"]),
+    "unknown optimizer": (_with(optimizer={"name": "rmsprop", "lr": 0.1}), ["optimizer", "name"]),
+    "init w of wrong length": (_with(init={"w": [1.0, 2.0]}), ["init"]),
+    "bias init without bias": (_with(init={"w": [1.0], "b": 1.0}), ["init"]),
+    "steps over the limit": (_with(steps=10**9), ["steps"]),
+    "synthetic too large": (_with(data={"synthetic": {"n": 10**6, "d": 1000}}, init=None), ["data"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SPECS))
+def test_bad_spec_is_a_422_naming_the_field_and_never_queued(
+    name: str, client: Client, redis_client: "redis.Redis"
+) -> None:
+    spec, field = BAD_SPECS[name]
+    jobs_before = redis_client.zcard("gs:jobs")
+    response = client.http.post("/v1/jobs", json=spec)
+    assert response.status_code == 422, response.text
+    locations = [error["loc"] for error in response.json()["detail"]]
+    assert ["body", *field] in [loc[: len(field) + 1] for loc in locations], locations
+    assert redis_client.zcard("gs:jobs") == jobs_before
+
+
+NON_FINITE_BODIES = {
+    "NaN in x": ('{"data": {"x": [[NaN]], "y": [2.0]}, "steps": 1}', ["data", "x", 0, 0]),
+    "Infinity in y": ('{"data": {"x": [[1.0]], "y": [Infinity]}, "steps": 1}', ["data", "y", 0]),
+    "-Infinity in lr": (
+        '{"data": {"x": [1.0], "y": [2.0]}, "optimizer": {"lr": -Infinity}}',
+        ["optimizer", "lr"],
+    ),
+    "NaN in init": ('{"data": {"x": [1.0], "y": [2.0]}, "init": {"w": [NaN]}}', ["init", "w", 0]),
+    "NaN in noise": (
+        '{"data": {"synthetic": {"n": 2, "d": 1, "noise": NaN}}}',
+        ["data", "synthetic", "noise"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NON_FINITE_BODIES))
+def test_nan_and_infinity_are_refused_with_a_renderable_422(
+    name: str, client: Client, redis_client: "redis.Redis"
+) -> None:
+    body, loc = NON_FINITE_BODIES[name]
+    jobs_before = redis_client.zcard("gs:jobs")
+    response = client.http.post(
+        "/v1/jobs", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert ["body", *loc] in [error["loc"] for error in response.json()["detail"]]
+    assert "NaN" not in response.text.replace('"NaN"', "").replace("'NaN'", "")
+    assert redis_client.zcard("gs:jobs") == jobs_before
+
+
+def test_flat_x_is_one_feature(client: Client) -> None:
+    job = client.submit(_with(data={"x": [1.0, 2.0], "y": [2.0, 4.0]}))
+    assert job["spec"]["data"]["x"] == [[1.0], [2.0]]
+    client.wait(job["id"], timeout=30)
+
+
+def test_defaults_fill_init_and_device(client: Client) -> None:
+    job = client.submit({"data": {"x": [[1.0, 2.0]], "y": [1.0]}, "bias": True})
+    assert job["spec"]["device"] == "auto" and job["device"] == "cpu"
+    assert job["route_reason"].startswith("auto")
+    view = client.wait(job["id"], timeout=30)
+    first = next(iter(client.steps(view["id"])))
+    assert first["params"] == {"w": [0.0, 0.0], "b": 0.0}
+
+
+UNKNOWN = "0" * 32
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/jobs/{id}"),
+        ("GET", "/v1/jobs/{id}/steps"),
+        ("GET", "/v1/jobs/{id}/events"),
+        ("POST", "/v1/jobs/{id}/cancel"),
+    ],
+)
+@pytest.mark.parametrize("job_id", [UNKNOWN, "not-a-job-id", "{x}"])
+def test_unknown_job_is_404_on_every_route(client: Client, method: str, path: str, job_id: str) -> None:
+    response = client.http.request(method, path.format(id=job_id))
+    assert response.status_code == 404
+    assert "not found" in response.json()["detail"]
+
+
+def test_bad_query_parameters_are_422(client: Client) -> None:
+    job = client.submit(SEED_EXAMPLE)
+    assert client.http.get(f"/v1/jobs/{job['id']}/steps", params={"limit": 0}).status_code == 422
+    assert client.http.get(f"/v1/jobs/{job['id']}/steps", params={"limit": 5001}).status_code == 422
+    assert client.http.get(f"/v1/jobs/{job['id']}/steps", params={"after": -2}).status_code == 422
+    assert client.http.get("/v1/jobs", params={"status": "sleeping"}).status_code == 422
+    bad_cursor = client.http.get(
+        f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "abc"}
+    )
+    assert bad_cursor.status_code == 422
+    client.wait(job["id"], timeout=30)
