@@ -38,7 +38,9 @@ def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
     for line in lines:
         if line == "":
             if data:
-                yield Event(fields.get("event", "message"), json.loads("\n".join(data)), fields.get("id"))
+                yield Event(
+                    fields.get("event", "message"), json.loads("\n".join(data)), fields.get("id")
+                )
             fields, data = {}, []
         elif line.startswith(":"):
             continue
@@ -54,7 +56,9 @@ def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
 class Client:
     """Submit, read, watch and cancel jobs. URL and key default to GRADSTREAM_URL/_API_KEY."""
 
-    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 30) -> None:
+    def __init__(
+        self, url: str | None = None, api_key: str | None = None, timeout: float = 30
+    ) -> None:
         url = url or os.environ.get("GRADSTREAM_URL", DEFAULT_URL)
         api_key = api_key or os.environ.get("GRADSTREAM_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -115,14 +119,19 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {view['status']} after {timeout} s")
             time.sleep(poll)
 
-    def stream(self, job_id: str, last_event_id: int | None = None, retries: int = 5) -> Iterator[Event]:
+    def stream(
+        self, job_id: str, last_event_id: int | None = None, retries: int = 5
+    ) -> Iterator[Event]:
         """Live events of a job until `done`; a dropped connection resumes after the last step."""
         failures = 0
         while True:
             headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
             try:
                 with self.http.stream(
-                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30, read=60)
+                    "GET",
+                    f"/v1/jobs/{job_id}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(30, read=60),
                 ) as response:
                     if response.is_error:
                         response.read()

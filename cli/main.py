@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,8 +17,9 @@ from typing import Annotated, Any
 
 import typer
 
-from api.client import TERMINAL, Client, GradstreamError
+from api.client import Client, GradstreamError
 from cli.stack import Stack, visible_gpus
+from services.config import get_settings
 from services.queue import Device
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -56,13 +56,30 @@ def worker(
         _fail(str(exc), 2)
     env = {**os.environ, **pinned.pinning_env()}
     if pinned.kind == "cuda":
+        if pinned.index not in visible_gpus() and not get_settings().cuda_fallback_cpu:
+            _fail(f"no GPU {pinned.index} here (nvidia-smi -L lists the GPUs)", 2)
         concurrency = 1  # one job per GPU: jobs would otherwise compete for its memory
     # exec: the worker keeps this pid, so its node name and signals refer to one process.
     name = f"{pinned.kind}{pinned.index if pinned.index is not None else ''}-{os.getpid()}@%h"
     argv = [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-        "-Q", pinned.queue, "-c", str(concurrency), "-P", "prefork", "-n", name,
-        "-l", loglevel, "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "-Q",
+        pinned.queue,
+        "-c",
+        str(concurrency),
+        "-P",
+        "prefork",
+        "-n",
+        name,
+        "-l",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
     ]
     os.execve(sys.executable, argv, env)
 
@@ -74,8 +91,16 @@ def api(
 ) -> None:
     """Start the HTTP API (uvicorn)."""
     argv = [
-        sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app",
-        "--host", host, "--port", str(port), "--no-access-log",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "api.main:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
     ]
     os.execv(sys.executable, argv)
 
@@ -98,7 +123,10 @@ def up(
             stack.start_worker(f"cuda:{index}")
         stack.start_api(port or None)
         stack.wait_for_workers({"cpu", "gpu"} if gpus else {"cpu"})
-        typer.echo(f"ready in {time.monotonic() - started:.1f} s: API {stack.api_url}")
+        typer.echo(
+            f"ready in {time.monotonic() - started:.1f} s: API {stack.api_url}, "
+            f"Redis {stack.redis_url}"
+        )
         typer.echo(f"  GRADSTREAM_URL={stack.api_url} gradstream jobs")
         if demo:
             _run_demo(stack.api_url, started)
@@ -131,7 +159,9 @@ def _run_demo(url: str, started: float) -> None:
                 typer.echo(_format_step(event.data))
             elif event.event == "done":
                 view = event.data
-                typer.echo(f"job {view['id']} {view['status']}: result {json.dumps(view['result'])}")
+                typer.echo(
+                    f"job {view['id']} {view['status']}: result {json.dumps(view['result'])}"
+                )
                 if view["status"] != "succeeded":
                     raise typer.Exit(1)
 
@@ -230,7 +260,9 @@ def jobs(
     """List jobs, newest first."""
     with _client(url, api_key) as client:
         for job in client.jobs(status, limit):
-            typer.echo(f"{job['id']}  {job['status']:<10}  {job['device']:<4}  steps {job['steps_done']}")
+            typer.echo(
+                f"{job['id']}  {job['status']:<10}  {job['device']:<4}  steps {job['steps_done']}"
+            )
 
 
 @app.command()
@@ -261,7 +293,12 @@ def steps(
         writer.writerow(["step", "loss", "grads", "params"])
         for record in records:
             writer.writerow(
-                [record["step"], record["loss"], json.dumps(record["grads"]), json.dumps(record["params"])]
+                [
+                    record["step"],
+                    record["loss"],
+                    json.dumps(record["grads"]),
+                    json.dumps(record["params"]),
+                ]
             )
 
 
@@ -270,7 +307,9 @@ def workers(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
     """List live workers."""
     with _client(url, api_key) as client:
         for w in client.workers():
-            typer.echo(f"{w['name']}  {w['device']:<7}  {','.join(w['queues']):<4}  job {w['current_job']}")
+            typer.echo(
+                f"{w['name']}  {w['device']:<7}  {','.join(w['queues']):<4}  job {w['current_job']}"
+            )
 
 
 if __name__ == "__main__":

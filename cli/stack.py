@@ -4,6 +4,7 @@ Used by `gradstream up` (and so `make demo`) and by the tests, which need the sa
 processes. Each process runs in its own session, so stopping it stops its children too.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -26,7 +27,9 @@ def free_port() -> int:
         return port
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
     """Poll `check` until it is true; TimeoutError naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -82,7 +85,11 @@ class Stack:
         log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop())
         self._logs.append(log)
         process = subprocess.Popen(
-            argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         self.processes.append((name, process))
@@ -98,9 +105,19 @@ class Stack:
         data_dir = self.run_dir / "redis"
         data_dir.mkdir(exist_ok=True)
         argv = [
-            redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-            "--dir", str(data_dir), "--save", "", "--appendonly", "no",
-            "--maxmemory-policy", "noeviction",
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "noeviction",
         ]
         self._spawn("redis", argv, dict(os.environ))
         self.redis_url = f"redis://127.0.0.1:{port}/0"
@@ -152,8 +169,6 @@ def stop_process(process: "subprocess.Popen[bytes]", grace: float = 10) -> None:
             process.wait(grace)
         except subprocess.TimeoutExpired:
             pass
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     process.wait(5)

@@ -1,1 +1,1 @@
-"""The core of gradstream: specs, training, the Redis store and the queue. Imports nothing from api/ or worker/."""
+"""The core of gradstream: specs, training, store, queue. Imports nothing from api/ or worker/."""

@@ -81,7 +81,9 @@ class StepRecorder:
         return chunk, diverged_at
 
 
-def run_job(store: Store, job_id: str, worker: str, device: torch.device, settings: Settings) -> Outcome:
+def run_job(
+    store: Store, job_id: str, worker: str, device: torch.device, settings: Settings
+) -> Outcome:
     """Run one attempt of `job_id` on `device`; every outcome is recorded on the job itself."""
     claim = store.claim_job(job_id, worker)
     if claim.outcome != "claimed":
@@ -103,7 +105,12 @@ def run_job(store: Store, job_id: str, worker: str, device: torch.device, settin
 
 
 def _train(
-    store: Store, job_id: str, attempt: int, spec_json: str, device: torch.device, settings: Settings
+    store: Store,
+    job_id: str,
+    attempt: int,
+    spec_json: str,
+    device: torch.device,
+    settings: Settings,
 ) -> Outcome:
     try:
         spec = JobSpec.model_validate_json(spec_json)

@@ -16,7 +16,7 @@ from pydantic import (
 
 
 class StrictModel(BaseModel):
-    """Input model: unknown fields and non-finite numbers are refused (JSON allows NaN by default)."""
+    """Input model: unknown fields and non-finite numbers (JSON parsers allow NaN) are refused."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

@@ -191,7 +191,7 @@ def _text(value: bytes | None) -> str | None:
 
 
 def job_view(fields: dict[bytes, bytes], live_queues: Iterable[str] | None = None) -> JobView:
-    """A JobView from the job's hash; for a queued job, why it still waits if no worker can take it."""
+    """A JobView from the job's hash; a queued job says why it waits if no worker can take it."""
     try:
         record = {k.decode(): v.decode() for k, v in fields.items()}
         status = JobStatus(record["status"])
@@ -280,7 +280,7 @@ class Store:
 
     @_translate_redis_errors
     def job_fields(self, job_id: str) -> dict[bytes, bytes]:
-        fields: dict[bytes, bytes] = self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
+        fields: dict[bytes, bytes] = self.redis.hgetall(job_key(job_id))
         if not fields:
             raise JobNotFound(job_id)
         return fields
@@ -295,7 +295,7 @@ class Store:
         """Newest first; `cursor` is the last id of the previous page."""
         index = JOBS_INDEX if status is None else STATUS_INDEX_PREFIX + status.value
         upper = "+" if cursor is None else f"({cursor}"
-        ids = [i.decode() for i in self.redis.zrevrangebylex(index, upper, "-", 0, limit + 1)]  # type: ignore[union-attr]
+        ids = [i.decode() for i in self.redis.zrevrangebylex(index, upper, "-", 0, limit + 1)]
         page = ids[:limit]
         pipe = self.redis.pipeline(transaction=False)
         for job_id in page:
@@ -308,7 +308,7 @@ class Store:
     def read_steps(
         self, job_id: str, after: int, limit: int
     ) -> tuple[list[dict[str, Any]], int | None]:
-        """Stored steps with `step > after`, in order, and the `after` of the next page (or None)."""
+        """Stored steps with `step > after`, in order, and the `after` of the next page or None."""
         fields = self.job_fields(job_id)
         finished = JobStatus(fields[b"status"].decode()).finished
         steps_done = int(fields[b"steps_done"])
@@ -424,7 +424,7 @@ class Store:
     def list_workers(self) -> list[WorkerInfo]:
         names = self.redis.zrangebyscore(WORKERS_INDEX, time.time() - 3600, "+inf")
         pipe = self.redis.pipeline(transaction=False)
-        for name in names:  # type: ignore[union-attr]
+        for name in names:
             pipe.hgetall(worker_key(name.decode()))
         workers = []
         for fields in pipe.execute():

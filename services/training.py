@@ -105,7 +105,7 @@ class Trainer:
             y_hat = self.x @ theta
         loss = ((y_hat - self.y) ** 2).mean()
         # Backward: autograd fills theta.grad with dLoss/dtheta.
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         # Record before the update, which changes theta in place: the row must hold the
         # parameters this step's forward pass used. One device-side copy, no .item() sync.
         assert theta.grad is not None

@@ -1,5 +1,7 @@
 """The whole path: HTTP submit -> Celery prefork worker -> Redis -> SSE and JSON reads."""
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,7 @@ def test_seed_example_step_0_arrives_exactly_over_sse(client: Client) -> None:
     assert steps[0] == SEED_STEP_0
     assert [s["step"] for s in steps] == list(range(10))
     losses = [s["loss"] for s in steps]
-    assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False))
+    assert all(later < earlier for earlier, later in pairwise(losses))
     done = events[-1]
     assert done.event == "done"
     assert done.data["status"] == "succeeded"
@@ -25,7 +27,9 @@ def test_seed_example_step_0_arrives_exactly_over_sse(client: Client) -> None:
     assert done.data["worker"].startswith("cpu-")
     # The result is the parameters after the last update and the last step's loss.
     last = steps[-1]
-    w_after = np.float32(last["params"]["w"][0]) - np.float32(0.1) * np.float32(last["grads"]["w"][0])
+    w_after = np.float32(last["params"]["w"][0]) - np.float32(0.1) * np.float32(
+        last["grads"]["w"][0]
+    )
     assert done.data["result"] == {"params": {"w": [float(w_after)]}, "loss": last["loss"]}
 
 
@@ -35,11 +39,15 @@ def test_submit_answers_201_with_location(client: Client) -> None:
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["spec"]["device"] == "cpu" and job["device"] == "cpu"
-    assert job["created_at"].endswith("Z") and len(job["created_at"]) == len("2026-01-01T00:00:00.000000Z")
+    assert job["created_at"].endswith("Z") and len(job["created_at"]) == len(
+        "2026-01-01T00:00:00.000000Z"
+    )
     assert client.wait(job["id"], timeout=30)["status"] == "succeeded"
 
 
-def _oracle_gradients(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
+def _oracle_gradients(
+    x: np.ndarray, y: np.ndarray, w: np.ndarray, b: float
+) -> tuple[np.ndarray, float]:
     """Closed form of d/dw, d/db of mean((x w + b - y)^2): 2/N X^T r and 2/N sum(r)."""
     r = x @ w + b - y
     return 2 / len(y) * x.T @ r, 2 / len(y) * r.sum()
@@ -63,7 +71,9 @@ def test_gradients_match_closed_form_oracle_with_bias(client: Client) -> None:
     x32, y32 = x.astype(np.float32), y.astype(np.float32)
     for record in steps:
         w = np.array(record["params"]["w"], dtype=np.float64)
-        gw, gb = _oracle_gradients(x32.astype(np.float64), y32.astype(np.float64), w, record["params"]["b"])
+        gw, gb = _oracle_gradients(
+            x32.astype(np.float64), y32.astype(np.float64), w, record["params"]["b"]
+        )
         # Training runs in float32; the oracle in float64: agreement to float32 precision.
         np.testing.assert_allclose(record["grads"]["w"], gw, rtol=1e-5, atol=1e-6)
         assert record["grads"]["b"] == pytest.approx(gb, rel=1e-5, abs=1e-6)

@@ -15,7 +15,10 @@ def _with(**changes: Any) -> dict[str, Any]:
 
 BAD_SPECS = {
     "mismatched lengths": (_with(data={"x": [[1.0], [2.0]], "y": [1.0]}), ["data", "y"]),
-    "ragged rows": (_with(data={"x": [[1.0, 2.0], [3.0]], "y": [1.0, 2.0]}, init=None), ["data", "x"]),
+    "ragged rows": (
+        _with(data={"x": [[1.0, 2.0], [3.0]], "y": [1.0, 2.0]}, init=None),
+        ["data", "x"],
+    ),
     "empty data": (_with(data={"x": [], "y": []}), ["data", "x"]),
     "no data": (_with(data={}), ["data"]),
     "steps zero": (_with(steps=0), ["steps"]),
@@ -23,13 +26,19 @@ BAD_SPECS = {
     "lr zero": (_with(optimizer={"name": "sgd", "lr": 0}), ["optimizer", "lr"]),
     "lr negative": (_with(optimizer={"name": "sgd", "lr": -0.1}), ["optimizer", "lr"]),
     "unknown field": (_with(epochs=3), ["epochs"]),
-    "unknown nested field": (_with(optimizer={"name": "sgd", "lr": 0.1, "beta": 1}), ["optimizer", "beta"]),
+    "unknown nested field": (
+        _with(optimizer={"name": "sgd", "lr": 0.1, "beta": 1}),
+        ["optimizer", "beta"],
+    ),
     "unknown device": (_with(device="tpu"), ["device"]),
     "unknown optimizer": (_with(optimizer={"name": "rmsprop", "lr": 0.1}), ["optimizer", "name"]),
     "init w of wrong length": (_with(init={"w": [1.0, 2.0]}), ["init"]),
     "bias init without bias": (_with(init={"w": [1.0], "b": 1.0}), ["init"]),
     "steps over the limit": (_with(steps=10**9), ["steps"]),
-    "synthetic too large": (_with(data={"synthetic": {"n": 10**6, "d": 1000}}, init=None), ["data"]),
+    "synthetic too large": (
+        _with(data={"synthetic": {"n": 10**6, "d": 1000}}, init=None),
+        ["data"],
+    ),
 }
 
 
@@ -104,7 +113,9 @@ UNKNOWN = "0" * 32
     ],
 )
 @pytest.mark.parametrize("job_id", [UNKNOWN, "not-a-job-id", "{x}"])
-def test_unknown_job_is_404_on_every_route(client: Client, method: str, path: str, job_id: str) -> None:
+def test_unknown_job_is_404_on_every_route(
+    client: Client, method: str, path: str, job_id: str
+) -> None:
     response = client.http.request(method, path.format(id=job_id))
     assert response.status_code == 404
     assert "not found" in response.json()["detail"]
@@ -116,8 +127,6 @@ def test_bad_query_parameters_are_422(client: Client) -> None:
     assert client.http.get(f"/v1/jobs/{job['id']}/steps", params={"limit": 5001}).status_code == 422
     assert client.http.get(f"/v1/jobs/{job['id']}/steps", params={"after": -2}).status_code == 422
     assert client.http.get("/v1/jobs", params={"status": "sleeping"}).status_code == 422
-    bad_cursor = client.http.get(
-        f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "abc"}
-    )
+    bad_cursor = client.http.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "abc"})
     assert bad_cursor.status_code == 422
     client.wait(job["id"], timeout=30)

@@ -73,9 +73,17 @@ def _describe_device(device: Device) -> tuple[str, int]:
     if device.kind == "cuda":
         try:
             out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits",
-                 "-i", str(device.index)],
-                capture_output=True, text=True, timeout=10, check=True,
+                [
+                    "nvidia-smi",
+                    "--query-gpu=name,memory.total",
+                    "--format=csv,noheader,nounits",
+                    "-i",
+                    str(device.index),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
             ).stdout.strip()
             name, mib = (part.strip() for part in out.split(","))
             return name, int(mib) * 1024 * 1024

@@ -13,7 +13,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=201)
-def submit_job(spec: JobSpec, store: StoreDep, settings: SettingsDep, response: Response) -> JobView:
+def submit_job(
+    spec: JobSpec, store: StoreDep, settings: SettingsDep, response: Response
+) -> JobView:
     """Submit a training job; it is queued on the worker queue its device routes to."""
     view = jobs.submit_job(store, spec, settings)
     response.headers["Location"] = f"/v1/jobs/{view.id}"

@@ -1,0 +1,26 @@
+# One image for the API and the workers. TORCH_VARIANT=cpu takes PyTorch's CPU-only wheel
+# (about 200 MB); TORCH_VARIANT=cuda takes the default wheel, which bundles CUDA (several GB).
+FROM python:3.11-slim
+
+ARG TORCH_VARIANT=cpu
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+RUN if [ "$TORCH_VARIANT" = "cpu" ]; then \
+        pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0; \
+    else \
+        pip install torch==2.13.0; \
+    fi
+
+COPY pyproject.toml README.md ./
+COPY api ./api
+COPY cli ./cli
+COPY services ./services
+COPY worker ./worker
+RUN pip install . && useradd --create-home --uid 10001 gradstream
+USER gradstream
+
+EXPOSE 8000
+CMD ["gradstream", "api", "--host", "0.0.0.0", "--port", "8000"]

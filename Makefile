@@ -1,0 +1,54 @@
+# make demo   run the tutorial's example through the whole local stack
+# make test   lint, type-check and run the whole test suite
+# Both set everything up first: .venv with the packages, and redis-server if missing.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest bench setup redis-server clean
+
+demo: setup
+	$(BIN)/gradstream up --demo --port 0
+
+test: setup lint typecheck pytest
+
+setup: $(STAMP) redis-server
+
+# torch is pinned in pyproject.toml to the CPU build this machine keeps on disk; see README
+# for the CUDA build on GPU nodes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing redis-server (Debian package)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else \
+	    echo "redis-server not found. Install it (Debian/Ubuntu: sudo apt-get install redis-server;" \
+	         "macOS: brew install redis) and run make again." >&2; \
+	    exit 1; \
+	  fi; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# pytest exits 5 when it collected no tests: that is a failure here, not a pass.
+pytest: $(STAMP) redis-server
+	$(BIN)/pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
+	exit $$status
+
+bench: setup
+	$(BIN)/python bench/step_loop.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

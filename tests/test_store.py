@@ -1,0 +1,98 @@
+"""The store on a real Redis: step pages across chunks, fencing, job listing."""
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from cli.stack import Stack
+from services.errors import JobFinished, JobNotFound
+from services.records import Chunk
+from services.schemas import JobSpec, JobStatus
+from services.store import Store
+
+SPEC = JobSpec.model_validate({"data": {"x": [[1.0]], "y": [2.0]}, "steps": 10})
+
+
+@pytest.fixture
+def store(stack: Stack) -> Iterator[Store]:
+    store = Store.from_url(stack.redis_url)
+    yield store
+    store.redis.close()
+
+
+def _chunk(first: int, count: int) -> Chunk:
+    rows = np.array([[s, -s, s * 10] for s in range(first, first + count)], dtype=np.float32)
+    return Chunk(first=first, count=count, features=1, bias=False, rows=rows.tobytes())
+
+
+def _running_job(store: Store) -> tuple[str, int]:
+    # Queued on a queue no worker consumes, then claimed here as a worker would.
+    job_id = store.create_job(SPEC, "cpu", "test-nobody", "test")
+    claim = store.claim_job(job_id, "test-worker")
+    assert claim.outcome == "claimed" and claim.attempt == 1
+    return job_id, claim.attempt
+
+
+def test_step_pages_split_chunks_and_say_where_to_go_on(store: Store) -> None:
+    job_id, attempt = _running_job(store)
+    for first, count in [(0, 3), (3, 5), (8, 2)]:
+        assert store.flush_steps(job_id, attempt, _chunk(first, count)) == "ok"
+    records, next_after = store.read_steps(job_id, after=4, limit=3)
+    assert [r["step"] for r in records] == [5, 6, 7]
+    assert records[0] == {"step": 5, "loss": 5.0, "grads": {"w": [-5.0]}, "params": {"w": [50.0]}}
+    assert next_after == 7
+    # Not finished: `next` stays set at the end, since more steps may come.
+    records, next_after = store.read_steps(job_id, after=7, limit=100)
+    assert [r["step"] for r in records] == [8, 9]
+    assert next_after == 9
+    assert store.read_steps(job_id, after=9, limit=5) == ([], 9)
+
+    assert store.flush_steps(job_id, attempt, None, finish=JobStatus.SUCCEEDED) == "finished"
+    records, next_after = store.read_steps(job_id, after=-1, limit=100)
+    assert [r["step"] for r in records] == list(range(10))
+    assert next_after is None
+    assert store.read_steps(job_id, after=-1, limit=10)[1] is None
+    assert store.read_steps(job_id, after=-1, limit=9)[1] == 8
+
+
+def test_flush_is_fenced_by_attempt_and_refuses_gaps(store: Store) -> None:
+    job_id, attempt = _running_job(store)
+    assert store.flush_steps(job_id, attempt + 1, _chunk(0, 2)) == "fenced"
+    assert store.flush_steps(job_id, attempt, _chunk(1, 2)) == "gap"
+    assert store.flush_steps(job_id, attempt, _chunk(0, 2)) == "ok"
+    # A second write of the same steps is refused before anything is written.
+    assert store.flush_steps(job_id, attempt, _chunk(0, 2)) == "gap"
+    assert store.get_job(job_id).steps_done == 2
+    assert store.redis.xlen(f"gs:{{{job_id}}}:steps") == 1
+    store.cancel_job(job_id)
+    assert store.get_job(job_id).status is JobStatus.CANCELLING
+    assert store.flush_steps(job_id, attempt, _chunk(2, 1)) == "cancelled"
+    assert store.get_job(job_id).status is JobStatus.CANCELLED
+    assert store.flush_steps(job_id, attempt, _chunk(3, 1)) == "fenced"
+    with pytest.raises(JobFinished):
+        store.cancel_job(job_id)
+
+
+def test_list_jobs_newest_first_with_cursor_and_status(store: Store) -> None:
+    ids = [store.create_job(SPEC, "cpu", "test-nobody", "test") for _ in range(5)]
+    store.cancel_job(ids[1])
+    page, cursor = store.list_jobs(None, 3, None)
+    assert [v.id for v in page] == ids[::-1][:3]
+    assert cursor == ids[2]
+    page, _ = store.list_jobs(None, 2, cursor)
+    assert [v.id for v in page] == [ids[1], ids[0]]
+    cancelled, _ = store.list_jobs(JobStatus.CANCELLED, 100, None)
+    assert ids[1] in [v.id for v in cancelled]
+    queued, _ = store.list_jobs(JobStatus.QUEUED, 100, None)
+    assert ids[1] not in [v.id for v in queued] and ids[4] in [v.id for v in queued]
+
+
+def test_missing_job_raises_not_found(store: Store) -> None:
+    with pytest.raises(JobNotFound):
+        store.get_job("f" * 32)
+    with pytest.raises(JobNotFound):
+        store.read_steps("f" * 32, -1, 10)
+    with pytest.raises(JobNotFound):
+        store.cancel_job("f" * 32)
+    assert store.claim_job("f" * 32, "w").outcome == "missing"
