@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -112,6 +113,8 @@ def up(
 ) -> None:
     """Run the local stack: a private redis-server, one CPU worker (+1 per GPU) and the API."""
     started = time.monotonic()
+    # SIGTERM (a supervisor, `kill`) stops the stack like Ctrl-C does, through `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run_dir = Path(tempfile.mkdtemp(prefix="gradstream-"))
     stack = Stack(run_dir)
     try:

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
-from services.errors import JobNotFound
+from services.errors import JobNotFound, StoreUnavailable
 from services.records import Chunk, expand_chunk
 from services.schemas import JobStatus
 from services.store import events_key, job_key, job_view, step_entry_id, steps_key
@@ -40,7 +41,10 @@ async def open_job_events(
     pipe = client.pipeline(transaction=True)
     pipe.hgetall(job_key(job_id))
     pipe.xrevrange(events_key(job_id), count=1)
-    fields, last_event = await pipe.execute()
+    try:
+        fields, last_event = await pipe.execute()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
     if not fields:
         raise JobNotFound(job_id)
     events_from = last_event[0][0] if last_event else b"0-0"

@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -45,3 +46,27 @@ def test_demo_prints_the_tutorials_steps_live_and_stops_everything() -> None:
     assert not os.path.exists(run_dir)
     redis_url = re.search(r"Redis (redis://\S+)", result.stdout).group(1)  # type: ignore[union-attr]
     assert _processes_using(redis_url) == []
+
+
+def test_up_stops_everything_on_ctrl_c() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "up", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as up:
+        try:
+            assert up.stdout is not None
+            output = ""
+            while "Ctrl-C stops everything" not in output:
+                line = up.stdout.readline()
+                assert line, output  # the stack stopped before it was ready
+                output += line
+            redis_url = re.search(r"Redis (redis://\S+)", output).group(1)  # type: ignore[union-attr]
+            assert len(_processes_using(redis_url)) >= 3  # redis, worker (and its child), API
+            up.send_signal(signal.SIGINT)
+            assert up.wait(timeout=30) == 0
+            assert _processes_using(redis_url) == []
+        finally:
+            if up.poll() is None:
+                up.kill()

@@ -1,0 +1,92 @@
+"""In-worker step rate: gradstream's runner (every step recorded and flushed to a real Redis)
+against the bare torch loop on the same problem, in the same process and run.
+
+    .venv/bin/python bench/step_loop.py [--repeat 3]
+
+Prints one line per case with both rates and their ratio (gradstream / bare; 1.0 = free).
+Each side runs `repeat` times, interleaved; the best run of each is compared.
+"""
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cli.stack import Stack
+from services.config import Settings
+from services.runner import Outcome, run_job
+from services.schemas import JobSpec
+from services.store import Store
+from services.training import build_dataset, initial_theta
+
+CASES = {
+    "seed 1x1 (tutorial)": (
+        {"data": {"x": [[1.0]], "y": [2.0]}, "init": {"w": [1.0]}, "optimizer": {"lr": 0.1}},
+        10_000,
+    ),
+    "1000x10": ({"data": {"synthetic": {"n": 1000, "d": 10}}, "optimizer": {"lr": 0.01}}, 5_000),
+}
+
+
+def bare_loop(spec: JobSpec) -> float:
+    """The tutorial's loop in plain torch, nothing recorded: seconds for spec.steps steps."""
+    x, y = build_dataset(spec)
+    theta = initial_theta(spec).requires_grad_()
+    optimizer = torch.optim.SGD([theta], lr=spec.optimizer.lr)
+    started = time.perf_counter()
+    for _ in range(spec.steps):
+        loss = ((x @ theta - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def gradstream_run(store: Store, spec: JobSpec, settings: Settings) -> float:
+    """One attempt through services.runner, as a worker runs it: seconds from claim to finish."""
+    job_id = store.create_job(spec, "cpu", "bench-no-consumer", "bench")
+    started = time.perf_counter()
+    outcome = run_job(store, job_id, "bench", torch.device("cpu"), settings)
+    elapsed = time.perf_counter() - started
+    assert outcome is Outcome.SUCCEEDED, outcome
+    assert store.get_job(job_id).steps_done == spec.steps
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)  # as in a worker (GRADSTREAM_TORCH_THREADS)
+
+    with tempfile.TemporaryDirectory(prefix="gradstream-bench-") as run_dir:
+        stack = Stack(Path(run_dir))
+        try:
+            settings = Settings(redis_url=stack.start_redis())
+            store = Store.from_url(settings.redis_url)
+            flush_ms = settings.flush_interval_s * 1000
+            print(f"torch {torch.__version__}, 1 thread, flush every {flush_ms:.0f} ms")
+            for name, (fields, steps) in CASES.items():
+                spec = JobSpec.model_validate({**fields, "steps": steps, "device": "cpu"})
+                bare, ours = [], []
+                for _ in range(args.repeat):
+                    bare.append(bare_loop(spec))
+                    ours.append(gradstream_run(store, spec, settings))
+                bare_rate, our_rate = steps / min(bare), steps / min(ours)
+                print(
+                    f"{name:<22} steps {steps:>6}  bare {bare_rate:>8.0f} steps/s  "
+                    f"gradstream {our_rate:>8.0f} steps/s  ratio {our_rate / bare_rate:.3f}"
+                )
+        finally:
+            stack.stop()
+
+
+if __name__ == "__main__":
+    main()
