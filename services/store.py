@@ -8,6 +8,7 @@ are lexicographic sorted sets of job ids, which are time-ordered, for newest-fir
 import functools
 import json
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,9 +47,18 @@ def step_entry_id(step: int) -> str:
     return f"{step}-1"
 
 
+_last_id_micros = 0
+_id_lock = threading.Lock()
+
+
 def new_job_id() -> str:
-    """Time-ordered (so ids sort newest-last) and unguessable (80 random bits)."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+    """32 hex digits: microseconds since the epoch (so ids sort by creation, strictly within a
+    process), then 76 random bits (so ids cannot be guessed)."""
+    global _last_id_micros
+    with _id_lock:
+        micros = max(time.time_ns() // 1000, _last_id_micros + 1)
+        _last_id_micros = micros
+    return f"{micros:013x}{secrets.randbits(76):019x}"
 
 
 def utc_now() -> str:
