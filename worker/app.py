@@ -20,7 +20,7 @@ from celery.signals import celeryd_init, worker_process_init, worker_ready, work
 from services.config import get_settings
 from services.queue import Device, celery_app
 from services.store import Store
-from services.training import compute_device
+from services.training import compute_device, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,9 @@ def init_child(**_: Any) -> None:
     global _child
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
-    _child = ChildContext(
-        store=Store.from_url(settings.redis_url),
-        device=compute_device(settings.device, settings.cuda_fallback_cpu),
-    )
+    device = compute_device(settings.device, settings.cuda_fallback_cpu)
+    warm_up(device)
+    _child = ChildContext(store=Store.from_url(settings.redis_url), device=device)
 
 
 def _describe_device(device: Device) -> tuple[str, int]:
