@@ -11,7 +11,10 @@ import pytest
 import redis
 
 from api.client import Client
+from cli.main import SEED_EXAMPLE
 from cli.stack import Stack
+
+__all__ = ["SEED_EXAMPLE"]
 
 # Short intervals so that tests see keep-alives, heartbeats and lapsed workers quickly.
 TEST_ENV = {
@@ -47,13 +50,3 @@ def redis_client(stack: Stack) -> Iterator["redis.Redis"]:
 def client(stack: Stack) -> Iterator[Client]:
     with Client(stack.api_url, timeout=10) as api:
         yield api
-
-
-SEED_EXAMPLE = {
-    "data": {"x": [[1.0]], "y": [2.0]},
-    "init": {"w": [1.0]},
-    "bias": False,
-    "optimizer": {"name": "sgd", "lr": 0.1},
-    "steps": 10,
-    "device": "cpu",
-}
