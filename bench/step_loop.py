@@ -50,11 +50,11 @@ def bare_loop(spec: JobSpec) -> float:
 
 def gradstream_run(store: Store, spec: JobSpec, settings: Settings) -> float:
     """One attempt through services.runner, as a worker runs it: seconds from claim to finish."""
-    job_id = store.create_job(spec, "cpu", "bench-no-consumer", "bench")
+    job_id, _ = store.create_job(spec, "cpu", "bench-no-consumer", "bench")
     started = time.perf_counter()
-    outcome = run_job(store, job_id, "bench", torch.device("cpu"), settings)
+    result = run_job(store, job_id, "bench", torch.device("cpu"), settings)
     elapsed = time.perf_counter() - started
-    assert outcome is Outcome.SUCCEEDED, outcome
+    assert result.outcome is Outcome.SUCCEEDED, result
     assert store.get_job(job_id).steps_done == spec.steps
     return elapsed
 

@@ -22,6 +22,20 @@ class Settings(BaseSettings):
     flush_interval_s: float = Field(default=0.02, gt=0)
     flush_max_steps: int = Field(default=4096, ge=1)
 
+    # Leases and recovery (DESIGN §5): a running attempt holds a lease it renews; a job whose
+    # lease lapsed is handed to a new attempt by the reaper every worker runs, up to
+    # `max_attempts` attempts lost to failures.
+    lease_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    reaper_interval_s: float = Field(default=2.0, gt=0)
+    # Celery redelivers an unacknowledged message after this long even while it still runs;
+    # duplicates are harmless (fencing), recovery does not wait for it (leases).
+    visibility_timeout_s: float = Field(default=3600.0, gt=0)
+    # A job queued this long while its queue holds no message gets its message sent again
+    # (the first was lost: a crash between writing the job and enqueueing it, or Redis
+    # restarted from an AOF that missed it). A duplicate message is harmless.
+    orphan_after_s: float = Field(default=30.0, gt=0)
+
     # Worker.
     device: str = "cpu"
     # A `cuda:N` worker on a machine without CUDA refuses to start unless this is set (then it

@@ -23,17 +23,24 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
         )
 
 
-def submit_job(store: Store, spec: JobSpec, settings: Settings) -> JobView:
-    """Store a new job and enqueue it on the queue its device routes to."""
+def submit_job(
+    store: Store, spec: JobSpec, settings: Settings, idempotency: str | None = None
+) -> JobView:
+    """Store a new job and enqueue it on the queue its device routes to; a retried submit
+    with the same idempotency key returns the job the first one made."""
     check_limits(spec, settings)
     route = route_job(spec, store.live_queues(), settings)
-    job_id = store.create_job(spec, route.device, route.queue, route.reason)
+    job_id, created = store.create_job(spec, route.device, route.queue, route.reason, idempotency)
+    if not created:
+        log.info("job %s returned again for its idempotency key", job_id)
+        return store.get_job(job_id)
     try:
         enqueue_training(job_id, route.queue)
     except Exception as exc:
-        # Never leave a job record that no message will ever run.
+        # Never leave a job record that no message will ever run. (Should this delete fail
+        # too, the reaper's orphan check sends the message later.)
         log.warning("enqueue of job %s failed: %s", job_id, exc)
-        store.delete_job(job_id)
+        store.delete_job(job_id, idempotency)
         raise StoreUnavailable(f"could not enqueue the job: {exc}") from exc
     log.info("job %s queued on %s (%s)", job_id, route.queue, route.reason)
     return store.get_job(job_id)

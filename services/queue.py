@@ -33,6 +33,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Before Celery 6 a worker that loses the broker keeps running late-ack tasks that will
         # be delivered again elsewhere; stop them instead.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
     }
 
 

@@ -2,12 +2,17 @@
 
 The step loop never waits on Redis per step: each step's record is written into a preallocated
 buffer on the device, and the buffer is flushed as one chunk when it is full or when
-`flush_interval_s` has passed. Each flush is one fenced script (see Store.flush_steps), which is
-also where a cancel request and a newer attempt are noticed.
+`flush_interval_s` has passed. Each flush is one fenced script (Store.flush_steps) that appends
+the chunk, writes the matching checkpoint and renews the lease; it is also where a cancel
+request and a newer attempt are noticed. A thread renews the lease between flushes, so a step
+longer than the lease does not lose the job.
 """
 
+import contextlib
 import logging
+import threading
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -18,13 +23,15 @@ from services.config import Settings
 from services.errors import StoreUnavailable
 from services.records import Chunk, param_values
 from services.schemas import JobSpec, JobStatus
-from services.store import Store
+from services.store import Checkpoint, Store
 from services.training import Layout, Trainer
 
 log = logging.getLogger(__name__)
 
 # A chunk buffer holds at most this many bytes, so wide problems flush more often, not bigger.
 CHUNK_BUDGET_BYTES = 8 * 1024 * 1024
+# How long a flush keeps retrying while Redis is unreachable before the attempt gives up.
+STORE_OUTAGE_S = 60.0
 
 
 class Outcome(StrEnum):
@@ -32,19 +39,26 @@ class Outcome(StrEnum):
     DIVERGED = "diverged"
     CANCELLED = "cancelled"
     FAILED = "failed"
-    FENCED = "fenced"  # another attempt owns the job; this one stopped without touching it
-    SKIPPED = "skipped"  # nothing to run: job missing, finished, cancelled or running elsewhere
+    RELEASED = "released"  # handed back (worker shutting down, or Redis lost recent writes)
+    FENCED = "fenced"  # a newer attempt owns the job; this one stopped without touching it
+    SKIPPED = "skipped"  # nothing to run: missing, finished, or held by a live attempt
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    outcome: Outcome
+    requeue_to: str | None = None  # the queue to send the job to again (RELEASED)
 
 
 class StepRecorder:
-    """A device-side ring of step records, handed out a row per step and drained per chunk."""
+    """A device-side buffer of step records, handed out a row per step and drained per chunk."""
 
-    def __init__(self, layout: Layout, max_steps: int, device: torch.device) -> None:
+    def __init__(self, layout: Layout, max_steps: int, device: torch.device, first: int) -> None:
         self.layout = layout
         capacity = max(1, min(max_steps, CHUNK_BUDGET_BYTES // (4 * layout.width)))
         self.buffer = torch.empty(capacity, layout.width, dtype=torch.float32, device=device)
         self._rows = list(self.buffer.unbind(0))  # views made once, not once per step
-        self.first = 0  # step number of row 0
+        self.first = first  # step number of row 0
         self.count = 0
         self.last_loss: float | None = None
 
@@ -81,88 +95,210 @@ class StepRecorder:
         return chunk, diverged_at
 
 
+class LeaseKeeper:
+    """Renews the attempt's lease every third of its length; `lost` is set once a newer
+    attempt owns the job (this one must stop)."""
+
+    def __init__(self, store: Store, job_id: str, attempt: int, lease_s: float) -> None:
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._args = (store, job_id, attempt, lease_s)
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        store, job_id, attempt, lease_s = self._args
+        while not self._stop.wait(lease_s / 3):
+            try:
+                if not store.renew_lease(job_id, attempt, lease_s):
+                    self.lost.set()
+                    return
+            except StoreUnavailable:
+                log.warning(
+                    "job %s attempt %d: lease renewal failed, Redis unreachable", job_id, attempt
+                )
+
+
 def run_job(
-    store: Store, job_id: str, worker: str, device: torch.device, settings: Settings
-) -> Outcome:
-    """Run one attempt of `job_id` on `device`; every outcome is recorded on the job itself."""
-    claim = store.claim_job(job_id, worker)
+    store: Store,
+    job_id: str,
+    worker: str,
+    device: torch.device,
+    settings: Settings,
+    drain: threading.Event | None = None,
+) -> AttemptResult:
+    """Run one attempt of `job_id` on `device` until it ends, or until `drain` is set (then
+    the job is checkpointed and handed back). Every outcome is recorded on the job itself."""
+    claim = store.claim_job(job_id, worker, settings.lease_s, settings.max_attempts)
     if claim.outcome != "claimed":
         log.info("job %s not run: %s %s", job_id, claim.outcome, claim.status)
-        return Outcome.SKIPPED
+        return AttemptResult(Outcome.SKIPPED)
     store.set_current_job(worker, job_id)
+    attempt = _Attempt(store, job_id, claim.attempt, settings, drain or threading.Event())
     try:
-        return _train(store, job_id, claim.attempt, claim.spec_json, device, settings)
+        with LeaseKeeper(store, job_id, claim.attempt, settings.lease_s) as keeper:
+            attempt.keeper = keeper
+            return attempt.run(claim.spec_json, claim.checkpoint, device)
     except StoreUnavailable:
-        raise  # nothing can be recorded; the message is delivered again
+        raise  # nothing can be recorded; the lease lapses and the reaper requeues the job
     except Exception as exc:
         # Whatever the job did (bad record, out of memory, a bug), the worker survives it and
         # the job ends with the reason instead of staying `running`.
         log.exception("job %s attempt %d failed", job_id, claim.attempt)
         store.fail_job(job_id, claim.attempt, f"{type(exc).__name__}: {exc}")
-        return Outcome.FAILED
+        return AttemptResult(Outcome.FAILED)
     finally:
-        store.set_current_job(worker, None)
+        with contextlib.suppress(StoreUnavailable):
+            store.set_current_job(worker, None)
 
 
-def _train(
-    store: Store,
-    job_id: str,
-    attempt: int,
-    spec_json: str,
-    device: torch.device,
-    settings: Settings,
-) -> Outcome:
-    try:
-        spec = JobSpec.model_validate_json(spec_json)
-    except ValidationError as exc:
-        store.fail_job(job_id, attempt, f"invalid job record: {exc.error_count()} error(s): {exc}")
-        return Outcome.FAILED
-    trainer = Trainer(spec, device)
-    recorder = StepRecorder(trainer.layout, settings.flush_max_steps, device)
-    log.info("job %s attempt %d: %d steps on %s", job_id, attempt, spec.steps, device)
+class _Attempt:
+    """The step loop of one attempt and its flushes."""
 
-    last_flush = time.perf_counter()
-    for _ in range(spec.steps):
-        trainer.step(recorder.next_row())
-        if recorder.full or time.perf_counter() - last_flush >= settings.flush_interval_s:
-            chunk, diverged_at = recorder.drain()
-            if diverged_at is not None:
-                return _finish_diverged(store, job_id, attempt, chunk, diverged_at)
-            reply = store.flush_steps(job_id, attempt, chunk)
-            if reply != "ok":
-                return _stopped(job_id, attempt, reply)
-            last_flush = time.perf_counter()
+    keeper: LeaseKeeper
 
-    # The last flush may carry no steps (a timed flush fired on the last step); it still
-    # finishes the job.
-    chunk, diverged_at = recorder.drain()
-    if diverged_at is not None:
-        return _finish_diverged(store, job_id, attempt, chunk, diverged_at)
-    result: dict[str, Any] = {
-        "params": param_values(trainer.params().cpu().tolist(), trainer.layout.features, spec.bias),
-        "loss": recorder.last_loss,
-    }
-    reply = store.flush_steps(job_id, attempt, chunk, finish=JobStatus.SUCCEEDED, result=result)
-    if reply != "finished":
-        return _stopped(job_id, attempt, reply)
-    log.info("job %s attempt %d succeeded", job_id, attempt)
-    return Outcome.SUCCEEDED
+    def __init__(
+        self, store: Store, job_id: str, attempt: int, settings: Settings, drain: threading.Event
+    ) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.attempt = attempt
+        self.settings = settings
+        self.drain = drain
 
+    def run(
+        self, spec_json: str, checkpoint: Checkpoint | None, device: torch.device
+    ) -> AttemptResult:
+        try:
+            spec = JobSpec.model_validate_json(spec_json)
+        except ValidationError as exc:
+            error = f"invalid job record: {exc.error_count()} error(s): {exc}"
+            self.store.fail_job(self.job_id, self.attempt, error)
+            return AttemptResult(Outcome.FAILED)
+        trainer = Trainer(spec, device)
+        start = 0
+        if checkpoint is not None:
+            trainer.load_state(checkpoint.theta, checkpoint.optimizer)
+            start = checkpoint.step
+        self.trainer = trainer
+        recorder = StepRecorder(trainer.layout, self.settings.flush_max_steps, device, start)
+        log.info(
+            "job %s attempt %d: steps %d..%d on %s",
+            self.job_id,
+            self.attempt,
+            start,
+            spec.steps - 1,
+            device,
+        )
 
-def _finish_diverged(
-    store: Store, job_id: str, attempt: int, chunk: Chunk | None, step: int
-) -> Outcome:
-    error = f"diverged at step {step}: loss or gradients are not finite"
-    reply = store.flush_steps(job_id, attempt, chunk, finish=JobStatus.DIVERGED, error=error)
-    if reply != "finished":
-        return _stopped(job_id, attempt, reply)
-    log.info("job %s attempt %d %s", job_id, attempt, error)
-    return Outcome.DIVERGED
+        interval = self.settings.flush_interval_s
+        last_flush = time.perf_counter()
+        for _ in range(start, spec.steps):
+            trainer.step(recorder.next_row())
+            if recorder.full or time.perf_counter() - last_flush >= interval:
+                stopped = self._flush(recorder)
+                if stopped is not None:
+                    return stopped
+                if self.drain.is_set():
+                    return self._hand_back("its worker is shutting down")
+                last_flush = time.perf_counter()
 
+        # The last flush may carry no steps (a timed flush fired on the last step); it still
+        # finishes the job.
+        result: dict[str, Any] = {
+            "params": param_values(
+                trainer.params().cpu().tolist(), trainer.layout.features, spec.bias
+            ),
+            "loss": None,
+        }
+        return self._flush(recorder, finish=True, result=result) or AttemptResult(Outcome.SUCCEEDED)
 
-def _stopped(job_id: str, attempt: int, reply: str) -> Outcome:
-    if reply == "cancelled":
-        log.info("job %s attempt %d cancelled", job_id, attempt)
-        return Outcome.CANCELLED
-    log.warning("job %s attempt %d stopped: flush refused (%s)", job_id, attempt, reply)
-    return Outcome.FENCED
+    def _flush(
+        self, recorder: StepRecorder, finish: bool = False, result: dict[str, Any] | None = None
+    ) -> AttemptResult | None:
+        """Flush the recorded steps; an AttemptResult if the attempt must stop, else None."""
+        if self.keeper.lost.is_set():
+            return self._stopped("fenced")
+        chunk, diverged_at = recorder.drain()
+        checkpoint = None
+        if chunk is not None:
+            theta, optimizer = self.trainer.state()
+            checkpoint = Checkpoint(recorder.first, theta, optimizer)
+        status, error = None, None
+        if diverged_at is not None:
+            status, result = JobStatus.DIVERGED, None
+            error = f"diverged at step {diverged_at}: loss or gradients are not finite"
+        elif finish:
+            status = JobStatus.SUCCEEDED
+            assert result is not None
+            result["loss"] = recorder.last_loss
+        reply = self._flush_with_retry(chunk, checkpoint, status, result, error)
+        if reply == "finished":
+            log.info("job %s attempt %d %s", self.job_id, self.attempt, error or "succeeded")
+            return AttemptResult(Outcome.DIVERGED if error else Outcome.SUCCEEDED)
+        if reply != "ok":
+            return self._stopped(reply)
+        return None
+
+    def _flush_with_retry(
+        self,
+        chunk: Chunk | None,
+        checkpoint: Checkpoint | None,
+        finish: JobStatus | None,
+        result: dict[str, Any] | None,
+        error: str | None,
+    ) -> str:
+        # While Redis restarts, keep the chunk and retry; the steps are not lost, only late.
+        deadline = time.monotonic() + STORE_OUTAGE_S
+        pause = 0.05
+        while True:
+            try:
+                return self.store.flush_steps(
+                    self.job_id,
+                    self.attempt,
+                    chunk,
+                    checkpoint,
+                    self.settings.lease_s,
+                    finish=finish,
+                    result=result,
+                    error=error,
+                )
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning(
+                    "job %s attempt %d: Redis unreachable, flush retried", self.job_id, self.attempt
+                )
+                time.sleep(pause)
+                pause = min(1.0, pause * 2)
+
+    def _stopped(self, reply: str) -> AttemptResult:
+        if reply == "cancelled":
+            log.info("job %s attempt %d cancelled", self.job_id, self.attempt)
+            return AttemptResult(Outcome.CANCELLED)
+        if reply == "gap":
+            # Redis came back without its last writes (AOF fsyncs once a second): what it holds
+            # is consistent up to its checkpoint, so the next attempt resumes from there.
+            return self._hand_back(
+                "Redis lost the attempt's latest steps; resuming from its checkpoint"
+            )
+        log.warning(
+            "job %s attempt %d stopped: a newer attempt owns the job", self.job_id, self.attempt
+        )
+        return AttemptResult(Outcome.FENCED)
+
+    def _hand_back(self, why: str) -> AttemptResult:
+        queue = self.store.release_job(self.job_id, self.attempt, f"requeued: {why}")
+        log.info("job %s attempt %d handed back: %s", self.job_id, self.attempt, why)
+        if queue is None:
+            return AttemptResult(Outcome.FENCED)
+        if queue == "":
+            return AttemptResult(Outcome.CANCELLED)
+        return AttemptResult(Outcome.RELEASED, requeue_to=queue)

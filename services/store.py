@@ -17,13 +17,28 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
+from services import scripts
 from services.errors import JobFinished, JobNotFound, MalformedJob, StoreUnavailable
 from services.records import Chunk, expand_chunk
 from services.schemas import JobSpec, JobStatus, JobView, WorkerInfo
 
+IDEMPOTENCY_TTL_S = 24 * 3600
+
 JOBS_INDEX = "gs:jobs"
 STATUS_INDEX_PREFIX = "gs:jobs:"
 WORKERS_INDEX = "gs:workers"
+
+
+def lease_key(job_id: str) -> str:
+    return f"gs:{{{job_id}}}:lease"
+
+
+def ckpt_key(job_id: str) -> str:
+    return f"gs:{{{job_id}}}:ckpt"
+
+
+def idempotency_key(key: str) -> str:
+    return f"gs:idem:{key}"
 
 
 def job_key(job_id: str) -> str:
@@ -80,124 +95,25 @@ def _translate_redis_errors(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-# Shared by every script that changes a job's status: keeps the hash, the status indexes and
-# the job's event stream (which SSE readers tail) in step.
-_SET_STATUS = """
-local function set_status(job, events, id, old, new, steps_done)
-  redis.call('HSET', job, 'status', new)
-  redis.call('ZREM', 'gs:jobs:' .. old, id)
-  redis.call('ZADD', 'gs:jobs:' .. new, 0, id)
-  redis.call('XADD', events, '*', 'status', new, 'steps_done', steps_done)
-end
-"""
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state after the last stored step: resume runs step `step` next."""
 
-# KEYS: job, events. ARGV: job id, worker name, now.
-_CLAIM = (
-    _SET_STATUS
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing'} end
-local done = redis.call('HGET', KEYS[1], 'steps_done')
-if status == 'cancelling' then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
-  set_status(KEYS[1], KEYS[2], ARGV[1], status, 'cancelled', done)
-  return {'cancelled'}
-end
-if status ~= 'queued' then return {'busy', status} end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'worker', ARGV[2])
-if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
-end
-set_status(KEYS[1], KEYS[2], ARGV[1], status, 'running', done)
-return {'claimed', tostring(attempt), redis.call('HGET', KEYS[1], 'spec')}
-"""
-)
-
-# KEYS: job, steps, events. ARGV: job id, attempt, first step, entry id, now, finish status
-# ('' to go on), result JSON, error, then the chunk's fields as name/value pairs (none when the
-# flush carries no steps). All checks come before the first write: a Lua error half-way would
-# keep the writes made before it.
-_FLUSH = (
-    _SET_STATUS
-    + """
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return {'fenced'} end
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' and status ~= 'cancelling' then return {'fenced'} end
-local done = tonumber(redis.call('HGET', KEYS[1], 'steps_done'))
-if #ARGV > 8 then
-  if tonumber(ARGV[3]) ~= done then return {'gap', tostring(done)} end
-  local n = 0
-  for i = 9, #ARGV, 2 do
-    if ARGV[i] == 'n' then n = tonumber(ARGV[i + 1]) end
-  end
-  redis.call('XADD', KEYS[2], ARGV[4], unpack(ARGV, 9))
-  done = done + n
-  redis.call('HSET', KEYS[1], 'steps_done', done)
-end
-if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[5])
-  if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[7]) end
-  if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[8]) end
-  set_status(KEYS[1], KEYS[3], ARGV[1], status, ARGV[6], done)
-  return {'finished'}
-end
-if status == 'cancelling' then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[5])
-  set_status(KEYS[1], KEYS[3], ARGV[1], status, 'cancelled', done)
-  return {'cancelled'}
-end
-return {'ok'}
-"""
-)
-
-# KEYS: job, events. ARGV: job id, now.
-_CANCEL = (
-    _SET_STATUS
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', ''} end
-local done = redis.call('HGET', KEYS[1], 'steps_done')
-if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
-  set_status(KEYS[1], KEYS[2], ARGV[1], status, 'cancelled', done)
-  return {'ok', 'cancelled'}
-end
-if status == 'running' then
-  set_status(KEYS[1], KEYS[2], ARGV[1], status, 'cancelling', done)
-  return {'ok', 'cancelling'}
-end
-if status == 'cancelling' then return {'ok', status} end
-return {'finished', status}
-"""
-)
-
-# KEYS: job, events. ARGV: job id, attempt, error, now.
-_FAIL = (
-    _SET_STATUS
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
-if status ~= 'running' and status ~= 'cancelling' then return 0 end
-redis.call('HSET', KEYS[1], 'error', ARGV[3], 'finished_at', ARGV[4])
-set_status(KEYS[1], KEYS[2], ARGV[1], status, 'failed', redis.call('HGET', KEYS[1], 'steps_done'))
-return 1
-"""
-)
+    step: int
+    theta: bytes  # float32 parameters [w..., b], raw
+    optimizer: bytes  # the optimizer's state_dict, torch.save format ('' when stateless)
 
 
 @dataclass(frozen=True)
 class Claim:
-    """What claiming a job for an attempt gave: `claimed` with the attempt and spec, or why not."""
+    """What claiming a job gave: `claimed` with the attempt, spec and checkpoint, or why not
+    (`missing`, `finished`, `busy`: another attempt holds a live lease, `cancelled`, `failed`)."""
 
-    outcome: str  # claimed | missing | cancelled | busy
+    outcome: str
     attempt: int = 0
     spec_json: str = ""
+    checkpoint: Checkpoint | None = None
     status: str = ""
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
 
 
 def job_view(fields: dict[bytes, bytes], live_queues: Iterable[str] | None = None) -> JobView:
@@ -236,10 +152,14 @@ class Store:
 
     def __init__(self, client: "redis.Redis") -> None:
         self.redis = client
-        self._claim = client.register_script(_CLAIM)
-        self._flush = client.register_script(_FLUSH)
-        self._cancel = client.register_script(_CANCEL)
-        self._fail = client.register_script(_FAIL)
+        self._create = client.register_script(scripts.CREATE)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._flush = client.register_script(scripts.FLUSH)
+        self._renew = client.register_script(scripts.RENEW)
+        self._release = client.register_script(scripts.RELEASE)
+        self._reap = client.register_script(scripts.REAP)
+        self._cancel = client.register_script(scripts.CANCEL)
+        self._fail = client.register_script(scripts.FAIL)
 
     @classmethod
     def from_url(cls, url: str) -> "Store":
@@ -256,8 +176,19 @@ class Store:
     # Jobs -------------------------------------------------------------------------------
 
     @_translate_redis_errors
-    def create_job(self, spec: JobSpec, device: str, queue: str, route_reason: str) -> str:
-        """Write a new queued job (record, indexes, first status event) in one transaction."""
+    def create_job(
+        self,
+        spec: JobSpec,
+        device: str,
+        queue: str,
+        route_reason: str,
+        idempotency: str | None = None,
+    ) -> tuple[str, bool]:
+        """Write a new queued job (record, indexes, first status event) atomically.
+
+        With an idempotency key already used (within a day), writes nothing and returns that
+        job's id; the flag says whether the job is new.
+        """
         job_id = new_job_id()
         record = {
             "id": job_id,
@@ -267,22 +198,26 @@ class Store:
             "queue": queue,
             "route_reason": route_reason,
             "attempt": 0,
+            "lost": 0,
             "steps_done": 0,
             "created_at": utc_now(),
         }
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(job_key(job_id), mapping=record)
-        pipe.zadd(JOBS_INDEX, {job_id: 0})
-        pipe.zadd(STATUS_INDEX_PREFIX + JobStatus.QUEUED.value, {job_id: 0})
-        pipe.xadd(events_key(job_id), {"status": JobStatus.QUEUED.value, "steps_done": 0})
-        pipe.execute()
-        return job_id
+        keys = [job_key(job_id), events_key(job_id)]
+        if idempotency is not None:
+            keys.append(idempotency_key(idempotency))
+        args: list[Any] = [job_id, IDEMPOTENCY_TTL_S]
+        for name, value in record.items():
+            args += [name, value]
+        found, created = self._create(keys=keys, args=args)
+        return found.decode(), bool(created)
 
     @_translate_redis_errors
-    def delete_job(self, job_id: str) -> None:
+    def delete_job(self, job_id: str, idempotency: str | None = None) -> None:
         """Remove every trace of a job (used when it could not be enqueued)."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(job_key(job_id), steps_key(job_id), events_key(job_id))
+        if idempotency is not None:
+            pipe.delete(idempotency_key(idempotency))
         pipe.zrem(JOBS_INDEX, job_id)
         for status in JobStatus:
             pipe.zrem(STATUS_INDEX_PREFIX + status.value, job_id)
@@ -353,14 +288,19 @@ class Store:
     # Attempts (called by the runner) ----------------------------------------------------
 
     @_translate_redis_errors
-    def claim_job(self, job_id: str, worker: str) -> Claim:
-        reply = self._claim(
-            keys=[job_key(job_id), events_key(job_id)], args=[job_id, worker, utc_now()]
-        )
+    def claim_job(self, job_id: str, worker: str, lease_s: float, max_attempts: int) -> Claim:
+        """Take the job for a new attempt, with a lease of `lease_s` and the latest checkpoint."""
+        keys = [job_key(job_id), events_key(job_id), lease_key(job_id), ckpt_key(job_id)]
+        args = [job_id, worker, utc_now(), int(lease_s * 1000), max_attempts]
+        reply = self._claim(keys=keys, args=args)
         outcome = reply[0].decode()
-        if outcome == "claimed":
-            return Claim(outcome, attempt=int(reply[1]), spec_json=reply[2].decode())
-        return Claim(outcome, status=reply[1].decode() if len(reply) > 1 else "")
+        if outcome != "claimed":
+            return Claim(outcome, status=reply[1].decode())
+        saved = dict(zip(reply[3::2], reply[4::2], strict=True))
+        checkpoint = None
+        if saved:
+            checkpoint = Checkpoint(int(saved[b"step"]), saved[b"theta"], saved[b"optimizer"])
+        return Claim(outcome, int(reply[1]), reply[2].decode(), checkpoint)
 
     @_translate_redis_errors
     def flush_steps(
@@ -368,16 +308,19 @@ class Store:
         job_id: str,
         attempt: int,
         chunk: Chunk | None,
+        checkpoint: Checkpoint | None,
+        lease_s: float,
         *,
         finish: JobStatus | None = None,
         result: dict[str, Any] | None = None,
         error: str | None = None,
     ) -> str:
-        """Append a chunk of steps and, with `finish`, end the job; one atomic, fenced script.
+        """Append a chunk of steps with the checkpoint after its last step, renew the lease,
+        and with `finish` end the job: one atomic script, fenced by the attempt number.
 
-        Returns `ok`, `finished`, `cancelled` (a cancel was asked for: stop), `fenced` (another
-        attempt owns the job: stop without touching it) or `gap` (the chunk does not follow the
-        stored steps).
+        Returns `ok`, `finished`, `cancelled` (a cancel was asked for: stop), `fenced` (a newer
+        attempt owns the job: stop without touching it) or `gap` (the chunk does not follow
+        the stored steps: Redis lost recent writes, so resume from the stored checkpoint).
         """
         args: list[Any] = [
             job_id,
@@ -388,19 +331,91 @@ class Store:
             finish.value if finish else "",
             json.dumps(result) if result is not None else "",
             error or "",
+            int(lease_s * 1000),
+            checkpoint.theta if checkpoint else b"",
+            checkpoint.optimizer if checkpoint else b"",
         ]
         if chunk is not None:
             for name, value in chunk.fields().items():
                 args += [name, value]
-        keys = [job_key(job_id), steps_key(job_id), events_key(job_id)]
+        keys = [
+            job_key(job_id),
+            steps_key(job_id),
+            events_key(job_id),
+            lease_key(job_id),
+            ckpt_key(job_id),
+        ]
         reply = self._flush(keys=keys, args=args)
         return str(reply[0].decode())
 
     @_translate_redis_errors
+    def renew_lease(self, job_id: str, attempt: int, lease_s: float) -> bool:
+        """Extend the attempt's lease; False once a newer attempt owns the job."""
+        keys = [job_key(job_id), events_key(job_id), lease_key(job_id)]
+        return bool(self._renew(keys=keys, args=[job_id, attempt, int(lease_s * 1000)]))
+
+    @_translate_redis_errors
+    def release_job(self, job_id: str, attempt: int, reason: str) -> str | None:
+        """Hand the job back (queued, to resume from its checkpoint): the queue to send it to,
+        '' if it was being cancelled (now cancelled), None if the attempt no longer owns it."""
+        keys = [job_key(job_id), events_key(job_id), lease_key(job_id)]
+        queue = self._release(keys=keys, args=[job_id, attempt, utc_now(), reason])
+        return None if queue is None else str(queue.decode())
+
+    @_translate_redis_errors
     def fail_job(self, job_id: str, attempt: int, error: str) -> bool:
         """End the job `failed` with `error`, if `attempt` still owns it."""
-        keys = [job_key(job_id), events_key(job_id)]
+        keys = [job_key(job_id), events_key(job_id), lease_key(job_id), ckpt_key(job_id)]
         return bool(self._fail(keys=keys, args=[job_id, attempt, error, utc_now()]))
+
+    # Recovery (the reaper every worker runs) --------------------------------------------
+
+    @_translate_redis_errors
+    def reap_lapsed(self, max_attempts: int) -> list[tuple[str, str]]:
+        """Requeue running jobs whose lease lapsed: (job id, queue) for each to send again."""
+        running: list[str] = []
+        for status in (JobStatus.RUNNING, JobStatus.CANCELLING):
+            index = STATUS_INDEX_PREFIX + status.value
+            running += [i.decode() for i in self.redis.zrangebylex(index, "-", "+")]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in running:
+            pipe.exists(lease_key(job_id))
+        requeued = []
+        for job_id, leased in zip(running, pipe.execute(), strict=True):
+            if leased:
+                continue
+            keys = [job_key(job_id), events_key(job_id), lease_key(job_id)]
+            queue = self._reap(keys=keys, args=[job_id, utc_now(), max_attempts])
+            if queue is not None:
+                requeued.append((job_id, queue.decode()))
+        return requeued
+
+    @_translate_redis_errors
+    def orphaned_jobs(self, older_than_s: float) -> list[tuple[str, str]]:
+        """Jobs queued for `older_than_s` while their queue holds no message: (id, queue)."""
+        queued = [
+            i.decode()
+            for i in self.redis.zrangebylex(STATUS_INDEX_PREFIX + JobStatus.QUEUED.value, "-", "+")
+        ]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in queued:
+            pipe.hmget(job_key(job_id), "queue", "queued_at")
+        now = time.time()
+        stale = [
+            (job_id, queue.decode())
+            for job_id, (queue, queued_at) in zip(queued, pipe.execute(), strict=True)
+            if queue is not None and queued_at is not None and now - int(queued_at) > older_than_s
+        ]
+        if not stale:
+            return []
+        # Celery's Redis transport keeps a queue's waiting messages in a list named after it.
+        lengths = {queue: self.redis.llen(queue) for queue in {q for _, q in stale}}
+        orphans = [(job_id, queue) for job_id, queue in stale if lengths[queue] == 0]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, _ in orphans:
+            pipe.hset(job_key(job_id), "queued_at", int(now))  # next check in older_than_s
+        pipe.execute()
+        return orphans
 
     # Worker registry --------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ gradients, parameters) is a single row of float32 values, copied on the device w
 host sync.
 """
 
+import io
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,30 @@ class Trainer:
     def params(self) -> torch.Tensor:
         """The current parameters (after the last update), detached."""
         return self.theta.detach()
+
+    def state(self) -> tuple[bytes, bytes]:
+        """Raw float32 parameters and the optimizer's state, for a checkpoint.
+
+        Raw bytes, never a decimal rendering, so that a resumed run continues bit for bit. A
+        stateless optimizer (plain SGD) saves nothing: its settings come from the spec.
+        """
+        theta = self.theta.detach().cpu().numpy().tobytes()
+        if not self.optimizer.state:
+            return theta, b""
+        buffer = io.BytesIO()
+        torch.save(self.optimizer.state_dict(), buffer)
+        return theta, buffer.getvalue()
+
+    def load_state(self, theta: bytes, optimizer: bytes) -> None:
+        """Continue from a checkpoint made by `state()`."""
+        saved = torch.frombuffer(bytearray(theta), dtype=torch.float32)
+        with torch.no_grad():
+            self.theta.copy_(saved)
+        if optimizer:
+            state = torch.load(
+                io.BytesIO(optimizer), map_location=self.theta.device, weights_only=True
+            )
+            self.optimizer.load_state_dict(state)
 
 
 def warm_up(device: torch.device) -> None:

@@ -28,8 +28,8 @@ def _chunk(first: int, count: int) -> Chunk:
 
 def _running_job(store: Store) -> tuple[str, int]:
     # Queued on a queue no worker consumes, then claimed here as a worker would.
-    job_id = store.create_job(SPEC, "cpu", "test-nobody", "test")
-    claim = store.claim_job(job_id, "test-worker")
+    job_id, _ = store.create_job(SPEC, "cpu", "test-nobody", "test")
+    claim = store.claim_job(job_id, "test-worker", lease_s=10, max_attempts=3)
     assert claim.outcome == "claimed" and claim.attempt == 1
     return job_id, claim.attempt
 
@@ -37,7 +37,7 @@ def _running_job(store: Store) -> tuple[str, int]:
 def test_step_pages_split_chunks_and_say_where_to_go_on(store: Store) -> None:
     job_id, attempt = _running_job(store)
     for first, count in [(0, 3), (3, 5), (8, 2)]:
-        assert store.flush_steps(job_id, attempt, _chunk(first, count)) == "ok"
+        assert store.flush_steps(job_id, attempt, _chunk(first, count), None, 10) == "ok"
     records, next_after = store.read_steps(job_id, after=4, limit=3)
     assert [r["step"] for r in records] == [5, 6, 7]
     assert records[0] == {"step": 5, "loss": 5.0, "grads": {"w": [-5.0]}, "params": {"w": [50.0]}}
@@ -48,7 +48,9 @@ def test_step_pages_split_chunks_and_say_where_to_go_on(store: Store) -> None:
     assert next_after == 9
     assert store.read_steps(job_id, after=9, limit=5) == ([], 9)
 
-    assert store.flush_steps(job_id, attempt, None, finish=JobStatus.SUCCEEDED) == "finished"
+    assert (
+        store.flush_steps(job_id, attempt, None, None, 10, finish=JobStatus.SUCCEEDED) == "finished"
+    )
     records, next_after = store.read_steps(job_id, after=-1, limit=100)
     assert [r["step"] for r in records] == list(range(10))
     assert next_after is None
@@ -58,24 +60,24 @@ def test_step_pages_split_chunks_and_say_where_to_go_on(store: Store) -> None:
 
 def test_flush_is_fenced_by_attempt_and_refuses_gaps(store: Store) -> None:
     job_id, attempt = _running_job(store)
-    assert store.flush_steps(job_id, attempt + 1, _chunk(0, 2)) == "fenced"
-    assert store.flush_steps(job_id, attempt, _chunk(1, 2)) == "gap"
-    assert store.flush_steps(job_id, attempt, _chunk(0, 2)) == "ok"
+    assert store.flush_steps(job_id, attempt + 1, _chunk(0, 2), None, 10) == "fenced"
+    assert store.flush_steps(job_id, attempt, _chunk(1, 2), None, 10) == "gap"
+    assert store.flush_steps(job_id, attempt, _chunk(0, 2), None, 10) == "ok"
     # A second write of the same steps is refused before anything is written.
-    assert store.flush_steps(job_id, attempt, _chunk(0, 2)) == "gap"
+    assert store.flush_steps(job_id, attempt, _chunk(0, 2), None, 10) == "gap"
     assert store.get_job(job_id).steps_done == 2
     assert store.redis.xlen(f"gs:{{{job_id}}}:steps") == 1
     store.cancel_job(job_id)
     assert store.get_job(job_id).status is JobStatus.CANCELLING
-    assert store.flush_steps(job_id, attempt, _chunk(2, 1)) == "cancelled"
+    assert store.flush_steps(job_id, attempt, _chunk(2, 1), None, 10) == "cancelled"
     assert store.get_job(job_id).status is JobStatus.CANCELLED
-    assert store.flush_steps(job_id, attempt, _chunk(3, 1)) == "fenced"
+    assert store.flush_steps(job_id, attempt, _chunk(3, 1), None, 10) == "fenced"
     with pytest.raises(JobFinished):
         store.cancel_job(job_id)
 
 
 def test_list_jobs_newest_first_with_cursor_and_status(store: Store) -> None:
-    ids = [store.create_job(SPEC, "cpu", "test-nobody", "test") for _ in range(5)]
+    ids = [store.create_job(SPEC, "cpu", "test-nobody", "test")[0] for _ in range(5)]
     store.cancel_job(ids[1])
     page, cursor = store.list_jobs(None, 3, None)
     assert [v.id for v in page] == ids[::-1][:3]
@@ -95,4 +97,4 @@ def test_missing_job_raises_not_found(store: Store) -> None:
         store.read_steps("f" * 32, -1, 10)
     with pytest.raises(JobNotFound):
         store.cancel_job("f" * 32)
-    assert store.claim_job("f" * 32, "w").outcome == "missing"
+    assert store.claim_job("f" * 32, "w", 10, 3).outcome == "missing"

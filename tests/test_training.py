@@ -85,7 +85,7 @@ def test_synthetic_data_is_reproducible_by_seed() -> None:
 def test_recorder_cuts_chunk_after_first_non_finite_step() -> None:
     spec = _spec(data={"x": [[10.0], [20.0]], "y": [1.0, 2.0]}, init=None, optimizer={"lr": 10.0})
     trainer = Trainer(spec, CPU)
-    recorder = StepRecorder(trainer.layout, 1000, CPU)
+    recorder = StepRecorder(trainer.layout, 1000, CPU, first=0)
     while not recorder.full:
         trainer.step(recorder.next_row())
     chunk, diverged_at = recorder.drain()

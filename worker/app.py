@@ -6,19 +6,29 @@ is set up in each child (`worker_process_init`); the main process only pins the 
 the environment its children inherit, and keeps the registry entry alive with a heartbeat.
 """
 
+import contextlib
 import logging
 import os
 import platform
+import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    celeryd_init,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from services.config import get_settings
-from services.queue import Device, celery_app
+from services.queue import Device, celery_app, enqueue_training
 from services.store import Store
 from services.training import compute_device, warm_up
 
@@ -27,17 +37,25 @@ log = logging.getLogger(__name__)
 app = celery_app
 
 
+# Sent by the main process to each pool child at a warm shutdown: checkpoint the running job
+# and hand it back instead of finishing it (Celery would otherwise wait for the whole job).
+DRAIN_SIGNAL = signal.SIGUSR2
+
+
 @dataclass
 class ChildContext:
-    """What a pool child needs to run jobs: its own Redis connection and its torch device."""
+    """What a pool child needs to run jobs: its own Redis connection, its torch device, and
+    the event that asks the running job to hand itself back."""
 
     store: Store
     device: torch.device
+    drain: threading.Event
 
 
 _child: ChildContext | None = None
 _heartbeat_stop = threading.Event()
 _node_name = ""
+_controller: Any = None  # the WorkController, for its pool's process ids
 
 
 def child_context() -> ChildContext:
@@ -56,15 +74,33 @@ def pin_device(sender: str, **_: Any) -> None:
         os.environ.setdefault(name, value)
 
 
+@worker_init.connect
+def remember_controller(sender: Any, **_: Any) -> None:
+    global _controller
+    _controller = sender
+
+
 @worker_process_init.connect
 def init_child(**_: Any) -> None:
-    """Each pool child: torch threads, its device, and a connection of its own."""
+    """Each pool child: torch threads, its device, a connection of its own, the drain signal."""
     global _child
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
     device = compute_device(settings.device, settings.cuda_fallback_cpu)
     warm_up(device)
-    _child = ChildContext(store=Store.from_url(settings.redis_url), device=device)
+    drain = threading.Event()
+    signal.signal(DRAIN_SIGNAL, lambda *_: drain.set())
+    _child = ChildContext(Store.from_url(settings.redis_url), device, drain)
+
+
+@worker_shutting_down.connect
+def drain_children(how: str, **_: Any) -> None:
+    """Main process, warm shutdown: ask each pool child to hand its job back."""
+    if how != "Warm" or _controller is None:
+        return
+    for pid in _controller.pool.info.get("processes", []):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, DRAIN_SIGNAL)
 
 
 def _describe_device(device: Device) -> tuple[str, int]:
@@ -116,16 +152,32 @@ def start_heartbeat(**_: Any) -> None:
     store = Store.from_url(settings.redis_url)
 
     def beat() -> None:
+        next_reap = 0.0
         while True:
             try:
                 store.heartbeat(info, settings.worker_ttl_s)
+                if time.monotonic() >= next_reap:
+                    reap(store)
+                    next_reap = time.monotonic() + settings.reaper_interval_s
             except Exception:
-                log.exception("worker heartbeat failed")
-            if _heartbeat_stop.wait(settings.worker_heartbeat_s):
+                log.exception("worker heartbeat or reaper failed")
+            if _heartbeat_stop.wait(min(settings.worker_heartbeat_s, settings.reaper_interval_s)):
                 return
 
     threading.Thread(target=beat, name="gradstream-heartbeat", daemon=True).start()
     log.info("worker %s registered on queue %s (%s)", _node_name, device.queue, device_name)
+
+
+def reap(store: Store) -> None:
+    """Recovery that needs no extra process: every worker requeues jobs whose lease lapsed
+    and resends jobs whose message was lost. Duplicate messages are harmless (fencing)."""
+    settings = get_settings()
+    for job_id, queue in store.reap_lapsed(settings.max_attempts):
+        log.warning("job %s lost its worker (lease lapsed): requeued on %s", job_id, queue)
+        enqueue_training(job_id, queue)
+    for job_id, queue in store.orphaned_jobs(settings.orphan_after_s):
+        log.warning("job %s queued with no message on %s: sent again", job_id, queue)
+        enqueue_training(job_id, queue)
 
 
 @worker_shutdown.connect

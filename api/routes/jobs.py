@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
 
 from api.deps import JobIdDep, SettingsDep, StoreDep
@@ -14,10 +14,22 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.post("", status_code=201)
 def submit_job(
-    spec: JobSpec, store: StoreDep, settings: SettingsDep, response: Response
+    spec: JobSpec,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            pattern=r"^[\x21-\x7e]+$",
+            description="a retried submit with the same key returns the same job (for a day)",
+        ),
+    ] = None,
 ) -> JobView:
     """Submit a training job; it is queued on the worker queue its device routes to."""
-    view = jobs.submit_job(store, spec, settings)
+    view = jobs.submit_job(store, spec, settings, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{view.id}"
     return view
 
