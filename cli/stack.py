@@ -78,7 +78,9 @@ class Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.redis_url = ""
+        self.redis_process: subprocess.Popen[bytes]
         self.api_url = ""
+        self.api_process: subprocess.Popen[bytes]
         self._logs: list[IO[bytes]] = []
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -101,32 +103,38 @@ class Stack:
         return env
 
     def start_redis(self, port: int | None = None) -> str:
+        """A private redis-server with AOF fsync'd every second, which never evicts job data.
+        Started again on the same port and folder, it comes back with what the AOF kept."""
         port = port or free_port()
         data_dir = self.run_dir / "redis"
         data_dir.mkdir(exist_ok=True)
-        argv = [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--maxmemory-policy",
-            "noeviction",
-        ]
-        self._spawn("redis", argv, dict(os.environ))
+        options = {
+            "port": str(port),
+            "bind": "127.0.0.1",
+            "dir": str(data_dir),
+            "save": "",
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "maxmemory-policy": "noeviction",
+        }
+        argv = [redis_server_binary()]
+        for name, value in options.items():
+            argv += [f"--{name}", value]
+        self.redis_process = self._spawn("redis", argv, dict(os.environ))
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1)
         try:
-            wait_until(lambda: bool(client.ping()), 10, f"redis-server on port {port}")
+            wait_until(lambda: bool(client.ping()), 30, f"redis-server on port {port}")
         finally:
             client.close()
         return self.redis_url
+
+    def kill_redis(self) -> int:
+        """SIGKILL redis-server (no shutdown save); its port, to start it again on."""
+        self.redis_process.kill()
+        self.redis_process.wait(10)
+        self.processes = [(n, p) for n, p in self.processes if p is not self.redis_process]
+        return int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
 
     def start_worker(self, device: str = "cpu", **extra_env: str) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "cli.main", "worker", "--device", device]
@@ -136,7 +144,7 @@ class Stack:
     def start_api(self, port: int | None = None) -> str:
         port = port or free_port()
         argv = [sys.executable, "-m", "cli.main", "api", "--host", "127.0.0.1", "--port", str(port)]
-        self._spawn("api", argv, self.env())
+        self.api_process = self._spawn("api", argv, self.env())
         self.api_url = f"http://127.0.0.1:{port}"
         wait_until(
             lambda: httpx.get(self.api_url + "/readyz", timeout=1).status_code == 200, 30, "API"

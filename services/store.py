@@ -127,7 +127,7 @@ def job_view(fields: dict[bytes, bytes], live_queues: Iterable[str] | None = Non
             and live_queues is not None
             and record["queue"] not in set(live_queues)
         ):
-            route_reason = f"waiting: no live worker for queue {record['queue']!r}"
+            route_reason += f"; waiting: no live worker for queue {record['queue']!r}"
         return JobView(
             id=record["id"],
             status=status,

@@ -29,7 +29,7 @@ def test_jobs_run_only_on_workers_of_their_queue(stack: Stack, client: Client) -
     assert waiting["device"] == "cuda"
     view = client.get(waiting["id"])
     assert view["status"] == "queued"
-    assert view["route_reason"] == "waiting: no live worker for queue 'gpu'"
+    assert view["route_reason"] == "asked for cuda; waiting: no live worker for queue 'gpu'"
     assert client.submit(_spec("auto"))["route_reason"] == "auto: cpu (no gpu worker live)"
 
     gpu = stack.start_worker("cuda:0", GRADSTREAM_CUDA_FALLBACK_CPU="1")
