@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench setup redis-server clean
+.PHONY: demo test lint typecheck pytest bench soak setup redis-server clean
 
 demo: setup
 	$(BIN)/gradstream up --demo --port 0
@@ -49,6 +49,10 @@ pytest: $(STAMP) redis-server
 
 bench: setup
 	$(BIN)/python bench/step_loop.py
+
+# Not part of `make test`: jobs while workers are killed at random; 0 duplicates, 0 gaps.
+soak: setup
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
