@@ -34,6 +34,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # be delivered again elsewhere; stop them instead.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "task_time_limit": settings.attempt_time_limit_s,
     }
 
 
