@@ -8,6 +8,7 @@ request and a newer attempt are noticed. A thread renews the lease between flush
 longer than the lease does not lose the job.
 """
 
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -50,49 +51,68 @@ class AttemptResult:
     requeue_to: str | None = None  # the queue to send the job to again (RELEASED)
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """Rows `first .. first + count - 1` of one recording buffer, ready to be flushed, and the
+    checkpoint after the last of them."""
+
+    rows: torch.Tensor  # (count, width) on the device
+    first: int
+    checkpoint: Checkpoint
+
+
 class StepRecorder:
-    """A device-side buffer of step records, handed out a row per step and drained per chunk."""
+    """Two device-side buffers of step records: the step loop fills one, a row per step, while
+    the other is being flushed."""
 
     def __init__(self, layout: Layout, max_steps: int, device: torch.device, first: int) -> None:
         self.layout = layout
         capacity = max(1, min(max_steps, CHUNK_BUDGET_BYTES // (4 * layout.width)))
-        self.buffer = torch.empty(capacity, layout.width, dtype=torch.float32, device=device)
-        self._rows = list(self.buffer.unbind(0))  # views made once, not once per step
-        self.first = first  # step number of row 0
+        buffers = [torch.empty(capacity, layout.width, device=device) for _ in range(2)]
+        self._buffers = buffers
+        self._rows = [list(buffer.unbind(0)) for buffer in buffers]  # views made once
+        self._active = 0
+        self.first = first  # step number of the active buffer's row 0
         self.count = 0
-        self.last_loss: float | None = None
 
     @property
     def full(self) -> bool:
-        return self.count == len(self._rows)
+        return self.count == len(self._rows[self._active])
 
     def next_row(self) -> torch.Tensor:
-        row = self._rows[self.count]
+        row = self._rows[self._active][self.count]
         self.count += 1
         return row
 
-    def drain(self) -> tuple[Chunk | None, int | None]:
-        """The recorded steps as a chunk, cut after the first non-finite step (its number too)."""
+    def swap(self, checkpoint: Checkpoint) -> Recorded | None:
+        """Hand over the recorded rows and record into the other buffer from now on."""
         if self.count == 0:
-            return None, None
-        host = self.buffer[: self.count].cpu()
-        finite = torch.isfinite(host[:, : 1 + self.layout.params]).all(dim=1)
-        diverged_at = None
-        rows = self.count
-        if not bool(finite.all()):
-            bad = int(torch.nonzero(~finite)[0, 0])
-            diverged_at, rows = self.first + bad, bad + 1
-        chunk = Chunk(
-            first=self.first,
-            count=rows,
-            features=self.layout.features,
-            bias=self.layout.bias,
-            rows=host[:rows].numpy().tobytes(),
-        )
-        self.last_loss = float(host[rows - 1, 0])
+            return None
+        recorded = Recorded(self._buffers[self._active][: self.count], self.first, checkpoint)
+        self._active = 1 - self._active
         self.first += self.count
         self.count = 0
-        return chunk, diverged_at
+        return recorded
+
+
+@dataclass(frozen=True)
+class Packed:
+    chunk: Chunk
+    diverged_at: int | None  # the first step whose loss or gradients are not finite
+    last_loss: float
+
+
+def pack(recorded: Recorded, layout: Layout) -> Packed:
+    """Copy the rows to the host as one chunk, cut after the first non-finite step."""
+    host = recorded.rows.cpu()
+    finite = torch.isfinite(host[:, : 1 + layout.params]).all(dim=1)
+    diverged_at = None
+    rows = len(host)
+    if not bool(finite.all()):
+        bad = int(torch.nonzero(~finite)[0, 0])
+        diverged_at, rows = recorded.first + bad, bad + 1
+    chunk = Chunk(recorded.first, rows, layout.features, layout.bias, host[:rows].numpy().tobytes())
+    return Packed(chunk, diverged_at, float(host[rows - 1, 0]))
 
 
 class LeaseKeeper:
@@ -160,7 +180,10 @@ def run_job(
 
 
 class _Attempt:
-    """The step loop of one attempt and its flushes."""
+    """The step loop of one attempt. Chunks are packed and flushed on a thread of their own,
+    one at a time, while the loop records into the other buffer; the loop looks at a flush's
+    reply when it hands over the next chunk, so it never waits on Redis unless a flush takes
+    longer than a whole chunk of steps."""
 
     keeper: LeaseKeeper
 
@@ -172,6 +195,9 @@ class _Attempt:
         self.attempt = attempt
         self.settings = settings
         self.drain = drain
+        self.last_loss: float | None = None
+        self._flushing: concurrent.futures.Future[AttemptResult | None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{job_id}")
 
     def run(
         self, spec_json: str, checkpoint: Checkpoint | None, device: torch.device
@@ -187,7 +213,7 @@ class _Attempt:
         if checkpoint is not None:
             trainer.load_state(checkpoint.theta, checkpoint.optimizer)
             start = checkpoint.step
-        self.trainer = trainer
+        self.layout = trainer.layout
         recorder = StepRecorder(trainer.layout, self.settings.flush_max_steps, device, start)
         log.info(
             "job %s attempt %d: steps %d..%d on %s",
@@ -197,48 +223,68 @@ class _Attempt:
             spec.steps - 1,
             device,
         )
+        try:
+            return self._loop(spec, trainer, recorder, start)
+        finally:
+            self._executor.shutdown(wait=True)
 
+    def _loop(
+        self, spec: JobSpec, trainer: Trainer, recorder: StepRecorder, start: int
+    ) -> AttemptResult:
         interval = self.settings.flush_interval_s
         last_flush = time.perf_counter()
         for _ in range(start, spec.steps):
             trainer.step(recorder.next_row())
             if recorder.full or time.perf_counter() - last_flush >= interval:
-                stopped = self._flush(recorder)
+                stopped = self._wait_for_flush()
                 if stopped is not None:
                     return stopped
+                recorded = recorder.swap(self._checkpoint(trainer, recorder))
                 if self.drain.is_set():
-                    return self._hand_back("its worker is shutting down")
+                    return self._flush(recorded) or self._hand_back("its worker is shutting down")
+                self._flushing = self._executor.submit(self._flush, recorded)
                 last_flush = time.perf_counter()
 
+        stopped = self._wait_for_flush()
+        if stopped is not None:
+            return stopped
         # The last flush may carry no steps (a timed flush fired on the last step); it still
         # finishes the job.
-        result: dict[str, Any] = {
-            "params": param_values(
-                trainer.params().cpu().tolist(), trainer.layout.features, spec.bias
-            ),
-            "loss": None,
-        }
-        return self._flush(recorder, finish=True, result=result) or AttemptResult(Outcome.SUCCEEDED)
+        recorded = recorder.swap(self._checkpoint(trainer, recorder))
+        params = trainer.params().cpu().tolist()
+        result = {"params": param_values(params, trainer.layout.features, spec.bias)}
+        return self._flush(recorded, result) or AttemptResult(Outcome.SUCCEEDED)
+
+    def _checkpoint(self, trainer: Trainer, recorder: StepRecorder) -> Checkpoint:
+        # Taken as the rows are handed over: the state after the last recorded step.
+        theta, optimizer = trainer.state()
+        return Checkpoint(recorder.first + recorder.count, theta, optimizer)
+
+    def _wait_for_flush(self) -> AttemptResult | None:
+        if self._flushing is None:
+            return None
+        stopped = self._flushing.result()  # re-raises what the flush raised
+        self._flushing = None
+        return stopped
 
     def _flush(
-        self, recorder: StepRecorder, finish: bool = False, result: dict[str, Any] | None = None
+        self, recorded: Recorded | None, result: dict[str, Any] | None = None
     ) -> AttemptResult | None:
-        """Flush the recorded steps; an AttemptResult if the attempt must stop, else None."""
+        """Pack and flush recorded rows (with `result`, finish the job); an AttemptResult if
+        the attempt must stop, else None."""
         if self.keeper.lost.is_set():
             return self._stopped("fenced")
-        chunk, diverged_at = recorder.drain()
-        checkpoint = None
-        if chunk is not None:
-            theta, optimizer = self.trainer.state()
-            checkpoint = Checkpoint(recorder.first, theta, optimizer)
-        status, error = None, None
-        if diverged_at is not None:
-            status, result = JobStatus.DIVERGED, None
-            error = f"diverged at step {diverged_at}: loss or gradients are not finite"
-        elif finish:
+        chunk, checkpoint, status, error = None, None, None, None
+        if recorded is not None:
+            packed = pack(recorded, self.layout)
+            chunk, checkpoint = packed.chunk, recorded.checkpoint
+            self.last_loss = packed.last_loss
+            if packed.diverged_at is not None:
+                status, result = JobStatus.DIVERGED, None
+                error = f"diverged at step {packed.diverged_at}: loss or gradients are not finite"
+        if status is None and result is not None:
             status = JobStatus.SUCCEEDED
-            assert result is not None
-            result["loss"] = recorder.last_loss
+            result["loss"] = self.last_loss
         reply = self._flush_with_retry(chunk, checkpoint, status, result, error)
         if reply == "finished":
             log.info("job %s attempt %d %s", self.job_id, self.attempt, error or "succeeded")

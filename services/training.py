@@ -102,8 +102,14 @@ class Trainer:
 
     def step(self, record: torch.Tensor) -> None:
         """Run one step and write its [loss, grads, params] into `record` (a row on the device)."""
-        d = self.layout.features
+        d, p = self.layout.features, self.layout.params
         theta = self.theta
+        # Autograd accumulates into an existing .grad in place, so pointing .grad at the
+        # record's (zeroed) gradient columns makes backward write dLoss/dtheta straight into
+        # the record: no copy, and no zero_grad() afterwards.
+        grad = record[1 : 1 + p]
+        grad.zero_()
+        theta.grad = grad
         # Forward: the views are taken each step, after the previous in-place update.
         if self.layout.bias:
             y_hat = self.x @ theta[:d] + theta[d]
@@ -112,13 +118,15 @@ class Trainer:
         loss = ((y_hat - self.y) ** 2).mean()
         # Backward: autograd fills theta.grad with dLoss/dtheta.
         loss.backward()  # type: ignore[no-untyped-call]
+        if theta.grad is not grad:  # not accumulated in place after all: copy it over
+            grad.copy_(theta.grad)
         # Record before the update, which changes theta in place: the row must hold the
-        # parameters this step's forward pass used. One device-side copy, no .item() sync.
-        assert theta.grad is not None
-        torch.cat((loss.detach().reshape(1), theta.grad, theta.detach()), out=record)
-        # Update, then drop the gradient so the next backward starts from nothing.
+        # parameters this step's forward pass used. Device-side copies, no .item() sync.
+        record[0] = loss.detach()
+        record[1 + p :].copy_(theta.detach())
+        # Update: SGD's w <- w - lr * dLoss/dw, reading the gradient from the record.
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        theta.grad = None
 
     def params(self) -> torch.Tensor:
         """The current parameters (after the last update), detached."""

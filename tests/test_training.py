@@ -9,8 +9,9 @@ import torch
 from services.config import Settings
 from services.queue import CPU_QUEUE, GPU_QUEUE, Device, route_job
 from services.records import Chunk, expand_chunk
-from services.runner import StepRecorder
+from services.runner import StepRecorder, pack
 from services.schemas import JobSpec
+from services.store import Checkpoint
 from services.training import Trainer, build_dataset, compute_device
 
 CPU = torch.device("cpu")
@@ -88,12 +89,30 @@ def test_recorder_cuts_chunk_after_first_non_finite_step() -> None:
     recorder = StepRecorder(trainer.layout, 1000, CPU, first=0)
     while not recorder.full:
         trainer.step(recorder.next_row())
-    chunk, diverged_at = recorder.drain()
-    assert chunk is not None and diverged_at is not None
-    records = expand_chunk(chunk)
-    assert records[-1]["step"] == diverged_at == chunk.last
+    recorded = recorder.swap(Checkpoint(1000, b"", b""))
+    assert recorded is not None and recorder.first == 1000 and recorder.count == 0
+    packed = pack(recorded, trainer.layout)
+    assert packed.diverged_at is not None
+    records = expand_chunk(packed.chunk)
+    assert records[-1]["step"] == packed.diverged_at == packed.chunk.last
     assert None in (records[-1]["loss"], records[-1]["grads"]["w"][0])
     assert all(r["loss"] is not None for r in records[:-1])
+
+
+def test_recorder_alternates_buffers_so_a_chunk_in_flight_is_not_overwritten() -> None:
+    trainer = Trainer(_spec(optimizer={"lr": 0.1}), CPU)
+    recorder = StepRecorder(trainer.layout, 4, CPU, first=0)
+    for _ in range(3):
+        trainer.step(recorder.next_row())
+    first = recorder.swap(Checkpoint(3, b"", b""))
+    assert first is not None
+    kept = first.rows.clone()
+    for _ in range(4):
+        trainer.step(recorder.next_row())
+    assert torch.equal(first.rows, kept)
+    second = recorder.swap(Checkpoint(7, b"", b""))
+    assert second is not None and second.first == 3 and len(second.rows) == 4
+    assert recorder.swap(Checkpoint(7, b"", b"")) is None
 
 
 def test_chunk_expansion_skips_steps_up_to_after() -> None:
