@@ -214,7 +214,9 @@ class _Attempt:
             trainer.load_state(checkpoint.theta, checkpoint.optimizer)
             start = checkpoint.step
         self.layout = trainer.layout
-        recorder = StepRecorder(trainer.layout, self.settings.flush_max_steps, device, start)
+        # No more rows than the attempt has steps: a short job should not pay for 2 x 4096.
+        rows = min(self.settings.flush_max_steps, spec.steps - start)
+        recorder = StepRecorder(trainer.layout, rows, device, start)
         log.info(
             "job %s attempt %d: steps %d..%d on %s",
             self.job_id,
