@@ -3,11 +3,11 @@
 import re
 from typing import Annotated
 
-import redis.asyncio as aioredis
 from fastapi import Depends, Path, Request
 
 from services.config import Settings
 from services.errors import JobNotFound
+from services.events import JobStreams
 from services.store import Store
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -23,9 +23,9 @@ def get_store(request: Request) -> Store:
     return store
 
 
-def get_async_redis(request: Request) -> aioredis.Redis:
-    client: aioredis.Redis = request.app.state.async_redis
-    return client
+def get_job_streams(request: Request) -> JobStreams:
+    streams: JobStreams = request.app.state.job_streams
+    return streams
 
 
 def job_id_path(job_id: Annotated[str, Path(description="the job's id")]) -> str:
@@ -37,5 +37,5 @@ def job_id_path(job_id: Annotated[str, Path(description="the job's id")]) -> str
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
-AsyncRedisDep = Annotated[aioredis.Redis, Depends(get_async_redis)]
+JobStreamsDep = Annotated[JobStreams, Depends(get_job_streams)]
 JobIdDep = Annotated[str, Depends(job_id_path)]

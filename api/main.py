@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.routes import health, jobs, streams, workers
+from api.routes.streams import sse_frame
 from services.config import Settings, get_settings
 from services.errors import (
     JobFinished,
@@ -20,6 +21,7 @@ from services.errors import (
     SpecRejected,
     StoreUnavailable,
 )
+from services.events import JobStreams
 from services.store import Store
 
 RETRY_AFTER_S = "1"
@@ -38,6 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_url,
             socket_connect_timeout=5,
             socket_timeout=settings.sse_keepalive_s + 10,
+        )
+        app.state.job_streams = JobStreams(
+            app.state.async_redis, settings.sse_keepalive_s, render=sse_frame
         )
         try:
             yield

@@ -1,13 +1,17 @@
-"""A job's event stream for one watcher: its status, the stored steps after a cursor, live steps
-as they are flushed, status changes, and finally `done` with the final JobView.
+"""A job's event stream for its watchers: status, the stored steps after a cursor, live steps as
+they are flushed, status changes, and finally `done` with the final JobView.
 
-Async (redis.asyncio) so that a watcher holds no thread while it waits. Steps come from the
-job's step stream and status changes from its event stream; one XREAD blocks on both, and as
-the flush script writes a chunk before the status that ends the job, steps always come first.
+Async (redis.asyncio), so a watcher holds no thread while it waits. Each API process reads each
+watched job from Redis once: a `_Tail` blocks on the job's step and event streams with one
+XREAD and fans what it reads out to every watcher in memory, each event rendered once. So
+Redis load does not grow with the number of watchers. A watcher first reads its own backlog
+(the steps after its cursor up to where the tail was when it joined), then follows the tail.
 """
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -18,7 +22,12 @@ from services.records import Chunk, expand_chunk
 from services.schemas import JobStatus
 from services.store import events_key, job_key, job_view, step_entry_id, steps_key
 
+log = logging.getLogger(__name__)
+
 _PAGE = 64
+# A watcher that falls this many items behind the tail is disconnected; it resumes by
+# Last-Event-ID from Redis, instead of holding an unbounded queue in this process.
+MAX_LAG = 10_000
 
 
 @dataclass(frozen=True)
@@ -30,97 +39,188 @@ class StreamEvent:
     id: int | None = None
 
 
-# What the stream yields when nothing happened for a keep-alive interval.
-KEEPALIVE = None
+Render = Callable[["StreamEvent | None"], bytes]  # None: a keep-alive
+_OVERFLOW = object()
 
 
-async def open_job_events(
-    client: "aioredis.Redis", job_id: str, after: int, keepalive_s: float
-) -> AsyncIterator[StreamEvent | None]:
-    """The events of `job_id` after step `after` (-1: from step 0). Raises JobNotFound at once."""
-    pipe = client.pipeline(transaction=True)
-    pipe.hgetall(job_key(job_id))
-    pipe.xrevrange(events_key(job_id), count=1)
-    try:
-        fields, last_event = await pipe.execute()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-    if not fields:
-        raise JobNotFound(job_id)
-    events_from = last_event[0][0] if last_event else b"0-0"
-    return _job_events(client, job_id, fields, events_from, after, keepalive_s)
+@dataclass(eq=False)  # identity: watchers live in a set
+class _Watcher:
+    queue: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
 
 
-class _StepCursor:
-    """Where a watcher is in the step stream: the last step sent and the last entry read."""
+class _Tail:
+    """The one reader of a job's streams in this process."""
 
-    def __init__(self, after: int) -> None:
-        self.step = after
-        # Entry ids are a chunk's last step, so every entry before this one is already sent.
-        self.entry: bytes | str = f"{after + 1}-0"
+    def __init__(self, streams: "JobStreams", job_id: str, snapshot: list[Any]) -> None:
+        fields, last_step, last_event = snapshot
+        self.streams = streams
+        self.job_id = job_id
+        self.status = JobStatus(fields[b"status"].decode())
+        self.steps_done = int(fields[b"steps_done"])
+        self.steps_pos: bytes = last_step[0][0] if last_step else b"0-0"
+        self.events_pos: bytes = last_event[0][0] if last_event else b"0-0"
+        self.watchers: set[_Watcher] = set()
+        self.task: asyncio.Task[None] | None = None
 
-    def take(self, entry_id: bytes, fields: dict[bytes, bytes]) -> list[StreamEvent]:
-        records = expand_chunk(Chunk.from_fields(fields), self.step)
-        self.entry = entry_id
-        if records:
-            self.step = records[-1]["step"]
-        return [StreamEvent("step", record, record["step"]) for record in records]
+    def join(self) -> tuple[_Watcher, JobStatus, int, bytes]:
+        """A new watcher, and where the tail is: everything after that reaches its queue."""
+        watcher = _Watcher()
+        self.watchers.add(watcher)
+        if self.task is None and not self.status.finished:
+            self.task = asyncio.create_task(self._read(), name=f"tail-{self.job_id}")
+        return watcher, self.status, self.steps_done, self.steps_pos
 
+    def leave(self, watcher: _Watcher) -> None:
+        self.watchers.discard(watcher)
+        if not self.watchers:
+            self.streams.forget(self)
+            if self.task is not None:
+                self.task.cancel()
 
-async def _stored_steps(
-    client: "aioredis.Redis", job_id: str, cursor: _StepCursor
-) -> AsyncIterator[StreamEvent]:
-    start = step_entry_id(cursor.step + 1)
-    while True:
-        entries = await client.xrange(steps_key(job_id), start, "+", count=_PAGE)
+    def _send(self, item: Any) -> None:
+        for watcher in list(self.watchers):
+            if watcher.queue.qsize() >= MAX_LAG:
+                watcher.queue.put_nowait(_OVERFLOW)
+                self.watchers.discard(watcher)
+            else:
+                watcher.queue.put_nowait(item)
+
+    def _send_steps(self, entries: list[Any]) -> None:
         for entry_id, fields in entries:
-            for event in cursor.take(entry_id, fields):
-                yield event
-            start = "(" + entry_id.decode()
-        if len(entries) < _PAGE:
-            return
+            self.steps_pos = entry_id
+            for record in expand_chunk(Chunk.from_fields(fields)):
+                event = StreamEvent("step", record, record["step"])
+                self._send((event, self.streams.render(event)))
+
+    async def _read(self) -> None:
+        client = self.streams.client
+        steps, events = steps_key(self.job_id).encode(), events_key(self.job_id).encode()
+        block_ms = int(self.streams.keepalive_s * 1000)
+        try:
+            while not self.status.finished:
+                reply = await client.xread(
+                    {steps: self.steps_pos, events: self.events_pos}, block=block_ms, count=_PAGE
+                )
+                if not reply:
+                    self._send(None)
+                    continue
+                new = dict(reply)
+                self._send_steps(new.get(steps, []))
+                for entry_id, entry in new.get(events, []):
+                    self.events_pos = entry_id
+                    self.status = JobStatus(entry[b"status"].decode())
+                    self.steps_done = int(entry[b"steps_done"])
+                    if self.status.finished:
+                        # This read may have stopped at _PAGE step entries: send the rest first.
+                        rest = await client.xrange(steps, b"(" + self.steps_pos, "+")
+                        self._send_steps(rest)
+                    event = StreamEvent(
+                        "status", {"status": self.status.value, "steps_done": self.steps_done}
+                    )
+                    self._send((event, self.streams.render(event)))
+                    if self.status.finished:
+                        break
+            final = job_view(await client.hgetall(job_key(self.job_id)))
+            done = StreamEvent("done", final.model_dump(mode="json"))
+            self._send((done, self.streams.render(done)))
+        except Exception:
+            # Redis lost, or a record that cannot be read: end every watcher's stream; each
+            # reconnects and resumes by Last-Event-ID.
+            log.exception("tail of job %s stopped", self.job_id)
+            self._send(_OVERFLOW)
+        finally:
+            self.streams.forget(self)
 
 
-async def _job_events(
-    client: "aioredis.Redis",
-    job_id: str,
-    fields: dict[bytes, bytes],
-    events_from: bytes,
-    after: int,
-    keepalive_s: float,
-) -> AsyncIterator[StreamEvent | None]:
-    status = JobStatus(fields[b"status"].decode())
-    yield StreamEvent("status", {"status": status.value, "steps_done": int(fields[b"steps_done"])})
-    cursor = _StepCursor(after)
-    async for event in _stored_steps(client, job_id, cursor):
-        yield event
+class JobStreams:
+    """The job tails of one API process (one Redis reader per watched job)."""
 
-    steps, events = steps_key(job_id).encode(), events_key(job_id).encode()
-    while not status.finished:
-        reply = await client.xread(
-            {steps: cursor.entry, events: events_from},
-            block=int(keepalive_s * 1000),
-            count=_PAGE,
-        )
-        if not reply:
-            yield KEEPALIVE
-            continue
-        new = dict(reply)
-        for entry_id, entry in new.get(steps, []):
-            for event in cursor.take(entry_id, entry):
-                yield event
-        for entry_id, entry in new.get(events, []):
-            events_from = entry_id
-            status = JobStatus(entry[b"status"].decode())
-            if status.finished:
-                # This read may have stopped at _PAGE step entries: send the rest first.
-                async for event in _stored_steps(client, job_id, cursor):
-                    yield event
-            yield StreamEvent(
-                "status", {"status": status.value, "steps_done": int(entry[b"steps_done"])}
+    def __init__(self, client: "aioredis.Redis", keepalive_s: float, render: Render) -> None:
+        self.client = client
+        self.keepalive_s = keepalive_s
+        self.render = render
+        self._tails: dict[str, _Tail] = {}
+
+    @property
+    def readers(self) -> int:
+        """How many jobs this process is reading from Redis now."""
+        return len(self._tails)
+
+    def forget(self, tail: _Tail) -> None:
+        if self._tails.get(tail.job_id) is tail:
+            del self._tails[tail.job_id]
+
+    async def open(self, job_id: str, after: int) -> AsyncIterator[bytes]:
+        """The rendered events of `job_id` after step `after` (-1: from step 0).
+
+        Raises JobNotFound (or StoreUnavailable) before the first event.
+        """
+        tail = self._tails.get(job_id)
+        if tail is None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(job_key(job_id))
+            pipe.xrevrange(steps_key(job_id), count=1)
+            pipe.xrevrange(events_key(job_id), count=1)
+            try:
+                snapshot = await pipe.execute()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+            if not snapshot[0]:
+                raise JobNotFound(job_id)
+            # Another watcher may have opened the same job while this one waited.
+            tail = self._tails.setdefault(job_id, _Tail(self, job_id, snapshot))
+        # No await between here and the watcher's backlog bounds: nothing falls in between.
+        watcher, status, steps_done, joined_at = tail.join()
+        return self._follow(tail, watcher, status, steps_done, joined_at, after)
+
+    async def _follow(
+        self,
+        tail: _Tail,
+        watcher: _Watcher,
+        status: JobStatus,
+        steps_done: int,
+        joined_at: bytes,
+        after: int,
+    ) -> AsyncIterator[bytes]:
+        try:
+            yield self.render(
+                StreamEvent("status", {"status": status.value, "steps_done": steps_done})
             )
+            cursor = after
+            async for event in self._stored_steps(tail.job_id, after, joined_at):
+                cursor = event.id if event.id is not None else cursor
+                yield self.render(event)
             if status.finished:
-                break
+                final = job_view(await self.client.hgetall(job_key(tail.job_id)))
+                yield self.render(StreamEvent("done", final.model_dump(mode="json")))
+                return
+            while True:
+                item = await watcher.queue.get()
+                if item is _OVERFLOW:
+                    return
+                if item is None:
+                    yield self.render(None)
+                    continue
+                event, frame = item
+                if event.id is not None and event.id <= cursor:
+                    continue
+                cursor = event.id if event.id is not None else cursor
+                yield frame
+                if event.event == "done":
+                    return
+        finally:
+            tail.leave(watcher)
 
-    final = job_view(await client.hgetall(job_key(job_id)))
-    yield StreamEvent("done", final.model_dump(mode="json"))
+    async def _stored_steps(
+        self, job_id: str, after: int, until: bytes
+    ) -> AsyncIterator[StreamEvent]:
+        """Stored steps after `after`, in entries up to and including the entry `until`."""
+        start = step_entry_id(after + 1)
+        while True:
+            entries = await self.client.xrange(steps_key(job_id), start, until, count=_PAGE)
+            for entry_id, fields in entries:
+                for record in expand_chunk(Chunk.from_fields(fields), after):
+                    yield StreamEvent("step", record, record["step"])
+                start = "(" + entry_id.decode()
+            if len(entries) < _PAGE:
+                return

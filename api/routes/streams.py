@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 from fastapi.responses import StreamingResponse
 
-from api.deps import AsyncRedisDep, JobIdDep, SettingsDep
-from services.events import StreamEvent, open_job_events
+from api.deps import JobIdDep, JobStreamsDep
+from services.events import StreamEvent
 
 router = APIRouter(prefix="/v1/jobs", tags=["streams"])
 
@@ -31,18 +31,17 @@ def sse_frame(event: StreamEvent | None) -> bytes:
 )
 async def job_events(
     job_id: JobIdDep,
-    client: AsyncRedisDep,
-    settings: SettingsDep,
+    streams: JobStreamsDep,
     last_event_id: Annotated[int | None, Header(ge=-1)] = None,
 ) -> StreamingResponse:
     """Stream the job's steps after Last-Event-ID (or from step 0), live ones, then `done`."""
     after = -1 if last_event_id is None else last_event_id
-    events = await open_job_events(client, job_id, after, settings.sse_keepalive_s)
+    events = await streams.open(job_id, after)
 
     async def frames() -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n"
-        async for event in events:
-            yield sse_frame(event)
+        async for frame in events:
+            yield frame
 
     return StreamingResponse(
         frames(),
