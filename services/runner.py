@@ -235,8 +235,12 @@ class _Attempt:
     ) -> AttemptResult:
         interval = self.settings.flush_interval_s
         last_flush = time.perf_counter()
-        for _ in range(start, spec.steps):
+        last = spec.steps - 1
+        for step in range(start, spec.steps):
             trainer.step(recorder.next_row())
+            # After the last step the final flush below carries the rows: one script, not two.
+            if step == last:
+                break
             if recorder.full or time.perf_counter() - last_flush >= interval:
                 stopped = self._wait_for_flush()
                 if stopped is not None:

@@ -23,6 +23,7 @@ from services.records import Chunk, expand_chunk
 from services.schemas import JobSpec, JobStatus, JobView, WorkerInfo
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+LIVE_QUEUES_TTL_S = 1.0
 
 JOBS_INDEX = "gs:jobs"
 STATUS_INDEX_PREFIX = "gs:jobs:"
@@ -160,6 +161,8 @@ class Store:
         self._reap = client.register_script(scripts.REAP)
         self._cancel = client.register_script(scripts.CANCEL)
         self._fail = client.register_script(scripts.FAIL)
+        self._live_queues: set[str] = set()
+        self._live_queues_at = -LIVE_QUEUES_TTL_S
 
     @classmethod
     def from_url(cls, url: str) -> "Store":
@@ -470,4 +473,11 @@ class Store:
         return workers
 
     def live_queues(self) -> set[str]:
-        return {queue for worker in self.list_workers() for queue in worker.queues}
+        """Queues some live worker consumes (cached for a second: routing can be a second
+        behind a worker starting or stopping, and submits do not each read the registry)."""
+        now = time.monotonic()
+        if now - self._live_queues_at > LIVE_QUEUES_TTL_S:
+            workers = self.list_workers()
+            self._live_queues = {queue for worker in workers for queue in worker.queues}
+            self._live_queues_at = now
+        return self._live_queues
