@@ -47,8 +47,12 @@ pytest: $(STAMP) redis-server
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
 
+# Benchmarks (not part of `make test`); figures in bench/RESULTS.md.
 bench: setup
 	$(BIN)/python bench/step_loop.py
+	$(BIN)/python bench/streaming.py
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/worker_memory.py
 
 # Not part of `make test`: jobs while workers are killed at random; 0 duplicates, 0 gaps.
 soak: setup

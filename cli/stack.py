@@ -168,6 +168,12 @@ class Stack:
         self._logs.clear()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (a Celery worker's pool processes)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()]
+
+
 def stop_process(process: "subprocess.Popen[bytes]", grace: float = 10) -> None:
     """SIGTERM the process (a Celery worker then shuts down warm), SIGKILL its group after
     `grace` seconds; whatever is left of the group after it exits is killed too."""

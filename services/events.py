@@ -195,18 +195,30 @@ class JobStreams:
                 yield self.render(StreamEvent("done", final.model_dump(mode="json")))
                 return
             while True:
-                item = await watcher.queue.get()
-                if item is _OVERFLOW:
-                    return
-                if item is None:
-                    yield self.render(None)
-                    continue
-                event, frame = item
-                if event.id is not None and event.id <= cursor:
-                    continue
-                cursor = event.id if event.id is not None else cursor
-                yield frame
-                if event.event == "done":
+                # Whatever has queued up goes out as one write: with many watchers, one send
+                # per watcher per flush instead of one per step.
+                items = [await watcher.queue.get()]
+                while not watcher.queue.empty():
+                    items.append(watcher.queue.get_nowait())
+                frames, ended = [], False
+                for item in items:
+                    if item is _OVERFLOW:
+                        ended = True
+                        break
+                    if item is None:
+                        frames.append(self.render(None))
+                        continue
+                    event, frame = item
+                    if event.id is not None and event.id <= cursor:
+                        continue
+                    cursor = event.id if event.id is not None else cursor
+                    frames.append(frame)
+                    if event.event == "done":
+                        ended = True
+                        break
+                if frames:
+                    yield b"".join(frames)
+                if ended:
                     return
         finally:
             tail.leave(watcher)

@@ -11,12 +11,12 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from api.client import TERMINAL, Client
+from cli.stack import child_pids
 from services.records import Chunk, expand_chunk, param_values
 from services.schemas import JobSpec
 from services.training import Trainer
@@ -108,14 +108,9 @@ def assert_invariant(client: Client, job_id: str, spec: dict[str, Any]) -> None:
     assert view["steps_done"] == spec["steps"]
 
 
-def pool_children(worker: "subprocess.Popen[bytes]") -> list[int]:
-    """The Celery pool processes of a worker started by Stack (the worker keeps its pid)."""
-    path = Path(f"/proc/{worker.pid}/task/{worker.pid}/children")
-    return [int(pid) for pid in path.read_text().split()]
-
-
 def kill_pool_child(worker: "subprocess.Popen[bytes]") -> int:
-    (child,) = pool_children(worker)
+    """SIGKILL the Celery pool process of a worker started by Stack (it keeps its pid)."""
+    (child,) = child_pids(worker.pid)
     os.kill(child, signal.SIGKILL)
     return child
 
