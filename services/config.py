@@ -48,9 +48,15 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(default=2.0, gt=0)
     worker_ttl_s: float = Field(default=10.0, gt=0)
 
-    # Routing of `device: auto`: jobs with at least this many samples x features go to a
-    # GPU worker when one is live; below it a CPU step beats the GPU's kernel launches.
-    auto_gpu_min_elements: int = Field(default=1_000_000, ge=1)
+    # The cost model of `device: auto`: seconds per step = fixed + per_element * samples x
+    # features (plus, on a GPU, moving the data once). Defaults: a CPU worker with one torch
+    # thread on this project's VM (bench/step_loop.py), and an H100's eager step (DESIGN §7:
+    # 438 µs at 1000x10, launch-bound; 3.3 ms at 10^7 x 100).
+    cpu_step_fixed_s: float = Field(default=250e-6, ge=0)
+    cpu_step_per_element_s: float = Field(default=1.5e-9, ge=0)
+    gpu_step_fixed_s: float = Field(default=440e-6, ge=0)
+    gpu_step_per_element_s: float = Field(default=3.3e-12, ge=0)
+    gpu_transfer_per_element_s: float = Field(default=2e-10, ge=0)
 
     # API.
     api_host: str = "127.0.0.1"

@@ -90,21 +90,29 @@ class Route:
     reason: str
 
 
+def estimated_seconds(device: str, elements: int, steps: int, settings: Settings) -> float:
+    """The cost model's time for a job of `steps` steps over `elements` samples x features."""
+    if device == "cpu":
+        return steps * (settings.cpu_step_fixed_s + settings.cpu_step_per_element_s * elements)
+    per_step = settings.gpu_step_fixed_s + settings.gpu_step_per_element_s * elements
+    return steps * per_step + settings.gpu_transfer_per_element_s * elements
+
+
 def route_job(spec: JobSpec, live_queues: set[str], settings: Settings) -> Route:
-    """Where a job goes: as asked, or for `auto` by problem size and which workers are live."""
+    """Where a job goes: as asked, or for `auto` by the cost model among the live workers."""
     if spec.device == "cpu":
         return Route("cpu", CPU_QUEUE, "asked for cpu")
     if spec.device == "cuda":
         return Route("cuda", GPU_QUEUE, "asked for cuda")
-    elements = spec.data.samples * spec.data.features
     gpu_live, cpu_live = GPU_QUEUE in live_queues, CPU_QUEUE in live_queues
-    if gpu_live and (elements >= settings.auto_gpu_min_elements or not cpu_live):
-        why = "no cpu worker live" if not cpu_live else f"{elements} samples x features"
-        return Route("cuda", GPU_QUEUE, f"auto: gpu ({why})")
     if not gpu_live:
         return Route("cpu", CPU_QUEUE, "auto: cpu (no gpu worker live)")
-    return Route(
-        "cpu",
-        CPU_QUEUE,
-        f"auto: cpu ({elements} samples x features < {settings.auto_gpu_min_elements})",
-    )
+    if not cpu_live:
+        return Route("cuda", GPU_QUEUE, "auto: gpu (no cpu worker live)")
+    elements = spec.data.samples * spec.data.features
+    cpu_s = estimated_seconds("cpu", elements, spec.steps, settings)
+    gpu_s = estimated_seconds("cuda", elements, spec.steps, settings)
+    estimates = f"estimated {cpu_s:.3g} s on cpu, {gpu_s:.3g} s on gpu"
+    if gpu_s < cpu_s:
+        return Route("cuda", GPU_QUEUE, f"auto: gpu ({estimates})")
+    return Route("cpu", CPU_QUEUE, f"auto: cpu ({estimates})")

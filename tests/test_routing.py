@@ -47,7 +47,7 @@ def test_jobs_run_only_on_workers_of_their_queue(stack: Stack, client: Client) -
 
         small_auto = client.submit(_spec("auto"))
         assert small_auto["device"] == "cpu"
-        assert small_auto["route_reason"].startswith("auto: cpu (2 samples x features <")
+        assert small_auto["route_reason"].startswith("auto: cpu (estimated ")
 
         registered = {w["device"]: w for w in client.workers()}
         assert registered["cuda:0"]["queues"] == ["gpu"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from services.config import Settings
-from services.queue import CPU_QUEUE, GPU_QUEUE, Device, route_job
+from services.queue import CPU_QUEUE, GPU_QUEUE, Device, estimated_seconds, route_job
 from services.records import Chunk, expand_chunk
 from services.runner import StepRecorder, pack
 from services.schemas import JobSpec
@@ -160,10 +160,10 @@ def test_compute_device_inside_a_pinned_worker() -> None:
             compute_device("cuda:0")
 
 
-def test_auto_routing_by_size_and_live_workers() -> None:
-    settings = Settings(auto_gpu_min_elements=1000)
+def test_auto_routing_by_cost_model_and_live_workers() -> None:
+    settings = Settings()
     small = _spec(device="auto")
-    large = _spec(device="auto", data={"synthetic": {"n": 100, "d": 10}}, init=None)
+    large = _spec(device="auto", data={"synthetic": {"n": 100_000, "d": 100}}, init=None)
     both = {CPU_QUEUE, GPU_QUEUE}
     assert route_job(small, both, settings).queue == CPU_QUEUE
     assert route_job(large, both, settings).queue == GPU_QUEUE
@@ -172,3 +172,17 @@ def test_auto_routing_by_size_and_live_workers() -> None:
     assert route_job(small, set(), settings).queue == CPU_QUEUE
     assert route_job(_spec(device="cuda"), {CPU_QUEUE}, settings).queue == GPU_QUEUE
     assert route_job(_spec(device="cpu"), both, settings).queue == CPU_QUEUE
+    reason = route_job(large, both, settings).reason
+    assert reason.startswith("auto: gpu (estimated ") and "s on cpu" in reason
+
+
+def test_cost_model_crosses_over_where_the_gpu_step_beats_the_cpu_step() -> None:
+    settings = Settings()
+    # 1000x10: the CPU's ~250 µs step beats the GPU's ~440 µs kernel launches.
+    assert estimated_seconds("cpu", 10_000, 100, settings) < estimated_seconds(
+        "cuda", 10_000, 100, settings
+    )
+    # 10^6 x 100: 1.5 ns per element on one CPU thread against a few ms on the GPU.
+    assert estimated_seconds("cuda", 10**8, 100, settings) < estimated_seconds(
+        "cpu", 10**8, 100, settings
+    )
