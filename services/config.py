@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # (the first was lost: a crash between writing the job and enqueueing it, or Redis
     # restarted from an AOF that missed it). A duplicate message is harmless.
     orphan_after_s: float = Field(default=30.0, gt=0)
+    # An attempt that records no step for this long is taken as hung: its lease is left to
+    # lapse and the job goes to a new attempt.
+    attempt_stall_s: float = Field(default=120.0, gt=0)
     # A hard limit on one attempt (none by default): Celery kills the pool child, the lease
     # lapses, and the job resumes from its checkpoint like after any other lost worker.
     attempt_time_limit_s: float | None = Field(default=None, gt=0)

@@ -81,14 +81,16 @@ class _Tail:
         for watcher in list(self.watchers):
             if watcher.queue.qsize() >= MAX_LAG:
                 watcher.queue.put_nowait(_OVERFLOW)
-                self.watchers.discard(watcher)
+                self.leave(watcher)
             else:
                 watcher.queue.put_nowait(item)
 
     def _send_steps(self, entries: list[Any]) -> None:
         for entry_id, fields in entries:
             self.steps_pos = entry_id
-            for record in expand_chunk(Chunk.from_fields(fields)):
+            chunk = Chunk.from_fields(fields)
+            self.steps_done = chunk.last + 1
+            for record in expand_chunk(chunk):
                 event = StreamEvent("step", record, record["step"])
                 self._send((event, self.streams.render(event)))
 
@@ -155,39 +157,40 @@ class JobStreams:
 
         Raises JobNotFound (or StoreUnavailable) before the first event.
         """
-        tail = self._tails.get(job_id)
-        if tail is None:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hgetall(job_key(job_id))
-            pipe.xrevrange(steps_key(job_id), count=1)
-            pipe.xrevrange(events_key(job_id), count=1)
-            try:
-                snapshot = await pipe.execute()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-            if not snapshot[0]:
-                raise JobNotFound(job_id)
-            # Another watcher may have opened the same job while this one waited.
-            tail = self._tails.setdefault(job_id, _Tail(self, job_id, snapshot))
-        # No await between here and the watcher's backlog bounds: nothing falls in between.
-        watcher, status, steps_done, joined_at = tail.join()
-        return self._follow(tail, watcher, status, steps_done, joined_at, after)
+        candidate = None if job_id in self._tails else await self._new_tail(job_id)
+        return self._follow(job_id, candidate, after)
+
+    async def _new_tail(self, job_id: str) -> _Tail:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(job_key(job_id))
+        pipe.xrevrange(steps_key(job_id), count=1)
+        pipe.xrevrange(events_key(job_id), count=1)
+        try:
+            snapshot = await pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        if not snapshot[0]:
+            raise JobNotFound(job_id)
+        return _Tail(self, job_id, snapshot)
 
     async def _follow(
-        self,
-        tail: _Tail,
-        watcher: _Watcher,
-        status: JobStatus,
-        steps_done: int,
-        joined_at: bytes,
-        after: int,
+        self, job_id: str, candidate: _Tail | None, after: int
     ) -> AsyncIterator[bytes]:
+        # The watcher joins when its response starts (a client gone before that never joins),
+        # the tail already reading this job if there is one. From the join on, everything
+        # after the tail's position reaches the watcher's queue.
+        tail = self._tails.get(job_id)
+        if tail is None:
+            tail = self._tails.setdefault(job_id, candidate or await self._new_tail(job_id))
+        watcher, status, steps_done, joined_at = tail.join()
         try:
             yield self.render(
                 StreamEvent("status", {"status": status.value, "steps_done": steps_done})
             )
             cursor = after
-            async for event in self._stored_steps(tail.job_id, after, joined_at):
+            # A finished job's backlog is all there is (the tail may have stopped mid-way).
+            until = b"+" if status.finished else joined_at
+            async for event in self._stored_steps(tail.job_id, after, until):
                 cursor = event.id if event.id is not None else cursor
                 yield self.render(event)
             if status.finished:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -116,13 +117,26 @@ def pack(recorded: Recorded, layout: Layout) -> Packed:
 
 
 class LeaseKeeper:
-    """Renews the attempt's lease every third of its length; `lost` is set once a newer
-    attempt owns the job (this one must stop)."""
+    """Renews the attempt's lease every third of its length while the attempt makes progress.
 
-    def __init__(self, store: Store, job_id: str, attempt: int, lease_s: float) -> None:
+    `lost` is set once a newer attempt owns the job (this one must stop), or once `progress()`
+    has not moved for `stall_s`: a hung attempt (a deadlock, a stuck kernel) then lets its
+    lease lapse, and the reaper gives the job to a new attempt.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        job_id: str,
+        attempt: int,
+        lease_s: float,
+        progress: Callable[[], int],
+        stall_s: float,
+    ) -> None:
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._args = (store, job_id, attempt, lease_s)
+        self._progress, self._stall_s = progress, stall_s
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
     def __enter__(self) -> "LeaseKeeper":
@@ -135,14 +149,26 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         store, job_id, attempt, lease_s = self._args
+        seen, since = self._progress(), time.monotonic()
         while not self._stop.wait(lease_s / 3):
+            if self._progress() != seen:
+                seen, since = self._progress(), time.monotonic()
+            elif time.monotonic() - since > self._stall_s:
+                log.error(
+                    "job %s attempt %d: no progress for %.0f s; letting its lease lapse",
+                    job_id,
+                    attempt,
+                    self._stall_s,
+                )
+                self.lost.set()
+                return
             try:
                 if not store.renew_lease(job_id, attempt, lease_s):
                     self.lost.set()
                     return
             except StoreUnavailable:
                 log.warning(
-                    "job %s attempt %d: lease renewal failed, Redis unreachable", job_id, attempt
+                    "job %s attempt %d: Redis unreachable, lease not renewed", job_id, attempt
                 )
 
 
@@ -162,8 +188,11 @@ def run_job(
         return AttemptResult(Outcome.SKIPPED)
     store.set_current_job(worker, job_id)
     attempt = _Attempt(store, job_id, claim.attempt, settings, drain or threading.Event())
+    keeper = LeaseKeeper(
+        store, job_id, claim.attempt, settings.lease_s, attempt.progress, settings.attempt_stall_s
+    )
     try:
-        with LeaseKeeper(store, job_id, claim.attempt, settings.lease_s) as keeper:
+        with keeper:
             attempt.keeper = keeper
             return attempt.run(claim.spec_json, claim.checkpoint, device)
     except StoreUnavailable:
@@ -176,7 +205,7 @@ def run_job(
         return AttemptResult(Outcome.FAILED)
     finally:
         with contextlib.suppress(StoreUnavailable):
-            store.set_current_job(worker, None)
+            store.clear_current_job(worker, job_id)
 
 
 class _Attempt:
@@ -198,6 +227,12 @@ class _Attempt:
         self.last_loss: float | None = None
         self._flushing: concurrent.futures.Future[AttemptResult | None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{job_id}")
+        self.recorder: StepRecorder | None = None
+
+    def progress(self) -> int:
+        """Steps recorded so far (read by the lease keeper's thread; -1 while setting up)."""
+        recorder = self.recorder
+        return -1 if recorder is None else recorder.first + recorder.count
 
     def run(
         self, spec_json: str, checkpoint: Checkpoint | None, device: torch.device
@@ -216,7 +251,7 @@ class _Attempt:
         self.layout = trainer.layout
         # No more rows than the attempt has steps: a short job should not pay for 2 x 4096.
         rows = min(self.settings.flush_max_steps, spec.steps - start)
-        recorder = StepRecorder(trainer.layout, rows, device, start)
+        recorder = self.recorder = StepRecorder(trainer.layout, rows, device, start)
         log.info(
             "job %s attempt %d: steps %d..%d on %s",
             self.job_id,
@@ -254,8 +289,7 @@ class _Attempt:
         stopped = self._wait_for_flush()
         if stopped is not None:
             return stopped
-        # The last flush may carry no steps (a timed flush fired on the last step); it still
-        # finishes the job.
+        # The last chunk (at least the last step) and the finish go in one flush.
         recorded = recorder.swap(self._checkpoint(trainer, recorder))
         params = trainer.params().cpu().tolist()
         result = {"params": param_values(params, trainer.layout.features, spec.bias)}

@@ -22,9 +22,19 @@ local function set_status(job, events, id, old, new)
              'steps_done', redis.call('HGET', job, 'steps_done'))
 end
 
+-- A finished job needs neither its lease nor its checkpoint (keys of the same hash tag).
 local function finish(job, events, id, old, new, now)
+  local base = string.sub(job, 1, -4)  -- 'gs:{<id>}:' of 'gs:{<id>}:job'
+  redis.call('DEL', base .. 'lease', base .. 'ckpt')
   redis.call('HSET', job, 'finished_at', now)
   set_status(job, events, id, old, new)
+end
+
+-- The attempt that the reaper requeued while it was paused is back, and no newer attempt
+-- claimed the job: it takes the job back, and its lapse does not count as a lost attempt.
+local function take_back(job, events, id)
+  redis.call('HINCRBY', job, 'lost', -1)
+  set_status(job, events, id, 'queued', 'running')
 end
 
 -- The attempt holding `job` lost its worker (its lease lapsed). Returns what happens next:
@@ -106,34 +116,34 @@ FLUSH = (
     + """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return {'fenced'} end
 local status = redis.call('HGET', KEYS[1], 'status')
-if TERMINAL[status] then return {'fenced'} end
 local done = tonumber(redis.call('HGET', KEYS[1], 'steps_done'))
-if #ARGV > 11 then
+local chunk = #ARGV > 11
+local last = chunk and tonumber(string.match(ARGV[4], '^(%d+)')) or -1
+-- A retry of this very flush, whose reply was lost: it was applied already.
+if (chunk and done == last + 1) or (not chunk and status == ARGV[6]) then
+  if status == ARGV[6] then return {'finished'} end
+  if status == 'cancelled' then return {'cancelled'} end
+  if not TERMINAL[status] then return {'ok'} end
+end
+if TERMINAL[status] then return {'fenced'} end
+if chunk then
   if tonumber(ARGV[3]) ~= done then return {'gap', tostring(done)} end
-  local n = 0
-  for i = 12, #ARGV, 2 do
-    if ARGV[i] == 'n' then n = tonumber(ARGV[i + 1]) end
-  end
   redis.call('XADD', KEYS[2], ARGV[4], unpack(ARGV, 12))
-  done = done + n
+  done = last + 1
   redis.call('HSET', KEYS[1], 'steps_done', done)
   redis.call('HSET', KEYS[5], 'step', done, 'theta', ARGV[10], 'optimizer', ARGV[11])
 end
 if status == 'queued' then
-  -- The reaper requeued this attempt while it was paused; no newer attempt has claimed the
-  -- job, so this one takes it back.
-  set_status(KEYS[1], KEYS[3], ARGV[1], status, 'running')
+  take_back(KEYS[1], KEYS[3], ARGV[1])
   status = 'running'
 end
 if ARGV[6] ~= '' then
   if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[7]) end
   if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[8]) end
-  redis.call('DEL', KEYS[4], KEYS[5])
   finish(KEYS[1], KEYS[3], ARGV[1], status, ARGV[6], ARGV[5])
   return {'finished'}
 end
 if status == 'cancelling' then
-  redis.call('DEL', KEYS[4], KEYS[5])
   finish(KEYS[1], KEYS[3], ARGV[1], status, 'cancelled', ARGV[5])
   return {'cancelled'}
 end
@@ -149,7 +159,7 @@ RENEW = (
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
 local status = redis.call('HGET', KEYS[1], 'status')
 if TERMINAL[status] then return 0 end
-if status == 'queued' then set_status(KEYS[1], KEYS[2], ARGV[1], status, 'running') end
+if status == 'queued' then take_back(KEYS[1], KEYS[2], ARGV[1]) end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 return 1
 """
@@ -217,7 +227,6 @@ if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
 local status = redis.call('HGET', KEYS[1], 'status')
 if TERMINAL[status] then return 0 end
 redis.call('HSET', KEYS[1], 'error', ARGV[3])
-redis.call('DEL', KEYS[3], KEYS[4])
 finish(KEYS[1], KEYS[2], ARGV[1], status, 'failed', ARGV[4])
 return 1
 """

@@ -264,13 +264,16 @@ class Store:
         start = step_entry_id(after + 1) if after >= 0 else "-"
         # The entry holding step after+1 has an id >= after+1 (ids are a chunk's last step).
         while len(records) < limit:
-            entries = self.redis.xrange(steps_key(job_id), start, "+", count=64)
+            # A few entries at a time: an entry can hold thousands of steps.
+            entries = self.redis.xrange(steps_key(job_id), start, "+", count=4)
             if not entries:
                 break
             for entry_id, entry in entries:
                 records.extend(expand_chunk(Chunk.from_fields(entry), after))
                 start = "(" + entry_id.decode()
-            if len(entries) < 64:
+                if len(records) >= limit:
+                    break
+            if len(entries) < 4:
                 break
         records = records[:limit]
         last = records[-1]["step"] if records else after
@@ -435,11 +438,15 @@ class Store:
         pipe.execute()
 
     @_translate_redis_errors
-    def set_current_job(self, name: str, job_id: str | None) -> None:
-        if job_id is None:
+    def set_current_job(self, name: str, job_id: str) -> None:
+        self.redis.hset(worker_key(name), "current_job", job_id)
+
+    @_translate_redis_errors
+    def clear_current_job(self, name: str, job_id: str) -> None:
+        """Clear the worker's current job if it is still `job_id` (a pool child with several
+        siblings must not clear a job another one runs)."""
+        if self.redis.hget(worker_key(name), "current_job") == job_id.encode():
             self.redis.hdel(worker_key(name), "current_job")
-        else:
-            self.redis.hset(worker_key(name), "current_job", job_id)
 
     @_translate_redis_errors
     def unregister_worker(self, name: str) -> None:

@@ -5,9 +5,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from cli.stack import Stack
+from cli.stack import Stack, wait_until
 from services.errors import JobFinished, JobNotFound
 from services.records import Chunk
+from services.runner import LeaseKeeper
 from services.schemas import JobSpec, JobStatus
 from services.store import Store
 
@@ -63,8 +64,10 @@ def test_flush_is_fenced_by_attempt_and_refuses_gaps(store: Store) -> None:
     assert store.flush_steps(job_id, attempt + 1, _chunk(0, 2), None, 10) == "fenced"
     assert store.flush_steps(job_id, attempt, _chunk(1, 2), None, 10) == "gap"
     assert store.flush_steps(job_id, attempt, _chunk(0, 2), None, 10) == "ok"
-    # A second write of the same steps is refused before anything is written.
-    assert store.flush_steps(job_id, attempt, _chunk(0, 2), None, 10) == "gap"
+    # The same flush again (a retry after its reply was lost) is answered, not written twice;
+    # an overlapping chunk is refused before anything is written.
+    assert store.flush_steps(job_id, attempt, _chunk(0, 2), None, 10) == "ok"
+    assert store.flush_steps(job_id, attempt, _chunk(1, 2), None, 10) == "gap"
     assert store.get_job(job_id).steps_done == 2
     assert store.redis.xlen(f"gs:{{{job_id}}}:steps") == 1
     store.cancel_job(job_id)
@@ -98,3 +101,16 @@ def test_missing_job_raises_not_found(store: Store) -> None:
     with pytest.raises(JobNotFound):
         store.cancel_job("f" * 32)
     assert store.claim_job("f" * 32, "w", 10, 3).outcome == "missing"
+
+
+def test_a_hung_attempt_stops_renewing_its_lease(store: Store) -> None:
+    job_id, _ = store.create_job(SPEC, "cpu", "test-nobody", "test")
+    claim = store.claim_job(job_id, "test-worker", lease_s=0.3, max_attempts=3)
+    # Progress that never moves: the keeper renews for stall_s, then lets the lease lapse.
+    with LeaseKeeper(store, job_id, claim.attempt, 0.3, progress=lambda: 0, stall_s=0.6) as keeper:
+        assert not keeper.lost.wait(0.4)
+        assert store.redis.exists(f"gs:{{{job_id}}}:lease")
+        assert keeper.lost.wait(3)
+    wait_until(lambda: not store.redis.exists(f"gs:{{{job_id}}}:lease"), 2, "lease lapsed")
+    assert store.reap_lapsed(max_attempts=3) == [(job_id, "test-nobody")]
+    assert store.get_job(job_id).status is JobStatus.QUEUED

@@ -70,8 +70,9 @@ def pin_device(sender: str, **_: Any) -> None:
     global _node_name
     _node_name = sender
     device = Device.parse(get_settings().device)
-    for name, value in device.pinning_env().items():
-        os.environ.setdefault(name, value)
+    # Assigned, not defaulted: a CUDA_VISIBLE_DEVICES inherited from the shell would let a
+    # cuda:1 worker compute on another GPU than the one it registers.
+    os.environ.update(device.pinning_env())
 
 
 @worker_init.connect
