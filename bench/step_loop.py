@@ -10,7 +10,6 @@ Each side runs `repeat` times, interleaved; the best run of each is compared.
 import argparse
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli.stack import Stack
+from cli.stack import temporary_stack
 from services.config import Settings
 from services.runner import Outcome, run_job
 from services.schemas import JobSpec
@@ -73,27 +72,23 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # as in a worker (GRADSTREAM_TORCH_THREADS)
 
-    with tempfile.TemporaryDirectory(prefix="gradstream-bench-") as run_dir:
-        stack = Stack(Path(run_dir))
-        try:
-            settings = Settings(redis_url=stack.start_redis())
-            store = Store.from_url(settings.redis_url)
-            flush_ms = settings.flush_interval_s * 1000
-            print(f"torch {torch.__version__}, 1 thread, flush every {flush_ms:.0f} ms")
-            for name in args.cases:
-                fields, steps = CASES[name]
-                spec = JobSpec.model_validate({**fields, "steps": steps, "device": "cpu"})
-                bare, ours = [], []
-                for _ in range(args.repeat):
-                    bare.append(bare_loop(spec))
-                    ours.append(gradstream_run(store, spec, settings))
-                bare_rate, our_rate = steps / min(bare), steps / min(ours)
-                print(
-                    f"{name:<22} steps {steps:>6}  bare {bare_rate:>8.0f} steps/s  "
-                    f"gradstream {our_rate:>8.0f} steps/s  ratio {our_rate / bare_rate:.3f}"
-                )
-        finally:
-            stack.stop()
+    with temporary_stack("gradstream-bench-") as stack:
+        settings = Settings(redis_url=stack.start_redis())
+        store = Store.from_url(settings.redis_url)
+        flush_ms = settings.flush_interval_s * 1000
+        print(f"torch {torch.__version__}, 1 thread, flush every {flush_ms:.0f} ms")
+        for name in args.cases:
+            fields, steps = CASES[name]
+            spec = JobSpec.model_validate({**fields, "steps": steps, "device": "cpu"})
+            bare, ours = [], []
+            for _ in range(args.repeat):
+                bare.append(bare_loop(spec))
+                ours.append(gradstream_run(store, spec, settings))
+            bare_rate, our_rate = steps / min(bare), steps / min(ours)
+            print(
+                f"{name:<22} steps {steps:>6}  bare {bare_rate:>8.0f} steps/s  "
+                f"gradstream {our_rate:>8.0f} steps/s  ratio {our_rate / bare_rate:.3f}"
+            )
 
 
 if __name__ == "__main__":

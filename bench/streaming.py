@@ -15,7 +15,6 @@ import multiprocessing
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import services.runner
-from cli.stack import Stack
+from cli.stack import Stack, temporary_stack
 from services.config import Settings
 from services.schemas import JobSpec
 from services.store import Store
@@ -128,16 +127,12 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", type=int, default=list(CASES), choices=list(CASES))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="gradstream-bench-") as run_dir:
-        stack = Stack(Path(run_dir))
-        try:
-            settings = Settings(redis_url=stack.start_redis())
-            stack.start_api()
-            store = Store.from_url(settings.redis_url)
-            for watchers in args.cases:
-                print(run_case(stack, store, settings, watchers), flush=True)
-        finally:
-            stack.stop()
+    with temporary_stack("gradstream-bench-") as stack:
+        settings = Settings(redis_url=stack.start_redis())
+        stack.start_api()
+        store = Store.from_url(settings.redis_url)
+        for watchers in args.cases:
+            print(run_case(stack, store, settings, watchers), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ succeed, against 500 trivial Celery tasks on the same broker, with the same work
 import argparse
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.client import Client
 from cli.main import SEED_EXAMPLE
-from cli.stack import Stack, stop_process, wait_until
+from cli.stack import Stack, stop_process, temporary_stack, wait_until
 from services.config import get_settings
 
 
@@ -90,19 +89,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="gradstream-bench-") as run_dir:
-        stack = Stack(Path(run_dir))
-        try:
-            stack.start_redis()
-            stack.start_api()
-            trivial = args.jobs / trivial_tasks(stack, args.jobs)
-            ours = args.jobs / gradstream_jobs(stack, args.jobs)
-            print(
-                f"{args.jobs} tutorial jobs over HTTP  trivial celery {trivial:>6.0f} tasks/s  "
-                f"gradstream {ours:>6.0f} jobs/s  ratio {ours / trivial:.3f}"
-            )
-        finally:
-            stack.stop()
+    with temporary_stack("gradstream-bench-") as stack:
+        stack.start_redis()
+        stack.start_api()
+        trivial = args.jobs / trivial_tasks(stack, args.jobs)
+        ours = args.jobs / gradstream_jobs(stack, args.jobs)
+        print(
+            f"{args.jobs} tutorial jobs over HTTP  trivial celery {trivial:>6.0f} tasks/s  "
+            f"gradstream {ours:>6.0f} jobs/s  ratio {ours / trivial:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -166,6 +167,17 @@ class Stack:
         for log in self._logs:
             log.close()
         self._logs.clear()
+
+
+@contextlib.contextmanager
+def temporary_stack(prefix: str, env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """A Stack in a temporary folder, stopped and removed on exit (benchmarks, soak runs)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as run_dir:
+        stack = Stack(Path(run_dir), env)
+        try:
+            yield stack
+        finally:
+            stack.stop()
 
 
 def child_pids(pid: int) -> list[int]:
