@@ -22,6 +22,14 @@ local function set_status(job, events, id, old, new)
              'steps_done', redis.call('HGET', job, 'steps_done'))
 end
 
+-- The job's status if `attempt` still owns it and it has not finished, else nil.
+local function owned_status(job, attempt)
+  if redis.call('HGET', job, 'attempt') ~= attempt then return nil end
+  local status = redis.call('HGET', job, 'status')
+  if TERMINAL[status] then return nil end
+  return status
+end
+
 -- A finished job needs neither its lease nor its checkpoint (keys of the same hash tag).
 local function finish(job, events, id, old, new, now)
   local base = string.sub(job, 1, -4)  -- 'gs:{<id>}:' of 'gs:{<id>}:job'
@@ -156,9 +164,8 @@ return {'ok'}
 RENEW = (
     _HELPERS
     + """
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
-local status = redis.call('HGET', KEYS[1], 'status')
-if TERMINAL[status] then return 0 end
+local status = owned_status(KEYS[1], ARGV[2])
+if not status then return 0 end
 if status == 'queued' then take_back(KEYS[1], KEYS[2], ARGV[1]) end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 return 1
@@ -171,9 +178,8 @@ return 1
 RELEASE = (
     _HELPERS
     + """
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return false end
-local status = redis.call('HGET', KEYS[1], 'status')
-if TERMINAL[status] then return false end
+local status = owned_status(KEYS[1], ARGV[2])
+if not status then return false end
 redis.call('DEL', KEYS[3])
 if status == 'cancelling' then
   finish(KEYS[1], KEYS[2], ARGV[1], status, 'cancelled', ARGV[3])
@@ -219,13 +225,12 @@ return {'finished', status}
 """
 )
 
-# KEYS: job, events, lease, ckpt. ARGV: job id, attempt, error, now.
+# KEYS: job, events. ARGV: job id, attempt, error, now.
 FAIL = (
     _HELPERS
     + """
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
-local status = redis.call('HGET', KEYS[1], 'status')
-if TERMINAL[status] then return 0 end
+local status = owned_status(KEYS[1], ARGV[2])
+if not status then return 0 end
 redis.call('HSET', KEYS[1], 'error', ARGV[3])
 finish(KEYS[1], KEYS[2], ARGV[1], status, 'failed', ARGV[4])
 return 1

@@ -1,8 +1,8 @@
 """Redis: job records, step streams, status events, the job indexes and the worker registry.
 
-Every key of one job carries the hash tag `{<job id>}`, so a job lives in one cluster slot and
-each Lua script below touches one job atomically. The job indexes (`gs:jobs`, `gs:jobs:<status>`)
-are lexicographic sorted sets of job ids, which are time-ordered, for newest-first listing.
+Every key of one job carries the hash tag `{<job id>}`, so each Lua script (services/scripts.py)
+touches one job atomically. The job indexes (`gs:jobs`, `gs:jobs:<status>`) are lexicographic
+sorted sets of job ids, which are time-ordered, for newest-first listing.
 """
 
 import functools
@@ -371,7 +371,7 @@ class Store:
     @_translate_redis_errors
     def fail_job(self, job_id: str, attempt: int, error: str) -> bool:
         """End the job `failed` with `error`, if `attempt` still owns it."""
-        keys = [job_key(job_id), events_key(job_id), lease_key(job_id), ckpt_key(job_id)]
+        keys = [job_key(job_id), events_key(job_id)]
         return bool(self._fail(keys=keys, args=[job_id, attempt, error, utc_now()]))
 
     # Recovery (the reaper every worker runs) --------------------------------------------
