@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # computes on the CPU: useful to test routing to the gpu queue on a CPU-only machine).
     cuda_fallback_cpu: bool = False
     torch_threads: int = Field(default=1, ge=1)
+    # On a GPU, a job of at least this many steps runs its step as a captured CUDA graph (one
+    # launch per step instead of ~20); shorter jobs do not repay the capture.
+    cuda_graphs: bool = True
+    cuda_graph_min_steps: int = Field(default=50, ge=1)
     worker_heartbeat_s: float = Field(default=2.0, gt=0)
     worker_ttl_s: float = Field(default=10.0, gt=0)
 

@@ -10,6 +10,7 @@ longer than the lease does not lose the job.
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -26,7 +27,7 @@ from services.errors import StoreUnavailable
 from services.records import Chunk, param_values
 from services.schemas import JobSpec, JobStatus
 from services.store import Checkpoint, Store
-from services.training import Layout, Trainer
+from services.training import CudaGraphStep, Layout, Trainer, supports_cuda_graph
 
 log = logging.getLogger(__name__)
 
@@ -50,47 +51,92 @@ class Outcome(StrEnum):
 class AttemptResult:
     outcome: Outcome
     requeue_to: str | None = None  # the queue to send the job to again (RELEASED)
+    # How the steps ran: `steps` steps in `loop_s` seconds (from the first step to the end of
+    # the last flush), eagerly or by replaying a CUDA graph.
+    steps: int = 0
+    loop_s: float = 0.0
+    stepper: str = "eager"
 
 
 @dataclass(frozen=True)
 class Recorded:
-    """Rows `first .. first + count - 1` of one recording buffer, ready to be flushed, and the
-    checkpoint after the last of them."""
+    """Rows `first .. first + len(rows) - 1` handed over for flushing, with the parameters
+    after the last of them (the checkpoint). On a GPU both are copies into page-locked host
+    memory that are still in flight until `ready` has passed."""
 
-    rows: torch.Tensor  # (count, width) on the device
+    rows: torch.Tensor  # (count, width), host memory
+    theta: torch.Tensor  # (params,), host memory
+    optimizer: bytes
     first: int
-    checkpoint: Checkpoint
+    ready: torch.cuda.Event | None  # None: nothing in flight (CPU)
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.first + len(self.rows), self.theta.numpy().tobytes(), self.optimizer)
 
 
 class StepRecorder:
-    """Two device-side buffers of step records: the step loop fills one, a row per step, while
-    the other is being flushed."""
+    """Two halves of one device-side buffer of step records: the step loop fills one half, a
+    row per step, while the other is being flushed.
+
+    An eager step writes into the row view `next_row()` gives; a captured CUDA graph writes at
+    the device-side index `cursor` instead, and the loop calls `advance()`. On a GPU each half
+    is copied out into page-locked host memory with a non-blocking copy when it is handed
+    over, so the step loop never waits for the device.
+    """
 
     def __init__(self, layout: Layout, max_steps: int, device: torch.device, first: int) -> None:
         self.layout = layout
-        capacity = max(1, min(max_steps, CHUNK_BUDGET_BYTES // (4 * layout.width)))
-        buffers = [torch.empty(capacity, layout.width, device=device) for _ in range(2)]
-        self._buffers = buffers
-        self._rows = [list(buffer.unbind(0)) for buffer in buffers]  # views made once
-        self._active = 0
-        self.first = first  # step number of the active buffer's row 0
+        self.capacity = max(1, min(max_steps, CHUNK_BUDGET_BYTES // (4 * layout.width)))
+        self.storage = torch.empty(2 * self.capacity, layout.width, device=device)
+        self.cursor = torch.zeros((), dtype=torch.long, device=device)
+        self._views = list(self.storage.unbind(0))  # made once: an eager step takes one each
+        self._on_gpu = device.type == "cuda"
+        if self._on_gpu:  # each half's host copy, and the parameters after its last step
+            self._host_rows = torch.empty(2 * self.capacity, layout.width, pin_memory=True)
+            self._host_theta = torch.empty(2, layout.params, pin_memory=True)
+        self._offset = 0  # the active half's first row
+        self.first = first  # step number of the active half's first row
         self.count = 0
 
     @property
     def full(self) -> bool:
-        return self.count == len(self._rows[self._active])
+        return self.count == self.capacity
 
     def next_row(self) -> torch.Tensor:
-        row = self._rows[self._active][self.count]
+        row = self._views[self._offset + self.count]
         self.count += 1
         return row
 
-    def swap(self, checkpoint: Checkpoint) -> Recorded | None:
-        """Hand over the recorded rows and record into the other buffer from now on."""
+    def advance(self) -> None:
+        self.count += 1
+
+    def swap(self, theta: torch.Tensor, optimizer: bytes) -> Recorded | None:
+        """Hand over the recorded rows and the parameters `theta` after the last of them, and
+        record into the other half from now on. Returns None if nothing was recorded."""
         if self.count == 0:
             return None
-        recorded = Recorded(self._buffers[self._active][: self.count], self.first, checkpoint)
-        self._active = 1 - self._active
+        rows = slice(self._offset, self._offset + self.count)
+        ready: torch.cuda.Event | None = None
+        if self._on_gpu:
+            # Queued behind the steps that wrote the rows; the flusher thread waits for them.
+            half = self._offset // self.capacity
+            host_rows, host_theta = self._host_rows[rows], self._host_theta[half]
+            host_rows.copy_(self.storage[rows], non_blocking=True)
+            host_theta.copy_(theta.detach(), non_blocking=True)
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record()
+        else:
+            # The rows are host memory already, and this half is not written again before
+            # its flush is done (the loop waits for a flush before it hands over the next).
+            host_rows, host_theta = self.storage[rows], theta.detach().clone()
+        recorded = Recorded(host_rows, host_theta, optimizer, self.first, ready)
+        self._offset = self.capacity - self._offset
+        self.cursor.fill_(self._offset)
         self.first += self.count
         self.count = 0
         return recorded
@@ -104,8 +150,9 @@ class Packed:
 
 
 def pack(recorded: Recorded, layout: Layout) -> Packed:
-    """Copy the rows to the host as one chunk, cut after the first non-finite step."""
-    host = recorded.rows.cpu()
+    """The rows as one chunk, cut after the first non-finite step."""
+    recorded.wait()
+    host = recorded.rows
     finite = torch.isfinite(host[:, : 1 + layout.params]).all(dim=1)
     diverged_at = None
     rows = len(host)
@@ -194,7 +241,10 @@ def run_job(
     try:
         with keeper:
             attempt.keeper = keeper
-            return attempt.run(claim.spec_json, claim.checkpoint, device)
+            result = attempt.run(claim.spec_json, claim.checkpoint, device)
+        return dataclasses.replace(
+            result, steps=attempt.steps_run, loop_s=attempt.loop_s, stepper=attempt.stepper
+        )
     except StoreUnavailable:
         raise  # nothing can be recorded; the lease lapses and the reaper requeues the job
     except Exception as exc:
@@ -228,6 +278,7 @@ class _Attempt:
         self._flushing: concurrent.futures.Future[AttemptResult | None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{job_id}")
         self.recorder: StepRecorder | None = None
+        self.steps_run, self.loop_s, self.stepper = 0, 0.0, "eager"
 
     def progress(self) -> int:
         """Steps recorded so far (read by the lease keeper's thread; -1 while setting up)."""
@@ -252,27 +303,59 @@ class _Attempt:
         # No more rows than the attempt has steps: a short job should not pay for 2 x 4096.
         rows = min(self.settings.flush_max_steps, spec.steps - start)
         recorder = self.recorder = StepRecorder(trainer.layout, rows, device, start)
+        graph = self._capture(trainer, recorder, spec.steps - start)
+        self.stepper = "eager" if graph is None else "cuda-graph"
         log.info(
-            "job %s attempt %d: steps %d..%d on %s",
+            "job %s attempt %d: steps %d..%d on %s (%s)",
             self.job_id,
             self.attempt,
             start,
             spec.steps - 1,
             device,
+            self.stepper,
         )
+        started = time.perf_counter()
         try:
-            return self._loop(spec, trainer, recorder, start)
+            return self._loop(spec, trainer, recorder, graph, start)
         finally:
             self._executor.shutdown(wait=True)
+            self.loop_s = time.perf_counter() - started
+            self.steps_run = recorder.first + recorder.count - start
+
+    def _capture(
+        self, trainer: Trainer, recorder: StepRecorder, steps: int
+    ) -> CudaGraphStep | None:
+        """The step as a CUDA graph where that pays (a GPU, enough steps), else None."""
+        settings = self.settings
+        if not settings.cuda_graphs or steps < settings.cuda_graph_min_steps:
+            return None
+        if not supports_cuda_graph(trainer):
+            return None
+        try:
+            return CudaGraphStep(trainer, recorder.storage, recorder.cursor)
+        except RuntimeError:
+            log.warning(
+                "job %s: CUDA graph capture failed; eager steps", self.job_id, exc_info=True
+            )
+            return None
 
     def _loop(
-        self, spec: JobSpec, trainer: Trainer, recorder: StepRecorder, start: int
+        self,
+        spec: JobSpec,
+        trainer: Trainer,
+        recorder: StepRecorder,
+        graph: CudaGraphStep | None,
+        start: int,
     ) -> AttemptResult:
         interval = self.settings.flush_interval_s
         last_flush = time.perf_counter()
         last = spec.steps - 1
         for step in range(start, spec.steps):
-            trainer.step(recorder.next_row())
+            if graph is None:
+                trainer.step(recorder.next_row())
+            else:  # the graph writes the row at recorder.cursor
+                graph.replay()
+                recorder.advance()
             # After the last step the final flush below carries the rows: one script, not two.
             if step == last:
                 break
@@ -280,7 +363,7 @@ class _Attempt:
                 stopped = self._wait_for_flush()
                 if stopped is not None:
                     return stopped
-                recorded = recorder.swap(self._checkpoint(trainer, recorder))
+                recorded = recorder.swap(trainer.theta, trainer.optimizer_state())
                 if self.drain.is_set():
                     return self._flush(recorded) or self._hand_back("its worker is shutting down")
                 self._flushing = self._executor.submit(self._flush, recorded)
@@ -290,15 +373,10 @@ class _Attempt:
         if stopped is not None:
             return stopped
         # The last chunk (at least the last step) and the finish go in one flush.
-        recorded = recorder.swap(self._checkpoint(trainer, recorder))
+        recorded = recorder.swap(trainer.theta, trainer.optimizer_state())
         params = trainer.params().cpu().tolist()
         result = {"params": param_values(params, trainer.layout.features, spec.bias)}
         return self._flush(recorded, result) or AttemptResult(Outcome.SUCCEEDED)
-
-    def _checkpoint(self, trainer: Trainer, recorder: StepRecorder) -> Checkpoint:
-        # Taken as the rows are handed over: the state after the last recorded step.
-        theta, optimizer = trainer.state()
-        return Checkpoint(recorder.first + recorder.count, theta, optimizer)
 
     def _wait_for_flush(self) -> AttemptResult | None:
         if self._flushing is None:

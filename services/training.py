@@ -132,21 +132,20 @@ class Trainer:
         """The current parameters (after the last update), detached."""
         return self.theta.detach()
 
-    def state(self) -> tuple[bytes, bytes]:
-        """Raw float32 parameters and the optimizer's state, for a checkpoint.
+    def optimizer_state(self) -> bytes:
+        """The optimizer's state for a checkpoint, beside the raw float32 parameters.
 
-        Raw bytes, never a decimal rendering, so that a resumed run continues bit for bit. A
+        Raw values, never a decimal rendering, so that a resumed run continues bit for bit. A
         stateless optimizer (plain SGD) saves nothing: its settings come from the spec.
         """
-        theta = self.theta.detach().cpu().numpy().tobytes()
         if not self.optimizer.state:
-            return theta, b""
+            return b""
         buffer = io.BytesIO()
         torch.save(self.optimizer.state_dict(), buffer)
-        return theta, buffer.getvalue()
+        return buffer.getvalue()
 
     def load_state(self, theta: bytes, optimizer: bytes) -> None:
-        """Continue from a checkpoint made by `state()`."""
+        """Continue from a checkpoint: raw float32 parameters and `optimizer_state()`."""
         saved = torch.frombuffer(bytearray(theta), dtype=torch.float32)
         with torch.no_grad():
             self.theta.copy_(saved)
@@ -155,6 +154,57 @@ class Trainer:
                 io.BytesIO(optimizer), map_location=self.theta.device, weights_only=True
             )
             self.optimizer.load_state_dict(state)
+
+
+class CudaGraphStep:
+    """The trainer's whole step (forward, backward, SGD update, writing the record row) captured
+    once in a CUDA graph and replayed: one launch per step instead of about twenty.
+
+    The graph writes each step's row into `storage` at the row `cursor` (a device-side index it
+    increments), so recording needs no host work either. Captured from `Trainer.step` itself,
+    it computes exactly what the eager step computes (tests/gpu checks it step for step).
+    Static shapes only: the full batch, the same tensors every step.
+    """
+
+    def __init__(self, trainer: Trainer, storage: torch.Tensor, cursor: torch.Tensor) -> None:
+        self._trainer, self._storage, self._cursor = trainer, storage, cursor
+        self._row = torch.empty(trainer.layout.width, device=storage.device)
+        theta = trainer.theta
+        saved, start = theta.detach().clone(), cursor.clone()
+        try:
+            # Warm-up steps on a side stream first (torch's recipe for capturing a whole
+            # training step): autograd and cuBLAS set up their workspaces outside the capture.
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # Records the kernels, runs nothing; other threads may use the GPU meanwhile.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self._step()
+        finally:
+            # The warm-up steps changed the parameters and moved the cursor: undo them.
+            with torch.no_grad():
+                theta.copy_(saved)
+                cursor.copy_(start)
+
+    def _step(self) -> None:
+        self._trainer.step(self._row)
+        self._storage.index_copy_(0, self._cursor.view(1), self._row.view(1, -1))
+        self._cursor.add_(1)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+def supports_cuda_graph(trainer: Trainer) -> bool:
+    """Whether the step can be captured: on a GPU, with an optimizer that keeps no state a
+    capture would have to own (plain SGD)."""
+    optimizer = trainer.optimizer
+    stateless = all(group.get("momentum", 0) == 0 for group in optimizer.param_groups)
+    return trainer.theta.device.type == "cuda" and stateless
 
 
 def warm_up(device: torch.device) -> None:

@@ -4,13 +4,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from cli.stack import Stack, wait_until
+from services.config import Settings
 from services.errors import JobFinished, JobNotFound
 from services.records import Chunk
-from services.runner import LeaseKeeper
+from services.runner import LeaseKeeper, Outcome
 from services.schemas import JobSpec, JobStatus
 from services.store import Store
+from tests.attempts import run_once, run_with_hand_back
 
 SPEC = JobSpec.model_validate({"data": {"x": [[1.0]], "y": [2.0]}, "steps": 10})
 
@@ -114,3 +117,28 @@ def test_a_hung_attempt_stops_renewing_its_lease(store: Store) -> None:
     wait_until(lambda: not store.redis.exists(f"gs:{{{job_id}}}:lease"), 2, "lease lapsed")
     assert store.reap_lapsed(max_attempts=3) == [(job_id, "test-nobody")]
     assert store.get_job(job_id).status is JobStatus.QUEUED
+
+
+SEED_LONG = JobSpec.model_validate(
+    {
+        "data": {"x": [[1.0]], "y": [2.0]},
+        "init": {"w": [1.0]},
+        "optimizer": {"lr": 0.1},
+        "steps": 300,
+    }
+)
+
+
+def test_an_attempt_on_the_cpu_runs_eager_steps_and_reports_them(store: Store) -> None:
+    result, steps = run_once(store, SEED_LONG, torch.device("cpu"), Settings())
+    assert result.outcome is Outcome.SUCCEEDED and result.stepper == "eager"
+    assert result.steps == 300 and result.loop_s > 0
+    assert steps[0] == {"step": 0, "loss": 1.0, "grads": {"w": [-2.0]}, "params": {"w": [1.0]}}
+
+
+def test_a_job_handed_back_resumes_bit_for_bit_from_its_checkpoint(store: Store) -> None:
+    settings = Settings(flush_max_steps=64)  # the first hand-over comes at step 64 at the latest
+    _, whole = run_once(store, SEED_LONG, torch.device("cpu"), settings)
+    attempts, resumed = run_with_hand_back(store, SEED_LONG, torch.device("cpu"), settings)
+    assert 0 < attempts[0].steps < 300 and attempts[0].steps + attempts[1].steps == 300
+    assert resumed == whole

@@ -11,7 +11,6 @@ from services.queue import CPU_QUEUE, GPU_QUEUE, Device, estimated_seconds, rout
 from services.records import Chunk, expand_chunk
 from services.runner import StepRecorder, pack
 from services.schemas import JobSpec
-from services.store import Checkpoint
 from services.training import Trainer, build_dataset, compute_device
 
 CPU = torch.device("cpu")
@@ -89,7 +88,7 @@ def test_recorder_cuts_chunk_after_first_non_finite_step() -> None:
     recorder = StepRecorder(trainer.layout, 1000, CPU, first=0)
     while not recorder.full:
         trainer.step(recorder.next_row())
-    recorded = recorder.swap(Checkpoint(1000, b"", b""))
+    recorded = recorder.swap(trainer.theta, b"")
     assert recorded is not None and recorder.first == 1000 and recorder.count == 0
     packed = pack(recorded, trainer.layout)
     assert packed.diverged_at is not None
@@ -104,15 +103,23 @@ def test_recorder_alternates_buffers_so_a_chunk_in_flight_is_not_overwritten() -
     recorder = StepRecorder(trainer.layout, 4, CPU, first=0)
     for _ in range(3):
         trainer.step(recorder.next_row())
-    first = recorder.swap(Checkpoint(3, b"", b""))
+    assert int(recorder.cursor) == 0
+    first = recorder.swap(trainer.theta, b"")
     assert first is not None
+    # The checkpoint is the parameters after step 2's update, taken at the hand-over.
+    theta_after_3 = trainer.params().clone()
+    assert first.checkpoint.step == 3
+    assert first.checkpoint.theta == theta_after_3.numpy().tobytes()
+    assert int(recorder.cursor) == 4  # a captured graph now writes into the other half
     kept = first.rows.clone()
     for _ in range(4):
         trainer.step(recorder.next_row())
     assert torch.equal(first.rows, kept)
-    second = recorder.swap(Checkpoint(7, b"", b""))
+    assert first.checkpoint.theta == theta_after_3.numpy().tobytes()
+    second = recorder.swap(trainer.theta, b"")
     assert second is not None and second.first == 3 and len(second.rows) == 4
-    assert recorder.swap(Checkpoint(7, b"", b"")) is None
+    assert second.checkpoint.step == 7 and int(recorder.cursor) == 0
+    assert recorder.swap(trainer.theta, b"") is None
 
 
 def test_chunk_expansion_skips_steps_up_to_after() -> None:
