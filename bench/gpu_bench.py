@@ -81,14 +81,17 @@ def bare_loops(spec: JobSpec, graph_steps: int, eager_steps: int) -> tuple[float
     return eager_s, _timed(replay, graph_steps)
 
 
-def gradstream_step(store: Store, spec: JobSpec, settings: Settings) -> tuple[float, str]:
+def gradstream_step(store: Store, spec: JobSpec, settings: Settings) -> tuple[float, float, str]:
     """Seconds per step of one attempt through services.runner on the GPU (from its first step
-    to its last flush; building the data and capturing the graph excluded), and its stepper."""
+    to its last flush), seconds of set-up before the first step (claim, building the data,
+    capturing the graph), and the attempt's stepper."""
     job_id, _ = store.create_job(spec, "cuda", "bench-no-consumer", "bench")
+    started = time.perf_counter()
     result = run_job(store, job_id, "bench", CUDA, settings)
+    setup = time.perf_counter() - started - result.loop_s
     assert result.outcome is Outcome.SUCCEEDED, result
     assert store.get_job(job_id).steps_done == spec.steps == result.steps
-    return result.loop_s / result.steps, result.stepper
+    return result.loop_s / result.steps, setup, result.stepper
 
 
 def bandwidth_bound(n: int, d: int) -> float:
@@ -120,12 +123,12 @@ def main() -> None:
             fields = {"data": {"synthetic": {"n": n, "d": d}}, "optimizer": {"lr": 0.01}}
             spec = JobSpec.model_validate({**fields, "steps": graph_steps, "device": "cuda"})
             eager_s, graph_s = bare_loops(spec, graph_steps, eager_steps)
-            ours_s, stepper = gradstream_step(store, spec, settings)
+            ours_s, setup_s, stepper = gradstream_step(store, spec, settings)
             line = (
                 f"{name:<13} bare eager {eager_s * 1e6:8.1f} us  bare graph {graph_s * 1e6:8.1f} us"
                 f"  gradstream ({stepper}) {ours_s * 1e6:8.1f} us"
                 f"  gradstream/graph {ours_s / graph_s:5.2f}"
-                f"  eager/gradstream {eager_s / ours_s:6.1f}"
+                f"  eager/gradstream {eager_s / ours_s:6.1f}  set-up {setup_s * 1e3:.0f} ms"
             )
             if n * d >= 10**8:
                 bound = bandwidth_bound(n, d)
@@ -134,8 +137,9 @@ def main() -> None:
             else:  # gradstream's own eager path, for what the graph buys
                 eager_spec = spec.model_copy(update={"steps": eager_steps})
                 no_graph = settings.model_copy(update={"cuda_graphs": False})
-                ours_eager_s, _ = gradstream_step(store, eager_spec, no_graph)
+                ours_eager_s, eager_setup_s, _ = gradstream_step(store, eager_spec, no_graph)
                 line += f"  gradstream eager {ours_eager_s * 1e6:8.1f} us"
+                line += f" (set-up {eager_setup_s * 1e3:.0f} ms)"
             print(line, flush=True)
             torch.cuda.empty_cache()
 

@@ -56,13 +56,16 @@ class Settings(BaseSettings):
     worker_ttl_s: float = Field(default=10.0, gt=0)
 
     # The cost model of `device: auto`: seconds per step = fixed + per_element * samples x
-    # features (plus, on a GPU, moving the data once). Defaults: a CPU worker with one torch
-    # thread on this project's VM (bench/step_loop.py), and an H100's eager step (DESIGN §7:
-    # 438 µs at 1000x10, launch-bound; 3.3 ms at 10^7 x 100).
+    # features, plus on a GPU moving the data once and, for a graphed job, the capture.
+    # Defaults: a CPU worker with one torch thread on this project's VM (bench/step_loop.py);
+    # an H100 (bench/gpu_bench.py, bench/RESULTS.md): eager step ~500 µs at 1000x10, bound by
+    # kernel launches; graphed step 24 µs, ~30 ms to capture; 3.2 ms at 10^7 x 100.
     cpu_step_fixed_s: float = Field(default=250e-6, ge=0)
     cpu_step_per_element_s: float = Field(default=1.5e-9, ge=0)
-    gpu_step_fixed_s: float = Field(default=440e-6, ge=0)
-    gpu_step_per_element_s: float = Field(default=3.3e-12, ge=0)
+    gpu_step_fixed_s: float = Field(default=500e-6, ge=0)
+    gpu_graph_step_fixed_s: float = Field(default=25e-6, ge=0)
+    gpu_graph_setup_s: float = Field(default=0.03, ge=0)
+    gpu_step_per_element_s: float = Field(default=3.2e-12, ge=0)
     gpu_transfer_per_element_s: float = Field(default=2e-10, ge=0)
 
     # API.

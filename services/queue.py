@@ -94,8 +94,12 @@ def estimated_seconds(device: str, elements: int, steps: int, settings: Settings
     """The cost model's time for a job of `steps` steps over `elements` samples x features."""
     if device == "cpu":
         return steps * (settings.cpu_step_fixed_s + settings.cpu_step_per_element_s * elements)
-    per_step = settings.gpu_step_fixed_s + settings.gpu_step_per_element_s * elements
-    return steps * per_step + settings.gpu_transfer_per_element_s * elements
+    transfer = settings.gpu_transfer_per_element_s * elements
+    per_element = settings.gpu_step_per_element_s * elements
+    if settings.cuda_graphs and steps >= settings.cuda_graph_min_steps:  # as the runner decides
+        per_step = settings.gpu_graph_step_fixed_s + per_element
+        return steps * per_step + settings.gpu_graph_setup_s + transfer
+    return steps * (settings.gpu_step_fixed_s + per_element) + transfer
 
 
 def route_job(spec: JobSpec, live_queues: set[str], settings: Settings) -> Route:

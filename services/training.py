@@ -100,9 +100,21 @@ class Trainer:
         self.theta = initial_theta(spec).to(device).requires_grad_()
         self.optimizer = torch.optim.SGD([self.theta], lr=spec.optimizer.lr)
 
+    def forward_backward(self) -> torch.Tensor:
+        """Forward and backward: the loss; autograd puts dLoss/dtheta into theta.grad."""
+        d, theta = self.layout.features, self.theta
+        # The views are taken each step, after the previous in-place update.
+        if self.layout.bias:
+            y_hat = self.x @ theta[:d] + theta[d]
+        else:
+            y_hat = self.x @ theta
+        loss = ((y_hat - self.y) ** 2).mean()
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
     def step(self, record: torch.Tensor) -> None:
         """Run one step and write its [loss, grads, params] into `record` (a row on the device)."""
-        d, p = self.layout.features, self.layout.params
+        p = self.layout.params
         theta = self.theta
         # Autograd accumulates into an existing .grad in place, so pointing .grad at the
         # record's (zeroed) gradient columns makes backward write dLoss/dtheta straight into
@@ -110,14 +122,7 @@ class Trainer:
         grad = record[1 : 1 + p]
         grad.zero_()
         theta.grad = grad
-        # Forward: the views are taken each step, after the previous in-place update.
-        if self.layout.bias:
-            y_hat = self.x @ theta[:d] + theta[d]
-        else:
-            y_hat = self.x @ theta
-        loss = ((y_hat - self.y) ** 2).mean()
-        # Backward: autograd fills theta.grad with dLoss/dtheta.
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss = self.forward_backward()
         if theta.grad is not grad:  # not accumulated in place after all: copy it over
             grad.copy_(theta.grad)
         # Record before the update, which changes theta in place: the row must hold the
@@ -156,14 +161,32 @@ class Trainer:
             self.optimizer.load_state_dict(state)
 
 
+def step_at_cursor(
+    trainer: Trainer, row: torch.Tensor, storage: torch.Tensor, cursor: torch.Tensor
+) -> None:
+    """`trainer.step` in the form a CUDA graph captures: the row goes to `storage[cursor]`, a
+    device-side index, which then moves on. Fewer kernels than the eager step, as inside a
+    graph they are what a step costs: backward writes a fresh gradient (no zeroing, no
+    accumulating), one `cat` fills `row` with [loss, grads, params before the update], and one
+    indexed copy puts it in place. The same numbers as `trainer.step` (tests check both)."""
+    theta = trainer.theta
+    theta.grad = None
+    loss = trainer.forward_backward()
+    assert theta.grad is not None
+    torch.cat([loss.detach().view(1), theta.grad, theta.detach()], out=row)
+    trainer.optimizer.step()
+    storage.index_copy_(0, cursor.view(1), row.view(1, -1))
+    cursor.add_(1)
+
+
 class CudaGraphStep:
     """The trainer's whole step (forward, backward, SGD update, writing the record row) captured
     once in a CUDA graph and replayed: one launch per step instead of about twenty.
 
     The graph writes each step's row into `storage` at the row `cursor` (a device-side index it
-    increments), so recording needs no host work either. Captured from `Trainer.step` itself,
-    it computes exactly what the eager step computes (tests/gpu checks it step for step).
-    Static shapes only: the full batch, the same tensors every step.
+    increments: `step_at_cursor`), so recording needs no host work either. tests/gpu checks
+    the replayed graph against the eager step, step for step. Static shapes only: the full
+    batch, the same tensors every step.
     """
 
     def __init__(self, trainer: Trainer, storage: torch.Tensor, cursor: torch.Tensor) -> None:
@@ -191,9 +214,7 @@ class CudaGraphStep:
                 cursor.copy_(start)
 
     def _step(self) -> None:
-        self._trainer.step(self._row)
-        self._storage.index_copy_(0, self._cursor.view(1), self._row.view(1, -1))
-        self._cursor.add_(1)
+        step_at_cursor(self._trainer, self._row, self._storage, self._cursor)
 
     def replay(self) -> None:
         self.graph.replay()

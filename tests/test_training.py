@@ -11,7 +11,7 @@ from services.queue import CPU_QUEUE, GPU_QUEUE, Device, estimated_seconds, rout
 from services.records import Chunk, expand_chunk
 from services.runner import StepRecorder, pack
 from services.schemas import JobSpec
-from services.training import Trainer, build_dataset, compute_device
+from services.training import Trainer, build_dataset, compute_device, step_at_cursor
 
 CPU = torch.device("cpu")
 
@@ -185,11 +185,35 @@ def test_auto_routing_by_cost_model_and_live_workers() -> None:
 
 def test_cost_model_crosses_over_where_the_gpu_step_beats_the_cpu_step() -> None:
     settings = Settings()
-    # 1000x10: the CPU's ~250 µs step beats the GPU's ~440 µs kernel launches.
-    assert estimated_seconds("cpu", 10_000, 100, settings) < estimated_seconds(
-        "cuda", 10_000, 100, settings
-    )
+
+    def faster(elements: int, steps: int) -> str:
+        cpu = estimated_seconds("cpu", elements, steps, settings)
+        return "cpu" if cpu < estimated_seconds("cuda", elements, steps, settings) else "cuda"
+
+    # The tutorial's 10 steps: eager GPU steps (~500 µs of kernel launches) lose.
+    assert faster(1, 10) == "cpu"
+    # 1000x10 for 100 steps: the ~30 ms graph capture is not repaid by 24 µs steps ...
+    assert faster(10_000, 100) == "cpu"
+    # ... for 10 000 steps it is.
+    assert faster(10_000, 10_000) == "cuda"
     # 10^6 x 100: 1.5 ns per element on one CPU thread against a few ms on the GPU.
-    assert estimated_seconds("cuda", 10**8, 100, settings) < estimated_seconds(
-        "cpu", 10**8, 100, settings
-    )
+    assert faster(10**8, 100) == "cuda"
+    # Graphs off: the eager GPU step stays launch-bound at 1000x10, however long the job.
+    settings = Settings(cuda_graphs=False)
+    assert faster(10_000, 10_000) == "cpu"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_step_a_cuda_graph_captures_records_what_the_eager_step_records(bias: bool) -> None:
+    # What CudaGraphStep captures, run eagerly here: same rows, bit for bit, at the cursor.
+    spec = _spec(data={"synthetic": {"n": 64, "d": 3}}, init=None, bias=bias)
+    eager, captured = Trainer(spec, CPU), Trainer(spec, CPU)
+    rows = torch.empty(20, eager.layout.width)
+    storage = torch.full((25, eager.layout.width), float("nan"))
+    cursor, row = torch.tensor(5), torch.empty(eager.layout.width)
+    for step in range(20):
+        eager.step(rows[step])
+        step_at_cursor(captured, row, storage, cursor)
+    assert int(cursor) == 25
+    assert torch.equal(storage[5:], rows) and torch.equal(captured.params(), eager.params())
+    assert storage[:5].isnan().all()
