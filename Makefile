@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench soak setup redis-server clean
+.PHONY: demo test lint typecheck pytest bench soak setup redis-server compose-secrets clean
 
 demo: setup
 	$(BIN)/gradstream up --demo --port 0
@@ -57,6 +57,14 @@ bench: setup
 # Not part of `make test`: jobs while workers are killed at random; 0 duplicates, 0 gaps.
 soak: setup
 	$(BIN)/python -m tests.soak $(SOAK_ARGS)
+
+# The secrets docker-compose.yml mounts (never committed): a Redis password and one API key.
+compose-secrets:
+	@mkdir -p secrets && chmod 700 secrets
+	@test -s secrets/redis_password || python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > secrets/redis_password
+	@test -s secrets/api_keys || python3 -c 'import secrets; print("default:" + secrets.token_urlsafe(24))' > secrets/api_keys
+	@chmod 600 secrets/redis_password secrets/api_keys
+	@echo "secrets/redis_password and secrets/api_keys ready; the API key: $$(cut -d: -f2- secrets/api_keys | head -1)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

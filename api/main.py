@@ -11,15 +11,19 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from api.limits import BodySizeLimit
 from api.routes import health, jobs, streams, workers
-from api.routes.streams import sse_frame
+from api.routes.streams import StreamSlots, sse_frame
+from services.auth import KeyRing, StreamTokens, parse_api_keys
 from services.config import Settings, get_settings
 from services.errors import (
     JobFinished,
     JobNotFound,
+    LimitExceeded,
     MalformedJob,
     SpecRejected,
     StoreUnavailable,
+    Unauthorized,
 )
 from services.events import JobStreams
 from services.store import Store
@@ -28,8 +32,18 @@ RETRY_AFTER_S = "1"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API; settings come from the environment unless given."""
+    """Build the API; settings come from the environment unless given.
+
+    Refuses (ValueError) when no API keys are configured and auth is not explicitly disabled.
+    """
     settings = settings or get_settings()
+    pairs = parse_api_keys(settings.api_keys.get_secret_value())
+    if not pairs and not settings.auth_disabled:
+        raise ValueError(
+            "no API keys configured: set GRADSTREAM_API_KEYS to tenant:key pairs separated "
+            "by commas (or the path of a file of them), or GRADSTREAM_AUTH_DISABLED=1 for "
+            "development only"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.job_streams = JobStreams(
             app.state.async_redis, settings.sse_keepalive_s, render=sse_frame
         )
+        app.state.stream_slots = StreamSlots(settings.max_sse_per_tenant)
         try:
             yield
         finally:
@@ -56,8 +71,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Linear-regression training jobs whose every step is stored and streamed.",
         lifespan=lifespan,
     )
+    app.state.keyring = None if settings.auth_disabled else KeyRing.from_pairs(pairs)
+    app.state.stream_tokens = StreamTokens.for_keys(
+        pairs, settings.stream_token_ttl_s, settings.stream_token_secret.get_secret_value()
+    )
     for router in (jobs.router, streams.router, workers.router, health.router):
         app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     _add_error_handlers(app)
     return app
 
@@ -92,6 +112,21 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def spec_rejected(_: Request, exc: SpecRejected) -> JSONResponse:
         detail = [{"type": "limit", "loc": ["body", *exc.field], "msg": exc.message}]
         return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            status_code=401,
+            content={"detail": str(exc)},
+            headers={"WWW-Authenticate": 'Bearer realm="gradstream"'},
+        )
+
+    @app.exception_handler(LimitExceeded)
+    async def limit_exceeded(_: Request, exc: LimitExceeded) -> JSONResponse:
+        headers = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse(
+            status_code=429, content={"detail": str(exc), "limit": exc.limit}, headers=headers
+        )
 
     @app.exception_handler(JobNotFound)
     async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:

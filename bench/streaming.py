@@ -42,7 +42,9 @@ CASES = {
 }
 
 
-async def _watch_all(url: str, job_id: str, watchers: int, ready: Any) -> list[tuple[int, float]]:
+async def _watch_all(
+    url: str, key: str, job_id: str, watchers: int, ready: Any
+) -> list[tuple[int, float]]:
     arrivals: list[tuple[int, float]] = []
     connected = 0
     all_connected = asyncio.Event()
@@ -67,7 +69,8 @@ async def _watch_all(url: str, job_id: str, watchers: int, ready: Any) -> list[t
                         return
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as http:
         tasks = [asyncio.create_task(one(http)) for _ in range(watchers)]
         await all_connected.wait()
         ready.set()
@@ -75,16 +78,17 @@ async def _watch_all(url: str, job_id: str, watchers: int, ready: Any) -> list[t
     return arrivals
 
 
-def _watchers_process(url: str, job_id: str, watchers: int, ready: Any, out: Any) -> None:
+def _watchers_process(url: str, key: str, job_id: str, watchers: int, ready: Any, out: Any) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    out.put(asyncio.run(_watch_all(url, job_id, watchers, ready)))
+    out.put(asyncio.run(_watch_all(url, key, job_id, watchers, ready)))
 
 
 def run_case(stack: Stack, store: Store, settings: Settings, watchers: int) -> str:
     fields, steps = CASES[watchers]
     spec = JobSpec.model_validate({**fields, "steps": steps, "device": "cpu"})
-    job_id, _ = store.create_job(spec, "cpu", "bench-no-consumer", "bench")
+    tenant = next(iter(stack.keys))
+    job_id, _ = store.create_job(spec, "cpu", "bench-no-consumer", "bench", tenant=tenant)
     computed: dict[int, float] = {}
 
     class TimedTrainer(Trainer):
@@ -95,7 +99,8 @@ def run_case(stack: Stack, store: Store, settings: Settings, watchers: int) -> s
     context = multiprocessing.get_context("spawn")
     ready, out = context.Event(), context.Queue()
     process = context.Process(
-        target=_watchers_process, args=(stack.api_url, job_id, watchers, ready, out)
+        target=_watchers_process,
+        args=(stack.api_url, stack.api_key, job_id, watchers, ready, out),
     )
     process.start()
     if not ready.wait(120):
@@ -129,7 +134,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with temporary_stack("gradstream-bench-") as stack:
         settings = Settings(redis_url=stack.start_redis())
-        stack.start_api()
+        stack.start_api(GRADSTREAM_MAX_SSE_PER_TENANT="2000")
         store = Store.from_url(settings.redis_url)
         for watchers in args.cases:
             print(run_case(stack, store, settings, watchers), flush=True)

@@ -43,7 +43,7 @@ def main() -> None:
             "steps": args.steps,
             "device": "cpu",
         }
-        with Client(stack.api_url, timeout=30) as api:
+        with Client(stack.api_url, stack.api_key, timeout=30) as api:
             view = api.wait(api.submit(spec)["id"], timeout=600)
         assert view["status"] == "succeeded", view
         peak = _status_kib(child, "VmHWM") * 1024

@@ -14,12 +14,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from api.client import Client, GradstreamError
 from cli.stack import Stack, visible_gpus
+from services.auth import parse_api_keys
 from services.config import get_settings
 from services.queue import Device
 
@@ -39,7 +40,7 @@ SEED_EXAMPLE: dict[str, Any] = {
 }
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -91,6 +92,18 @@ def api(
     port: Annotated[int, typer.Option()] = 8000,
 ) -> None:
     """Start the HTTP API (uvicorn)."""
+    settings = get_settings()
+    try:
+        keys = parse_api_keys(settings.api_keys.get_secret_value())
+    except (OSError, ValueError) as exc:
+        _fail(f"GRADSTREAM_API_KEYS: {exc}", code=2)
+    if not keys and not settings.auth_disabled:
+        _fail(
+            "no API keys configured: set GRADSTREAM_API_KEYS to tenant:key pairs separated by "
+            "commas (or the path of a file of them), or GRADSTREAM_AUTH_DISABLED=1 for "
+            "development only",
+            code=2,
+        )
     argv = [
         sys.executable,
         "-m",
@@ -130,9 +143,12 @@ def up(
             f"ready in {time.monotonic() - started:.1f} s: API {stack.api_url}, "
             f"Redis {stack.redis_url}"
         )
-        typer.echo(f"  GRADSTREAM_URL={stack.api_url} gradstream jobs")
+        typer.echo(
+            f"  GRADSTREAM_URL={stack.api_url} GRADSTREAM_API_KEY={stack.api_key} gradstream jobs"
+        )
+        typer.echo(f"  curl -H 'Authorization: Bearer {stack.api_key}' {stack.api_url}/v1/jobs")
         if demo:
-            _run_demo(stack.api_url, started)
+            _run_demo(stack.api_url, stack.api_key, started)
         else:
             typer.echo("Ctrl-C stops everything")
             while all(p.poll() is None for _, p in stack.processes):
@@ -148,8 +164,8 @@ def up(
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _run_demo(url: str, started: float) -> None:
-    with Client(url) as client:
+def _run_demo(url: str, api_key: str, started: float) -> None:
+    with Client(url, api_key) as client:
         typer.echo(f"submitting the tutorial's example: {json.dumps(SEED_EXAMPLE)}")
         job = client.submit(SEED_EXAMPLE)
         typer.echo(f"job {job['id']}: {job['status']} on {job['device']}")

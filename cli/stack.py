@@ -20,6 +20,8 @@ from typing import IO
 import httpx
 import redis
 
+from services.auth import new_api_key
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -71,11 +73,22 @@ def visible_gpus() -> list[int]:
 
 
 class Stack:
-    """A set of local processes sharing one private Redis, all stopped by `stop()`."""
+    """A set of local processes sharing one private Redis, all stopped by `stop()`.
 
-    def __init__(self, run_dir: Path, env: dict[str, str] | None = None) -> None:
+    The API it starts accepts one generated key per tenant in `tenants` (`keys`); `api_key` is
+    the first tenant's, which the stack itself uses.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        env: dict[str, str] | None = None,
+        tenants: tuple[str, ...] = ("local",),
+    ) -> None:
         self.run_dir = run_dir
         self.base_env = env or {}
+        self.keys = {tenant: new_api_key() for tenant in tenants}
+        self.api_key = self.keys[tenants[0]]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.redis_url = ""
@@ -100,8 +113,14 @@ class Stack:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {**os.environ, **self.base_env, "PYTHONUNBUFFERED": "1"}
-        env.update(GRADSTREAM_REDIS_URL=self.redis_url, **extra)
+        api_keys = ",".join(f"{tenant}:{key}" for tenant, key in self.keys.items())
+        env.update(GRADSTREAM_REDIS_URL=self.redis_url, GRADSTREAM_API_KEYS=api_keys, **extra)
         return env
+
+    def auth(self, tenant: str | None = None) -> dict[str, str]:
+        """The Authorization header of `tenant` (default: the stack's own)."""
+        key = self.api_key if tenant is None else self.keys[tenant]
+        return {"Authorization": f"Bearer {key}"}
 
     def start_redis(self, port: int | None = None) -> str:
         """A private redis-server with AOF fsync'd every second, which never evicts job data.
@@ -142,10 +161,11 @@ class Stack:
         name = f"worker-{device.replace(':', '')}-{len(self.processes)}"
         return self._spawn(name, argv, self.env(**extra_env))
 
-    def start_api(self, port: int | None = None) -> str:
+    def start_api(self, port: int | None = None, **extra_env: str) -> str:
+        """Start an API (the stack's `api_url` from now on) and wait until it is ready."""
         port = port or free_port()
         argv = [sys.executable, "-m", "cli.main", "api", "--host", "127.0.0.1", "--port", str(port)]
-        self.api_process = self._spawn("api", argv, self.env())
+        self.api_process = self._spawn(f"api-{port}", argv, self.env(**extra_env))
         self.api_url = f"http://127.0.0.1:{port}"
         wait_until(
             lambda: httpx.get(self.api_url + "/readyz", timeout=1).status_code == 200, 30, "API"
@@ -154,7 +174,8 @@ class Stack:
 
     def wait_for_workers(self, queues: set[str], timeout: float = 60) -> None:
         def registered() -> bool:
-            workers = httpx.get(self.api_url + "/v1/workers", timeout=2).json()["workers"]
+            response = httpx.get(self.api_url + "/v1/workers", headers=self.auth(), timeout=2)
+            workers = response.json()["workers"]
             return queues <= {q for w in workers for q in w["queues"]}
 
         wait_until(registered, timeout, f"workers for queues {sorted(queues)}", interval=0.1)

@@ -1,9 +1,11 @@
 """Settings: the only place that reads the environment (prefix GRADSTREAM_)."""
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -14,9 +16,28 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
 
+    # Who may call the API: `tenant:key` pairs separated by commas, or the path of a file of
+    # them (services/auth.py). With none, the API refuses to start unless `auth_disabled` is
+    # set explicitly (development only: every caller is then the tenant "dev").
+    api_keys: SecretStr = SecretStr("")
+    auth_disabled: bool = False
+    # Stream tokens (for EventSource, which cannot send headers): lifetime, and the signing
+    # secret shared by all API processes (derived from the keys when empty).
+    stream_token_ttl_s: int = Field(default=300, ge=1)
+    stream_token_secret: SecretStr = SecretStr("")
+    # Redis's password, read from this file (a compose secret) into `redis_url`.
+    redis_password_file: str | None = None
+
     # Limits on what one job may ask for (each refusal is a 422 naming the field).
     max_steps: int = Field(default=1_000_000, ge=1)
     max_elements: int = Field(default=100_000_000, ge=1, description="samples x features per job")
+    # Limits per request and per tenant (413 or 429 naming the limit).
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_active_jobs_per_tenant: int = Field(default=100, ge=1, description="queued or running")
+    max_sse_per_tenant: int = Field(default=64, ge=1, description="per API process")
+    submits_per_minute: int = Field(default=600, ge=1, description="per tenant")
+    # An SSE client that takes nothing for this long is dropped (it resumes by Last-Event-ID).
+    sse_send_timeout_s: float = Field(default=30.0, gt=0)
 
     # Recording: steps are flushed to Redis in chunks, by time or by count.
     flush_interval_s: float = Field(default=0.02, gt=0)
@@ -73,6 +94,16 @@ class Settings(BaseSettings):
     api_port: int = 8000
     sse_keepalive_s: float = Field(default=15.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _redis_password(self) -> "Settings":
+        if self.redis_password_file:
+            password = Path(self.redis_password_file).read_text().strip()
+            url = urlsplit(self.redis_url)
+            host = url.netloc.rsplit("@", 1)[-1]
+            netloc = f"{url.username or ''}:{quote(password, safe='')}@{host}"
+            self.redis_url = urlunsplit(url._replace(netloc=netloc))
+        return self
 
 
 @lru_cache(maxsize=1)

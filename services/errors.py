@@ -37,3 +37,17 @@ class StoreUnavailable(GradstreamError):
 
 class MalformedJob(GradstreamError):
     """A job record in Redis that cannot be read back (corrupt or written by something else)."""
+
+
+class Unauthorized(GradstreamError):
+    """No credentials, or credentials that name no tenant."""
+
+
+class LimitExceeded(GradstreamError):
+    """A tenant reached a configured limit (`limit` names the setting); it may try again after
+    `retry_after_s` seconds where that is known."""
+
+    def __init__(self, limit: str, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_s = retry_after_s

@@ -10,7 +10,7 @@ Redis load does not grow with the number of watchers. A watcher first reads its 
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,11 +152,19 @@ class JobStreams:
         if self._tails.get(tail.job_id) is tail:
             del self._tails[tail.job_id]
 
-    async def open(self, job_id: str, after: int) -> AsyncIterator[bytes]:
-        """The rendered events of `job_id` after step `after` (-1: from step 0).
+    async def open(self, job_id: str, after: int, tenant: str) -> AsyncGenerator[bytes, None]:
+        """The rendered events of `job_id` (a job of `tenant`) after step `after` (-1: from
+        step 0).
 
-        Raises JobNotFound (or StoreUnavailable) before the first event.
+        Raises JobNotFound (also for another tenant's job) or StoreUnavailable before the
+        first event.
         """
+        try:
+            owner = await self.client.hget(job_key(job_id), "tenant")
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        if owner != tenant.encode():
+            raise JobNotFound(job_id)
         candidate = None if job_id in self._tails else await self._new_tail(job_id)
         return self._follow(job_id, candidate, after)
 
@@ -175,7 +183,7 @@ class JobStreams:
 
     async def _follow(
         self, job_id: str, candidate: _Tail | None, after: int
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         # The watcher joins when its response starts (a client gone before that never joins),
         # the tail already reading this job if there is one. From the join on, everything
         # after the tail's position reaches the watcher's queue.

@@ -3,7 +3,7 @@
 import logging
 
 from services.config import Settings
-from services.errors import SpecRejected, StoreUnavailable
+from services.errors import LimitExceeded, SpecRejected, StoreUnavailable
 from services.queue import enqueue_training, route_job
 from services.schemas import JobSpec, JobView
 from services.store import Store
@@ -23,14 +23,39 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
         )
 
 
+def check_rate(store: Store, tenant: str, settings: Settings) -> None:
+    """Count a submit of `tenant`; LimitExceeded (with when to retry) past the per-minute limit."""
+    count, retry_after = store.count_submit(tenant)
+    if count > settings.submits_per_minute:
+        raise LimitExceeded(
+            "submits_per_minute",
+            f"tenant {tenant!r} submitted {settings.submits_per_minute} jobs this minute; "
+            f"submits_per_minute is {settings.submits_per_minute}",
+            retry_after_s=retry_after,
+        )
+
+
 def submit_job(
-    store: Store, spec: JobSpec, settings: Settings, idempotency: str | None = None
+    store: Store,
+    spec: JobSpec,
+    settings: Settings,
+    tenant: str,
+    idempotency: str | None = None,
 ) -> JobView:
-    """Store a new job and enqueue it on the queue its device routes to; a retried submit
-    with the same idempotency key returns the job the first one made."""
+    """Store a new job of `tenant` and enqueue it on the queue its device routes to; a retried
+    submit with the same idempotency key returns the job the first one made."""
+    check_rate(store, tenant, settings)
     check_limits(spec, settings)
     route = route_job(spec, store.live_queues(), settings)
-    job_id, created = store.create_job(spec, route.device, route.queue, route.reason, idempotency)
+    job_id, created = store.create_job(
+        spec,
+        route.device,
+        route.queue,
+        route.reason,
+        idempotency,
+        tenant=tenant,
+        max_active=settings.max_active_jobs_per_tenant,
+    )
     if not created:
         log.info("job %s returned again for its idempotency key", job_id)
         return store.get_job(job_id)
@@ -40,13 +65,13 @@ def submit_job(
         # Never leave a job record that no message will ever run. (Should this delete fail
         # too, the reaper's orphan check sends the message later.)
         log.warning("enqueue of job %s failed: %s", job_id, exc)
-        store.delete_job(job_id, idempotency)
+        store.delete_job(job_id, idempotency, tenant)
         raise StoreUnavailable(f"could not enqueue the job: {exc}") from exc
     log.info("job %s queued on %s (%s)", job_id, route.queue, route.reason)
     return store.get_job(job_id)
 
 
-def cancel_job(store: Store, job_id: str) -> JobView:
-    """Cancel a queued job at once, or a running one at its next step boundary."""
-    store.cancel_job(job_id)
-    return store.get_job(job_id)
+def cancel_job(store: Store, job_id: str, tenant: str) -> JobView:
+    """Cancel a queued job of `tenant` at once, or a running one at its next step boundary."""
+    store.cancel_job(job_id, tenant)
+    return store.get_job(job_id, tenant)

@@ -9,8 +9,9 @@ claimed the job, even if its lease lapsed meanwhile (DESIGN §5).
 _HELPERS = """
 local TERMINAL = {succeeded = true, failed = true, cancelled = true, diverged = true}
 
--- Status changes keep the hash, the status indexes and the job's event stream (which SSE
--- readers tail) in step. The indexes sit outside the job's hash tag: one Redis, not a cluster.
+-- Status changes keep the hash, the status indexes (all jobs', and the job's tenant's) and
+-- the job's event stream (which SSE readers tail) in step. The indexes sit outside the job's
+-- hash tag: one Redis, not a cluster.
 local function set_status(job, events, id, old, new)
   redis.call('HSET', job, 'status', new)
   if new == 'queued' then
@@ -18,6 +19,11 @@ local function set_status(job, events, id, old, new)
   end
   redis.call('ZREM', 'gs:jobs:' .. old, id)
   redis.call('ZADD', 'gs:jobs:' .. new, 0, id)
+  local tenant = redis.call('HGET', job, 'tenant')
+  if tenant then
+    redis.call('ZREM', 'gs:tenant:' .. tenant .. ':jobs:' .. old, id)
+    redis.call('ZADD', 'gs:tenant:' .. tenant .. ':jobs:' .. new, 0, id)
+  end
   redis.call('XADD', events, '*', 'status', new,
              'steps_done', redis.call('HGET', job, 'steps_done'))
 end
@@ -67,9 +73,10 @@ local function lapse(job, events, id, status, max_attempts, now)
 end
 """
 
-# KEYS: job, events, idempotency key (optional). ARGV: job id, idempotency TTL s, then the
-# record's field/value pairs. Returns the id of the job: the new one, or the one the
-# idempotency key already names.
+# KEYS: job, events, idempotency key (optional). ARGV: job id, idempotency TTL s, tenant, the
+# tenant's limit of active jobs, then the record's field/value pairs. Returns {id, 1} for a new
+# job, {id, 0} for the one the idempotency key already names, {'limit', n} when the tenant
+# already has n >= limit jobs queued or running.
 CREATE = (
     _HELPERS
     + """
@@ -77,9 +84,17 @@ if KEYS[3] then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {existing, 0} end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+local tenant_jobs = 'gs:tenant:' .. ARGV[3] .. ':jobs'
+local active = 0
+for _, status in ipairs({'queued', 'running', 'cancelling'}) do
+  active = active + redis.call('ZCARD', tenant_jobs .. ':' .. status)
+end
+if active >= tonumber(ARGV[4]) then return {'limit', active} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('ZADD', 'gs:jobs', 0, ARGV[1])
 redis.call('ZADD', 'gs:jobs:queued', 0, ARGV[1])
+redis.call('ZADD', tenant_jobs, 0, ARGV[1])
+redis.call('ZADD', tenant_jobs .. ':queued', 0, ARGV[1])
 redis.call('HSET', KEYS[1], 'queued_at', redis.call('TIME')[1])
 redis.call('XADD', KEYS[2], '*', 'status', 'queued', 'steps_done', 0)
 if KEYS[3] then redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2]) end

@@ -18,7 +18,13 @@ from typing import Any, ParamSpec, TypeVar
 import redis
 
 from services import scripts
-from services.errors import JobFinished, JobNotFound, MalformedJob, StoreUnavailable
+from services.errors import (
+    JobFinished,
+    JobNotFound,
+    LimitExceeded,
+    MalformedJob,
+    StoreUnavailable,
+)
 from services.records import Chunk, expand_chunk
 from services.schemas import JobSpec, JobStatus, JobView, WorkerInfo
 
@@ -38,8 +44,19 @@ def ckpt_key(job_id: str) -> str:
     return f"gs:{{{job_id}}}:ckpt"
 
 
-def idempotency_key(key: str) -> str:
-    return f"gs:idem:{key}"
+def idempotency_key(tenant: str, key: str) -> str:
+    # Per tenant: another tenant's key must never return (or reveal) this tenant's job.
+    return f"gs:idem:{tenant}:{key}"
+
+
+def tenant_index(tenant: str, status: JobStatus | None = None) -> str:
+    """A tenant's jobs (all, or in one status), lex-sorted by id like the global indexes."""
+    base = f"gs:tenant:{tenant}:jobs"
+    return base if status is None else f"{base}:{status.value}"
+
+
+def submits_key(tenant: str, window: int) -> str:
+    return f"gs:submits:{tenant}:{window}"
 
 
 def job_key(job_id: str) -> str:
@@ -186,15 +203,19 @@ class Store:
         queue: str,
         route_reason: str,
         idempotency: str | None = None,
+        tenant: str = "dev",
+        max_active: int = 2**31,
     ) -> tuple[str, bool]:
-        """Write a new queued job (record, indexes, first status event) atomically.
+        """Write a new queued job of `tenant` (record, indexes, first status event) atomically.
 
-        With an idempotency key already used (within a day), writes nothing and returns that
-        job's id; the flag says whether the job is new.
+        With an idempotency key the tenant already used (within a day), writes nothing and
+        returns that job's id; the flag says whether the job is new. LimitExceeded when the
+        tenant already has `max_active` jobs queued or running.
         """
         job_id = new_job_id()
         record = {
             "id": job_id,
+            "tenant": tenant,
             "spec": spec.model_dump_json(),
             "status": JobStatus.QUEUED.value,
             "device": device,
@@ -207,41 +228,63 @@ class Store:
         }
         keys = [job_key(job_id), events_key(job_id)]
         if idempotency is not None:
-            keys.append(idempotency_key(idempotency))
-        args: list[Any] = [job_id, IDEMPOTENCY_TTL_S]
+            keys.append(idempotency_key(tenant, idempotency))
+        args: list[Any] = [job_id, IDEMPOTENCY_TTL_S, tenant, max_active]
         for name, value in record.items():
             args += [name, value]
         found, created = self._create(keys=keys, args=args)
+        if found == b"limit":
+            raise LimitExceeded(
+                "max_active_jobs_per_tenant",
+                f"tenant {tenant!r} has {created} jobs queued or running; "
+                f"max_active_jobs_per_tenant is {max_active}",
+            )
         return found.decode(), bool(created)
 
     @_translate_redis_errors
-    def delete_job(self, job_id: str, idempotency: str | None = None) -> None:
+    def delete_job(self, job_id: str, idempotency: str | None = None, tenant: str = "dev") -> None:
         """Remove every trace of a job (used when it could not be enqueued)."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(job_key(job_id), steps_key(job_id), events_key(job_id))
         if idempotency is not None:
-            pipe.delete(idempotency_key(idempotency))
+            pipe.delete(idempotency_key(tenant, idempotency))
         pipe.zrem(JOBS_INDEX, job_id)
+        pipe.zrem(tenant_index(tenant), job_id)
         for status in JobStatus:
             pipe.zrem(STATUS_INDEX_PREFIX + status.value, job_id)
+            pipe.zrem(tenant_index(tenant, status), job_id)
         pipe.execute()
 
     @_translate_redis_errors
-    def job_fields(self, job_id: str) -> dict[bytes, bytes]:
+    def count_submit(self, tenant: str, window_s: int = 60) -> tuple[int, int]:
+        """Count one submit of `tenant` in the current window: the window's count so far and
+        the seconds until the next window starts."""
+        now = int(time.time())
+        window = now // window_s
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.incr(submits_key(tenant, window))
+        pipe.expire(submits_key(tenant, window), 2 * window_s)
+        count, _ = pipe.execute()
+        return int(count), (window + 1) * window_s - now
+
+    @_translate_redis_errors
+    def job_fields(self, job_id: str, tenant: str | None = None) -> dict[bytes, bytes]:
+        """The job's record; JobNotFound also when `tenant` is given and does not own it, so
+        that another tenant's job cannot be told from a missing one."""
         fields: dict[bytes, bytes] = self.redis.hgetall(job_key(job_id))
-        if not fields:
+        if not fields or (tenant is not None and fields.get(b"tenant") != tenant.encode()):
             raise JobNotFound(job_id)
         return fields
 
-    def get_job(self, job_id: str) -> JobView:
-        return job_view(self.job_fields(job_id), self.live_queues())
+    def get_job(self, job_id: str, tenant: str | None = None) -> JobView:
+        return job_view(self.job_fields(job_id, tenant), self.live_queues())
 
     @_translate_redis_errors
     def list_jobs(
-        self, status: JobStatus | None, limit: int, cursor: str | None
+        self, tenant: str, status: JobStatus | None, limit: int, cursor: str | None
     ) -> tuple[list[JobView], str | None]:
-        """Newest first; `cursor` is the last id of the previous page."""
-        index = JOBS_INDEX if status is None else STATUS_INDEX_PREFIX + status.value
+        """The tenant's jobs, newest first; `cursor` is the last id of the previous page."""
+        index = tenant_index(tenant, status)
         upper = "+" if cursor is None else f"({cursor}"
         ids = [i.decode() for i in self.redis.zrevrangebylex(index, upper, "-", 0, limit + 1)]
         page = ids[:limit]
@@ -254,10 +297,10 @@ class Store:
 
     @_translate_redis_errors
     def read_steps(
-        self, job_id: str, after: int, limit: int
+        self, job_id: str, after: int, limit: int, tenant: str | None = None
     ) -> tuple[list[dict[str, Any]], int | None]:
         """Stored steps with `step > after`, in order, and the `after` of the next page or None."""
-        fields = self.job_fields(job_id)
+        fields = self.job_fields(job_id, tenant)
         finished = JobStatus(fields[b"status"].decode()).finished
         steps_done = int(fields[b"steps_done"])
         records: list[dict[str, Any]] = []
@@ -281,8 +324,10 @@ class Store:
         return records, (last if more else None)
 
     @_translate_redis_errors
-    def cancel_job(self, job_id: str) -> str:
+    def cancel_job(self, job_id: str, tenant: str | None = None) -> str:
         """Ask a job to stop; its status now: `cancelled` (it was queued) or `cancelling`."""
+        if tenant is not None:
+            self.job_fields(job_id, tenant)  # the owner never changes: checking first is safe
         keys = [job_key(job_id), events_key(job_id)]
         outcome, status = self._cancel(keys=keys, args=[job_id, utc_now()])
         if outcome == b"finished":
@@ -456,7 +501,8 @@ class Store:
         pipe.execute()
 
     @_translate_redis_errors
-    def list_workers(self) -> list[WorkerInfo]:
+    def list_workers(self, tenant: str | None = None) -> list[WorkerInfo]:
+        """Live workers; with `tenant`, a current job of another tenant shows as null."""
         names = self.redis.zrangebyscore(WORKERS_INDEX, time.time() - 3600, "+inf")
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
@@ -477,6 +523,14 @@ class Store:
                     heartbeat_at=datetime.fromisoformat(record["heartbeat_at"]),
                 )
             )
+        if tenant is not None:
+            running = [w for w in workers if w.current_job]
+            pipe = self.redis.pipeline(transaction=False)
+            for worker in running:
+                pipe.hget(job_key(str(worker.current_job)), "tenant")
+            for worker, owner in zip(running, pipe.execute(), strict=True):
+                if owner != tenant.encode():
+                    worker.current_job = None
         return workers
 
     def live_queues(self) -> set[str]:

@@ -151,6 +151,11 @@ class Trainer:
 
     def load_state(self, theta: bytes, optimizer: bytes) -> None:
         """Continue from a checkpoint: raw float32 parameters and `optimizer_state()`."""
+        if len(theta) != 4 * self.layout.params:
+            raise ValueError(
+                f"checkpoint holds {len(theta)} bytes of parameters; the job has "
+                f"{self.layout.params} float32 parameters ({4 * self.layout.params} bytes)"
+            )
         saved = torch.frombuffer(bytearray(theta), dtype=torch.float32)
         with torch.no_grad():
             self.theta.copy_(saved)

@@ -28,7 +28,7 @@ TEST_ENV = {
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     run_dir: Path = tmp_path_factory.mktemp("stack")
-    local = Stack(run_dir, env=TEST_ENV)
+    local = Stack(run_dir, env=TEST_ENV, tenants=("alice", "bob"))
     try:
         local.start_redis()
         local.start_api()
@@ -48,5 +48,5 @@ def redis_client(stack: Stack) -> Iterator["redis.Redis"]:
 
 @pytest.fixture
 def client(stack: Stack) -> Iterator[Client]:
-    with Client(stack.api_url, timeout=10) as api:
+    with Client(stack.api_url, stack.api_key, timeout=10) as api:
         yield api

@@ -36,7 +36,7 @@ def main() -> int:
         stack.start_api()
         workers = [stack.start_worker("cpu") for _ in range(args.workers)]
         stack.wait_for_workers({"cpu"})
-        with Client(stack.api_url, timeout=10) as client:
+        with Client(stack.api_url, stack.api_key, timeout=10) as client:
             specs = {}
             for i in range(args.jobs):
                 spec = long_spec(steps=rng.choice([500, 2000, 6000, 12000]), seed=i)

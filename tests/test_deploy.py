@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from services.config import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 CHECK = Path(sys.executable).parent / "check-jsonschema"
 
@@ -54,8 +56,31 @@ def test_compose_services_commands_and_gpu_reservation() -> None:
     assert gpu["build"]["args"]["TORCH_VARIANT"] == "cuda"
     for name in ("api", "worker-cpu", "worker-gpu"):
         assert services[name]["environment"]["GRADSTREAM_REDIS_URL"] == "redis://redis:6379/0"
-    redis_command = services["redis"]["command"]
+    redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly" in redis_command and "noeviction" in redis_command
+
+
+def test_compose_keeps_redis_private_with_a_password_and_the_api_behind_keys() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert set(compose["secrets"]) == {"redis_password", "api_keys"}
+    redis_service = services["redis"]
+    assert "ports" not in redis_service
+    assert "--requirepass" in " ".join(redis_service["command"])
+    assert "REDISCLI_AUTH" in " ".join(redis_service["healthcheck"]["test"])
+    for name in ("api", "worker-cpu", "worker-gpu"):
+        env = services[name]["environment"]
+        assert env["GRADSTREAM_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
+        assert "redis_password" in services[name]["secrets"]
+    assert services["api"]["environment"]["GRADSTREAM_API_KEYS"] == "/run/secrets/api_keys"
+    assert [name for name, s in services.items() if "ports" in s] == ["api"]
+
+
+def test_the_redis_password_file_goes_into_the_url(tmp_path: Path) -> None:
+    secret = tmp_path / "redis_password"
+    secret.write_text("p@ss/word\n")
+    settings = Settings(redis_url="redis://redis:6379/0", redis_password_file=str(secret))
+    assert settings.redis_url == "redis://:p%40ss%2Fword@redis:6379/0"
 
 
 def test_dockerfile_copies_what_exists_and_pins_torch() -> None:

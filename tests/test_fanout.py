@@ -22,12 +22,14 @@ def _spec(steps: int) -> dict[str, object]:
     }
 
 
-async def _watch(url: str, job_id: str, last_event_id: int | None = None) -> list[dict]:  # type: ignore[type-arg]
-    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+async def _watch(stack: Stack, job_id: str, last_event_id: int | None = None) -> list[dict]:  # type: ignore[type-arg]
+    headers = stack.auth()
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
     steps = []
     async with (
         httpx.AsyncClient(timeout=60) as http,
-        http.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=headers) as response,
+        http.stream("GET", f"{stack.api_url}/v1/jobs/{job_id}/events", headers=headers) as response,
     ):
         lines = [line async for line in response.aiter_lines()]
     for event in parse_sse(iter(lines)):
@@ -51,8 +53,8 @@ def test_watchers_of_one_job_share_one_redis_reader(
     xreads_before = _xread_calls(redis_client)
 
     async def everyone() -> list[list[dict]]:  # type: ignore[type-arg]
-        watchers = [_watch(stack.api_url, job["id"]) for _ in range(WATCHERS)]
-        late = _watch(stack.api_url, job["id"], last_event_id=99)
+        watchers = [_watch(stack, job["id"]) for _ in range(WATCHERS)]
+        late = _watch(stack, job["id"], last_event_id=99)
         return await asyncio.gather(*watchers, late)
 
     *streams, late = asyncio.run(everyone())

@@ -40,7 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 def api(stack: Stack) -> Iterator[Client]:
-    with Client(stack.api_url, timeout=10) as client:
+    with Client(stack.api_url, stack.api_key, timeout=10) as client:
         yield client
 
 
@@ -273,7 +273,7 @@ def test_sse_client_misses_nothing_across_an_api_restart(
     port = int(stack.api_url.rsplit(":", 1)[1])
     steps: list[dict[str, object]] = []
     restarted = False
-    with Client(stack.api_url, timeout=10) as watcher:
+    with Client(stack.api_url, stack.api_key, timeout=10) as watcher:
         for event in watcher.stream(job["id"], retries=20):
             if event.event == "step":
                 steps.append(event.data)

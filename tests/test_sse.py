@@ -19,7 +19,9 @@ def _spec(steps: int) -> dict[str, object]:
 def test_reconnect_with_last_event_id_resumes_exactly_once(stack: Stack, client: Client) -> None:
     job = client.submit(_spec(3000))
     first: list[dict[str, object]] = []
-    with httpx.stream("GET", f"{stack.api_url}/v1/jobs/{job['id']}/events", timeout=30) as response:
+    with httpx.stream(
+        "GET", f"{stack.api_url}/v1/jobs/{job['id']}/events", headers=stack.auth(), timeout=30
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         for event in parse_sse(response.iter_lines()):
             if event.event == "step":
@@ -42,7 +44,7 @@ def test_control_frames_carry_no_id_and_keepalives_flow(stack: Stack, client: Cl
     waiting = client.submit({**_spec(5), "device": "cuda"})
     lines: list[str] = []
     with httpx.stream(
-        "GET", f"{stack.api_url}/v1/jobs/{waiting['id']}/events", timeout=30
+        "GET", f"{stack.api_url}/v1/jobs/{waiting['id']}/events", headers=stack.auth(), timeout=30
     ) as response:
         for line in response.iter_lines():
             lines.append(line)
@@ -55,7 +57,9 @@ def test_control_frames_carry_no_id_and_keepalives_flow(stack: Stack, client: Cl
 
     job = client.submit(_spec(5))
     client.wait(job["id"], timeout=30)
-    with httpx.stream("GET", f"{stack.api_url}/v1/jobs/{job['id']}/events", timeout=30) as response:
+    with httpx.stream(
+        "GET", f"{stack.api_url}/v1/jobs/{job['id']}/events", headers=stack.auth(), timeout=30
+    ) as response:
         body = response.read().decode()
     frames = [frame for frame in body.split("\n\n") if frame.startswith("event:")]
     kinds = [frame.splitlines()[0] for frame in frames]

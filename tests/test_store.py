@@ -10,7 +10,7 @@ from cli.stack import Stack, wait_until
 from services.config import Settings
 from services.errors import JobFinished, JobNotFound
 from services.records import Chunk
-from services.runner import LeaseKeeper, Outcome
+from services.runner import LeaseKeeper, Outcome, run_job
 from services.schemas import JobSpec, JobStatus
 from services.store import Store
 from tests.attempts import run_once, run_with_hand_back
@@ -85,14 +85,14 @@ def test_flush_is_fenced_by_attempt_and_refuses_gaps(store: Store) -> None:
 def test_list_jobs_newest_first_with_cursor_and_status(store: Store) -> None:
     ids = [store.create_job(SPEC, "cpu", "test-nobody", "test")[0] for _ in range(5)]
     store.cancel_job(ids[1])
-    page, cursor = store.list_jobs(None, 3, None)
+    page, cursor = store.list_jobs("dev", None, 3, None)
     assert [v.id for v in page] == ids[::-1][:3]
     assert cursor == ids[2]
-    page, _ = store.list_jobs(None, 2, cursor)
+    page, _ = store.list_jobs("dev", None, 2, cursor)
     assert [v.id for v in page] == [ids[1], ids[0]]
-    cancelled, _ = store.list_jobs(JobStatus.CANCELLED, 100, None)
+    cancelled, _ = store.list_jobs("dev", JobStatus.CANCELLED, 100, None)
     assert ids[1] in [v.id for v in cancelled]
-    queued, _ = store.list_jobs(JobStatus.QUEUED, 100, None)
+    queued, _ = store.list_jobs("dev", JobStatus.QUEUED, 100, None)
     assert ids[1] not in [v.id for v in queued] and ids[4] in [v.id for v in queued]
 
 
@@ -142,3 +142,24 @@ def test_a_job_handed_back_resumes_bit_for_bit_from_its_checkpoint(store: Store)
     attempts, resumed = run_with_hand_back(store, SEED_LONG, torch.device("cpu"), settings)
     assert 0 < attempts[0].steps < 300 and attempts[0].steps + attempts[1].steps == 300
     assert resumed == whole
+
+
+def test_a_malformed_job_record_fails_that_job_not_the_worker(store: Store) -> None:
+    # Workers trust nothing they read from Redis: the spec is validated again, and a
+    # checkpoint that does not fit the job fails it with the reason.
+    job_id, _ = store.create_job(SPEC, "cpu", "test-nobody", "test")
+    store.redis.hset(f"gs:{{{job_id}}}:job", "spec", '{"data": {"x": [[1.0]], "y": []}}')
+    result = run_job(store, job_id, "test-worker", torch.device("cpu"), Settings())
+    assert result.outcome is Outcome.FAILED
+    fields = store.job_fields(job_id)  # (no JobView: the spec in it cannot be read back)
+    assert fields[b"status"] == b"failed" and b"invalid job record" in fields[b"error"]
+
+    job_id, _ = store.create_job(SPEC, "cpu", "test-nobody", "test")
+    store.redis.hset(f"gs:{{{job_id}}}:ckpt", mapping={"step": 3, "theta": b"xy", "optimizer": b""})
+    result = run_job(store, job_id, "test-worker", torch.device("cpu"), Settings())
+    assert result.outcome is Outcome.FAILED
+    assert "checkpoint holds 2 bytes" in str(store.get_job(job_id).error)
+    # The same worker code runs the next job as usual.
+    assert (
+        run_once(store, SEED_LONG, torch.device("cpu"), Settings())[0].outcome is Outcome.SUCCEEDED
+    )

@@ -5,15 +5,18 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
 
-from api.deps import JobIdDep, SettingsDep, StoreDep
+from api.deps import JobIdDep, SettingsDep, StoreDep, TenantDep, problems
 from services import jobs
 from services.schemas import JobList, JobSpec, JobStatus, JobView, StepsPage
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], responses=problems(401, 404, 409, 413, 429, 503)
+)
 
 
 @router.post("", status_code=201)
 def submit_job(
+    tenant: TenantDep,
     spec: JobSpec,
     store: StoreDep,
     settings: SettingsDep,
@@ -29,44 +32,46 @@ def submit_job(
     ] = None,
 ) -> JobView:
     """Submit a training job; it is queued on the worker queue its device routes to."""
-    view = jobs.submit_job(store, spec, settings, idempotency_key)
+    view = jobs.submit_job(store, spec, settings, tenant, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{view.id}"
     return view
 
 
 @router.get("")
 def list_jobs(
+    tenant: TenantDep,
     store: StoreDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
 ) -> JobList:
-    """List jobs, newest first; pass `next` back as `cursor` for the following page."""
-    views, next_cursor = store.list_jobs(status, limit, cursor)
+    """List the caller's jobs, newest first; pass `next` back as `cursor` for the next page."""
+    views, next_cursor = store.list_jobs(tenant, status, limit, cursor)
     return JobList(jobs=views, next=next_cursor)
 
 
 @router.get("/{job_id}")
-def get_job(job_id: JobIdDep, store: StoreDep) -> JobView:
+def get_job(tenant: TenantDep, job_id: JobIdDep, store: StoreDep) -> JobView:
     """Read one job."""
-    return store.get_job(job_id)
+    return store.get_job(job_id, tenant)
 
 
 @router.get("/{job_id}/steps", response_model=StepsPage)
 def get_steps(
+    tenant: TenantDep,
     job_id: JobIdDep,
     store: StoreDep,
     after: Annotated[int, Query(ge=-1, description="return steps after this one")] = -1,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> JSONResponse:
     """Stored steps with `step > after`, in order; `next` is the `after` of the next page."""
-    records, next_after = store.read_steps(job_id, after, limit)
+    records, next_after = store.read_steps(job_id, after, limit, tenant)
     # Records are plain dicts already checked by construction; skipping a pydantic round trip
     # per step keeps a 5 000-step page cheap.
     return JSONResponse({"steps": records, "next": next_after})
 
 
 @router.post("/{job_id}/cancel", status_code=202)
-def cancel_job(job_id: JobIdDep, store: StoreDep) -> JobView:
+def cancel_job(tenant: TenantDep, job_id: JobIdDep, store: StoreDep) -> JobView:
     """Cancel a job: a queued one at once, a running one at its next step boundary."""
-    return jobs.cancel_job(store, job_id)
+    return jobs.cancel_job(store, job_id, tenant)

@@ -1,16 +1,31 @@
 """Server-Sent Events: a job's steps and status, live, resumable by Last-Event-ID."""
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.types import Message, Receive, Scope, Send
 
-from api.deps import JobIdDep, JobStreamsDep
+from api.deps import (
+    JobIdDep,
+    JobStreamsDep,
+    SettingsDep,
+    StoreDep,
+    StreamTenantDep,
+    StreamTokensDep,
+    TenantDep,
+    problems,
+)
+from services.errors import LimitExceeded
 from services.events import StreamEvent
 
-router = APIRouter(prefix="/v1/jobs", tags=["streams"])
+router = APIRouter(prefix="/v1/jobs", tags=["streams"], responses=problems(401, 404, 413, 429, 503))
+log = logging.getLogger(__name__)
 
 
 def sse_frame(event: StreamEvent | None) -> bytes:
@@ -24,27 +39,113 @@ def sse_frame(event: StreamEvent | None) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
+class SlowReader(OSError):
+    """The client took nothing for the send timeout (it resumes by Last-Event-ID)."""
+
+
+class EventStreamResponse(StreamingResponse):
+    """A streaming response that drops a client which stops reading: a send that waits longer
+    than `send_timeout_s` for the client to take data ends the response, instead of holding
+    the connection and the events queued for it. However the response ends (done, client
+    gone, dropped, or never started), the frames are closed and `on_close` runs."""
+
+    def __init__(
+        self,
+        frames: AsyncGenerator[bytes, None],
+        send_timeout_s: float,
+        on_close: Callable[[], None],
+    ) -> None:
+        super().__init__(
+            frames,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.frames, self.send_timeout_s, self.on_close = frames, send_timeout_s, on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SlowReader:
+            pass  # returning unfinished makes the server close the connection (one log line)
+        finally:
+            await self.frames.aclose()
+            self.on_close()
+
+    async def stream_response(self, send: Send) -> None:
+        async def timed_send(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.send_timeout_s)
+            except TimeoutError:
+                log.warning("SSE client took nothing for %.0f s: dropped", self.send_timeout_s)
+                raise SlowReader("SSE client stopped reading") from None
+
+        await super().stream_response(timed_send)
+
+
+class StreamSlots:
+    """SSE connections per tenant in this API process."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    def take(self, tenant: str) -> None:
+        if self.open.get(tenant, 0) >= self.limit:
+            raise LimitExceeded(
+                "max_sse_per_tenant",
+                f"tenant {tenant!r} has {self.limit} event streams open; "
+                f"max_sse_per_tenant is {self.limit}",
+            )
+        self.open[tenant] = self.open.get(tenant, 0) + 1
+
+    def give_back(self, tenant: str) -> None:
+        self.open[tenant] -= 1
+
+
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def job_events(
+    tenant: StreamTenantDep,
     job_id: JobIdDep,
     streams: JobStreamsDep,
+    settings: SettingsDep,
+    request: Request,
     last_event_id: Annotated[int | None, Header(ge=-1)] = None,
 ) -> StreamingResponse:
-    """Stream the job's steps after Last-Event-ID (or from step 0), live ones, then `done`."""
+    """Stream the job's steps after Last-Event-ID (or from step 0), live ones, then `done`.
+    Authenticated by an API key, or by `?token=` from POST /v1/jobs/{id}/stream-token."""
     after = -1 if last_event_id is None else last_event_id
-    events = await streams.open(job_id, after)
+    events = await streams.open(job_id, after, tenant)
+    slots: StreamSlots = request.app.state.stream_slots
+    slots.take(tenant)
 
-    async def frames() -> AsyncIterator[bytes]:
-        yield b"retry: 1000\n\n"
-        async for frame in events:
-            yield frame
+    async def frames() -> AsyncGenerator[bytes, None]:
+        try:
+            yield b"retry: 1000\n\n"
+            async for frame in events:
+                yield frame
+        finally:
+            await events.aclose()  # the watcher leaves the job's tail now, not at GC
 
-    return StreamingResponse(
-        frames(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    return EventStreamResponse(
+        frames(), settings.sse_send_timeout_s, on_close=lambda: slots.give_back(tenant)
     )
+
+
+class StreamToken(BaseModel):
+    token: str
+    expires_at: int  # epoch seconds
+
+
+@router.post("/{job_id}/stream-token")
+def stream_token(
+    tenant: TenantDep, job_id: JobIdDep, store: StoreDep, tokens: StreamTokensDep
+) -> StreamToken:
+    """A short-lived token that streams this job's events as `?token=` (EventSource cannot send
+    an Authorization header); accepted by the events route only."""
+    store.job_fields(job_id, tenant)  # 404 unless it is the caller's job
+    token, expires_at = tokens.issue(job_id, tenant)
+    return StreamToken(token=token, expires_at=expires_at)

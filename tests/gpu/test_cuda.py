@@ -124,7 +124,7 @@ def test_a_gpu_worker_runs_cuda_and_auto_jobs_end_to_end(stack: Stack) -> None:
     worker = stack.start_worker("cuda:0")  # no CPU fallback: it must find the GPU
     try:
         stack.wait_for_workers({"cpu", "gpu"})
-        with Client(stack.api_url, timeout=30) as api:
+        with Client(stack.api_url, stack.api_key, timeout=30) as api:
             gpu = [w for w in api.workers() if "gpu" in w["queues"]]
             assert gpu and gpu[0]["device"] == "cuda:0"
             assert gpu[0]["device_name"] == torch.cuda.get_device_name(0)

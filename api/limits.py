@@ -1,0 +1,54 @@
+"""Request body size: enforced while the body streams in, before anything buffers it.
+
+Starlette and uvicorn read a body whole; this ASGI middleware refuses one whose Content-Length
+is over the limit before reading it, and stops a chunked body (no Content-Length) as soon as
+the bytes received pass the limit, so the API never holds more than `max_bytes` of it.
+"""
+
+import json
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def too_large(max_bytes: int) -> str:
+    return f"request body is larger than max_body_bytes ({max_bytes} bytes)"
+
+
+class BodySizeLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self._refuse(send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI lets an HTTPException from reading the body through to its
+                    # handler: the client gets this 413, the rest of the body is never read.
+                    raise HTTPException(413, too_large(self.max_bytes))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps({"detail": too_large(self.max_bytes)}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
