@@ -6,7 +6,7 @@ compose. Keys are compared in constant time: every configured key is compared, t
 SHA-256 digests of equal length, whatever the given key is.
 
 A browser's EventSource cannot send headers, so the events route also accepts a token from
-`POST /v1/jobs/{id}/stream-token`: `<job id>.<tenant>.<expiry>.<HMAC-SHA256>` signed with a
+`POST /v1/jobs/{id}/stream-token`: `<job id>~<tenant>~<expiry>~<HMAC-SHA256>` signed with a
 secret that every API process of the deployment shares (derived from the keys unless set).
 """
 
@@ -104,16 +104,16 @@ class StreamTokens:
     def issue(self, job_id: str, tenant: str, now: float | None = None) -> tuple[str, int]:
         """A token for `job_id` and the epoch second it expires at."""
         expires = int((time.time() if now is None else now) + self.ttl_s)
-        payload = f"{job_id}.{tenant}.{expires}"
-        return f"{payload}.{self._sign(payload)}", expires
+        payload = f"{job_id}~{tenant}~{expires}"  # no tenant name or base64url holds "~"
+        return f"{payload}~{self._sign(payload)}", expires
 
     def tenant_for(self, token: str, job_id: str, now: float | None = None) -> str:
         """The tenant a valid, unexpired token for `job_id` was issued to."""
-        parts = token.split(".")
+        parts = token.split("~")
         if len(parts) != 4:
             raise Unauthorized("malformed stream token")
         token_job, tenant, expires, signature = parts
-        payload = f"{token_job}.{tenant}.{expires}"
+        payload = f"{token_job}~{tenant}~{expires}"
         if not hmac.compare_digest(self._sign(payload), signature):
             raise Unauthorized("invalid stream token")
         if token_job != job_id:
