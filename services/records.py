@@ -15,6 +15,7 @@ FIELD_COUNT = b"n"
 FIELD_FEATURES = b"d"
 FIELD_BIAS = b"b"
 FIELD_ROWS = b"rows"
+FIELD_BATCHES = b"e"  # batches per epoch, for mini-batch jobs only
 
 
 @dataclass(frozen=True)
@@ -26,19 +27,23 @@ class Chunk:
     features: int
     bias: bool
     rows: bytes
+    batches: int = 0  # batches per epoch of a mini-batch job (0: full batch)
 
     @property
     def last(self) -> int:
         return self.first + self.count - 1
 
     def fields(self) -> dict[bytes, bytes | int]:
-        return {
+        fields: dict[bytes, bytes | int] = {
             FIELD_FIRST: self.first,
             FIELD_COUNT: self.count,
             FIELD_FEATURES: self.features,
             FIELD_BIAS: int(self.bias),
             FIELD_ROWS: self.rows,
         }
+        if self.batches:
+            fields[FIELD_BATCHES] = self.batches
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> "Chunk":
@@ -48,6 +53,7 @@ class Chunk:
             features=int(fields[FIELD_FEATURES]),
             bias=fields[FIELD_BIAS] == b"1",
             rows=fields[FIELD_ROWS],
+            batches=int(fields.get(FIELD_BATCHES, 0)),
         )
 
 
@@ -65,7 +71,8 @@ def param_values(values: "array[float] | list[float]", features: int, bias: bool
 
 
 def expand_chunk(chunk: Chunk, after: int = -1) -> list[dict[str, Any]]:
-    """The chunk's steps with `step > after` as StepRecord-shaped dicts."""
+    """The chunk's steps with `step > after` as StepRecord-shaped dicts (with the epoch and
+    the batch in it for a mini-batch job)."""
     values = array("f")
     values.frombytes(chunk.rows)
     p = chunk.features + int(chunk.bias)
@@ -73,12 +80,13 @@ def expand_chunk(chunk: Chunk, after: int = -1) -> list[dict[str, Any]]:
     records = []
     for i in range(max(0, after + 1 - chunk.first), chunk.count):
         row = values[i * width : (i + 1) * width]
-        records.append(
-            {
-                "step": chunk.first + i,
-                "loss": finite_or_none(row[0]),
-                "grads": param_values(row[1 : 1 + p], chunk.features, chunk.bias),
-                "params": param_values(row[1 + p :], chunk.features, chunk.bias),
-            }
-        )
+        record = {
+            "step": chunk.first + i,
+            "loss": finite_or_none(row[0]),
+            "grads": param_values(row[1 : 1 + p], chunk.features, chunk.bias),
+            "params": param_values(row[1 + p :], chunk.features, chunk.bias),
+        }
+        if chunk.batches:
+            record["epoch"], record["batch"] = divmod(chunk.first + i, chunk.batches)
+        records.append(record)
     return records

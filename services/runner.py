@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -25,9 +26,15 @@ from pydantic import ValidationError
 from services.config import Settings
 from services.errors import StoreUnavailable
 from services.records import Chunk, param_values
-from services.schemas import JobSpec, JobStatus
+from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Store
-from services.training import CudaGraphStep, Layout, Trainer, supports_cuda_graph
+from services.training import (
+    CudaGraphStep,
+    Layout,
+    Trainer,
+    fit_quality,
+    supports_cuda_graph,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +156,8 @@ class Packed:
     last_loss: float
 
 
-def pack(recorded: Recorded, layout: Layout) -> Packed:
-    """The rows as one chunk, cut after the first non-finite step."""
+def pack(recorded: Recorded, layout: Layout, batches: int = 1) -> Packed:
+    """The rows as one chunk, cut after the first non-finite step; `batches` per epoch."""
     recorded.wait()
     host = recorded.rows
     finite = torch.isfinite(host[:, : 1 + layout.params]).all(dim=1)
@@ -159,8 +166,42 @@ def pack(recorded: Recorded, layout: Layout) -> Packed:
     if not bool(finite.all()):
         bad = int(torch.nonzero(~finite)[0, 0])
         diverged_at, rows = recorded.first + bad, bad + 1
-    chunk = Chunk(recorded.first, rows, layout.features, layout.bias, host[:rows].numpy().tobytes())
+    rows_bytes = host[:rows].numpy().tobytes()
+    epochs = batches if batches > 1 else 0  # a full-batch job's records carry no epoch
+    chunk = Chunk(recorded.first, rows, layout.features, layout.bias, rows_bytes, epochs)
     return Packed(chunk, diverged_at, float(host[rows - 1, 0]))
+
+
+class StopRule:
+    """A job's stop rules (`spec.stop`), checked after each step. The tolerances read the
+    step's record row, on the host (a GPU job with a tolerance syncs once per step)."""
+
+    def __init__(self, stop: StopSpec, started_at: float, trainer: Trainer) -> None:
+        self.stop = stop
+        self.deadline = None if stop.max_seconds is None else started_at + stop.max_seconds
+        self.params = trainer.layout.params
+        self.previous_loss: float | None = None
+
+    def check(self, step: int, row: torch.Tensor | None) -> str | None:
+        """Why the job stops after `step`, or None to go on."""
+        stop = self.stop
+        if row is not None and stop.tol_loss is not None:
+            loss = float(row[0])
+            previous, self.previous_loss = self.previous_loss, loss
+            if previous is not None and abs(loss - previous) < stop.tol_loss:
+                change = abs(loss - previous)
+                return (
+                    f"tol_loss: the loss changed by {change:.3g} (< {stop.tol_loss}) at step {step}"
+                )
+        if row is not None and stop.tol_grad is not None:
+            norm = float(row[1 : 1 + self.params].norm())
+            if norm < stop.tol_grad:
+                return (
+                    f"tol_grad: the gradient norm was {norm:.3g} (< {stop.tol_grad}) at step {step}"
+                )
+        if self.deadline is not None and time.time() >= self.deadline:
+            return f"max_seconds: {stop.max_seconds} s had passed at step {step}"
+        return None
 
 
 class LeaseKeeper:
@@ -297,13 +338,13 @@ class _Attempt:
         trainer = Trainer(spec, device)
         start = 0
         if checkpoint is not None:
-            trainer.load_state(checkpoint.theta, checkpoint.optimizer)
+            trainer.load_state(checkpoint.theta, checkpoint.optimizer, checkpoint.step)
             start = checkpoint.step
-        self.layout = trainer.layout
+        self.layout, self.batches = trainer.layout, trainer.batches_per_epoch
         # No more rows than the attempt has steps: a short job should not pay for 2 x 4096.
         rows = min(self.settings.flush_max_steps, spec.steps - start)
         recorder = self.recorder = StepRecorder(trainer.layout, rows, device, start)
-        graph = self._capture(trainer, recorder, spec.steps - start)
+        graph = self._capture(trainer, recorder, spec, spec.steps - start)
         self.stepper = "eager" if graph is None else "cuda-graph"
         log.info(
             "job %s attempt %d: steps %d..%d on %s (%s)",
@@ -323,11 +364,14 @@ class _Attempt:
             self.steps_run = recorder.first + recorder.count - start
 
     def _capture(
-        self, trainer: Trainer, recorder: StepRecorder, steps: int
+        self, trainer: Trainer, recorder: StepRecorder, spec: JobSpec, steps: int
     ) -> CudaGraphStep | None:
-        """The step as a CUDA graph where that pays (a GPU, enough steps), else None."""
+        """The step as a CUDA graph where that pays (a GPU, enough steps), else None. Not with
+        a tolerance to check: that reads each step's row on the host."""
         settings = self.settings
         if not settings.cuda_graphs or steps < settings.cuda_graph_min_steps:
+            return None
+        if spec.stop is not None and (spec.stop.tol_loss or spec.stop.tol_grad):
             return None
         if not supports_cuda_graph(trainer):
             return None
@@ -350,12 +394,19 @@ class _Attempt:
         interval = self.settings.flush_interval_s
         last_flush = time.perf_counter()
         last = spec.steps - 1
+        rule = None if spec.stop is None else StopRule(spec.stop, self._started_at(), trainer)
+        reason = f"ran all {spec.steps} steps"
         for step in range(start, spec.steps):
+            row = None
             if graph is None:
-                trainer.step(recorder.next_row())
+                row = recorder.next_row()
+                trainer.step(row)
             else:  # the graph writes the row at recorder.cursor
                 graph.replay()
                 recorder.advance()
+            if rule is not None and (why := rule.check(step, row)):
+                reason = why
+                break
             # After the last step the final flush below carries the rows: one script, not two.
             if step == last:
                 break
@@ -375,8 +426,17 @@ class _Attempt:
         # The last chunk (at least the last step) and the finish go in one flush.
         recorded = recorder.swap(trainer.theta, trainer.optimizer_state())
         params = trainer.params().cpu().tolist()
-        result = {"params": param_values(params, trainer.layout.features, spec.bias)}
+        result = {
+            "params": param_values(params, trainer.layout.features, spec.bias),
+            "stopped": reason,
+            **fit_quality(trainer, spec),
+        }
         return self._flush(recorded, result) or AttemptResult(Outcome.SUCCEEDED)
+
+    def _started_at(self) -> float:
+        """When the job's first attempt started (epoch seconds): max_seconds counts from it."""
+        started = self.store.job_fields(self.job_id).get(b"started_at")
+        return datetime.fromisoformat(started.decode()).timestamp() if started else time.time()
 
     def _wait_for_flush(self) -> AttemptResult | None:
         if self._flushing is None:
@@ -394,7 +454,7 @@ class _Attempt:
             return self._stopped("fenced")
         chunk, checkpoint, status, error = None, None, None, None
         if recorded is not None:
-            packed = pack(recorded, self.layout)
+            packed = pack(recorded, self.layout, self.batches)
             chunk, checkpoint = packed.chunk, recorded.checkpoint
             self.last_loss = packed.last_loss
             if packed.diverged_at is not None:

@@ -107,11 +107,58 @@ class InitSpec(StrictModel):
     b: float | None = None
 
 
-class OptimizerSpec(StrictModel):
-    """The optimizer and its learning rate."""
+class ScheduleSpec(StrictModel):
+    """How the learning rate changes with the steps (torch.optim.lr_scheduler): `constant`;
+    `step`, times `gamma` every `step_size` steps; `cosine`, from lr down to `eta_min` over
+    the job's steps."""
 
-    name: Literal["sgd"] = "sgd"
+    name: Literal["constant", "step", "cosine"] = "constant"
+    step_size: int = Field(default=100, ge=1)
+    gamma: float = Field(default=0.1, gt=0, le=1)
+    eta_min: float = Field(default=0.0, ge=0)
+
+
+class OptimizerSpec(StrictModel):
+    """The optimizer (torch.optim's SGD, Adam or AdamW), its settings and the lr schedule."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="sgd only")
+    nesterov: bool = Field(default=False, description="sgd with momentum only")
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adam and adamw")
+    eps: float = Field(default=1e-8, gt=0, description="adam and adamw")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError("betas must each be in [0, 1)")
+        return betas
+
+    @model_validator(mode="after")
+    def _settings_fit_the_optimizer(self) -> Self:
+        if self.name != "sgd" and (self.momentum or self.nesterov):
+            raise ValueError(f"momentum and nesterov are sgd settings, not {self.name}'s")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        return self
+
+
+class StopSpec(StrictModel):
+    """Ending a job before its `steps`: when the loss stops changing, when the gradient is
+    (almost) zero, or when its time is up. The JobView's `stop_reason` says which."""
+
+    tol_loss: float | None = Field(
+        default=None, gt=0, description="stop once |loss - previous step's loss| < tol_loss"
+    )
+    tol_grad: float | None = Field(
+        default=None, gt=0, description="stop once the gradient's L2 norm < tol_grad"
+    )
+    max_seconds: float | None = Field(
+        default=None, gt=0, description="stop after this long since the job started"
+    )
 
 
 DeviceRequest = Literal["cpu", "cuda", "auto"]
@@ -126,6 +173,11 @@ class JobSpec(StrictModel):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     steps: int = Field(default=100, ge=1)
     device: DeviceRequest = "auto"
+    batch_size: int | None = Field(
+        default=None, ge=1, description="samples per step; none (or >= samples): the full batch"
+    )
+    shuffle_seed: int = Field(default=0, ge=0, description="the mini-batch order's seed")
+    stop: StopSpec | None = None
 
     @field_validator("init")
     @classmethod
@@ -183,10 +235,18 @@ class StepRecord(BaseModel):
 
 
 class JobResult(BaseModel):
-    """Final parameters (after the last update) and the last step's loss."""
+    """Final parameters (after the last update) and the last step's loss; why the job ended;
+    and how good the fit is on all the data: its loss and R², and the gap to the least-squares
+    solution (computed by the worker for problems of up to 10^7 samples x features)."""
 
     params: ParamValues
     loss: float | None
+    stopped: str | None = None
+    full_loss: float | None = None
+    r2: float | None = None
+    lstsq_params: ParamValues | None = None
+    lstsq_loss: float | None = None
+    lstsq_gap: float | None = Field(default=None, description="full_loss - lstsq_loss")
 
 
 class JobView(BaseModel):
@@ -205,6 +265,9 @@ class JobView(BaseModel):
     finished_at: UtcTime | None
     result: JobResult | None
     error: str | None
+    stop_reason: str | None = Field(
+        default=None, description="why the job ended: all its steps, a stop rule, an error"
+    )
 
 
 class JobList(BaseModel):

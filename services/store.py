@@ -134,6 +134,16 @@ class Claim:
     status: str = ""
 
 
+def _stop_reason(status: JobStatus, result: dict[str, Any] | None, error: str | None) -> str | None:
+    if status is JobStatus.SUCCEEDED and result is not None:
+        return str(result.get("stopped") or "ran all its steps")
+    if status is JobStatus.CANCELLED:
+        return "cancelled"
+    if status in (JobStatus.FAILED, JobStatus.DIVERGED):
+        return error
+    return None
+
+
 def job_view(fields: dict[bytes, bytes], live_queues: Iterable[str] | None = None) -> JobView:
     """A JobView from the job's hash; a queued job says why it waits if no worker can take it."""
     try:
@@ -146,6 +156,7 @@ def job_view(fields: dict[bytes, bytes], live_queues: Iterable[str] | None = Non
             and record["queue"] not in set(live_queues)
         ):
             route_reason += f"; waiting: no live worker for queue {record['queue']!r}"
+        result = json.loads(record["result"]) if "result" in record else None
         return JobView(
             id=record["id"],
             status=status,
@@ -158,8 +169,9 @@ def job_view(fields: dict[bytes, bytes], live_queues: Iterable[str] | None = Non
             created_at=datetime.fromisoformat(record["created_at"]),
             started_at=record.get("started_at"),  # type: ignore[arg-type]
             finished_at=record.get("finished_at"),  # type: ignore[arg-type]
-            result=json.loads(record["result"]) if "result" in record else None,
+            result=result,
             error=record.get("error"),
+            stop_reason=_stop_reason(status, result, record.get("error")),
         )
     except (KeyError, ValueError) as exc:
         raise MalformedJob(f"job record cannot be read: {exc}") from exc

@@ -5,7 +5,7 @@ One step is the tutorial's four moves on a linear model:
     forward    y_hat = x @ w (+ b)
     loss       mean((y_hat - y) ** 2)          -- (y_hat - y)^2 for a single sample
     backward   loss.backward()                 -- autograd gives dLoss/dw (and dLoss/db)
-    update     optimizer.step()                -- SGD: w <- w - lr * dLoss/dw
+    update     optimizer.step()                -- SGD: w <- w - lr * dLoss/dw (or Adam, AdamW)
 
 The parameters live in one flat tensor `theta` = [w..., b] so that a step's record (loss,
 gradients, parameters) is a single row of float32 values, copied on the device without a
@@ -13,7 +13,9 @@ host sync.
 """
 
 import io
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,6 +24,7 @@ import torch
 # first job does not pay it. An import runs no torch op, so forking after it stays safe.
 import torch._dynamo
 
+from services.records import finite_or_none, param_values
 from services.schemas import JobSpec
 
 
@@ -89,8 +92,45 @@ def initial_theta(spec: JobSpec) -> torch.Tensor:
     return theta
 
 
+def build_optimizer(
+    spec: JobSpec, theta: torch.Tensor
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """torch.optim's optimizer and lr scheduler for the spec (never a hand-written update)."""
+    o = spec.optimizer
+    optimizer: torch.optim.Optimizer
+    if o.name == "sgd":
+        optimizer = torch.optim.SGD(
+            [theta], lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        )
+    elif o.name == "adam":
+        optimizer = torch.optim.Adam(
+            [theta], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            [theta], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
+    schedule = o.schedule
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    if schedule.name == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, schedule.step_size, schedule.gamma)
+    elif schedule.name == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=spec.steps, eta_min=schedule.eta_min
+        )
+    return optimizer, scheduler
+
+
+def batch_order(samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the samples in `epoch`: a permutation that depends on (seed, epoch) only,
+    so that a resumed job replays the same batches."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(samples, generator=generator)
+
+
 class Trainer:
-    """One job's data, model and optimizer on one device."""
+    """One job's data, model, optimizer and schedule on one device; `steps_done` counts the
+    steps run (from a checkpoint on)."""
 
     def __init__(self, spec: JobSpec, device: torch.device) -> None:
         self.layout = Layout(spec.data.features, spec.bias)
@@ -98,19 +138,45 @@ class Trainer:
         self.x = x.to(device)
         self.y = y.to(device)
         self.theta = initial_theta(spec).to(device).requires_grad_()
-        self.optimizer = torch.optim.SGD([self.theta], lr=spec.optimizer.lr)
+        self.optimizer, self.scheduler = build_optimizer(spec, self.theta)
+        self.steps_done = 0
+        samples = spec.data.samples
+        self.batch_size = min(spec.batch_size or samples, samples)
+        self.batches_per_epoch = -(-samples // self.batch_size)  # 1: full batch
+        self._seed = spec.shuffle_seed
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its sample order)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (x, y) of `step`: everything, or its mini-batch in its epoch's order."""
+        if self.batches_per_epoch == 1:
+            return self.x, self.y
+        epoch, index = divmod(step, self.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            order = batch_order(len(self.y), self._seed, epoch).to(self.x.device)
+            self._order = (epoch, order)
+        rows = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
+        return self.x[rows], self.y[rows]
 
     def forward_backward(self) -> torch.Tensor:
-        """Forward and backward: the loss; autograd puts dLoss/dtheta into theta.grad."""
+        """Forward and backward of the next step: the loss; autograd puts dLoss/dtheta into
+        theta.grad."""
+        x, y = self.batch(self.steps_done)
         d, theta = self.layout.features, self.theta
         # The views are taken each step, after the previous in-place update.
         if self.layout.bias:
-            y_hat = self.x @ theta[:d] + theta[d]
+            y_hat = x @ theta[:d] + theta[d]
         else:
-            y_hat = self.x @ theta
-        loss = ((y_hat - self.y) ** 2).mean()
+            y_hat = x @ theta
+        loss = ((y_hat - y) ** 2).mean()
         loss.backward()  # type: ignore[no-untyped-call]
         return loss
+
+    def update(self) -> None:
+        """The optimizer's step (and the schedule's), reading theta.grad."""
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps_done += 1
 
     def step(self, record: torch.Tensor) -> None:
         """Run one step and write its [loss, grads, params] into `record` (a row on the device)."""
@@ -129,8 +195,8 @@ class Trainer:
         # parameters this step's forward pass used. Device-side copies, no .item() sync.
         record[0] = loss.detach()
         record[1 + p :].copy_(theta.detach())
-        # Update: SGD's w <- w - lr * dLoss/dw, reading the gradient from the record.
-        self.optimizer.step()
+        # Update: e.g. SGD's w <- w - lr * dLoss/dw, reading the gradient from the record.
+        self.update()
         theta.grad = None
 
     def params(self) -> torch.Tensor:
@@ -138,19 +204,27 @@ class Trainer:
         return self.theta.detach()
 
     def optimizer_state(self) -> bytes:
-        """The optimizer's state for a checkpoint, beside the raw float32 parameters.
+        """The optimizer's and the schedule's state for a checkpoint, beside the raw float32
+        parameters.
 
         Raw values, never a decimal rendering, so that a resumed run continues bit for bit. A
-        stateless optimizer (plain SGD) saves nothing: its settings come from the spec.
+        stateless optimizer (plain SGD, constant lr) saves nothing: its settings come from the
+        spec.
         """
-        if not self.optimizer.state:
+        state: dict[str, Any] = {}
+        if self.optimizer.state:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if not state:
             return b""
         buffer = io.BytesIO()
-        torch.save(self.optimizer.state_dict(), buffer)
+        torch.save(state, buffer)
         return buffer.getvalue()
 
-    def load_state(self, theta: bytes, optimizer: bytes) -> None:
-        """Continue from a checkpoint: raw float32 parameters and `optimizer_state()`."""
+    def load_state(self, theta: bytes, optimizer: bytes, steps_done: int) -> None:
+        """Continue from a checkpoint after `steps_done` steps: raw float32 parameters and
+        `optimizer_state()`."""
         if len(theta) != 4 * self.layout.params:
             raise ValueError(
                 f"checkpoint holds {len(theta)} bytes of parameters; the job has "
@@ -159,11 +233,52 @@ class Trainer:
         saved = torch.frombuffer(bytearray(theta), dtype=torch.float32)
         with torch.no_grad():
             self.theta.copy_(saved)
+        self.steps_done = steps_done
         if optimizer:
             state = torch.load(
                 io.BytesIO(optimizer), map_location=self.theta.device, weights_only=True
             )
-            self.optimizer.load_state_dict(state)
+            if "optimizer" in state:
+                self.optimizer.load_state_dict(state["optimizer"])
+            if "scheduler" in state and self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+
+
+# The least-squares solution is computed for problems up to this size (float64, on the CPU).
+LSTSQ_MAX_ELEMENTS = 10**7
+_lstsq_cache: "OrderedDict[str, tuple[list[float], float]]" = OrderedDict()
+
+
+def fit_quality(trainer: Trainer, spec: JobSpec) -> dict[str, Any]:
+    """How good the final parameters are on all the data: the loss, R², and the least-squares
+    solution with its loss and the gap to it. The solution is computed once per dataset in
+    this process (a bounded cache), in float64 on the CPU."""
+    x = trainer.x.detach().double().cpu()
+    y = trainer.y.detach().double().cpu()
+    if spec.bias:
+        x = torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
+    theta = trainer.params().double().cpu()
+    residual = x @ theta - y
+    full_loss = float((residual**2).mean())
+    total = float(((y - y.mean()) ** 2).mean())
+    r2 = finite_or_none(1 - full_loss / total) if total else None
+    quality: dict[str, Any] = {"full_loss": finite_or_none(full_loss), "r2": r2}
+    if x.numel() > LSTSQ_MAX_ELEMENTS:
+        return quality
+    key = f"{spec.data.model_dump_json()}|{spec.bias}"
+    if key not in _lstsq_cache:
+        solution = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1)
+        _lstsq_cache[key] = (solution.tolist(), float(((x @ solution - y) ** 2).mean()))
+        if len(_lstsq_cache) > 32:
+            _lstsq_cache.popitem(last=False)
+    solution_values, lstsq_loss = _lstsq_cache[key]
+    features = spec.data.features
+    quality.update(
+        lstsq_params=param_values(solution_values, features, spec.bias),
+        lstsq_loss=lstsq_loss,
+        lstsq_gap=finite_or_none(full_loss - lstsq_loss),
+    )
+    return quality
 
 
 def step_at_cursor(
@@ -179,7 +294,7 @@ def step_at_cursor(
     loss = trainer.forward_backward()
     assert theta.grad is not None
     torch.cat([loss.detach().view(1), theta.grad, theta.detach()], out=row)
-    trainer.optimizer.step()
+    trainer.update()
     storage.index_copy_(0, cursor.view(1), row.view(1, -1))
     cursor.add_(1)
 
@@ -198,7 +313,7 @@ class CudaGraphStep:
         self._trainer, self._storage, self._cursor = trainer, storage, cursor
         self._row = torch.empty(trainer.layout.width, device=storage.device)
         theta = trainer.theta
-        saved, start = theta.detach().clone(), cursor.clone()
+        saved, start, done = theta.detach().clone(), cursor.clone(), trainer.steps_done
         try:
             # Warm-up steps on a side stream first (torch's recipe for capturing a whole
             # training step): autograd and cuBLAS set up their workspaces outside the capture.
@@ -217,20 +332,29 @@ class CudaGraphStep:
             with torch.no_grad():
                 theta.copy_(saved)
                 cursor.copy_(start)
+            trainer.steps_done = done
 
     def _step(self) -> None:
         step_at_cursor(self._trainer, self._row, self._storage, self._cursor)
 
     def replay(self) -> None:
         self.graph.replay()
+        self._trainer.steps_done += 1
 
 
 def supports_cuda_graph(trainer: Trainer) -> bool:
-    """Whether the step can be captured: on a GPU, with an optimizer that keeps no state a
-    capture would have to own (plain SGD)."""
+    """Whether the step can be captured: on a GPU, the full batch every step, and plain SGD at
+    a constant lr (a graph bakes the lr in, and cannot own an optimizer's state)."""
     optimizer = trainer.optimizer
-    stateless = all(group.get("momentum", 0) == 0 for group in optimizer.param_groups)
-    return trainer.theta.device.type == "cuda" and stateless
+    plain_sgd = isinstance(optimizer, torch.optim.SGD) and all(
+        group["momentum"] == 0 for group in optimizer.param_groups
+    )
+    return (
+        trainer.theta.device.type == "cuda"
+        and plain_sgd
+        and trainer.scheduler is None
+        and trainer.batches_per_epoch == 1
+    )
 
 
 def warm_up(device: torch.device) -> None:

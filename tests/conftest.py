@@ -13,6 +13,7 @@ import redis
 from api.client import Client
 from cli.main import SEED_EXAMPLE
 from cli.stack import Stack
+from services.store import Store
 
 __all__ = ["SEED_EXAMPLE"]
 
@@ -50,3 +51,10 @@ def redis_client(stack: Stack) -> Iterator["redis.Redis"]:
 def client(stack: Stack) -> Iterator[Client]:
     with Client(stack.api_url, stack.api_key, timeout=10) as api:
         yield api
+
+
+@pytest.fixture
+def store(stack: Stack) -> Iterator[Store]:
+    store = Store.from_url(stack.redis_url)
+    yield store
+    store.redis.close()

@@ -66,7 +66,9 @@ def reference_run(spec_fields: dict[str, Any]) -> Reference:
                 trainer.step(rows[i])
         finally:
             torch.set_num_threads(threads)
-        chunk = Chunk(0, spec.steps, trainer.layout.features, spec.bias, rows.numpy().tobytes())
+        batches = trainer.batches_per_epoch if trainer.batches_per_epoch > 1 else 0
+        layout = trainer.layout
+        chunk = Chunk(0, spec.steps, layout.features, spec.bias, rows.numpy().tobytes(), batches)
         params = param_values(trainer.params().tolist(), trainer.layout.features, spec.bias)
         _references[key] = Reference(expand_chunk(chunk), params)
     return _references[key]

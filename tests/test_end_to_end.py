@@ -30,7 +30,14 @@ def test_seed_example_step_0_arrives_exactly_over_sse(client: Client) -> None:
     w_after = np.float32(last["params"]["w"][0]) - np.float32(0.1) * np.float32(
         last["grads"]["w"][0]
     )
-    assert done.data["result"] == {"params": {"w": [float(w_after)]}, "loss": last["loss"]}
+    result = done.data["result"]
+    assert result["params"] == {"w": [float(w_after)]} and result["loss"] == last["loss"]
+    assert result["stopped"] == done.data["stop_reason"] == "ran all 10 steps"
+    # On all the data (one sample): the loss at the final w, R² undefined (y has no variance),
+    # and the least-squares solution w = 2 with loss 0.
+    assert result["full_loss"] == pytest.approx((2.0 - w_after) ** 2, rel=1e-6)
+    assert result["r2"] is None
+    assert result["lstsq_params"] == {"w": [2.0]} and result["lstsq_loss"] == 0.0
 
 
 def test_submit_answers_201_with_location(client: Client) -> None:

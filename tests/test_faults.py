@@ -85,9 +85,21 @@ def workers(stack: Stack, api: Client) -> Iterator[Workers]:
         started.stop_all()
 
 
-def test_sigkill_of_pool_child_resumes_from_checkpoint(api: Client, workers: Workers) -> None:
+STATEFUL = {
+    # Mini-batches of 16 (4 per epoch), and optimizers whose state is in the checkpoint.
+    "sgd-nesterov": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True},
+    "adam-cosine": {"name": "adam", "lr": 0.01, "schedule": {"name": "cosine"}},
+}
+
+
+@pytest.mark.parametrize("optimizer", [None, *STATEFUL])
+def test_sigkill_of_pool_child_resumes_from_checkpoint(
+    api: Client, workers: Workers, optimizer: str | None
+) -> None:
     worker = workers.start()
     spec = long_spec(seed=1)
+    if optimizer is not None:
+        spec = {**spec, "optimizer": STATEFUL[optimizer], "batch_size": 16, "shuffle_seed": 3}
     job = api.submit(spec)
     wait_for_steps(api, job["id"], 1000)
     kill_pool_child(worker)

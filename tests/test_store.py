@@ -1,12 +1,10 @@
 """The store on a real Redis: step pages across chunks, fencing, job listing."""
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
 
-from cli.stack import Stack, wait_until
+from cli.stack import wait_until
 from services.config import Settings
 from services.errors import JobFinished, JobNotFound
 from services.records import Chunk
@@ -16,13 +14,6 @@ from services.store import Store
 from tests.attempts import run_once, run_with_hand_back
 
 SPEC = JobSpec.model_validate({"data": {"x": [[1.0]], "y": [2.0]}, "steps": 10})
-
-
-@pytest.fixture
-def store(stack: Stack) -> Iterator[Store]:
-    store = Store.from_url(stack.redis_url)
-    yield store
-    store.redis.close()
 
 
 def _chunk(first: int, count: int) -> Chunk:
@@ -115,7 +106,8 @@ def test_a_hung_attempt_stops_renewing_its_lease(store: Store) -> None:
         assert store.redis.exists(f"gs:{{{job_id}}}:lease")
         assert keeper.lost.wait(3)
     wait_until(lambda: not store.redis.exists(f"gs:{{{job_id}}}:lease"), 2, "lease lapsed")
-    assert store.reap_lapsed(max_attempts=3) == [(job_id, "test-nobody")]
+    # This reaper or the session worker's (it reaps the same Redis every 2 s) requeues it.
+    assert store.reap_lapsed(max_attempts=3) in ([(job_id, "test-nobody")], [])
     assert store.get_job(job_id).status is JobStatus.QUEUED
 
 

@@ -2,7 +2,6 @@
 these on a GPU machine. Real redis-server, real worker processes, as in the rest of the suite.
 """
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -42,13 +41,6 @@ CASES = {
         "optimizer": {"lr": 0.02},
     },
 }
-
-
-@pytest.fixture
-def store(stack: Stack) -> Iterator[Store]:
-    store = Store.from_url(stack.redis_url)
-    yield store
-    store.redis.close()
 
 
 def _spec(fields: dict[str, Any], steps: int) -> JobSpec:
