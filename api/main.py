@@ -18,6 +18,7 @@ from services.auth import KeyRing, StreamTokens, parse_api_keys
 from services.config import Settings, get_settings
 from services.errors import (
     JobFinished,
+    JobNotFinished,
     JobNotFound,
     LimitExceeded,
     MalformedJob,
@@ -131,6 +132,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(JobNotFinished)
+    async def job_not_finished(_: Request, exc: JobNotFinished) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc), "status": exc.status})
 
     @app.exception_handler(JobFinished)
     async def job_finished(_: Request, exc: JobFinished) -> JSONResponse:

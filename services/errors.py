@@ -22,6 +22,15 @@ class JobFinished(GradstreamError):
         self.status = status
 
 
+class JobNotFinished(GradstreamError):
+    """The request needs a finished (succeeded) job."""
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id!r} has no result: its status is {status!r}")
+        self.job_id = job_id
+        self.status = status
+
+
 class SpecRejected(GradstreamError):
     """A spec that is well-formed but breaks a configured limit; `field` names where."""
 

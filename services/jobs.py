@@ -1,11 +1,12 @@
 """Job use cases behind the API: submit (check limits, route, store, enqueue) and cancel."""
 
 import logging
+import math
 
 from services.config import Settings
-from services.errors import LimitExceeded, SpecRejected, StoreUnavailable
+from services.errors import JobNotFinished, LimitExceeded, SpecRejected, StoreUnavailable
 from services.queue import enqueue_training, route_job
-from services.schemas import JobSpec, JobView
+from services.schemas import JobSpec, JobStatus, JobView
 from services.store import Store
 
 log = logging.getLogger(__name__)
@@ -75,3 +76,21 @@ def cancel_job(store: Store, job_id: str, tenant: str) -> JobView:
     """Cancel a queued job of `tenant` at once, or a running one at its next step boundary."""
     store.cancel_job(job_id, tenant)
     return store.get_job(job_id, tenant)
+
+
+def predict(store: Store, job_id: str, tenant: str, x: list[list[float]]) -> list[float]:
+    """ŷ = x @ w (+ b) with the final parameters of a succeeded job of `tenant`."""
+    view = store.get_job(job_id, tenant)
+    if view.status is not JobStatus.SUCCEEDED or view.result is None:
+        raise JobNotFinished(job_id, view.status.value)
+    features = view.spec.data.features
+    if len(x[0]) != features:
+        raise SpecRejected(
+            ("x",), f"x rows have {len(x[0])} values; the job has {features} features"
+        )
+    w = view.result.params["w"]
+    b = view.result.params.get("b") or 0.0
+    assert isinstance(w, list) and isinstance(b, float | int)
+    return [
+        math.fsum(wi * xi for wi, xi in zip(w, row, strict=True) if wi is not None) + b for row in x
+    ]

@@ -30,6 +30,26 @@ class SyntheticParams(StrictModel):
     seed: int = 0
 
 
+def flat_x_is_one_feature(value: Any) -> Any:
+    """A flat list of numbers for x is one feature: [1, 2] -> [[1], [2]]."""
+    if isinstance(value, list) and value and not any(isinstance(v, list) for v in value):
+        return [[v] for v in value]
+    return value
+
+
+def rectangular(x: list[list[float]]) -> list[list[float]]:
+    """x itself if it has rows, all of the same non-zero width; else ValueError saying where."""
+    if not x:
+        raise ValueError("x is empty: give at least one sample")
+    width = len(x[0])
+    if width == 0:
+        raise ValueError("x rows are empty: give at least one feature")
+    for i, row in enumerate(x):
+        if len(row) != width:
+            raise ValueError(f"x is ragged: row {i} has {len(row)} values, row 0 has {width}")
+    return x
+
+
 class DataSpec(StrictModel):
     """Training data: inline `x` and `y`, or `synthetic` parameters; exactly one of the two."""
 
@@ -42,24 +62,12 @@ class DataSpec(StrictModel):
     @field_validator("x", mode="before")
     @classmethod
     def _flat_x_is_one_feature(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and not any(isinstance(v, list) for v in value):
-            return [[v] for v in value]
-        return value
+        return flat_x_is_one_feature(value)
 
     @field_validator("x")
     @classmethod
     def _rectangular(cls, x: list[list[float]] | None) -> list[list[float]] | None:
-        if x is None:
-            return x
-        if not x:
-            raise ValueError("x is empty: give at least one sample")
-        width = len(x[0])
-        if width == 0:
-            raise ValueError("x rows are empty: give at least one feature")
-        for i, row in enumerate(x):
-            if len(row) != width:
-                raise ValueError(f"x is ragged: row {i} has {len(row)} values, row 0 has {width}")
-        return x
+        return None if x is None else rectangular(x)
 
     @field_validator("y")
     @classmethod
@@ -268,6 +276,26 @@ class JobView(BaseModel):
     stop_reason: str | None = Field(
         default=None, description="why the job ended: all its steps, a stop rule, an error"
     )
+
+
+class PredictRequest(StrictModel):
+    """Rows to predict with a finished job's parameters (a flat list means one feature)."""
+
+    x: list[list[float]] = Field(min_length=1, max_length=10_000)
+
+    @field_validator("x", mode="before")
+    @classmethod
+    def _flat_x_is_one_feature(cls, value: Any) -> Any:
+        return flat_x_is_one_feature(value)
+
+    @field_validator("x")
+    @classmethod
+    def _rectangular(cls, x: list[list[float]]) -> list[list[float]]:
+        return rectangular(x)
+
+
+class Prediction(BaseModel):
+    y_hat: list[float]
 
 
 class JobList(BaseModel):

@@ -7,7 +7,15 @@ from fastapi.responses import JSONResponse
 
 from api.deps import JobIdDep, SettingsDep, StoreDep, TenantDep, problems
 from services import jobs
-from services.schemas import JobList, JobSpec, JobStatus, JobView, StepsPage
+from services.schemas import (
+    JobList,
+    JobSpec,
+    JobStatus,
+    JobView,
+    Prediction,
+    PredictRequest,
+    StepsPage,
+)
 
 router = APIRouter(
     prefix="/v1/jobs", tags=["jobs"], responses=problems(401, 404, 409, 413, 429, 503)
@@ -75,3 +83,11 @@ def get_steps(
 def cancel_job(tenant: TenantDep, job_id: JobIdDep, store: StoreDep) -> JobView:
     """Cancel a job: a queued one at once, a running one at its next step boundary."""
     return jobs.cancel_job(store, job_id, tenant)
+
+
+@router.post("/{job_id}/predict")
+def predict(
+    tenant: TenantDep, job_id: JobIdDep, request: PredictRequest, store: StoreDep
+) -> Prediction:
+    """ŷ for new rows of x, from the final parameters of a succeeded job."""
+    return Prediction(y_hat=jobs.predict(store, job_id, tenant, request.x))
