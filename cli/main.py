@@ -198,7 +198,7 @@ def _f32(value: float | None) -> str:
 
 def _f32s(values: Any) -> str:
     if isinstance(values, list):
-        return "[" + ", ".join(_f32(v) for v in values) + "]"
+        return "[" + ", ".join(_f32s(v) for v in values) + "]"
     return _f32(values)
 
 
@@ -260,13 +260,46 @@ def watch(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
 
 
 @app.command()
-def show(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
-    """Print a job as JSON."""
+def show(
+    job_id: str,
+    explain: Annotated[
+        bool, typer.Option(help="the step's computational graph (a job with record.explain)")
+    ] = False,
+    step: Annotated[int, typer.Option(help="the step --explain shows")] = 0,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Print a job as JSON, or with --explain one step's backpropagation, node by node."""
     with _client(url, api_key) as client:
         try:
-            typer.echo(json.dumps(client.get(job_id), indent=2))
+            if not explain:
+                typer.echo(json.dumps(client.get(job_id), indent=2))
+                return
+            record = next(iter(client.steps(job_id, after=step - 1, page=1)), None)
         except GradstreamError as exc:
             _fail(str(exc))
+        if record is None or record["step"] != step:
+            _fail(f"job {job_id} has no step {step} stored")
+        if "explain" not in record:
+            _fail(f"job {job_id} was not run with record.explain: true")
+        typer.echo(_format_explain(record))
+
+
+def _format_explain(record: dict[str, Any]) -> str:
+    graph = record["explain"]
+    lines = [f"step {record['step']}: the computational graph, as autograd saw it"]
+    for node in graph["nodes"]:
+        lines.append(f"  {node['node']:<5} = {node['op']:<13} = {_f32s(node['value'])}")
+        lines.append(f"        dLoss/d{node['node']} = {_f32s(node['grad'])}  (flowing in)")
+        for name, value in node["local"].items():
+            top, bottom = name.split("/")
+            lines.append(f"        local d{top}/d{bottom} = {_f32s(value)}")
+    chain = graph["chain"]
+    lines.append(f"  chain rule: {chain['rule']}")
+    for name in ("w", "b"):
+        if name in chain:
+            lines.append(f"    dLoss/d{name} = {_f32s(chain[name])}")
+    return "\n".join(lines)
 
 
 @app.command()

@@ -16,6 +16,7 @@ FIELD_FEATURES = b"d"
 FIELD_BIAS = b"b"
 FIELD_ROWS = b"rows"
 FIELD_BATCHES = b"e"  # batches per epoch, for mini-batch jobs only
+FIELD_EXPLAIN = b"x"  # samples of an explained job's graph, for explained jobs only
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Chunk:
     bias: bool
     rows: bytes
     batches: int = 0  # batches per epoch of a mini-batch job (0: full batch)
+    explain: int = 0  # samples in each row's graph (0: not an explained job)
 
     @property
     def last(self) -> int:
@@ -43,6 +45,8 @@ class Chunk:
         }
         if self.batches:
             fields[FIELD_BATCHES] = self.batches
+        if self.explain:
+            fields[FIELD_EXPLAIN] = self.explain
         return fields
 
     @classmethod
@@ -54,6 +58,7 @@ class Chunk:
             bias=fields[FIELD_BIAS] == b"1",
             rows=fields[FIELD_ROWS],
             batches=int(fields.get(FIELD_BATCHES, 0)),
+            explain=int(fields.get(FIELD_EXPLAIN, 0)),
         )
 
 
@@ -70,13 +75,68 @@ def param_values(values: "array[float] | list[float]", features: int, bias: bool
     return out
 
 
+def explain_view(values: "array[float]", n: int, features: int, bias: bool) -> dict[str, Any]:
+    """The tutorial's computational graph of one step, from its recorded values: the nodes
+    y_hat = x @ w (+ b), s = y_hat - y, loss = mean(s^2), each with its value, the gradient
+    of the loss flowing into it, and its local gradient; and the chain rule that multiplies
+    them into dLoss/dw (and dLoss/db). Lists run over the samples."""
+    p = features + int(bias)
+
+    def part(k: int) -> list[float | None]:
+        return [finite_or_none(v) for v in values[k * n : (k + 1) * n]]
+
+    y_hat, s, local_loss_s, local_s_yhat, flowing_yhat, flowing_s = (part(k) for k in range(6))
+    jacobian = [values[6 * n + i * p : 6 * n + (i + 1) * p] for i in range(n)]
+    local_yhat: dict[str, Any] = {
+        "w": [[finite_or_none(v) for v in row[:features]] for row in jacobian]
+    }
+    if bias:
+        local_yhat["b"] = [finite_or_none(row[features]) for row in jacobian]
+    loss = sum(v * v for v in values[n : 2 * n]) / n
+    # dLoss/dtheta_j = sum_i dLoss/ds_i * ds_i/dy_hat_i * dy_hat_i/dtheta_j
+    chain = [
+        sum(values[2 * n + i] * values[3 * n + i] * values[6 * n + i * p + j] for i in range(n))
+        for j in range(p)
+    ]
+    return {
+        "nodes": [
+            {
+                "node": "y_hat",
+                "op": "x @ w + b" if bias else "x @ w",
+                "value": y_hat,
+                "grad": flowing_yhat,
+                "local": {"y_hat/" + name: grads for name, grads in local_yhat.items()},
+            },
+            {
+                "node": "s",
+                "op": "y_hat - y",
+                "value": s,
+                "grad": flowing_s,
+                "local": {"s/y_hat": local_s_yhat},
+            },
+            {
+                "node": "loss",
+                "op": "mean(s ** 2)" if n > 1 else "s ** 2",
+                "value": finite_or_none(loss),
+                "grad": 1.0,
+                "local": {"loss/s": local_loss_s},
+            },
+        ],
+        "chain": {
+            "rule": "dLoss/dtheta = sum over samples of dLoss/ds * ds/dy_hat * dy_hat/dtheta",
+            **param_values(chain, features, bias),
+        },
+    }
+
+
 def expand_chunk(chunk: Chunk, after: int = -1) -> list[dict[str, Any]]:
     """The chunk's steps with `step > after` as StepRecord-shaped dicts (with the epoch and
     the batch in it for a mini-batch job)."""
     values = array("f")
     values.frombytes(chunk.rows)
     p = chunk.features + int(chunk.bias)
-    width = 1 + 2 * p
+    n = chunk.explain
+    width = 1 + 2 * p + 6 * n + n * p
     records = []
     for i in range(max(0, after + 1 - chunk.first), chunk.count):
         row = values[i * width : (i + 1) * width]
@@ -88,5 +148,7 @@ def expand_chunk(chunk: Chunk, after: int = -1) -> list[dict[str, Any]]:
         }
         if chunk.batches:
             record["epoch"], record["batch"] = divmod(chunk.first + i, chunk.batches)
+        if n:
+            record["explain"] = explain_view(row[1 + 2 * p :], n, chunk.features, chunk.bias)
         records.append(record)
     return records

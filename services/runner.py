@@ -168,7 +168,15 @@ def pack(recorded: Recorded, layout: Layout, batches: int = 1) -> Packed:
         diverged_at, rows = recorded.first + bad, bad + 1
     rows_bytes = host[:rows].numpy().tobytes()
     epochs = batches if batches > 1 else 0  # a full-batch job's records carry no epoch
-    chunk = Chunk(recorded.first, rows, layout.features, layout.bias, rows_bytes, epochs)
+    chunk = Chunk(
+        recorded.first,
+        rows,
+        layout.features,
+        layout.bias,
+        rows_bytes,
+        epochs,
+        layout.explain_samples,
+    )
     return Packed(chunk, diverged_at, float(host[rows - 1, 0]))
 
 

@@ -154,6 +154,24 @@ class OptimizerSpec(StrictModel):
         return self
 
 
+# The explain view stores the whole computational graph of every step: small jobs only.
+EXPLAIN_MAX_SAMPLES = 16
+EXPLAIN_MAX_FEATURES = 8
+
+
+class RecordSpec(StrictModel):
+    """What each step's record holds beyond loss, gradients and parameters."""
+
+    explain: bool = Field(
+        default=False,
+        description=(
+            "the tutorial's computational graph of each step (y_hat = x @ w, s = y_hat - y, "
+            f"loss = mean(s^2)) from autograd; full batch, at most {EXPLAIN_MAX_SAMPLES} samples "
+            f"and {EXPLAIN_MAX_FEATURES} features"
+        ),
+    )
+
+
 class StopSpec(StrictModel):
     """Ending a job before its `steps`: when the loss stops changing, when the gradient is
     (almost) zero, or when its time is up. The JobView's `stop_reason` says which."""
@@ -186,6 +204,7 @@ class JobSpec(StrictModel):
     )
     shuffle_seed: int = Field(default=0, ge=0, description="the mini-batch order's seed")
     stop: StopSpec | None = None
+    record: RecordSpec = Field(default_factory=RecordSpec)
 
     @field_validator("init")
     @classmethod
@@ -201,6 +220,22 @@ class JobSpec(StrictModel):
         if init.b is not None and not info.data.get("bias", False):
             raise ValueError("init.b is allowed only with bias: true")
         return init
+
+    @field_validator("record")
+    @classmethod
+    def _explain_only_small_full_batch(cls, record: RecordSpec, info: ValidationInfo) -> RecordSpec:
+        data: DataSpec | None = info.data.get("data")
+        if not record.explain or data is None:
+            return record
+        if data.samples > EXPLAIN_MAX_SAMPLES or data.features > EXPLAIN_MAX_FEATURES:
+            raise ValueError(
+                f"explain is for small jobs: at most {EXPLAIN_MAX_SAMPLES} samples and "
+                f"{EXPLAIN_MAX_FEATURES} features (this one has {data.samples} x {data.features})"
+            )
+        batch_size = info.data.get("batch_size")
+        if batch_size is not None and batch_size < data.samples:
+            raise ValueError("explain needs the full batch (no batch_size below the samples)")
+        return record
 
 
 class JobStatus(StrEnum):
@@ -240,6 +275,11 @@ class StepRecord(BaseModel):
     loss: float | None
     grads: ParamValues
     params: ParamValues
+    epoch: int | None = Field(default=None, description="mini-batch jobs only")
+    batch: int | None = Field(default=None, description="mini-batch jobs only")
+    explain: dict[str, Any] | None = Field(
+        default=None, description="the step's computational graph (record.explain jobs only)"
+    )
 
 
 class JobResult(BaseModel):

@@ -14,6 +14,7 @@ host sync.
 
 import io
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +31,14 @@ from services.schemas import JobSpec
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each value sits in a step's record row: [loss, grads (p), params (p)]."""
+    """Where each value sits in a step's record row: [loss, grads (p), params (p)], then for
+    an explained job of n samples the graph: y_hat, s, dLoss/ds (local), ds/dy_hat (local),
+    dLoss/dy_hat and dLoss/ds (flowing in backward) (n each) and dy_hat/dtheta (n x p)
+    (services/records.py reads them back)."""
 
     features: int
     bias: bool
+    explain_samples: int = 0
 
     @property
     def params(self) -> int:
@@ -41,7 +46,8 @@ class Layout:
 
     @property
     def width(self) -> int:
-        return 1 + 2 * self.params
+        n = self.explain_samples
+        return 1 + 2 * self.params + 6 * n + n * self.params
 
 
 def compute_device(device: str, cuda_fallback_cpu: bool = False) -> torch.device:
@@ -133,7 +139,8 @@ class Trainer:
     steps run (from a checkpoint on)."""
 
     def __init__(self, spec: JobSpec, device: torch.device) -> None:
-        self.layout = Layout(spec.data.features, spec.bias)
+        explained = spec.data.samples if spec.record.explain else 0
+        self.layout = Layout(spec.data.features, spec.bias, explained)
         x, y = build_dataset(spec)
         self.x = x.to(device)
         self.y = y.to(device)
@@ -157,9 +164,9 @@ class Trainer:
         rows = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
         return self.x[rows], self.y[rows]
 
-    def forward_backward(self) -> torch.Tensor:
+    def forward_backward(self, explain: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of the next step: the loss; autograd puts dLoss/dtheta into
-        theta.grad."""
+        theta.grad. With `explain` (a row slice), the step's graph is written there too."""
         x, y = self.batch(self.steps_done)
         d, theta = self.layout.features, self.theta
         # The views are taken each step, after the previous in-place update.
@@ -167,9 +174,45 @@ class Trainer:
             y_hat = x @ theta[:d] + theta[d]
         else:
             y_hat = x @ theta
-        loss = ((y_hat - y) ** 2).mean()
-        loss.backward()  # type: ignore[no-untyped-call]
+        s = y_hat - y
+        loss = (s**2).mean()
+        if explain is None:
+            loss.backward()  # type: ignore[no-untyped-call]
+        else:
+            self._backward_explained(explain, y_hat, s, loss)
         return loss
+
+    def _backward_explained(
+        self, out: torch.Tensor, y_hat: torch.Tensor, s: torch.Tensor, loss: torch.Tensor
+    ) -> None:
+        """The backward pass, with the tutorial's view of it taken from the graph this step
+        built: each node's local gradient (torch.autograd.grad on the node's own edge) and the
+        gradient flowing into it (hooks that see what backward passes)."""
+        n, theta = len(s), self.theta
+        local_loss_s = torch.autograd.grad(loss, s, retain_graph=True)[0]
+        # s_i depends on y_hat_i alone: a vector of ones pulls back the Jacobian's diagonal.
+        ones = torch.ones_like(s)
+        local_s_yhat = torch.autograd.grad(s, y_hat, ones, retain_graph=True)[0]
+        # dy_hat_i/dtheta, one sample at a time (at most EXPLAIN_MAX_SAMPLES of them).
+        unit = torch.eye(n, device=s.device)
+        local_yhat_theta = torch.stack(
+            [torch.autograd.grad(y_hat, theta, unit[i], retain_graph=True)[0] for i in range(n)]
+        )
+        # Hooks registered now see only the step's real backward pass.
+        flowing: dict[str, torch.Tensor] = {}
+
+        def keep(name: str) -> Callable[[torch.Tensor], None]:
+            def hook(grad: torch.Tensor) -> None:
+                flowing[name] = grad.detach()
+
+            return hook
+
+        y_hat.register_hook(keep("y_hat"))  # type: ignore[no-untyped-call]
+        s.register_hook(keep("s"))  # type: ignore[no-untyped-call]
+        loss.backward()  # type: ignore[no-untyped-call]
+        parts = [y_hat.detach(), s.detach(), local_loss_s, local_s_yhat]
+        parts += [flowing["y_hat"], flowing["s"]]
+        torch.cat([*parts, local_yhat_theta.flatten()], out=out)
 
     def update(self) -> None:
         """The optimizer's step (and the schedule's), reading theta.grad."""
@@ -188,13 +231,14 @@ class Trainer:
         grad = record[1 : 1 + p]
         grad.zero_()
         theta.grad = grad
-        loss = self.forward_backward()
+        explain = record[1 + 2 * p :] if self.layout.explain_samples else None
+        loss = self.forward_backward(explain)
         if theta.grad is not grad:  # not accumulated in place after all: copy it over
             grad.copy_(theta.grad)
         # Record before the update, which changes theta in place: the row must hold the
         # parameters this step's forward pass used. Device-side copies, no .item() sync.
         record[0] = loss.detach()
-        record[1 + p :].copy_(theta.detach())
+        record[1 + p : 1 + 2 * p].copy_(theta.detach())
         # Update: e.g. SGD's w <- w - lr * dLoss/dw, reading the gradient from the record.
         self.update()
         theta.grad = None
@@ -354,6 +398,7 @@ def supports_cuda_graph(trainer: Trainer) -> bool:
         and plain_sgd
         and trainer.scheduler is None
         and trainer.batches_per_epoch == 1
+        and trainer.layout.explain_samples == 0
     )
 
 
