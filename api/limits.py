@@ -11,22 +11,29 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-def too_large(max_bytes: int) -> str:
-    return f"request body is larger than max_body_bytes ({max_bytes} bytes)"
+def too_large(limit: str, max_bytes: int) -> str:
+    return f"request body is larger than {limit} ({max_bytes} bytes)"
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """`max_bytes` for every request, or a limit of its own for a path in `paths`
+    ({path: (setting name, bytes)})."""
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, paths: dict[str, tuple[str, int]] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.paths = paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, max_bytes = self.paths.get(scope["path"], ("max_body_bytes", self.max_bytes))
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._refuse(send)
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
+            await self._refuse(send, too_large(limit, max_bytes))
             return
         received = 0
 
@@ -35,16 +42,16 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     # FastAPI lets an HTTPException from reading the body through to its
                     # handler: the client gets this 413, the rest of the body is never read.
-                    raise HTTPException(413, too_large(self.max_bytes))
+                    raise HTTPException(413, too_large(limit, max_bytes))
             return message
 
         await self.app(scope, limited_receive, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": too_large(self.max_bytes)}).encode()
+    async def _refuse(self, send: Send, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

@@ -12,11 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.limits import BodySizeLimit
-from api.routes import health, jobs, streams, workers
+from api.routes import datasets, health, jobs, streams, workers
 from api.routes.streams import StreamSlots, sse_frame
 from services.auth import KeyRing, StreamTokens, parse_api_keys
 from services.config import Settings, get_settings
+from services.datasets import DatasetInvalid
 from services.errors import (
+    DatasetNotFound,
     JobFinished,
     JobNotFinished,
     JobNotFound,
@@ -76,9 +78,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.stream_tokens = StreamTokens.for_keys(
         pairs, settings.stream_token_ttl_s, settings.stream_token_secret.get_secret_value()
     )
-    for router in (jobs.router, streams.router, workers.router, health.router):
+    for router in (jobs.router, streams.router, datasets.router, workers.router, health.router):
         app.include_router(router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        paths={"/v1/datasets": ("max_dataset_bytes", settings.max_dataset_bytes)},
+    )
     _add_error_handlers(app)
     return app
 
@@ -132,6 +138,15 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(DatasetNotFound)
+    async def dataset_not_found(_: Request, exc: DatasetNotFound) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(DatasetInvalid)
+    async def dataset_invalid(_: Request, exc: DatasetInvalid) -> JSONResponse:
+        detail = [{"type": "dataset", "loc": ["body"], "msg": str(exc)}]
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(JobNotFinished)
     async def job_not_finished(_: Request, exc: JobNotFinished) -> JSONResponse:

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     max_elements: int = Field(default=100_000_000, ge=1, description="samples x features per job")
     # Limits per request and per tenant (413 or 429 naming the limit).
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Dataset uploads (POST /v1/datasets) have a limit of their own, and a worker keeps the
+    # datasets it used in a bounded cache per device.
+    max_dataset_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    dataset_cache_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)
     max_active_jobs_per_tenant: int = Field(default=100, ge=1, description="queued or running")
     max_sse_per_tenant: int = Field(default=64, ge=1, description="per API process")
     submits_per_minute: int = Field(default=600, ge=1, description="per tenant")

@@ -13,6 +13,14 @@ class JobNotFound(GradstreamError):
         self.job_id = job_id
 
 
+class DatasetNotFound(GradstreamError):
+    """No dataset with this id among the caller's."""
+
+    def __init__(self, dataset_id: str) -> None:
+        super().__init__(f"dataset {dataset_id!r} not found")
+        self.dataset_id = dataset_id
+
+
 class JobFinished(GradstreamError):
     """The job has already reached a terminal status, so the request cannot apply."""
 

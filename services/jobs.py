@@ -4,7 +4,13 @@ import logging
 import math
 
 from services.config import Settings
-from services.errors import JobNotFinished, LimitExceeded, SpecRejected, StoreUnavailable
+from services.errors import (
+    DatasetNotFound,
+    JobNotFinished,
+    LimitExceeded,
+    SpecRejected,
+    StoreUnavailable,
+)
 from services.queue import enqueue_training, route_job
 from services.schemas import JobSpec, JobStatus, JobView
 from services.store import Store
@@ -22,6 +28,21 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
             ("data",),
             f"data has {elements} samples x features; the limit is {settings.max_elements}",
         )
+
+
+def resolve_dataset(store: Store, spec: JobSpec, tenant: str) -> None:
+    """Look up the job's uploaded dataset (one of the tenant's), give the spec its shape, and
+    check what depends on the shape; each problem a SpecRejected naming the field."""
+    assert spec.data.dataset_id is not None
+    try:
+        info = store.dataset_info(tenant, spec.data.dataset_id)
+    except DatasetNotFound as exc:
+        raise SpecRejected(
+            ("data", "dataset_id"), f"{exc}: upload it with POST /v1/datasets"
+        ) from exc
+    spec.data.resolve(info.samples, info.features)
+    for field, problem in spec.fit_problems():
+        raise SpecRejected((field,), problem)
 
 
 def check_rate(store: Store, tenant: str, settings: Settings) -> None:
@@ -46,6 +67,8 @@ def submit_job(
     """Store a new job of `tenant` and enqueue it on the queue its device routes to; a retried
     submit with the same idempotency key returns the job the first one made."""
     check_rate(store, tenant, settings)
+    if spec.data.dataset_id is not None:
+        resolve_dataset(store, spec, tenant)
     check_limits(spec, settings)
     route = route_job(spec, store.live_queues(), settings)
     job_id, created = store.create_job(
@@ -83,14 +106,11 @@ def predict(store: Store, job_id: str, tenant: str, x: list[list[float]]) -> lis
     view = store.get_job(job_id, tenant)
     if view.status is not JobStatus.SUCCEEDED or view.result is None:
         raise JobNotFinished(job_id, view.status.value)
-    features = view.spec.data.features
-    if len(x[0]) != features:
-        raise SpecRejected(
-            ("x",), f"x rows have {len(x[0])} values; the job has {features} features"
-        )
     w = view.result.params["w"]
     b = view.result.params.get("b") or 0.0
     assert isinstance(w, list) and isinstance(b, float | int)
+    if len(x[0]) != len(w):
+        raise SpecRejected(("x",), f"x rows have {len(x[0])} values; the job has {len(w)} features")
     return [
         math.fsum(wi * xi for wi, xi in zip(w, row, strict=True) if wi is not None) + b for row in x
     ]

@@ -30,6 +30,7 @@ from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Store
 from services.training import (
     CudaGraphStep,
+    DatasetCache,
     Layout,
     Trainer,
     fit_quality,
@@ -178,6 +179,18 @@ def pack(recorded: Recorded, layout: Layout, batches: int = 1) -> Packed:
         layout.explain_samples,
     )
     return Packed(chunk, diverged_at, float(host[rows - 1, 0]))
+
+
+_datasets: DatasetCache | None = None
+
+
+def datasets_cache(settings: Settings) -> DatasetCache:
+    """This process's cache of uploaded datasets (a worker's pool process keeps it across
+    jobs)."""
+    global _datasets
+    if _datasets is None:
+        _datasets = DatasetCache(settings.dataset_cache_bytes)
+    return _datasets
 
 
 class StopRule:
@@ -343,7 +356,12 @@ class _Attempt:
             error = f"invalid job record: {exc.error_count()} error(s): {exc}"
             self.store.fail_job(self.job_id, self.attempt, error)
             return AttemptResult(Outcome.FAILED)
-        trainer = Trainer(spec, device)
+        data = None
+        if spec.data.dataset_id is not None:
+            dataset_id = spec.data.dataset_id
+            cache = datasets_cache(self.settings)
+            data = cache.get(dataset_id, device, lambda: self.store.load_dataset(dataset_id))
+        trainer = Trainer(spec, device, data)
         start = 0
         if checkpoint is not None:
             trainer.load_state(checkpoint.theta, checkpoint.optimizer, checkpoint.step)

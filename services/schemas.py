@@ -9,6 +9,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -58,6 +59,14 @@ class DataSpec(StrictModel):
     )
     y: list[float] | None = None
     synthetic: SyntheticParams | None = None
+    dataset_id: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="an uploaded dataset (POST /v1/datasets): its sha256",
+    )
+    # An uploaded dataset's (samples, features), known once it is looked up (not part of the
+    # spec a client sends or reads back).
+    _shape: tuple[int, int] | None = PrivateAttr(default=None)
 
     @field_validator("x", mode="before")
     @classmethod
@@ -84,19 +93,32 @@ class DataSpec(StrictModel):
     @model_validator(mode="after")
     def _one_source(self) -> Self:
         inline = self.x is not None or self.y is not None
-        if inline and self.synthetic is not None:
-            raise ValueError("data takes either x and y, or synthetic, not both")
-        if not inline and self.synthetic is None:
-            raise ValueError("data needs x and y, or synthetic")
+        sources = int(inline) + int(self.synthetic is not None) + int(self.dataset_id is not None)
+        if sources > 1:
+            raise ValueError("data takes one of: x and y, synthetic, or dataset_id")
+        if sources == 0:
+            raise ValueError("data needs x and y, synthetic, or dataset_id")
         if inline and (self.x is None or self.y is None):
             missing = "y" if self.y is None else "x"
             raise ValueError(f"data.{missing} is missing: inline data needs both x and y")
         return self
 
+    def resolve(self, samples: int, features: int) -> None:
+        """Give an uploaded dataset's shape (from its stored metadata)."""
+        self._shape = (samples, features)
+
+    @property
+    def known(self) -> bool:
+        """Whether the shape is known: always, but for a dataset not looked up yet."""
+        return self.dataset_id is None or self._shape is not None
+
     @property
     def samples(self) -> int:
         if self.synthetic is not None:
             return self.synthetic.n
+        if self.dataset_id is not None:
+            assert self._shape is not None, "the dataset's shape is not resolved"
+            return self._shape[0]
         assert self.y is not None
         return len(self.y)
 
@@ -104,6 +126,9 @@ class DataSpec(StrictModel):
     def features(self) -> int:
         if self.synthetic is not None:
             return self.synthetic.d
+        if self.dataset_id is not None:
+            assert self._shape is not None, "the dataset's shape is not resolved"
+            return self._shape[1]
         assert self.x is not None
         return len(self.x[0])
 
@@ -209,33 +234,57 @@ class JobSpec(StrictModel):
     @field_validator("init")
     @classmethod
     def _init_fits_model(cls, init: InitSpec | None, info: ValidationInfo) -> InitSpec | None:
-        # `data` and `bias` are declared before `init`, so they are validated by now.
+        # `data` and `bias` are declared before `init`, so they are validated by now. An
+        # uploaded dataset's shape is checked when the job is submitted (fit_problems).
         data: DataSpec | None = info.data.get("data")
-        if init is None or data is None:
-            return init
-        if init.w is not None and len(init.w) != data.features:
-            raise ValueError(
-                f"init.w has {len(init.w)} values but the data has {data.features} feature(s)"
-            )
-        if init.b is not None and not info.data.get("bias", False):
-            raise ValueError("init.b is allowed only with bias: true")
+        if init is not None and data is not None and data.known:
+            problem = init_problem(init, data.features, info.data.get("bias", False))
+            if problem:
+                raise ValueError(problem)
         return init
 
     @field_validator("record")
     @classmethod
     def _explain_only_small_full_batch(cls, record: RecordSpec, info: ValidationInfo) -> RecordSpec:
         data: DataSpec | None = info.data.get("data")
-        if not record.explain or data is None:
-            return record
-        if data.samples > EXPLAIN_MAX_SAMPLES or data.features > EXPLAIN_MAX_FEATURES:
-            raise ValueError(
-                f"explain is for small jobs: at most {EXPLAIN_MAX_SAMPLES} samples and "
-                f"{EXPLAIN_MAX_FEATURES} features (this one has {data.samples} x {data.features})"
-            )
-        batch_size = info.data.get("batch_size")
-        if batch_size is not None and batch_size < data.samples:
-            raise ValueError("explain needs the full batch (no batch_size below the samples)")
+        if data is not None and data.known:
+            problem = explain_problem(record, data, info.data.get("batch_size"))
+            if problem:
+                raise ValueError(problem)
         return record
+
+    def fit_problems(self) -> list[tuple[str, str]]:
+        """(field, problem) for what does not fit the data's shape: for a dataset, checked
+        once its shape is resolved (inline and synthetic data are checked on validation)."""
+        problems = []
+        if self.init is not None and (
+            problem := init_problem(self.init, self.data.features, self.bias)
+        ):
+            problems.append(("init", problem))
+        if problem := explain_problem(self.record, self.data, self.batch_size):
+            problems.append(("record", problem))
+        return problems
+
+
+def init_problem(init: InitSpec, features: int, bias: bool) -> str | None:
+    if init.w is not None and len(init.w) != features:
+        return f"init.w has {len(init.w)} values but the data has {features} feature(s)"
+    if init.b is not None and not bias:
+        return "init.b is allowed only with bias: true"
+    return None
+
+
+def explain_problem(record: RecordSpec, data: DataSpec, batch_size: int | None) -> str | None:
+    if not record.explain:
+        return None
+    if data.samples > EXPLAIN_MAX_SAMPLES or data.features > EXPLAIN_MAX_FEATURES:
+        return (
+            f"explain is for small jobs: at most {EXPLAIN_MAX_SAMPLES} samples and "
+            f"{EXPLAIN_MAX_FEATURES} features (this one has {data.samples} x {data.features})"
+        )
+    if batch_size is not None and batch_size < data.samples:
+        return "explain needs the full batch (no batch_size below the samples)"
+    return None
 
 
 class JobStatus(StrEnum):
@@ -336,6 +385,20 @@ class PredictRequest(StrictModel):
 
 class Prediction(BaseModel):
     y_hat: list[float]
+
+
+class DatasetInfo(BaseModel):
+    """An uploaded dataset: its id (the sha256 of the uploaded bytes) and shape."""
+
+    id: str
+    samples: int
+    features: int
+    format: Literal["csv", "npy", "npz"]
+    columns: list[str] | None = Field(description="CSV: the feature columns, in order")
+    target: str | None = Field(description="CSV: the target column")
+    bytes: int = Field(description="the uploaded file's size")
+    created_at: UtcTime
+    loads: int = Field(description="times a worker moved it from Redis (once per worker)")
 
 
 class JobList(BaseModel):

@@ -18,7 +18,9 @@ from typing import Any, ParamSpec, TypeVar
 import redis
 
 from services import scripts
+from services.datasets import ParsedDataset
 from services.errors import (
+    DatasetNotFound,
     JobFinished,
     JobNotFound,
     LimitExceeded,
@@ -26,7 +28,7 @@ from services.errors import (
     StoreUnavailable,
 )
 from services.records import Chunk, expand_chunk
-from services.schemas import JobSpec, JobStatus, JobView, WorkerInfo
+from services.schemas import DatasetInfo, JobSpec, JobStatus, JobView, WorkerInfo
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 LIVE_QUEUES_TTL_S = 1.0
@@ -53,6 +55,14 @@ def tenant_index(tenant: str, status: JobStatus | None = None) -> str:
     """A tenant's jobs (all, or in one status), lex-sorted by id like the global indexes."""
     base = f"gs:tenant:{tenant}:jobs"
     return base if status is None else f"{base}:{status.value}"
+
+
+def dataset_key(dataset_id: str) -> str:
+    return f"gs:dataset:{dataset_id}"
+
+
+def tenant_datasets(tenant: str) -> str:
+    return f"gs:tenant:{tenant}:datasets"
 
 
 def submits_key(tenant: str, window: int) -> str:
@@ -278,6 +288,79 @@ class Store:
         pipe.expire(submits_key(tenant, window), 2 * window_s)
         count, _ = pipe.execute()
         return int(count), (window + 1) * window_s - now
+
+    # Datasets ---------------------------------------------------------------------------
+
+    @_translate_redis_errors
+    def put_dataset(
+        self, tenant: str, dataset_id: str, parsed: ParsedDataset, size: int
+    ) -> tuple[DatasetInfo, bool]:
+        """Store a parsed upload under its content hash, once (a second upload of the same
+        bytes, by any tenant, writes no data again), and give `tenant` access to it. The flag
+        says whether the dataset is new to the tenant."""
+        key = dataset_key(dataset_id)
+        if not self.redis.exists(key):
+            self.redis.hset(
+                key,
+                mapping={
+                    "id": dataset_id,
+                    "n": parsed.samples,
+                    "d": parsed.features,
+                    "format": parsed.format,
+                    "columns": json.dumps(parsed.columns),
+                    "target": json.dumps(parsed.target),
+                    "bytes": size,
+                    "created_at": utc_now(),
+                    "loads": 0,
+                    "x": parsed.x.tobytes(),
+                    "y": parsed.y.tobytes(),
+                },
+            )
+        added = self.redis.sadd(tenant_datasets(tenant), dataset_id)
+        return self.dataset_info(tenant, dataset_id), bool(added)
+
+    @_translate_redis_errors
+    def dataset_info(self, tenant: str, dataset_id: str) -> DatasetInfo:
+        """A dataset of `tenant` (DatasetNotFound for another tenant's, like a missing one)."""
+        if not self.redis.sismember(tenant_datasets(tenant), dataset_id):
+            raise DatasetNotFound(dataset_id)
+        fields = self.redis.hmget(
+            dataset_key(dataset_id),
+            "n",
+            "d",
+            "format",
+            "columns",
+            "target",
+            "bytes",
+            "created_at",
+            "loads",
+        )
+        if fields[0] is None:
+            raise DatasetNotFound(dataset_id)
+        n, d, fmt, columns, target, size, created, loads = (f.decode() for f in fields)
+        return DatasetInfo(
+            id=dataset_id,
+            samples=int(n),
+            features=int(d),
+            format=fmt,
+            columns=json.loads(columns),
+            target=json.loads(target),
+            bytes=int(size),
+            created_at=datetime.fromisoformat(created),
+            loads=int(loads),
+        )
+
+    @_translate_redis_errors
+    def load_dataset(self, dataset_id: str) -> tuple[bytes, bytes, int, int]:
+        """A worker's copy of a dataset: float32 x and y bytes, samples, features. Counted in
+        the dataset's `loads`."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hmget(dataset_key(dataset_id), "x", "y", "n", "d")
+        pipe.hincrby(dataset_key(dataset_id), "loads", 1)
+        (x, y, n, d), _ = pipe.execute()
+        if x is None:
+            raise DatasetNotFound(dataset_id)
+        return x, y, int(n), int(d)
 
     @_translate_redis_errors
     def job_fields(self, job_id: str, tenant: str | None = None) -> dict[bytes, bytes]:

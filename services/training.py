@@ -98,6 +98,40 @@ def initial_theta(spec: JobSpec) -> torch.Tensor:
     return theta
 
 
+class DatasetCache:
+    """Uploaded datasets a worker process used, on their devices, least recently used first
+    out once they hold more than `max_bytes`: many jobs on one dataset move it once."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = (
+            OrderedDict()
+        )
+
+    def get(
+        self,
+        dataset_id: str,
+        device: torch.device,
+        load: Callable[[], tuple[bytes, bytes, int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) on `device`, from the cache or from `load()` (float32 bytes and the shape)."""
+        key = (dataset_id, str(device))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        x_bytes, y_bytes, samples, features = load()
+        x = torch.frombuffer(bytearray(x_bytes), dtype=torch.float32).reshape(samples, features)
+        y = torch.frombuffer(bytearray(y_bytes), dtype=torch.float32)
+        entry = (x.to(device), y.to(device))
+        self._entries[key] = entry
+        while len(self._entries) > 1 and self.held_bytes() > self.max_bytes:
+            self._entries.popitem(last=False)
+        return entry
+
+    def held_bytes(self) -> int:
+        return sum(x.nbytes + y.nbytes for x, y in self._entries.values())
+
+
 def build_optimizer(
     spec: JobSpec, theta: torch.Tensor
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
@@ -138,10 +172,18 @@ class Trainer:
     """One job's data, model, optimizer and schedule on one device; `steps_done` counts the
     steps run (from a checkpoint on)."""
 
-    def __init__(self, spec: JobSpec, device: torch.device) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        device: torch.device,
+        data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """`data`: the (x, y) of an uploaded dataset (on `device` already, from the cache)."""
+        if data is not None:
+            spec.data.resolve(*data[0].shape)
         explained = spec.data.samples if spec.record.explain else 0
         self.layout = Layout(spec.data.features, spec.bias, explained)
-        x, y = build_dataset(spec)
+        x, y = build_dataset(spec) if data is None else data
         self.x = x.to(device)
         self.y = y.to(device)
         self.theta = initial_theta(spec).to(device).requires_grad_()

@@ -22,6 +22,7 @@ from tests.conftest import SEED_EXAMPLE
 
 LIMITS = {
     "GRADSTREAM_MAX_BODY_BYTES": "65536",
+    "GRADSTREAM_MAX_DATASET_BYTES": "4096",
     "GRADSTREAM_MAX_STEPS": "1000",
     "GRADSTREAM_MAX_ELEMENTS": "5000",
     "GRADSTREAM_MAX_ACTIVE_JOBS_PER_TENANT": "3",
@@ -137,6 +138,21 @@ def test_body_size_just_under_passes_and_over_is_413(
             gina.http.post("/v1/jobs", content=chunks(), headers=headers), 413, "max_body_bytes"
         )
         assert _jobs_of(redis_client, "gina") == before
+
+
+def test_dataset_uploads_have_their_own_size_limit(limited: Stack) -> None:
+    with _client(limited, "gina") as gina:
+        content = b"a,y\n1,2\n3,4\n"
+        under = content + b"\n" * (4096 - len(content))  # blank lines: no rows
+        response = gina.http.post("/v1/datasets", content=under)
+        assert response.status_code == 201 and response.json()["samples"] == 2
+        _refused(gina.http.post("/v1/datasets", content=under + b"\n"), 413, "max_dataset_bytes")
+
+        def chunks() -> Iterator[bytes]:
+            yield under
+            yield b"\n"
+
+        _refused(gina.http.post("/v1/datasets", content=chunks()), 413, "max_dataset_bytes")
 
 
 def _rss_kib(pid: int) -> int:

@@ -1,0 +1,72 @@
+"""Dataset uploads: CSV, .npy or .npz, stored once per content hash."""
+
+import hashlib
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from api.deps import SettingsDep, StoreDep, TenantDep, problems
+from api.limits import too_large
+from services.datasets import DatasetInvalid, parse_dataset
+from services.errors import DatasetNotFound
+from services.schemas import DatasetInfo
+
+router = APIRouter(
+    prefix="/v1/datasets", tags=["datasets"], responses=problems(401, 404, 413, 429, 503)
+)
+
+_DATASET_ID = re.compile(r"[0-9a-f]{64}")
+_UPLOAD = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "text/csv": {"schema": {"type": "string"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post("", status_code=201, openapi_extra=_UPLOAD)
+async def upload_dataset(
+    tenant: TenantDep,
+    request: Request,
+    response: Response,
+    store: StoreDep,
+    settings: SettingsDep,
+    target: Annotated[
+        str, Query(min_length=1, max_length=200, description="CSV: the target column")
+    ] = "y",
+) -> DatasetInfo:
+    """Upload a dataset: CSV with a header (the `target` column is y, the others features),
+    .npz with arrays x and y, or .npy (last column y). Its id is the sha256 of the bytes; the
+    same bytes uploaded again are stored once (200 instead of 201)."""
+    digest, parts, size = hashlib.sha256(), [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > settings.max_dataset_bytes:  # the middleware stops it too; never buffer more
+            raise HTTPException(413, too_large("max_dataset_bytes", settings.max_dataset_bytes))
+        digest.update(part)
+        parts.append(part)
+    parsed = await run_in_threadpool(parse_dataset, b"".join(parts), target)
+    elements = parsed.samples * parsed.features
+    if elements > settings.max_elements:
+        limit = settings.max_elements
+        raise DatasetInvalid(
+            f"the dataset has {elements} samples x features; max_elements is {limit}"
+        )
+    info, new = await run_in_threadpool(store.put_dataset, tenant, digest.hexdigest(), parsed, size)
+    response.status_code = 201 if new else 200
+    response.headers["Location"] = f"/v1/datasets/{info.id}"
+    return info
+
+
+@router.get("/{dataset_id}")
+def get_dataset(tenant: TenantDep, dataset_id: str, store: StoreDep) -> DatasetInfo:
+    """A dataset's shape, columns and how often workers loaded it."""
+    if not _DATASET_ID.fullmatch(dataset_id):  # names no dataset: 404, like an unknown id
+        raise DatasetNotFound(dataset_id)
+    return store.dataset_info(tenant, dataset_id)
