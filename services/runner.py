@@ -60,10 +60,12 @@ class AttemptResult:
     outcome: Outcome
     requeue_to: str | None = None  # the queue to send the job to again (RELEASED)
     # How the steps ran: `steps` steps in `loop_s` seconds (from the first step to the end of
-    # the last flush), eagerly or by replaying a CUDA graph.
+    # the last flush, less `result_s`, the time the fit quality of the result took), eagerly
+    # or by replaying a CUDA graph.
     steps: int = 0
     loop_s: float = 0.0
     stepper: str = "eager"
+    result_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -305,7 +307,11 @@ def run_job(
             attempt.keeper = keeper
             result = attempt.run(claim.spec_json, claim.checkpoint, device)
         return dataclasses.replace(
-            result, steps=attempt.steps_run, loop_s=attempt.loop_s, stepper=attempt.stepper
+            result,
+            steps=attempt.steps_run,
+            loop_s=attempt.loop_s - attempt.result_s,
+            stepper=attempt.stepper,
+            result_s=attempt.result_s,
         )
     except StoreUnavailable:
         raise  # nothing can be recorded; the lease lapses and the reaper requeues the job
@@ -340,7 +346,7 @@ class _Attempt:
         self._flushing: concurrent.futures.Future[AttemptResult | None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{job_id}")
         self.recorder: StepRecorder | None = None
-        self.steps_run, self.loop_s, self.stepper = 0, 0.0, "eager"
+        self.steps_run, self.loop_s, self.stepper, self.result_s = 0, 0.0, "eager", 0.0
 
     def progress(self) -> int:
         """Steps recorded so far (read by the lease keeper's thread; -1 while setting up)."""
@@ -452,10 +458,13 @@ class _Attempt:
         # The last chunk (at least the last step) and the finish go in one flush.
         recorded = recorder.swap(trainer.theta, trainer.optimizer_state())
         params = trainer.params().cpu().tolist()
+        started = time.perf_counter()
+        quality = fit_quality(trainer, spec)
+        self.result_s = time.perf_counter() - started
         result = {
             "params": param_values(params, trainer.layout.features, spec.bias),
             "stopped": reason,
-            **fit_quality(trainer, spec),
+            **quality,
         }
         return self._flush(recorded, result) or AttemptResult(Outcome.SUCCEEDED)
 

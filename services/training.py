@@ -337,34 +337,42 @@ _lstsq_cache: "OrderedDict[str, tuple[list[float], float]]" = OrderedDict()
 
 def fit_quality(trainer: Trainer, spec: JobSpec) -> dict[str, Any]:
     """How good the final parameters are on all the data: the loss, R², and the least-squares
-    solution with its loss and the gap to it. The solution is computed once per dataset in
-    this process (a bounded cache), in float64 on the CPU."""
-    x = trainer.x.detach().double().cpu()
-    y = trainer.y.detach().double().cpu()
-    if spec.bias:
-        x = torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
-    theta = trainer.params().double().cpu()
-    residual = x @ theta - y
-    full_loss = float((residual**2).mean())
-    total = float(((y - y.mean()) ** 2).mean())
-    r2 = finite_or_none(1 - full_loss / total) if total else None
-    quality: dict[str, Any] = {"full_loss": finite_or_none(full_loss), "r2": r2}
-    if x.numel() > LSTSQ_MAX_ELEMENTS:
-        return quality
-    key = f"{spec.data.model_dump_json()}|{spec.bias}"
-    if key not in _lstsq_cache:
-        solution = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1)
-        _lstsq_cache[key] = (solution.tolist(), float(((x @ solution - y) ** 2).mean()))
-        if len(_lstsq_cache) > 32:
-            _lstsq_cache.popitem(last=False)
+    solution with its loss and the gap to it. Up to LSTSQ_MAX_ELEMENTS in float64 on the CPU,
+    the solution computed once per dataset in this process (a bounded cache); larger problems
+    get the loss and R² only, computed where the data is (float32 products, float64 sums)."""
+    with torch.no_grad():
+        if trainer.x.numel() > LSTSQ_MAX_ELEMENTS:
+            return _loss_and_r2(trainer.x, trainer.y, trainer.params(), spec.bias)
+        x, y = trainer.x.double().cpu(), trainer.y.double().cpu()
+        theta = trainer.params().double().cpu()
+        quality = _loss_and_r2(x, y, theta, spec.bias)
+        if spec.bias:
+            x = torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
+        key = f"{spec.data.model_dump_json()}|{spec.bias}"
+        if key not in _lstsq_cache:
+            solution = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1)
+            _lstsq_cache[key] = (solution.tolist(), float(((x @ solution - y) ** 2).mean()))
+            if len(_lstsq_cache) > 32:
+                _lstsq_cache.popitem(last=False)
     solution_values, lstsq_loss = _lstsq_cache[key]
-    features = spec.data.features
+    full_loss = quality["full_loss"]
     quality.update(
-        lstsq_params=param_values(solution_values, features, spec.bias),
+        lstsq_params=param_values(solution_values, spec.data.features, spec.bias),
         lstsq_loss=lstsq_loss,
-        lstsq_gap=finite_or_none(full_loss - lstsq_loss),
+        lstsq_gap=None if full_loss is None else full_loss - lstsq_loss,
     )
     return quality
+
+
+def _loss_and_r2(
+    x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, bias: bool
+) -> dict[str, Any]:
+    d = x.shape[1]
+    y_hat = x @ theta[:d] + theta[d] if bias else x @ theta
+    full_loss = float((y_hat - y).double().square().mean())
+    total = float((y.double() - y.double().mean()).square().mean())
+    r2 = finite_or_none(1 - full_loss / total) if total else None
+    return {"full_loss": finite_or_none(full_loss), "r2": r2}
 
 
 def step_at_cursor(

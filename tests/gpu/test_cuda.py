@@ -135,3 +135,28 @@ def test_a_gpu_worker_runs_cuda_and_auto_jobs_end_to_end(stack: Stack) -> None:
             assert api.wait(big["id"])["status"] == "succeeded"
     finally:
         stop_process(worker)
+
+
+def test_stateful_optimizers_and_mini_batches_run_eager_on_the_gpu(store: Store) -> None:
+    fields = {
+        **CASES["1000x10 bias"],
+        "optimizer": {"name": "adam", "lr": 0.01, "schedule": {"name": "cosine"}},
+        "batch_size": 128,
+    }
+    gpu, gpu_steps = run_once(store, _spec(fields, 100), CUDA, Settings())
+    cpu, cpu_steps = run_once(store, _spec(fields, 100), torch.device("cpu"), Settings())
+    assert gpu.stepper == "eager" and gpu.outcome is cpu.outcome is Outcome.SUCCEEDED
+    assert [(s["epoch"], s["batch"]) for s in gpu_steps] == [
+        (s["epoch"], s["batch"]) for s in cpu_steps
+    ]
+    np.testing.assert_allclose(_values(gpu_steps), _values(cpu_steps), rtol=1e-4, atol=1e-5)
+
+
+def test_the_explain_view_on_the_gpu(store: Store) -> None:
+    fields = {**CASES["seed 1x1"], "record": {"explain": True}}
+    result, steps = run_once(store, _spec(fields, 100), CUDA, Settings())
+    assert result.stepper == "eager"
+    y_hat, s, loss = steps[0]["explain"]["nodes"]
+    assert (y_hat["value"], s["value"], loss["value"]) == ([1.0], [-1.0], 1.0)
+    assert loss["local"] == {"loss/s": [-2.0]} and s["local"] == {"s/y_hat": [1.0]}
+    assert y_hat["local"] == {"y_hat/w": [[1.0]]} and steps[0]["explain"]["chain"]["w"] == [-2.0]
