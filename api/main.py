@@ -53,11 +53,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.store = Store.from_url(settings.redis_url)
         # Blocking XREADs wait up to the keep-alive interval: the socket must wait longer.
-        app.state.async_redis = aioredis.Redis.from_url(
+        # A burst of watchers waits for a connection instead of failing (redis-py's pool
+        # refuses past 100 by default); each watched job's tail holds one.
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=256,
+            timeout=10,
             socket_connect_timeout=5,
             socket_timeout=settings.sse_keepalive_s + 10,
         )
+        app.state.async_redis = aioredis.Redis.from_pool(pool)  # closes the pool with it
         app.state.job_streams = JobStreams(
             app.state.async_redis, settings.sse_keepalive_s, render=sse_frame
         )

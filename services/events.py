@@ -55,6 +55,7 @@ class _Tail:
         fields, last_step, last_event = snapshot
         self.streams = streams
         self.job_id = job_id
+        self.owner: bytes | None = fields.get(b"tenant")  # a job's owner never changes
         self.status = JobStatus(fields[b"status"].decode())
         self.steps_done = int(fields[b"steps_done"])
         self.steps_pos: bytes = last_step[0][0] if last_step else b"0-0"
@@ -159,13 +160,11 @@ class JobStreams:
         Raises JobNotFound (also for another tenant's job) or StoreUnavailable before the
         first event.
         """
-        try:
-            owner = await self.client.hget(job_key(job_id), "tenant")
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-        if owner != tenant.encode():
+        # The owner comes with the tail: a thousand watchers of one job cost one Redis read.
+        tail = self._tails.get(job_id)
+        candidate = None if tail is not None else await self._new_tail(job_id)
+        if (tail or candidate).owner != tenant.encode():  # type: ignore[union-attr]
             raise JobNotFound(job_id)
-        candidate = None if job_id in self._tails else await self._new_tail(job_id)
         return self._follow(job_id, candidate, after)
 
     async def _new_tail(self, job_id: str) -> _Tail:
@@ -198,9 +197,10 @@ class JobStreams:
             cursor = after
             # A finished job's backlog is all there is (the tail may have stopped mid-way).
             until = b"+" if status.finished else joined_at
-            async for event in self._stored_steps(tail.job_id, after, until):
-                cursor = event.id if event.id is not None else cursor
-                yield self.render(event)
+            if until != b"0-0":  # else nothing was stored when it joined: no read
+                async for event in self._stored_steps(tail.job_id, after, until):
+                    cursor = event.id if event.id is not None else cursor
+                    yield self.render(event)
             if status.finished:
                 final = job_view(await self.client.hgetall(job_key(tail.job_id)))
                 yield self.render(StreamEvent("done", final.model_dump(mode="json")))

@@ -267,23 +267,17 @@ class Trainer:
         """Run one step and write its [loss, grads, params] into `record` (a row on the device)."""
         p = self.layout.params
         theta = self.theta
-        # Autograd accumulates into an existing .grad in place, so pointing .grad at the
-        # record's (zeroed) gradient columns makes backward write dLoss/dtheta straight into
-        # the record: no copy, and no zero_grad() afterwards.
-        grad = record[1 : 1 + p]
-        grad.zero_()
-        theta.grad = grad
+        # Backward then writes a fresh gradient: no zeroing and no accumulating.
+        theta.grad = None
         explain = record[1 + 2 * p :] if self.layout.explain_samples else None
         loss = self.forward_backward(explain)
-        if theta.grad is not grad:  # not accumulated in place after all: copy it over
-            grad.copy_(theta.grad)
-        # Record before the update, which changes theta in place: the row must hold the
-        # parameters this step's forward pass used. Device-side copies, no .item() sync.
-        record[0] = loss.detach()
-        record[1 + p : 1 + 2 * p].copy_(theta.detach())
-        # Update: e.g. SGD's w <- w - lr * dLoss/dw, reading the gradient from the record.
+        assert theta.grad is not None
+        # Recorded before the update, which changes theta in place: the row holds the
+        # parameters this step's forward pass used. One device-side copy, no .item() sync.
+        row = record if explain is None else record[: 1 + 2 * p]
+        torch.cat([loss.detach().view(1), theta.grad, theta.detach()], out=row)
+        # Update: e.g. SGD's w <- w - lr * dLoss/dw.
         self.update()
-        theta.grad = None
 
     def params(self) -> torch.Tensor:
         """The current parameters (after the last update), detached."""
@@ -379,16 +373,8 @@ def step_at_cursor(
     trainer: Trainer, row: torch.Tensor, storage: torch.Tensor, cursor: torch.Tensor
 ) -> None:
     """`trainer.step` in the form a CUDA graph captures: the row goes to `storage[cursor]`, a
-    device-side index, which then moves on. Fewer kernels than the eager step, as inside a
-    graph they are what a step costs: backward writes a fresh gradient (no zeroing, no
-    accumulating), one `cat` fills `row` with [loss, grads, params before the update], and one
-    indexed copy puts it in place. The same numbers as `trainer.step` (tests check both)."""
-    theta = trainer.theta
-    theta.grad = None
-    loss = trainer.forward_backward()
-    assert theta.grad is not None
-    torch.cat([loss.detach().view(1), theta.grad, theta.detach()], out=row)
-    trainer.update()
+    device-side index, which then moves on."""
+    trainer.step(row)
     storage.index_copy_(0, cursor.view(1), row.view(1, -1))
     cursor.add_(1)
 

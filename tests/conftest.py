@@ -23,6 +23,7 @@ TEST_ENV = {
     "GRADSTREAM_WORKER_HEARTBEAT_S": "0.5",
     "GRADSTREAM_WORKER_TTL_S": "3",
     "GRADSTREAM_LOG_LEVEL": "info",
+    "GRADSTREAM_MAX_SSE_PER_TENANT": "1000",  # tests/test_fanout.py opens 150 streams at once
 }
 
 

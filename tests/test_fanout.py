@@ -68,3 +68,19 @@ def test_watchers_of_one_job_share_one_redis_reader(
     xreads = _xread_calls(redis_client) - xreads_before
     # One blocking read per flush (or keep-alive) for the job, not one per watcher.
     assert xreads <= flushes + 10, (xreads, flushes)
+
+
+def test_a_burst_of_watchers_reading_history_gets_all_of_it(stack: Stack, client: Client) -> None:
+    # More watchers at once than redis-py's default pool has connections (100), each reading
+    # the stored steps before following: they wait for a connection, none gets an error.
+    job = client.submit(_spec(300))
+    client.wait(job["id"])
+    stored = list(client.steps(job["id"]))
+
+    async def burst() -> list[list[dict]]:  # type: ignore[type-arg]
+        return await asyncio.gather(
+            *[_watch(stack, job["id"], last_event_id=i) for i in range(150)]
+        )
+
+    for after, steps in enumerate(asyncio.run(burst())):
+        assert steps == stored[after + 1 :]
