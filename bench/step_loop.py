@@ -4,11 +4,14 @@ against the bare torch loop on the same problem, in the same process and run.
     .venv/bin/python bench/step_loop.py [--repeat 3]
 
 Prints one line per case with both rates and their ratio (gradstream / bare; 1.0 = free).
-Each side runs `repeat` times, interleaved; the best run of each is compared.
+Each side runs `repeat` times, interleaved in pairs; the ratio is the median of the pairs'
+ratios (each pair ran back to back, so a change in the machine's speed, frequent on a shared
+VM, affects both sides alike), the rates the medians of each side.
 """
 
 import argparse
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,7 +71,7 @@ def gradstream_run(store: Store, spec: JobSpec, settings: Settings) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -86,10 +89,11 @@ def main() -> None:
             for _ in range(args.repeat):
                 bare.append(bare_loop(spec))
                 ours.append(gradstream_run(store, spec, settings))
-            bare_rate, our_rate = steps / min(bare), steps / min(ours)
+            bare_rate, our_rate = steps / statistics.median(bare), steps / statistics.median(ours)
+            ratio = statistics.median(b / o for b, o in zip(bare, ours, strict=True))
             print(
                 f"{name:<22} steps {steps:>6}  bare {bare_rate:>8.0f} steps/s  "
-                f"gradstream {our_rate:>8.0f} steps/s  ratio {our_rate / bare_rate:.3f}"
+                f"gradstream {our_rate:>8.0f} steps/s  ratio {ratio:.3f}"
             )
 
 
