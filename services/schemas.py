@@ -5,7 +5,9 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -51,10 +53,16 @@ def rectangular(x: list[list[float]]) -> list[list[float]]:
     return x
 
 
+# Rows of x: a flat list of numbers is one feature; rows must all have the same width.
+Rows = Annotated[
+    list[list[float]], BeforeValidator(flat_x_is_one_feature), AfterValidator(rectangular)
+]
+
+
 class DataSpec(StrictModel):
     """Training data: inline `x` and `y`, or `synthetic` parameters; exactly one of the two."""
 
-    x: list[list[float]] | None = Field(
+    x: Rows | None = Field(
         default=None, description="one row per sample; a flat list means one feature"
     )
     y: list[float] | None = None
@@ -67,16 +75,6 @@ class DataSpec(StrictModel):
     # An uploaded dataset's (samples, features), known once it is looked up (not part of the
     # spec a client sends or reads back).
     _shape: tuple[int, int] | None = PrivateAttr(default=None)
-
-    @field_validator("x", mode="before")
-    @classmethod
-    def _flat_x_is_one_feature(cls, value: Any) -> Any:
-        return flat_x_is_one_feature(value)
-
-    @field_validator("x")
-    @classmethod
-    def _rectangular(cls, x: list[list[float]] | None) -> list[list[float]] | None:
-        return None if x is None else rectangular(x)
 
     @field_validator("y")
     @classmethod
@@ -370,17 +368,7 @@ class JobView(BaseModel):
 class PredictRequest(StrictModel):
     """Rows to predict with a finished job's parameters (a flat list means one feature)."""
 
-    x: list[list[float]] = Field(min_length=1, max_length=10_000)
-
-    @field_validator("x", mode="before")
-    @classmethod
-    def _flat_x_is_one_feature(cls, value: Any) -> Any:
-        return flat_x_is_one_feature(value)
-
-    @field_validator("x")
-    @classmethod
-    def _rectangular(cls, x: list[list[float]]) -> list[list[float]]:
-        return rectangular(x)
+    x: Rows = Field(min_length=1, max_length=10_000)
 
 
 class Prediction(BaseModel):
