@@ -12,7 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.limits import BodySizeLimit
-from api.routes import datasets, health, jobs, streams, workers
+from api.metrics import registry as metrics_registry
+from api.routes import datasets, health, jobs, metrics, streams, workers
 from api.routes.streams import StreamSlots, sse_frame
 from services.auth import KeyRing, StreamTokens, parse_api_keys
 from services.config import Settings, get_settings
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.async_redis, settings.sse_keepalive_s, render=sse_frame
         )
         app.state.stream_slots = StreamSlots(settings.max_sse_per_tenant)
+        app.state.metrics = metrics_registry(app.state.store, app.state.job_streams)
         try:
             yield
         finally:
@@ -83,7 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.stream_tokens = StreamTokens.for_keys(
         pairs, settings.stream_token_ttl_s, settings.stream_token_secret.get_secret_value()
     )
-    for router in (jobs.router, streams.router, datasets.router, workers.router, health.router):
+    routers = [jobs.router, streams.router, datasets.router, workers.router, health.router]
+    for router in [*routers, metrics.router]:
         app.include_router(router)
     app.add_middleware(
         BodySizeLimit,

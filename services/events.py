@@ -153,6 +153,11 @@ class JobStreams:
         if self._tails.get(tail.job_id) is tail:
             del self._tails[tail.job_id]
 
+    def watching(self) -> tuple[int, int]:
+        """Watchers in this process, and the most events one of them has queued (its lag)."""
+        watchers = [w for tail in self._tails.values() for w in tail.watchers]
+        return len(watchers), max((w.queue.qsize() for w in watchers), default=0)
+
     async def open(self, job_id: str, after: int, tenant: str) -> AsyncGenerator[bytes, None]:
         """The rendered events of `job_id` (a job of `tenant`) after step `after` (-1: from
         step 0).

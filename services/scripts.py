@@ -152,6 +152,9 @@ if TERMINAL[status] then return {'fenced'} end
 if chunk then
   if tonumber(ARGV[3]) ~= done then return {'gap', tostring(done)} end
   redis.call('XADD', KEYS[2], ARGV[4], unpack(ARGV, 12))
+  -- Service-wide counters for /metrics (outside the hash tag, like the indexes).
+  redis.call('HINCRBY', 'gs:stats', 'steps', last + 1 - done)
+  redis.call('HINCRBY', 'gs:stats', 'flushes', 1)
   done = last + 1
   redis.call('HSET', KEYS[1], 'steps_done', done)
   redis.call('HSET', KEYS[5], 'step', done, 'theta', ARGV[10], 'optimizer', ARGV[11])

@@ -36,6 +36,7 @@ LIVE_QUEUES_TTL_S = 1.0
 JOBS_INDEX = "gs:jobs"
 STATUS_INDEX_PREFIX = "gs:jobs:"
 WORKERS_INDEX = "gs:workers"
+STATS_KEY = "gs:stats"
 
 
 def lease_key(job_id: str) -> str:
@@ -627,6 +628,23 @@ class Store:
                 if owner != tenant.encode():
                     worker.current_job = None
         return workers
+
+    @_translate_redis_errors
+    def service_stats(
+        self, queues: tuple[str, ...]
+    ) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """Jobs per status, messages waiting in each worker queue, and the service-wide
+        counters the flush script keeps (`steps`, `flushes`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for status in JobStatus:
+            pipe.zcard(STATUS_INDEX_PREFIX + status.value)
+        for queue in queues:
+            pipe.llen(queue)  # kombu's Redis transport keeps a queue's messages in a list
+        pipe.hgetall(STATS_KEY)
+        *counts, stats = pipe.execute()
+        jobs = {status.value: int(n) for status, n in zip(JobStatus, counts, strict=False)}
+        depth = {queue: int(n) for queue, n in zip(queues, counts[len(JobStatus) :], strict=True)}
+        return jobs, depth, {k.decode(): int(v) for k, v in stats.items()}
 
     def live_queues(self) -> set[str]:
         """Queues some live worker consumes (cached for a second: routing can be a second

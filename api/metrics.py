@@ -1,0 +1,60 @@
+"""`/metrics` in Prometheus's text format: the service's state read from Redis at each scrape
+(jobs by status, queue depth, live workers, steps and flushes so far) and this API process's
+event streams (clients and their lag)."""
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from services.events import JobStreams
+from services.queue import CPU_QUEUE, GPU_QUEUE
+from services.store import Store
+
+
+class ServiceCollector(Collector):
+    def __init__(self, store: Store, streams: JobStreams) -> None:
+        self.store, self.streams = store, streams
+
+    def collect(self) -> Iterator[Metric]:
+        jobs, depth, stats = self.store.service_stats((CPU_QUEUE, GPU_QUEUE))
+        by_status = GaugeMetricFamily("gradstream_jobs", "Jobs by status", labels=["status"])
+        for status, count in jobs.items():
+            by_status.add_metric([status], count)
+        yield by_status
+        queued = GaugeMetricFamily(
+            "gradstream_queue_depth", "Messages waiting in a worker queue", labels=["queue"]
+        )
+        for queue, count in depth.items():
+            queued.add_metric([queue], count)
+        yield queued
+        live: dict[str, int] = {}
+        for worker in self.store.list_workers():
+            live[worker.device] = live.get(worker.device, 0) + 1
+        workers = GaugeMetricFamily("gradstream_workers", "Live workers", labels=["device"])
+        for device, count in sorted(live.items()):
+            workers.add_metric([device], count)
+        yield workers
+        yield CounterMetricFamily(
+            "gradstream_steps",
+            "Training steps stored (rate: steps per second)",
+            value=stats.get("steps", 0),
+        )
+        yield CounterMetricFamily(
+            "gradstream_flushes",
+            "Chunks of steps flushed by workers",
+            value=stats.get("flushes", 0),
+        )
+        clients, lag = self.streams.watching()
+        yield GaugeMetricFamily(
+            "gradstream_sse_clients", "Event-stream clients of this API process", value=clients
+        )
+        yield GaugeMetricFamily(
+            "gradstream_sse_max_lag", "Most events queued for one client of this process", value=lag
+        )
+
+
+def registry(store: Store, streams: JobStreams) -> CollectorRegistry:
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(ServiceCollector(store, streams))
+    return collectors
