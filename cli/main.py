@@ -6,6 +6,7 @@ command talks to the API over HTTP through api.client.
 
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,6 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from api.client import Client, GradstreamError
 from cli.stack import Stack, visible_gpus
@@ -28,6 +38,12 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 UrlOpt = Annotated[str | None, typer.Option("--url", help="API URL (default: $GRADSTREAM_URL)")]
 KeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key ($GRADSTREAM_API_KEY)")]
+ProgressOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--progress/--lines", help="a progress bar (default on a terminal), or a line per step"
+    ),
+]
 
 # The tutorial's worked example: x=1, y=2, w=1 gives loss 1 and dLoss/dw = -2 at step 0.
 SEED_EXAMPLE: dict[str, Any] = {
@@ -219,42 +235,128 @@ def _client(url: str | None, api_key: str | None) -> Client:
 
 @app.command()
 def submit(
-    spec_file: Annotated[str, typer.Argument(help="JobSpec as a JSON file, or - for stdin")],
-    watch_job: Annotated[bool, typer.Option("--watch", help="print steps until it ends")] = False,
+    spec_file: Annotated[
+        str | None, typer.Argument(help="a JobSpec file (JSON, or YAML by its suffix), - for stdin")
+    ] = None,
+    synthetic: Annotated[
+        str | None, typer.Option(help="synthetic data N,D (instead of a spec file's data)")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="steps to run")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd, adam or adamw")] = None,
+    bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="learn b")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto")] = None,
+    watch_job: Annotated[bool, typer.Option("--watch", help="follow it until it ends")] = False,
+    progress: ProgressOpt = None,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """Submit a job from a JSON spec."""
-    text = sys.stdin.read() if spec_file == "-" else Path(spec_file).read_text()
+    """Submit a job from a spec file and/or flags (flags override the file); print its id."""
+    spec: dict[str, Any] = {}
+    if spec_file is not None:
+        text = sys.stdin.read() if spec_file == "-" else Path(spec_file).read_text()
+        is_yaml = spec_file.endswith((".yaml", ".yml"))
+        spec = yaml.safe_load(text) if is_yaml else json.loads(text)
+    if synthetic is not None:
+        n, d = (int(v) for v in synthetic.split(","))
+        spec["data"] = {"synthetic": {"n": n, "d": d}}
+    if "data" not in spec:
+        _fail("give a spec file with data, or --synthetic N,D", code=2)
+    optimizer_spec = dict(spec.get("optimizer") or {})
+    for key, value in (("lr", lr), ("name", optimizer)):
+        if value is not None:
+            optimizer_spec[key] = value
+    if optimizer_spec:
+        spec["optimizer"] = optimizer_spec
+    for key, value in (("steps", steps), ("bias", bias), ("device", device)):
+        if value is not None:
+            spec[key] = value
     with _client(url, api_key) as client:
         try:
-            job = client.submit(json.loads(text))
+            job = client.submit(spec)
         except GradstreamError as exc:
             _fail(str(exc))
         typer.echo(job["id"])
         if watch_job:
-            _watch(client, job["id"])
+            _watch(client, job["id"], progress)
 
 
-def _watch(client: Client, job_id: str) -> None:
+def _watch(client: Client, job_id: str, progress: bool | None = None) -> None:
+    """Follow a job's events until `done`: a progress bar with the loss and the gradient norm,
+    or a line per step. Exit 1 unless the job succeeded."""
+    if progress is None:
+        progress = sys.stdout.isatty()
+    view = _watch_with_bar(client, job_id) if progress else _watch_lines(client, job_id)
+    if view["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def _watch_lines(client: Client, job_id: str) -> dict[str, Any]:
     for event in client.stream(job_id):
         if event.event == "step":
             typer.echo(_format_step(event.data))
         elif event.event == "status":
             typer.echo(f"status: {event.data['status']}")
         elif event.event == "done":
-            view = event.data
+            view: dict[str, Any] = event.data
             typer.echo(f"{view['status']}: {json.dumps(view['result'] or view['error'])}")
-            if view["status"] != "succeeded":
-                raise typer.Exit(1)
+            return view
+    raise GradstreamError(0, "the stream ended without done")
+
+
+def _grad_norm(step: dict[str, Any]) -> float:
+    values = [v for v in _flat(step["grads"].values()) if v is not None]
+    return math.sqrt(sum(v * v for v in values))
+
+
+def _flat(values: Any) -> list[float | None]:
+    out: list[float | None] = []
+    for value in values:
+        out.extend(_flat(value) if isinstance(value, list) else [value])
+    return out
+
+
+def _watch_with_bar(client: Client, job_id: str) -> dict[str, Any]:
+    total = client.get(job_id)["spec"]["steps"]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TextColumn("loss {task.fields[loss]}  |grad| {task.fields[grad]}"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=Console(force_terminal=True)) as bar:
+        task = bar.add_task(job_id[:12], total=total, status="", loss="-", grad="-")
+        for event in client.stream(job_id):
+            if event.event == "step":
+                step = event.data
+                bar.update(
+                    task,
+                    completed=step["step"] + 1,
+                    loss=_f32(step["loss"]),
+                    grad=f"{_grad_norm(step):.4g}",
+                )
+            elif event.event == "status":
+                bar.update(task, status=event.data["status"])
+            elif event.event == "done":
+                view: dict[str, Any] = event.data
+                bar.update(task, status=view["status"], completed=view["steps_done"])
+                bar.stop()
+                typer.echo(f"{view['status']}: {view.get('stop_reason') or ''}")
+                return view
+    raise GradstreamError(0, "the stream ended without done")
 
 
 @app.command()
-def watch(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
-    """Print a job's steps live until it ends (exit 1 unless it succeeded)."""
+def watch(
+    job_id: str, progress: ProgressOpt = None, url: UrlOpt = None, api_key: KeyOpt = None
+) -> None:
+    """Follow a job live until it ends (resumes after a dropped connection); exit 1 unless it
+    succeeded."""
     with _client(url, api_key) as client:
         try:
-            _watch(client, job_id)
+            _watch(client, job_id, progress)
         except GradstreamError as exc:
             _fail(str(exc))
 

@@ -1,0 +1,106 @@
+"""Every `gradstream` client command against the real stack, through its own process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from api.client import Client
+from cli.stack import Stack
+from tests.conftest import SEED_EXAMPLE
+
+
+def _run(stack: Stack, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "GRADSTREAM_URL": stack.api_url,
+        "GRADSTREAM_API_KEY": stack.api_key if key is None else key,
+        "COLUMNS": "160",  # the progress bar's width off a terminal
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_submit_a_yaml_spec_and_watch_it_line_by_line(stack: Stack, tmp_path: Path) -> None:
+    spec = tmp_path / "seed.yaml"
+    spec.write_text(
+        "data: {x: [[1.0]], y: [2.0]}\ninit: {w: [1.0]}\noptimizer: {lr: 0.1}\n"
+        "steps: 10\ndevice: cpu\n"
+    )
+    out = _run(stack, "submit", str(spec), "--watch", "--lines")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines[0]) == 32  # the job id
+    assert "step    0  loss 1.0           dLoss/dw [-2.0]  w [1.0]" in lines
+    assert lines[-1].startswith("succeeded: ")
+
+
+def test_submit_from_flags_then_show_steps_and_jobs(stack: Stack) -> None:
+    out = _run(
+        stack,
+        "submit",
+        "--synthetic",
+        "50,3",
+        "--steps",
+        "20",
+        "--lr",
+        "0.05",
+        "--bias",
+        "--device",
+        "cpu",
+    )
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip()
+    with Client(stack.api_url, stack.api_key) as client:
+        assert client.wait(job_id)["status"] == "succeeded"
+    shown = json.loads(_run(stack, "show", job_id).stdout)
+    assert shown["spec"]["steps"] == 20 and shown["spec"]["bias"] is True
+    assert shown["spec"]["data"]["synthetic"]["n"] == 50
+    csv_out = _run(stack, "steps", job_id, "--format", "csv").stdout.splitlines()
+    assert csv_out[0] == "step,loss,grads,params" and len(csv_out) == 21
+    jsonl = [
+        json.loads(line)
+        for line in _run(stack, "steps", job_id, "--format", "jsonl").stdout.splitlines()
+    ]
+    assert [r["step"] for r in jsonl] == list(range(20)) and "b" in jsonl[0]["grads"]
+    listed = _run(stack, "jobs", "--limit", "50").stdout
+    assert job_id in listed and "succeeded" in listed
+
+
+def test_watch_exits_non_zero_on_a_diverged_job(stack: Stack, client: Client) -> None:
+    job = client.submit({**SEED_EXAMPLE, "optimizer": {"lr": 1e30}, "steps": 50})
+    out = _run(stack, "watch", job["id"], "--lines")
+    assert out.returncode == 1
+    assert "diverged" in out.stdout.splitlines()[-1]
+
+
+def test_watch_with_a_progress_bar(stack: Stack, client: Client) -> None:
+    job = client.submit({**SEED_EXAMPLE, "steps": 200})
+    out = _run(stack, "watch", job["id"], "--progress")
+    assert out.returncode == 0, out.stderr
+    assert "200/200" in out.stdout and "loss" in out.stdout and "|grad|" in out.stdout
+    assert out.stdout.rstrip().endswith("succeeded: ran all 200 steps")
+
+
+def test_cancel_and_workers(stack: Stack, client: Client) -> None:
+    queued = client.submit({**SEED_EXAMPLE, "device": "cuda"})  # no gpu worker: it waits
+    out = _run(stack, "cancel", queued["id"])
+    assert out.returncode == 0 and out.stdout.strip() == "cancelled"
+    again = _run(stack, "cancel", queued["id"])
+    assert again.returncode == 1 and "already finished" in again.stderr
+    workers = _run(stack, "workers").stdout
+    assert "cpu" in workers
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["workers"], ["show", "0" * 32]])
+def test_a_wrong_key_is_a_clear_error(stack: Stack, command: list[str]) -> None:
+    out = _run(stack, *command, key="not-a-key-of-anyone")
+    assert out.returncode != 0 and "invalid API key" in out.stderr
