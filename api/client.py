@@ -1,9 +1,11 @@
-"""A Python client for the gradstream API (httpx; imports nothing of the server, no torch)."""
+"""Python clients for the gradstream API, sync (Client) and async (AsyncClient): httpx only,
+nothing of the server and no torch, so `api/client.py` can be copied into any project."""
 
+import asyncio
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,26 +33,61 @@ class GradstreamError(Exception):
         self.detail = detail
 
 
-def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
-    """Events from the lines of a text/event-stream body; comments (keep-alives) are skipped."""
-    fields: dict[str, str] = {}
-    data: list[str] = []
-    for line in lines:
+class SSEParser:
+    """Server-Sent Events from the lines of a text/event-stream body, one line at a time;
+    comments (keep-alives) are skipped."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> Event | None:
+        """The event this line completes, if any."""
         if line == "":
-            if data:
-                yield Event(
-                    fields.get("event", "message"), json.loads("\n".join(data)), fields.get("id")
-                )
-            fields, data = {}, []
-        elif line.startswith(":"):
-            continue
-        else:
+            event = None
+            if self.data:
+                fields = self.fields
+                data = json.loads("\n".join(self.data))
+                event = Event(fields.get("event", "message"), data, fields.get("id"))
+            self.fields, self.data = {}, []
+            return event
+        if not line.startswith(":"):
             name, _, value = line.partition(":")
             value = value[1:] if value.startswith(" ") else value
             if name == "data":
-                data.append(value)
+                self.data.append(value)
             else:
-                fields[name] = value
+                self.fields[name] = value
+        return None
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
+    """Events from the lines of a text/event-stream body."""
+    parser = SSEParser()
+    for line in lines:
+        if (event := parser.feed(line)) is not None:
+            yield event
+
+
+def _error(response: httpx.Response) -> GradstreamError:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = response.text
+    return GradstreamError(response.status_code, detail)
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    api_key = api_key or os.environ.get("GRADSTREAM_API_KEY")
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+# A dropped stream is retried after this many seconds, doubling up to 2 s.
+def _backoff(failures: int) -> float:
+    return min(2.0, 0.2 * 2.0**failures)
+
+
+_STREAM_TIMEOUT = httpx.Timeout(30, read=60)  # keep-alives come every 15 s
 
 
 class Client:
@@ -60,9 +97,7 @@ class Client:
         self, url: str | None = None, api_key: str | None = None, timeout: float = 30
     ) -> None:
         url = url or os.environ.get("GRADSTREAM_URL", DEFAULT_URL)
-        api_key = api_key or os.environ.get("GRADSTREAM_API_KEY")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout)
 
     def __enter__(self) -> "Client":
         return self
@@ -72,11 +107,7 @@ class Client:
 
     def _json(self, response: httpx.Response) -> Any:
         if response.is_error:
-            try:
-                detail = response.json().get("detail")
-            except ValueError:
-                detail = response.text
-            raise GradstreamError(response.status_code, detail)
+            raise _error(response)
         return response.json()
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +127,15 @@ class Client:
 
     def workers(self) -> list[dict[str, Any]]:
         return list(self._json(self.http.get("/v1/workers"))["workers"])
+
+    def predict(self, job_id: str, x: list[list[float]]) -> list[float]:
+        body = self._json(self.http.post(f"/v1/jobs/{job_id}/predict", json={"x": x}))
+        return list(body["y_hat"])
+
+    def upload_dataset(self, content: bytes, target: str = "y") -> dict[str, Any]:
+        """Upload CSV, .npy or .npz bytes; the dataset's info (its id is the bytes' sha256)."""
+        response = self.http.post("/v1/datasets", content=content, params={"target": target})
+        return dict(self._json(response))
 
     def steps(self, job_id: str, after: int = -1, page: int = 5000) -> Iterator[dict[str, Any]]:
         """Every stored step after `after`, page by page (ends where the stored history ends)."""
@@ -128,14 +168,11 @@ class Client:
             headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
             try:
                 with self.http.stream(
-                    "GET",
-                    f"/v1/jobs/{job_id}/events",
-                    headers=headers,
-                    timeout=httpx.Timeout(30, read=60),
+                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=_STREAM_TIMEOUT
                 ) as response:
                     if response.is_error:
                         response.read()
-                        self._json(response)
+                        raise _error(response)
                     for event in parse_sse(response.iter_lines()):
                         failures = 0
                         if event.id is not None:
@@ -147,4 +184,97 @@ class Client:
                 failures += 1
                 if failures > retries:
                     raise
-                time.sleep(min(2.0, 0.2 * 2**failures))
+                time.sleep(_backoff(failures))
+
+
+class AsyncClient:
+    """The same as Client, for asyncio code (notebooks, services): await its calls, and
+    `async for` over `steps()` and `stream()`."""
+
+    def __init__(
+        self, url: str | None = None, api_key: str | None = None, timeout: float = 30
+    ) -> None:
+        url = url or os.environ.get("GRADSTREAM_URL", DEFAULT_URL)
+        self.http = httpx.AsyncClient(base_url=url, headers=_auth(api_key), timeout=timeout)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.http.aclose()
+
+    async def _json(self, request: Awaitable[httpx.Response]) -> Any:
+        response = await request
+        if response.is_error:
+            raise _error(response)
+        return response.json()
+
+    async def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return dict(await self._json(self.http.post("/v1/jobs", json=spec)))
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        return dict(await self._json(self.http.get(f"/v1/jobs/{job_id}")))
+
+    async def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        return list((await self._json(self.http.get("/v1/jobs", params=params)))["jobs"])
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(await self._json(self.http.post(f"/v1/jobs/{job_id}/cancel")))
+
+    async def steps(
+        self, job_id: str, after: int = -1, page: int = 5000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every stored step after `after`, page by page."""
+        while True:
+            params = {"after": after, "limit": page}
+            body = await self._json(self.http.get(f"/v1/jobs/{job_id}/steps", params=params))
+            for record in body["steps"]:
+                yield record
+            if body["next"] is None or not body["steps"]:
+                return
+            after = body["next"]
+
+    async def wait(self, job_id: str, timeout: float = 600, poll: float = 0.2) -> dict[str, Any]:
+        """Poll until the job finishes; its final JobView."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = await self.get(job_id)
+            if view["status"] in TERMINAL:
+                return view
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {view['status']} after {timeout} s")
+            await asyncio.sleep(poll)
+
+    async def stream(
+        self, job_id: str, last_event_id: int | None = None, retries: int = 5
+    ) -> AsyncIterator[Event]:
+        """Live events of a job until `done`; a dropped connection resumes after the last step."""
+        failures = 0
+        while True:
+            headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+            try:
+                async with self.http.stream(
+                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=_STREAM_TIMEOUT
+                ) as response:
+                    if response.is_error:
+                        await response.aread()
+                        raise _error(response)
+                    parser = SSEParser()
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        failures = 0
+                        if event.id is not None:
+                            last_event_id = int(event.id)
+                        yield event
+                        if event.event == "done":
+                            return
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                failures += 1
+                if failures > retries:
+                    raise
+                await asyncio.sleep(_backoff(failures))

@@ -1,6 +1,7 @@
 """Nothing lost, nothing twice: real workers, Redis and the API killed, paused and restarted
 mid-job. Each test checks the invariant (tests/faults.py) against an uninterrupted run."""
 
+import asyncio
 import signal
 import subprocess
 import time
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from api.client import Client
+from api.client import AsyncClient, Client, Event
 from cli.stack import Stack, stop_process, wait_until
 from tests.faults import (
     FAULT_ENV,
@@ -278,8 +279,9 @@ def test_poison_job_that_kills_its_worker_fails_after_max_attempts(
     assert api.wait(healthy["id"], timeout=30)["status"] == "succeeded"
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
 def test_sse_client_misses_nothing_across_an_api_restart(
-    stack: Stack, api: Client, workers: Workers
+    stack: Stack, api: Client, workers: Workers, kind: str
 ) -> None:
     workers.start()
     spec = long_spec(steps=8000, seed=9)
@@ -287,16 +289,30 @@ def test_sse_client_misses_nothing_across_an_api_restart(
     port = int(stack.api_url.rsplit(":", 1)[1])
     steps: list[dict[str, object]] = []
     restarted = False
-    with Client(stack.api_url, stack.api_key, timeout=10) as watcher:
-        for event in watcher.stream(job["id"], retries=20):
-            if event.event == "step":
-                steps.append(event.data)
-                if len(steps) == 1000 and not restarted:
-                    stop_process(stack.api_process)
-                    stack.start_api(port)
-                    restarted = True
-            elif event.event == "done":
-                assert event.data["status"] == "succeeded"
+
+    def on_event(event: Event) -> None:
+        nonlocal restarted
+        if event.event == "step":
+            steps.append(event.data)
+            if len(steps) == 1000 and not restarted:
+                stop_process(stack.api_process)
+                stack.start_api(port)
+                restarted = True
+        elif event.event == "done":
+            assert event.data["status"] == "succeeded"
+
+    if kind == "sync":
+        with Client(stack.api_url, stack.api_key, timeout=10) as watcher:
+            for event in watcher.stream(job["id"], retries=20):
+                on_event(event)
+    else:
+
+        async def follow() -> None:
+            async with AsyncClient(stack.api_url, stack.api_key, timeout=10) as watcher:
+                async for event in watcher.stream(job["id"], retries=20):
+                    on_event(event)
+
+        asyncio.run(follow())
     assert restarted
     assert [s["step"] for s in steps] == list(range(spec["steps"]))
     assert steps == list(api.steps(job["id"]))

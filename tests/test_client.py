@@ -1,0 +1,39 @@
+"""The async client against the real stack (the sync one is used by every other test)."""
+
+import asyncio
+
+from api.client import AsyncClient, GradstreamError
+from cli.stack import Stack
+from tests.conftest import SEED_EXAMPLE
+
+
+def test_async_client_submits_streams_resumes_and_reads_back(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(stack.api_url, stack.api_key) as client:
+            job = await client.submit({**SEED_EXAMPLE, "steps": 50})
+            events = [e async for e in client.stream(job["id"])]
+            steps = [e.data for e in events if e.event == "step"]
+            assert [s["step"] for s in steps] == list(range(50))
+            assert events[-1].event == "done" and events[-1].data["status"] == "succeeded"
+            assert steps[0] == {
+                "step": 0,
+                "loss": 1.0,
+                "grads": {"w": [-2.0]},
+                "params": {"w": [1.0]},
+            }
+            # Resuming after step 29 gives steps 30 .. 49, then done.
+            resumed = [
+                e.data["step"] async for e in client.stream(job["id"], 29) if e.event == "step"
+            ]
+            assert resumed == list(range(30, 50))
+            assert [s async for s in client.steps(job["id"], page=7)] == steps
+            assert (await client.wait(job["id"]))["status"] == "succeeded"
+            assert job["id"] in [j["id"] for j in await client.jobs()]
+            try:
+                await client.cancel(job["id"])
+            except GradstreamError as exc:
+                assert exc.status_code == 409
+            else:
+                raise AssertionError("cancelling a finished job must be a 409")
+
+    asyncio.run(scenario())
