@@ -10,6 +10,7 @@ longer than the lease does not lose the job.
 
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import threading
@@ -25,9 +26,10 @@ from pydantic import ValidationError
 
 from services.config import Settings
 from services.errors import StoreUnavailable
+from services.logs import attempt_context
 from services.records import Chunk, param_values
 from services.schemas import JobSpec, JobStatus, StopSpec
-from services.store import Checkpoint, Store
+from services.store import Checkpoint, Claim, Store
 from services.training import (
     CudaGraphStep,
     DatasetCache,
@@ -248,7 +250,11 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._args = (store, job_id, attempt, lease_s)
         self._progress, self._stall_s = progress, stall_s
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+        # Started in a copy of this context: its log lines carry the job id and attempt.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name=f"lease-{job_id}", daemon=True
+        )
 
     def __enter__(self) -> "LeaseKeeper":
         self._thread.start()
@@ -297,6 +303,19 @@ def run_job(
     if claim.outcome != "claimed":
         log.info("job %s not run: %s %s", job_id, claim.outcome, claim.status)
         return AttemptResult(Outcome.SKIPPED)
+    with attempt_context(job_id, claim.attempt):
+        return _run_attempt(store, job_id, worker, device, settings, drain, claim)
+
+
+def _run_attempt(
+    store: Store,
+    job_id: str,
+    worker: str,
+    device: torch.device,
+    settings: Settings,
+    drain: threading.Event | None,
+    claim: Claim,
+) -> AttemptResult:
     store.set_current_job(worker, job_id)
     attempt = _Attempt(store, job_id, claim.attempt, settings, drain or threading.Event())
     keeper = LeaseKeeper(
@@ -449,7 +468,8 @@ class _Attempt:
                 recorded = recorder.swap(trainer.theta, trainer.optimizer_state())
                 if self.drain.is_set():
                     return self._flush(recorded) or self._hand_back("its worker is shutting down")
-                self._flushing = self._executor.submit(self._flush, recorded)
+                context = contextvars.copy_context()  # the flush logs with the job's ids
+                self._flushing = self._executor.submit(context.run, self._flush, recorded)
                 last_flush = time.perf_counter()
 
         stopped = self._wait_for_flush()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from celery.signals import (
     celeryd_init,
+    setup_logging,
     worker_init,
     worker_process_init,
     worker_ready,
@@ -28,11 +29,21 @@ from celery.signals import (
 )
 
 from services.config import get_settings
+from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
 from services.store import Store
 from services.training import compute_device, warm_up
 
 log = logging.getLogger(__name__)
+
+
+@setup_logging.connect
+def _logging(loglevel: str | int | None = None, **_: Any) -> None:
+    # Connected, this replaces Celery's own logging set-up (in the main process and, through
+    # it, the pool children): JSON lines off a terminal, each job's lines with its ids.
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else loglevel
+    configure_logging(str(level or get_settings().log_level))
+
 
 app = celery_app
 
