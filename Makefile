@@ -7,12 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench soak setup redis-server compose-secrets clean
+.PHONY: demo test lint typecheck pytest bench soak setup redis-server chromium compose-secrets clean
 
 demo: setup
 	$(BIN)/gradstream up --demo --port 0
 
-test: setup lint typecheck pytest
+test: setup chromium lint typecheck pytest
 
 setup: $(STAMP) redis-server
 
@@ -31,6 +31,18 @@ redis-server:
 	  else \
 	    echo "redis-server not found. Install it (Debian/Ubuntu: sudo apt-get install redis-server;" \
 	         "macOS: brew install redis) and run make again." >&2; \
+	    exit 1; \
+	  fi; }
+
+# The dashboard's browser test drives Debian's chromium through chromedriver.
+chromium:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium and chromium-driver (Debian packages)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "chromium and chromedriver not found (the dashboard test needs them). Install them" \
+	         "(Debian/Ubuntu: sudo apt-get install chromium chromium-driver) and run make again." >&2; \
 	    exit 1; \
 	  fi; }
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from api.limits import BodySizeLimit
 from api.metrics import registry as metrics_registry
-from api.routes import datasets, health, jobs, metrics, streams, workers
+from api.routes import dashboard, datasets, health, jobs, metrics, streams, workers
 from api.routes.streams import StreamSlots, sse_frame
 from services.auth import KeyRing, StreamTokens, parse_api_keys
 from services.config import Settings, get_settings
@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pairs, settings.stream_token_ttl_s, settings.stream_token_secret.get_secret_value()
     )
     routers = [jobs.router, streams.router, datasets.router, workers.router, health.router]
-    for router in [*routers, metrics.router]:
+    for router in [*routers, metrics.router, dashboard.router]:
         app.include_router(router)
     app.add_middleware(
         BodySizeLimit,

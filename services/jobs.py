@@ -83,6 +83,9 @@ def submit_job(
     if not created:
         log.info("job %s returned again for its idempotency key", job_id)
         return store.get_job(job_id)
+    # The view as created (queued): read before the message goes out, since a worker can
+    # finish a small job before a read after it.
+    view = store.get_job(job_id)
     try:
         enqueue_training(job_id, route.queue)
     except Exception as exc:
@@ -92,7 +95,7 @@ def submit_job(
         store.delete_job(job_id, idempotency, tenant)
         raise StoreUnavailable(f"could not enqueue the job: {exc}") from exc
     log.info("job %s queued on %s (%s)", job_id, route.queue, route.reason)
-    return store.get_job(job_id)
+    return view
 
 
 def cancel_job(store: Store, job_id: str, tenant: str) -> JobView:

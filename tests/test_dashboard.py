@@ -1,0 +1,79 @@
+"""The dashboard in a real headless Chromium (Debian's chromium and chromedriver, driven by
+Selenium): the page loads, a job submitted through the API appears, its loss chart grows while
+it runs, and the browser logs no error. The screenshot in the README comes from this test
+(GRADSTREAM_SCREENSHOT=docs/dashboard.png)."""
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from api.client import Client
+from cli.stack import Stack
+from tests.faults import long_spec
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _points(browser: webdriver.Chrome) -> int:
+    return int(browser.find_element(By.ID, "loss-chart").get_attribute("data-points") or 0)
+
+
+def test_dashboard_lists_the_job_and_its_chart_grows_live(
+    stack: Stack, client: Client, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    browser.get(f"{stack.api_url}/?key={stack.api_key}")
+    wait.until(lambda b: b.find_element(By.ID, "jobs"))
+    assert "key=" not in browser.current_url  # the key is kept in the browser, not the URL
+    job = client.submit(long_spec(steps=20_000, seed=2))
+    row = f'tr[data-job="{job["id"]}"]'
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, row))
+    browser.find_element(By.CSS_SELECTOR, f"{row} a").click()
+    wait.until(lambda b: _points(b) > 0)
+    first = _points(browser)
+    time.sleep(0.5)
+    assert client.get(job["id"])["status"] == "running"
+    assert _points(browser) > first  # growing while the job runs
+    wait.until(lambda b: b.find_element(By.ID, "status").text == "succeeded")
+    wait.until(lambda b: _points(b) == 20_000)
+    assert '"r2"' in browser.find_element(By.ID, "result").text
+    assert (
+        int(browser.find_element(By.ID, "params-chart").get_attribute("data-points") or 0)
+        == 5 * 20_000
+    )
+    browser.find_element(By.ID, "loss-chart-log").click()  # log scale redraws without errors
+    time.sleep(0.2)
+    browser.save_screenshot(str(tmp_path / "dashboard.png"))
+    if target := os.environ.get("GRADSTREAM_SCREENSHOT"):
+        shutil.copy(tmp_path / "dashboard.png", target)
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
