@@ -66,6 +66,9 @@ def worker(
     device: Annotated[str, typer.Option(help="cpu or cuda:N")] = "cpu",
     concurrency: Annotated[int, typer.Option(help="jobs at once (cpu only; a GPU runs 1)")] = 1,
     loglevel: Annotated[str, typer.Option()] = "info",
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve this worker's Prometheus metrics on this port")
+    ] = None,
 ) -> None:
     """Start a Celery worker pinned to one device, consuming its queue (cpu or gpu)."""
     try:
@@ -73,6 +76,11 @@ def worker(
     except ValueError as exc:
         _fail(str(exc), 2)
     env = {**os.environ, **pinned.pinning_env()}
+    if metrics_port is not None:
+        # Before the worker imports prometheus_client: its pool processes then write their
+        # metrics to files the main process serves (multiprocess mode).
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gradstream-metrics-")
+        env["GRADSTREAM_WORKER_METRICS_PORT"] = str(metrics_port)
     if pinned.kind == "cuda":
         if pinned.index not in visible_gpus() and not get_settings().cuda_fallback_cpu:
             _fail(f"no GPU {pinned.index} here (nvidia-smi -L lists the GPUs)", 2)

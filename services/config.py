@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = True
     cuda_graph_min_steps: int = Field(default=50, ge=1)
     worker_heartbeat_s: float = Field(default=2.0, gt=0)
+    # A worker serves its own Prometheus metrics on this port (`gradstream worker
+    # --metrics-port`, which also sets up prometheus-client's multiprocess mode).
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     worker_ttl_s: float = Field(default=10.0, gt=0)
 
     # The cost model of `device: auto`: seconds per step = fixed + per_element * samples x

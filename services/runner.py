@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from services import metrics
 from services.config import Settings
 from services.errors import StoreUnavailable
 from services.logs import attempt_context
@@ -304,7 +305,9 @@ def run_job(
         log.info("job %s not run: %s %s", job_id, claim.outcome, claim.status)
         return AttemptResult(Outcome.SKIPPED)
     with attempt_context(job_id, claim.attempt):
-        return _run_attempt(store, job_id, worker, device, settings, drain, claim)
+        result = _run_attempt(store, job_id, worker, device, settings, drain, claim)
+    metrics.JOBS.labels(result.outcome.value).inc()
+    return result
 
 
 def _run_attempt(
@@ -518,7 +521,12 @@ class _Attempt:
         if status is None and result is not None:
             status = JobStatus.SUCCEEDED
             result["loss"] = self.last_loss
+        started = time.perf_counter()
         reply = self._flush_with_retry(chunk, checkpoint, status, result, error)
+        metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+        if chunk is not None:
+            metrics.STEPS.inc(chunk.count)
+            metrics.FLUSHES.inc()
         if reply == "finished":
             log.info("job %s attempt %d %s", self.job_id, self.attempt, error or "succeeded")
             return AttemptResult(Outcome.DIVERGED if error else Outcome.SUCCEEDED)

@@ -1,10 +1,13 @@
-"""A scrape of /metrics whose figures move when a job runs."""
+"""Scrapes of the API's /metrics and of a worker's own, whose figures move when a job runs."""
+
+import subprocess
+import sys
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.client import Client
-from cli.stack import Stack
+from cli.stack import Stack, free_port, stop_process
 from tests.conftest import SEED_EXAMPLE
 
 
@@ -31,3 +34,40 @@ def test_metrics_move_when_a_job_runs(stack: Stack, client: Client) -> None:
     assert after[("gradstream_workers", (("device", "cpu"),))] >= 1
     assert ("gradstream_queue_depth", (("queue", "gpu"),)) in after
     assert after[("gradstream_sse_clients", ())] >= 0
+
+
+def test_a_worker_serves_its_own_metrics(stack: Stack, client: Client) -> None:
+    port = free_port()
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "worker",
+            "--device",
+            "cuda:0",
+            "--metrics-port",
+            str(port),
+        ],
+        env=stack.env(GRADSTREAM_CUDA_FALLBACK_CPU="1"),  # alone on the gpu queue, on the CPU
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        stack.wait_for_workers({"gpu"})
+        job = client.submit({**SEED_EXAMPLE, "steps": 40, "device": "cuda"})
+        assert client.wait(job["id"])["status"] == "succeeded"
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        # Written by the pool process that ran the job, served by the worker's main process.
+        assert samples[("gradstream_worker_steps_total", ())] == 40
+        assert samples[("gradstream_worker_flushes_total", ())] >= 1
+        assert samples[("gradstream_worker_flush_seconds_count", ())] >= 1
+        assert samples[("gradstream_worker_attempts_total", (("outcome", "succeeded"),))] == 1
+    finally:
+        stop_process(worker)

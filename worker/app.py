@@ -27,6 +27,7 @@ from celery.signals import (
     worker_shutdown,
     worker_shutting_down,
 )
+from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 from services.config import get_settings
 from services.logs import configure_logging
@@ -150,8 +151,13 @@ def _describe_device(device: Device) -> tuple[str, int]:
 
 @worker_ready.connect
 def start_heartbeat(**_: Any) -> None:
-    """Main process: register the worker and refresh its entry until shutdown."""
+    """Main process: register the worker and refresh its entry until shutdown (and serve its
+    metrics, when it has a metrics port)."""
     settings = get_settings()
+    if settings.worker_metrics_port is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        start_http_server(settings.worker_metrics_port, registry=registry)
     device = Device.parse(settings.device)
     device_name, memory = _describe_device(device)
     info: dict[str, str | int] = {
