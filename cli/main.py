@@ -27,6 +27,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 
 from api.client import Client, GradstreamError
 from cli.stack import Stack, visible_gpus
@@ -419,12 +420,19 @@ def jobs(
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """List jobs, newest first."""
+    """List your jobs, newest first, as a table."""
     with _client(url, api_key) as client:
-        for job in client.jobs(status, limit):
-            typer.echo(
-                f"{job['id']}  {job['status']:<10}  {job['device']:<4}  steps {job['steps_done']}"
-            )
+        try:
+            listed = client.jobs(status, limit)
+        except GradstreamError as exc:
+            _fail(str(exc))
+    table = Table("job", "status", "device", "steps", "created", "why it ended", box=None)
+    table.columns[0].no_wrap = True
+    for job in listed:
+        steps = f"{job['steps_done']}/{job['spec']['steps']}"
+        ended = job.get("stop_reason") or ""
+        table.add_row(job["id"], job["status"], job["device"], steps, job["created_at"], ended)
+    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from api.client import Client
 from cli.stack import Stack
+from tests.conftest import SEED_EXAMPLE
 from tests.faults import long_spec
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -77,3 +78,22 @@ def test_dashboard_lists_the_job_and_its_chart_grows_live(
         shutil.copy(tmp_path / "dashboard.png", target)
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert errors == []
+
+
+def test_the_job_page_draws_the_explain_view(
+    stack: Stack, client: Client, browser: webdriver.Chrome
+) -> None:
+    job = client.submit({**SEED_EXAMPLE, "record": {"explain": True}})
+    client.wait(job["id"])
+    browser.get(f"{stack.api_url}/?key={stack.api_key}#/jobs/{job['id']}")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.05)
+    wait.until(lambda b: b.find_elements(By.ID, "explain-table"))
+    rows = [
+        [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+        for row in browser.find_elements(By.CSS_SELECTOR, "#explain-table tbody tr")
+    ]
+    assert rows[0][:4] == ["y_hat", "x @ w", "[1]", "[-2]"] and "dy_hat/dw = [[1]]" in rows[0][4]
+    assert rows[1][:4] == ["s", "y_hat - y", "[-1]", "[-2]"] and "ds/dy_hat = [1]" in rows[1][4]
+    assert rows[2][:4] == ["loss", "s ** 2", "1", "1"] and "dloss/ds = [-2]" in rows[2][4]
+    assert "dLoss/dw = [-2]" in browser.find_element(By.ID, "explain-chain").text
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -152,13 +152,15 @@ function names(values) {
 function jobPage(jobId) {
   const status = el("span", { id: "status", class: "status" }, "");
   const result = el("pre", { id: "result" }, "");
+  const explain = el("div", { id: "explain" });
   const loss = new Chart("loss", { id: "loss-chart", logToggle: true });
   const params = new Chart("parameters", { id: "params-chart" });
   const grads = new Chart("gradients", { id: "grads-chart" });
   view.replaceChildren(
     el("h2", {}, "Job ", el("code", {}, jobId), " ", status),
     el("div", { class: "charts" }, loss.figure, params.figure, grads.figure),
-    el("h3", {}, "Result"), result);
+    explain, el("h3", {}, "Result"), result);
+  let explained = false;
   let source = null, closed = false;
   (async () => {
     try {
@@ -173,6 +175,7 @@ function jobPage(jobId) {
         for (const [name, value] of names(step.params)) params.add(name, step.step, value);
         for (const [name, value] of names(step.grads)) grads.add(name, step.step, value);
         loss.update(); params.update(); grads.update();
+        if (step.explain && !explained) { explained = true; showExplain(explain, step); }
       });
       source.addEventListener("status", (message) => {
         const { status: now } = JSON.parse(message.data);
@@ -188,6 +191,26 @@ function jobPage(jobId) {
     } catch (error) { showError(error); }
   })();
   return () => { closed = true; if (source) source.close(); };
+}
+
+// The tutorial's view of one step (jobs run with record.explain): each node of the graph
+// with its value, the gradient flowing into it and its local gradient, then the chain rule.
+function showExplain(box, step) {
+  const show = (v) => JSON.stringify(v);
+  const rows = step.explain.nodes.map((node) => el("tr", {},
+    el("td", {}, node.node), el("td", {}, node.op), el("td", { class: "value" }, show(node.value)),
+    el("td", {}, show(node.grad)),
+    el("td", {}, Object.entries(node.local).map(([name, v]) => `d${name.replace("/", "/d")} = ${show(v)}`).join("; "))));
+  const chain = step.explain.chain;
+  const gradients = ["w", "b"].filter((name) => name in chain)
+    .map((name) => `dLoss/d${name} = ${show(chain[name])}`).join(", ");
+  box.replaceChildren(
+    el("h3", {}, `Backpropagation at step ${step.step}`),
+    el("table", { id: "explain-table" },
+      el("thead", {}, el("tr", {}, ...["node", "op", "value", "dLoss/d(node)", "local gradient"]
+        .map((name) => el("th", {}, name)))),
+      el("tbody", {}, ...rows)),
+    el("p", { id: "explain-chain" }, `${chain.rule}: ${gradients}`));
 }
 
 // ---- routing -----------------------------------------------------------------------------
