@@ -1,6 +1,8 @@
 """The async client against the real stack (the sync one is used by every other test)."""
 
 import asyncio
+import subprocess
+import sys
 
 from api.client import AsyncClient, GradstreamError
 from cli.stack import Stack
@@ -37,3 +39,15 @@ def test_async_client_submits_streams_resumes_and_reads_back(stack: Stack) -> No
                 raise AssertionError("cancelling a finished job must be a 409")
 
     asyncio.run(scenario())
+
+
+def test_the_client_module_needs_neither_torch_nor_the_server() -> None:
+    code = (
+        "import sys, api.client; "
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('torch', 'services', 'fastapi')]; "
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
