@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     # datasets it used in a bounded cache per device.
     max_dataset_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     dataset_cache_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)
+    max_datasets_per_tenant: int = Field(default=100, ge=1)
     max_active_jobs_per_tenant: int = Field(default=100, ge=1, description="queued or running")
     max_sse_per_tenant: int = Field(default=64, ge=1, description="per API process")
     submits_per_minute: int = Field(default=600, ge=1, description="per tenant")

@@ -14,6 +14,7 @@ import io
 import math
 import zipfile
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 
@@ -42,13 +43,36 @@ class ParsedDataset:
         return int(self.x.shape[1])
 
 
-def parse_dataset(content: bytes, target: str = "y") -> ParsedDataset:
-    """The dataset in an upload; DatasetInvalid naming the problem."""
-    if content.startswith(NPY_MAGIC):
-        return _from_npy(content)
-    if content.startswith(ZIP_MAGIC):
-        return _from_npz(content)
-    return _from_csv(content, target)
+def parse_dataset(content: bytes, target: str = "y", max_elements: int = 10**8) -> ParsedDataset:
+    """The dataset in an upload; DatasetInvalid naming the problem. Arrays are checked against
+    `max_elements` from their headers, before anything is read into memory (a compressed
+    .npz of zeros, or a header that claims a huge shape, cannot make the parser allocate)."""
+    try:
+        if content.startswith(NPY_MAGIC):
+            return _from_npy(content, max_elements)
+        if content.startswith(ZIP_MAGIC):
+            return _from_npz(content, max_elements)
+        return _from_csv(content, target)
+    except MemoryError:
+        raise DatasetInvalid("the dataset does not fit in memory") from None
+
+
+def _check_header(stream: IO[bytes], name: str, max_elements: int) -> None:
+    """Read an .npy header from `stream` (left where the data starts) and refuse an array
+    larger than `max_elements` or not of numbers."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatasetInvalid(f"{name} is not a readable .npy array: {exc}") from None
+    if dtype.hasobject or not np.issubdtype(dtype, np.number):
+        raise DatasetInvalid(f"{name} must hold numbers; it holds {dtype}")
+    elements = math.prod(shape)
+    if elements > max_elements:
+        raise DatasetInvalid(f"{name} has {elements} values; max_elements is {max_elements}")
 
 
 def _checked(
@@ -74,7 +98,8 @@ def _checked(
     return ParsedDataset(np.ascontiguousarray(x32), np.ascontiguousarray(y32), fmt, columns, target)
 
 
-def _from_npy(content: bytes) -> ParsedDataset:
+def _from_npy(content: bytes, max_elements: int) -> ParsedDataset:
+    _check_header(io.BytesIO(content), "the .npy file", max_elements)
     try:
         array = np.load(io.BytesIO(content), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -86,13 +111,19 @@ def _from_npy(content: bytes) -> ParsedDataset:
     return _checked(array[:, :-1], array[:, -1], "npy")
 
 
-def _from_npz(content: bytes) -> ParsedDataset:
+def _from_npz(content: bytes, max_elements: int) -> ParsedDataset:
     try:
-        with np.load(io.BytesIO(content), allow_pickle=False) as archive:
-            missing = {"x", "y"} - set(archive.files)
+        with zipfile.ZipFile(io.BytesIO(content)) as archive:
+            names = set(archive.namelist())
+            missing = {"x.npy", "y.npy"} - names
             if missing:
-                raise DatasetInvalid(f".npz needs arrays x and y; missing {sorted(missing)}")
-            x, y = archive["x"], archive["y"]
+                wanted = sorted(name.removesuffix(".npy") for name in missing)
+                raise DatasetInvalid(f".npz needs arrays x and y; missing {wanted}")
+            for name in ("x.npy", "y.npy"):
+                with archive.open(name) as member:
+                    _check_header(member, f"array {name[0]}", max_elements)
+        with np.load(io.BytesIO(content), allow_pickle=False) as arrays:
+            x, y = arrays["x"], arrays["y"]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         if isinstance(exc, DatasetInvalid):
             raise

@@ -294,12 +294,25 @@ class Store:
 
     @_translate_redis_errors
     def put_dataset(
-        self, tenant: str, dataset_id: str, parsed: ParsedDataset, size: int
+        self,
+        tenant: str,
+        dataset_id: str,
+        parsed: ParsedDataset,
+        size: int,
+        max_per_tenant: int = 2**31,
     ) -> tuple[DatasetInfo, bool]:
         """Store a parsed upload under its content hash, once (a second upload of the same
         bytes, by any tenant, writes no data again), and give `tenant` access to it. The flag
-        says whether the dataset is new to the tenant."""
+        says whether the dataset is new to the tenant. LimitExceeded when the tenant already
+        has `max_per_tenant` datasets."""
         key = dataset_key(dataset_id)
+        mine = tenant_datasets(tenant)
+        if not self.redis.sismember(mine, dataset_id) and self.redis.scard(mine) >= max_per_tenant:
+            raise LimitExceeded(
+                "max_datasets_per_tenant",
+                f"tenant {tenant!r} has {max_per_tenant} datasets; "
+                f"max_datasets_per_tenant is {max_per_tenant}",
+            )
         if not self.redis.exists(key):
             self.redis.hset(
                 key,

@@ -80,7 +80,7 @@ def test_numpy_uploads_round_trip(client: Client, kind: str) -> None:
         (b"a,b,y\n1,2,3\n", {"target": "price"}, "no target column 'price'"),
         (b"a,b,y\n1,nan,3\n", {}, "is not finite"),
         (b"", {}, "the CSV is empty"),
-        (b"\x93NUMPY garbage", {}, "not a readable .npy file"),
+        (b"\x93NUMPY garbage", {}, "not a readable .npy"),
         (b"\xff\xfe\x00binary", {}, "not CSV text"),
     ],
 )
@@ -126,3 +126,20 @@ def test_a_sweep_on_one_dataset_moves_it_once_per_worker(client: Client) -> None
         assert client.wait(job["id"])["status"] == "succeeded"
     # The session has one CPU worker with one pool process: one load from Redis.
     assert client.http.get(f"/v1/datasets/{info['id']}").json()["loads"] == 1
+
+
+def test_a_compressed_npz_that_would_explode_is_refused_before_it_is_read(client: Client) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=np.zeros((2_000_000, 100)), y=np.zeros(2_000_000))
+    assert len(buffer.getvalue()) < 3_000_000  # 1.6 GB of float64 once read
+    response = _upload(client, buffer.getvalue())
+    assert response.status_code == 422 and "max_elements" in response.json()["detail"][0]["msg"]
+
+
+def test_the_same_csv_with_another_target_is_another_dataset(client: Client) -> None:
+    content = _csv(header="a,b,y")
+    by_y = _upload(client, content).json()
+    by_b = _upload(client, content, target="b").json()
+    assert by_y["id"] != by_b["id"]
+    assert (by_y["target"], by_y["columns"]) == ("y", ["a", "b"])
+    assert (by_b["target"], by_b["columns"]) == ("b", ["a", "y"])

@@ -23,6 +23,7 @@ from tests.conftest import SEED_EXAMPLE
 LIMITS = {
     "GRADSTREAM_MAX_BODY_BYTES": "65536",
     "GRADSTREAM_MAX_DATASET_BYTES": "4096",
+    "GRADSTREAM_MAX_DATASETS_PER_TENANT": "2",
     "GRADSTREAM_MAX_STEPS": "1000",
     "GRADSTREAM_MAX_ELEMENTS": "5000",
     "GRADSTREAM_MAX_ACTIVE_JOBS_PER_TENANT": "3",
@@ -153,6 +154,17 @@ def test_dataset_uploads_have_their_own_size_limit(limited: Stack) -> None:
             yield b"\n"
 
         _refused(gina.http.post("/v1/datasets", content=chunks()), 413, "max_dataset_bytes")
+
+
+def test_datasets_per_tenant(limited: Stack) -> None:
+    with _client(limited, "carol") as carol:
+        first = carol.http.post("/v1/datasets", content=b"a,y\n1,2\n")
+        second = carol.http.post("/v1/datasets", content=b"a,y\n1,3\n")
+        assert (first.status_code, second.status_code) == (201, 201)
+        _refused(
+            carol.http.post("/v1/datasets", content=b"a,y\n1,4\n"), 429, "max_datasets_per_tenant"
+        )
+        assert carol.http.post("/v1/datasets", content=b"a,y\n1,2\n").status_code == 200  # has it
 
 
 def _rss_kib(pid: int) -> int:

@@ -42,8 +42,8 @@ async def upload_dataset(
     ] = "y",
 ) -> DatasetInfo:
     """Upload a dataset: CSV with a header (the `target` column is y, the others features),
-    .npz with arrays x and y, or .npy (last column y). Its id is the sha256 of the bytes; the
-    same bytes uploaded again are stored once (200 instead of 201)."""
+    .npz with arrays x and y, or .npy (last column y). Its id is the sha256 of the bytes (and,
+    for CSV, of the target's name); the same upload again is stored once (200, not 201)."""
     digest, parts, size = hashlib.sha256(), [], 0
     async for part in request.stream():
         size += len(part)
@@ -51,14 +51,20 @@ async def upload_dataset(
             raise HTTPException(413, too_large("max_dataset_bytes", settings.max_dataset_bytes))
         digest.update(part)
         parts.append(part)
-    parsed = await run_in_threadpool(parse_dataset, b"".join(parts), target)
+    limit = settings.max_elements
+    parsed = await run_in_threadpool(parse_dataset, b"".join(parts), target, limit)
     elements = parsed.samples * parsed.features
-    if elements > settings.max_elements:
-        limit = settings.max_elements
+    if elements > limit:
         raise DatasetInvalid(
             f"the dataset has {elements} samples x features; max_elements is {limit}"
         )
-    info, new = await run_in_threadpool(store.put_dataset, tenant, digest.hexdigest(), parsed, size)
+    if parsed.format == "csv":
+        # The same CSV with another target column is another dataset.
+        digest.update(b"\0target=" + target.encode())
+    quota = settings.max_datasets_per_tenant
+    info, new = await run_in_threadpool(
+        store.put_dataset, tenant, digest.hexdigest(), parsed, size, quota
+    )
     response.status_code = 201 if new else 200
     response.headers["Location"] = f"/v1/datasets/{info.id}"
     return info
