@@ -1,9 +1,9 @@
 """Who is calling: API keys per tenant, and short-lived stream tokens bound to one job.
 
 Keys come from GRADSTREAM_API_KEYS as `tenant:key` pairs separated by commas, or from a file of
-such pairs (one per line or comma-separated; `#` starts a comment), for secrets mounted in
-compose. Keys are compared in constant time: every configured key is compared, through
-SHA-256 digests of equal length, whatever the given key is.
+such pairs (one per line or comma-separated; lines starting with `#` are comments), for
+secrets mounted in compose. Keys are compared in constant time: every configured key is
+compared, through SHA-256 digests of equal length, whatever the given key is.
 
 A browser's EventSource cannot send headers, so the events route also accepts a token from
 `POST /v1/jobs/{id}/stream-token`: `<job id>~<tenant>~<expiry>~<HMAC-SHA256>` signed with a
@@ -38,7 +38,9 @@ def parse_api_keys(value: str) -> dict[str, str]:
         text = Path(value).read_text()
     pairs: dict[str, str] = {}
     for line in text.splitlines():
-        for item in line.split("#", 1)[0].split(","):
+        if line.lstrip().startswith("#"):  # a comment line (a key itself may hold '#')
+            continue
+        for item in line.split(","):
             item = item.strip()
             if not item:
                 continue

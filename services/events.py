@@ -154,9 +154,16 @@ class JobStreams:
             del self._tails[tail.job_id]
 
     def watching(self) -> tuple[int, int]:
-        """Watchers in this process, and the most events one of them has queued (its lag)."""
-        watchers = [w for tail in self._tails.values() for w in tail.watchers]
-        return len(watchers), max((w.queue.qsize() for w in watchers), default=0)
+        """Watchers in this process, and the most events one of them has queued (its lag).
+        Called from another thread (a metrics scrape) while the event loop changes the sets:
+        a snapshot that raced with a change is taken again."""
+        for _ in range(10):
+            try:
+                watchers = [w for tail in list(self._tails.values()) for w in list(tail.watchers)]
+                return len(watchers), max((w.queue.qsize() for w in watchers), default=0)
+            except RuntimeError:  # changed size during iteration
+                continue
+        return 0, 0
 
     async def open(self, job_id: str, after: int, tenant: str) -> AsyncGenerator[bytes, None]:
         """The rendered events of `job_id` (a job of `tenant`) after step `after` (-1: from

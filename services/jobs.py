@@ -1,7 +1,6 @@
 """Job use cases behind the API: submit (check limits, route, store, enqueue) and cancel."""
 
 import logging
-import math
 
 from services.config import Settings
 from services.errors import (
@@ -12,6 +11,7 @@ from services.errors import (
     StoreUnavailable,
 )
 from services.queue import enqueue_training, route_job
+from services.records import finite_or_none
 from services.schemas import JobSpec, JobStatus, JobView
 from services.store import Store
 
@@ -104,16 +104,21 @@ def cancel_job(store: Store, job_id: str, tenant: str) -> JobView:
     return store.get_job(job_id, tenant)
 
 
-def predict(store: Store, job_id: str, tenant: str, x: list[list[float]]) -> list[float]:
-    """ŷ = x @ w (+ b) with the final parameters of a succeeded job of `tenant`."""
+def predict(store: Store, job_id: str, tenant: str, x: list[list[float]]) -> list[float | None]:
+    """ŷ = x @ w (+ b) with the final parameters of a succeeded job of `tenant`, in float64;
+    null where that is not finite (rows whose products overflow)."""
     view = store.get_job(job_id, tenant)
     if view.status is not JobStatus.SUCCEEDED or view.result is None:
         raise JobNotFinished(job_id, view.status.value)
     w = view.result.params["w"]
-    b = view.result.params.get("b") or 0.0
-    assert isinstance(w, list) and isinstance(b, float | int)
+    b = view.result.params.get("b", 0.0)
+    assert isinstance(w, list)
     if len(x[0]) != len(w):
         raise SpecRejected(("x",), f"x rows have {len(x[0])} values; the job has {len(w)} features")
+    weights = [float(v) for v in w if v is not None]
+    if b is None or len(weights) != len(w):  # a parameter that is not finite
+        return [None] * len(x)
+    assert isinstance(b, float | int)
     return [
-        math.fsum(wi * xi for wi, xi in zip(w, row, strict=True) if wi is not None) + b for row in x
+        finite_or_none(sum(wi * xi for wi, xi in zip(weights, row, strict=True)) + b) for row in x
     ]

@@ -372,7 +372,7 @@ class PredictRequest(StrictModel):
 
 
 class Prediction(BaseModel):
-    y_hat: list[float]
+    y_hat: list[float | None] = Field(description="null where the product overflows float64")
 
 
 class DatasetInfo(BaseModel):

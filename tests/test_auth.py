@@ -154,8 +154,9 @@ def test_api_keys_parse_from_pairs_or_a_file(tmp_path: pytest.TempPathFactory) -
     pairs = parse_api_keys("alice:aaaaaaaaaaaaaaaa1, bob:bbbbbbbbbbbbbbbb2")
     assert pairs == {"aaaaaaaaaaaaaaaa1": "alice", "bbbbbbbbbbbbbbbb2": "bob"}
     path = tmp_path / "keys"  # type: ignore[operator]
-    path.write_text("# mounted secret\nalice:aaaaaaaaaaaaaaaa1\nbob:bbbbbbbbbbbbbbbb2 # ops\n")
+    path.write_text("# mounted secret\nalice:aaaaaaaaaaaaaaaa1\n  # ops\nbob:bbbbbbbbbbbbbbbb2\n")
     assert parse_api_keys(str(path)) == pairs
+    assert parse_api_keys("carol:with#hash-in-the-key") == {"with#hash-in-the-key": "carol"}
     for bad, why in [
         ("alice:short", "shorter"),
         ("no key here", "tenant:key"),

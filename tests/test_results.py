@@ -54,6 +54,8 @@ def test_predict_uses_the_final_parameters(client: Client, stack: Stack) -> None
     response = client.http.post(f"/v1/jobs/{view['id']}/predict", json={"x": rows})
     assert response.status_code == 200, response.text
     np.testing.assert_allclose(response.json()["y_hat"], np.array(rows) @ w + b, rtol=1e-12)
+    huge = client.http.post(f"/v1/jobs/{view['id']}/predict", json={"x": [[1e308, 1e308, 0.0]]})
+    assert huge.status_code == 200 and huge.json()["y_hat"] == [None]  # overflow: null, not 500
     wrong = client.http.post(f"/v1/jobs/{view['id']}/predict", json={"x": [[1.0, 2.0]]})
     assert wrong.status_code == 422 and wrong.json()["detail"][0]["loc"] == ["body", "x"]
     queued = client.submit({**SEED_EXAMPLE, "device": "cuda"})  # no gpu worker: no result

@@ -154,10 +154,6 @@ def start_heartbeat(**_: Any) -> None:
     """Main process: register the worker and refresh its entry until shutdown (and serve its
     metrics, when it has a metrics port)."""
     settings = get_settings()
-    if settings.worker_metrics_port is not None:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        start_http_server(settings.worker_metrics_port, registry=registry)
     device = Device.parse(settings.device)
     device_name, memory = _describe_device(device)
     info: dict[str, str | int] = {
@@ -184,6 +180,19 @@ def start_heartbeat(**_: Any) -> None:
 
     threading.Thread(target=beat, name="gradstream-heartbeat", daemon=True).start()
     log.info("worker %s registered on queue %s (%s)", _node_name, device.queue, device_name)
+    if settings.worker_metrics_port is not None:
+        _serve_metrics(settings.worker_metrics_port)
+
+
+def _serve_metrics(port: int) -> None:
+    """Serve what every pool process recorded (multiprocess mode). A failure (the port is
+    taken, no multiprocess directory) costs the metrics only, never the heartbeat."""
+    try:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        start_http_server(port, registry=registry)
+    except (OSError, ValueError) as exc:
+        log.error("worker metrics not served on port %d: %s", port, exc)
 
 
 def reap(store: Store) -> None:
