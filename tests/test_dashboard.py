@@ -52,7 +52,7 @@ def test_dashboard_lists_the_job_and_its_chart_grows_live(
     stack: Stack, client: Client, browser: webdriver.Chrome, tmp_path: Path
 ) -> None:
     wait = WebDriverWait(browser, 60, poll_frequency=0.05)
-    browser.get(f"{stack.api_url}/?key={stack.api_key}")
+    browser.get(f"{stack.api_url}/#key={stack.api_key}")
     wait.until(lambda b: b.find_element(By.ID, "jobs"))
     assert "key=" not in browser.current_url  # the key is kept in the browser, not the URL
     job = client.submit(long_spec(steps=20_000, seed=2))
@@ -85,7 +85,7 @@ def test_the_job_page_draws_the_explain_view(
 ) -> None:
     job = client.submit({**SEED_EXAMPLE, "record": {"explain": True}})
     client.wait(job["id"])
-    browser.get(f"{stack.api_url}/?key={stack.api_key}#/jobs/{job['id']}")
+    browser.get(f"{stack.api_url}/#key={stack.api_key}&/jobs/{job['id']}")
     wait = WebDriverWait(browser, 30, poll_frequency=0.05)
     wait.until(lambda b: b.find_elements(By.ID, "explain-table"))
     rows = [

@@ -76,3 +76,16 @@ def test_stream_of_finished_job_sends_rest_then_done(client: Client) -> None:
     assert [e.event for e in events] == ["status"] + ["step"] * 4 + ["done"]
     assert [e.data["step"] for e in events if e.event == "step"] == [36, 37, 38, 39]
     assert events[0].data == {"status": "succeeded", "steps_done": 40}
+
+
+def test_after_in_the_query_resumes_like_last_event_id(stack: Stack, client: Client) -> None:
+    # For EventSource, which cannot set the header when it opens a new stream.
+    job = client.submit(_spec(30))
+    client.wait(job["id"])
+    url = f"{stack.api_url}/v1/jobs/{job['id']}/events"
+    with httpx.stream(
+        "GET", url, params={"after": 24}, headers=stack.auth(), timeout=30
+    ) as response:
+        events = list(parse_sse(response.iter_lines()))
+    assert [int(e.id) for e in events if e.event == "step" and e.id] == list(range(25, 30))
+    assert events[-1].event == "done"

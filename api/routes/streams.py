@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Message, Receive, Scope, Send
@@ -114,10 +114,15 @@ async def job_events(
     settings: SettingsDep,
     request: Request,
     last_event_id: Annotated[int | None, Header(ge=-1)] = None,
+    after: Annotated[
+        int | None,
+        Query(ge=-1, description="as Last-Event-ID, for a client that cannot set headers"),
+    ] = None,
 ) -> StreamingResponse:
-    """Stream the job's steps after Last-Event-ID (or from step 0), live ones, then `done`.
-    Authenticated by an API key, or by `?token=` from POST /v1/jobs/{id}/stream-token."""
-    after = -1 if last_event_id is None else last_event_id
+    """Stream the job's steps after Last-Event-ID or `after` (or from step 0), live ones, then
+    `done`. Authenticated by an API key, or by `?token=` from POST /v1/jobs/{id}/stream-token."""
+    cursor = last_event_id if last_event_id is not None else after
+    after = -1 if cursor is None else cursor
     events = await streams.open(job_id, after, tenant)
     slots: StreamSlots = request.app.state.stream_slots
     slots.take(tenant)

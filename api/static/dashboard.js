@@ -160,33 +160,48 @@ function jobPage(jobId) {
     el("h2", {}, "Job ", el("code", {}, jobId), " ", status),
     el("div", { class: "charts" }, loss.figure, params.figure, grads.figure),
     explain, el("h3", {}, "Result"), result);
-  let explained = false;
-  let source = null, closed = false;
+  let explained = false, source = null, closed = false, lastStep = -1;
+
+  // The stream token lives a few minutes: EventSource reconnects by itself after a dropped
+  // connection, but once the token has expired it gets a 401 and gives up. Then this opens a
+  // new stream with a new token, after the last step it has.
+  async function follow() {
+    const { token } = await api(`/v1/jobs/${jobId}/stream-token`, { method: "POST" });
+    if (closed) return;
+    const query = `token=${encodeURIComponent(token)}&after=${lastStep}`;
+    source = new EventSource(`/v1/jobs/${jobId}/events?${query}`);
+    source.addEventListener("error", () => {
+      if (!closed && source.readyState === EventSource.CLOSED) {
+        setTimeout(() => follow().catch(showError), 1000);
+      }
+    });
+    source.addEventListener("step", (message) => {
+      const step = JSON.parse(message.data);
+      lastStep = step.step;
+      loss.add("loss", step.step, step.loss);
+      for (const [name, value] of names(step.params)) params.add(name, step.step, value);
+      for (const [name, value] of names(step.grads)) grads.add(name, step.step, value);
+      loss.update(); params.update(); grads.update();
+      if (step.explain && !explained) { explained = true; showExplain(explain, step); }
+    });
+    source.addEventListener("status", (message) => {
+      const { status: now } = JSON.parse(message.data);
+      status.textContent = now; status.className = `status ${now}`;
+    });
+    source.addEventListener("done", (message) => {
+      source.close();  // before the server ends the stream: no reconnect
+      const final = JSON.parse(message.data);
+      status.textContent = final.status; status.className = `status ${final.status}`;
+      result.textContent = JSON.stringify(final.result || { error: final.error }, null, 2);
+    });
+  }
+
   (async () => {
     try {
       const job = await api(`/v1/jobs/${jobId}`);
       status.textContent = job.status; status.className = `status ${job.status}`;
-      const { token } = await api(`/v1/jobs/${jobId}/stream-token`, { method: "POST" });
       if (closed) return;
-      source = new EventSource(`/v1/jobs/${jobId}/events?token=${encodeURIComponent(token)}`);
-      source.addEventListener("step", (message) => {
-        const step = JSON.parse(message.data);
-        loss.add("loss", step.step, step.loss);
-        for (const [name, value] of names(step.params)) params.add(name, step.step, value);
-        for (const [name, value] of names(step.grads)) grads.add(name, step.step, value);
-        loss.update(); params.update(); grads.update();
-        if (step.explain && !explained) { explained = true; showExplain(explain, step); }
-      });
-      source.addEventListener("status", (message) => {
-        const { status: now } = JSON.parse(message.data);
-        status.textContent = now; status.className = `status ${now}`;
-      });
-      source.addEventListener("done", (message) => {
-        source.close();  // before the server ends the stream: no reconnect
-        const final = JSON.parse(message.data);
-        status.textContent = final.status; status.className = `status ${final.status}`;
-        result.textContent = JSON.stringify(final.result || { error: final.error }, null, 2);
-      });
+      await follow();
       showError(null);
     } catch (error) { showError(error); }
   })();
@@ -221,10 +236,11 @@ function route() {
   stopPage = match ? jobPage(match[1]) : jobsPage();
 }
 
-const params = new URLSearchParams(location.search);
-if (params.has("key")) {  // a link that carries the key: keep it here, drop it from the URL
-  localStorage.setItem("gradstream_key", params.get("key"));
-  history.replaceState(null, "", location.pathname + location.hash);
+// A link may carry the key in its fragment (never sent to a server): /#key=...&/jobs/<id>.
+const linked = location.hash.match(/^#key=([^&]*)(?:&(.*))?$/);
+if (linked) {
+  localStorage.setItem("gradstream_key", decodeURIComponent(linked[1]));
+  history.replaceState(null, "", location.pathname + (linked[2] ? `#${linked[2]}` : ""));
 }
 keyInput.value = apiKey();
 keyInput.addEventListener("change", () => {
