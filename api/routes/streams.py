@@ -74,7 +74,8 @@ class EventStreamResponse(StreamingResponse):
     async def stream_response(self, send: Send) -> None:
         async def timed_send(message: Message) -> None:
             try:
-                await asyncio.wait_for(send(message), self.send_timeout_s)
+                async with asyncio.timeout(self.send_timeout_s):  # no task per send
+                    await send(message)
             except TimeoutError:
                 log.warning("SSE client took nothing for %.0f s: dropped", self.send_timeout_s)
                 raise SlowReader("SSE client stopped reading") from None
