@@ -180,7 +180,7 @@ class Client:
                         yield event
                         if event.event == "done":
                             return
-            except (httpx.TransportError, httpx.RemoteProtocolError):
+            except httpx.TransportError:  # RemoteProtocolError (peer closed mid-stream) included
                 failures += 1
                 if failures > retries:
                     raise
@@ -273,7 +273,7 @@ class AsyncClient:
                         yield event
                         if event.event == "done":
                             return
-            except (httpx.TransportError, httpx.RemoteProtocolError):
+            except httpx.TransportError:  # RemoteProtocolError (peer closed mid-stream) included
                 failures += 1
                 if failures > retries:
                     raise
