@@ -125,6 +125,18 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._json(self.http.post(f"/v1/jobs/{job_id}/cancel")))
 
+    def delete(self, job_id: str) -> None:
+        """Delete an ended job and everything stored of it (409 while queued or running)."""
+        response = self.http.delete(f"/v1/jobs/{job_id}")
+        if response.is_error:
+            raise _error(response)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Drop this tenant's dataset (409 while a queued or running job uses it)."""
+        response = self.http.delete(f"/v1/datasets/{dataset_id}")
+        if response.is_error:
+            raise _error(response)
+
     def workers(self) -> list[dict[str, Any]]:
         return list(self._json(self.http.get("/v1/workers"))["workers"])
 
@@ -223,6 +235,12 @@ class AsyncClient:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(await self._json(self.http.post(f"/v1/jobs/{job_id}/cancel")))
+
+    async def delete(self, job_id: str) -> None:
+        """Delete an ended job and everything stored of it (409 while queued or running)."""
+        response = await self.http.delete(f"/v1/jobs/{job_id}")
+        if response.is_error:
+            raise _error(response)
 
     async def steps(
         self, job_id: str, after: int = -1, page: int = 5000

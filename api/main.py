@@ -19,13 +19,16 @@ from services.auth import KeyRing, StreamTokens, parse_api_keys
 from services.config import Settings, get_settings
 from services.datasets import DatasetInvalid
 from services.errors import (
+    DatasetInUse,
     DatasetNotFound,
+    JobActive,
     JobFinished,
     JobNotFinished,
     JobNotFound,
     LimitExceeded,
     MalformedJob,
     SpecRejected,
+    StorageFull,
     StoreUnavailable,
     Unauthorized,
 )
@@ -65,7 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.async_redis = aioredis.Redis.from_pool(pool)  # closes the pool with it
         app.state.job_streams = JobStreams(
-            app.state.async_redis, settings.sse_keepalive_s, render=sse_frame
+            app.state.async_redis,
+            settings.sse_keepalive_s,
+            render=sse_frame,
+            page_bytes=settings.max_page_bytes,
         )
         app.state.stream_slots = StreamSlots(settings.max_sse_per_tenant)
         app.state.metrics = metrics_registry(app.state.store, app.state.job_streams)
@@ -163,6 +169,19 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobFinished)
     async def job_finished(_: Request, exc: JobFinished) -> JSONResponse:
         return JSONResponse(status_code=409, content={"detail": str(exc), "status": exc.status})
+
+    @app.exception_handler(JobActive)
+    async def job_active(_: Request, exc: JobActive) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc), "status": exc.status})
+
+    @app.exception_handler(DatasetInUse)
+    async def dataset_in_use(_: Request, exc: DatasetInUse) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc), "job": exc.job_id})
+
+    @app.exception_handler(StorageFull)
+    async def storage_full(_: Request, exc: StorageFull) -> JSONResponse:
+        # 507 Insufficient Storage: the request was fine, the service has no room for it.
+        return JSONResponse(status_code=507, content={"detail": str(exc)})
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:

@@ -157,7 +157,7 @@ def up(
     stack = Stack(run_dir)
     try:
         typer.echo(f"starting redis-server, workers and the API (logs in {run_dir})")
-        stack.start_redis()
+        stack.start_redis(maxmemory_bytes=get_settings().redis_maxmemory_bytes)
         stack.start_worker("cpu")
         gpus = visible_gpus()
         for index in gpus:
@@ -443,6 +443,17 @@ def cancel(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
             typer.echo(client.cancel(job_id)["status"])
         except GradstreamError as exc:
             _fail(str(exc))
+
+
+@app.command()
+def delete(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """Delete an ended job: its record, steps and checkpoint (cancel a running one first)."""
+    with _client(url, api_key) as client:
+        try:
+            client.delete(job_id)
+        except GradstreamError as exc:
+            _fail(str(exc))
+        typer.echo(f"deleted {job_id}")
 
 
 @app.command()

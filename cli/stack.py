@@ -72,6 +72,12 @@ def visible_gpus() -> list[int]:
     return gpus
 
 
+def default_maxmemory() -> int:
+    """A quarter of this machine's RAM: Redis holds every job's steps, but shares the machine
+    with the workers and the API."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
 class Stack:
     """A set of local processes sharing one private Redis, all stopped by `stop()`.
 
@@ -122,9 +128,11 @@ class Stack:
         key = self.api_key if tenant is None else self.keys[tenant]
         return {"Authorization": f"Bearer {key}"}
 
-    def start_redis(self, port: int | None = None) -> str:
-        """A private redis-server with AOF fsync'd every second, which never evicts job data.
-        Started again on the same port and folder, it comes back with what the AOF kept."""
+    def start_redis(self, port: int | None = None, maxmemory_bytes: int = 0) -> str:
+        """A private redis-server with AOF fsync'd every second and a memory ceiling
+        (`maxmemory_bytes`, or a quarter of this machine's RAM) past which it refuses writes,
+        never evicting job data. Started again on the same port and folder, it comes back with
+        what the AOF kept."""
         port = port or free_port()
         data_dir = self.run_dir / "redis"
         data_dir.mkdir(exist_ok=True)
@@ -135,6 +143,7 @@ class Stack:
             "save": "",
             "appendonly": "yes",
             "appendfsync": "everysec",
+            "maxmemory": str(maxmemory_bytes or default_maxmemory()),
             "maxmemory-policy": "noeviction",
         }
         argv = [redis_server_binary()]
@@ -156,8 +165,11 @@ class Stack:
         self.processes = [(n, p) for n, p in self.processes if p is not self.redis_process]
         return int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
 
-    def start_worker(self, device: str = "cpu", **extra_env: str) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, device: str = "cpu", concurrency: int = 1, **extra_env: str
+    ) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "cli.main", "worker", "--device", device]
+        argv += ["--concurrency", str(concurrency)]
         name = f"worker-{device.replace(':', '')}-{len(self.processes)}"
         return self._spawn(name, argv, self.env(**extra_env))
 

@@ -31,6 +31,17 @@ class Settings(BaseSettings):
     # Limits on what one job may ask for (each refusal is a 422 naming the field).
     max_steps: int = Field(default=1_000_000, ge=1)
     max_elements: int = Field(default=100_000_000, ge=1, description="samples x features per job")
+    # Parameters (features, + 1 with a bias) per job: each step's record holds them twice.
+    max_params: int = Field(default=10_000, ge=1)
+    # A /steps page, and each read of an SSE backlog, holds at most about this much JSON.
+    max_page_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # What one tenant keeps: specs, step records (counted up front as steps x record width)
+    # and datasets. A submit or upload that would not fit is a 429; deleting frees it.
+    tenant_storage_bytes: int = Field(default=1024**3, ge=1)
+    # The maxmemory of a Redis that gradstream starts itself (tests, `gradstream up`): 0 picks
+    # a quarter of the machine's RAM. Redis runs with noeviction: a write that would pass it is
+    # refused (a 507 at the API), never a job's data evicted.
+    redis_maxmemory_bytes: int = Field(default=0, ge=0)
     # Limits per request and per tenant (413 or 429 naming the limit).
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # Dataset uploads (POST /v1/datasets) have a limit of their own, and a worker keeps the

@@ -68,3 +68,28 @@ class LimitExceeded(GradstreamError):
         super().__init__(message)
         self.limit = limit
         self.retry_after_s = retry_after_s
+
+
+class JobActive(GradstreamError):
+    """The request needs an ended job, and this one is still queued or running."""
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id!r} is {status}: cancel it first, then delete it")
+        self.job_id = job_id
+        self.status = status
+
+
+class DatasetInUse(GradstreamError):
+    """A dataset that a queued or running job of the tenant trains on."""
+
+    def __init__(self, dataset_id: str, job_id: str) -> None:
+        super().__init__(
+            f"dataset {dataset_id!r} is used by job {job_id!r}, which has not ended: "
+            "cancel the job or wait for it, then delete the dataset"
+        )
+        self.dataset_id = dataset_id
+        self.job_id = job_id
+
+
+class StorageFull(GradstreamError):
+    """Redis refused a write because it reached its `maxmemory`; nothing was written."""

@@ -10,7 +10,7 @@ Redis load does not grow with the number of watchers. A watcher first reads its 
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,14 +20,17 @@ import redis.asyncio as aioredis
 from services.errors import JobNotFound, StoreUnavailable
 from services.records import Chunk, expand_chunk
 from services.schemas import JobStatus
-from services.store import events_key, job_key, job_view, step_entry_id, steps_key
+from services.store.jobs import job_view
+from services.store.keys import events_key, job_key, step_entry_id, steps_key
+from services.store.steps import entries_per_read, page_steps
 
 log = logging.getLogger(__name__)
 
-_PAGE = 64
-# A watcher that falls this many items behind the tail is disconnected; it resumes by
-# Last-Event-ID from Redis, instead of holding an unbounded queue in this process.
+# A watcher that falls this many items, or this many page budgets of frames, behind the tail
+# is disconnected; it resumes by Last-Event-ID from Redis, instead of holding an unbounded
+# queue in this process.
 MAX_LAG = 10_000
+MAX_LAG_PAGES = 4
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ _OVERFLOW = object()
 @dataclass(eq=False)  # identity: watchers live in a set
 class _Watcher:
     queue: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
+    queued_bytes: int = 0  # of the frames in `queue`
 
 
 class _Tail:
@@ -60,6 +64,7 @@ class _Tail:
         self.steps_done = int(fields[b"steps_done"])
         self.steps_pos: bytes = last_step[0][0] if last_step else b"0-0"
         self.events_pos: bytes = last_event[0][0] if last_event else b"0-0"
+        self.entries_per_read = 1  # step entries per XREAD, sized by the last entry's bytes
         self.watchers: set[_Watcher] = set()
         self.task: asyncio.Task[None] | None = None
 
@@ -79,19 +84,23 @@ class _Tail:
                 self.task.cancel()
 
     def _send(self, item: Any) -> None:
+        size = 0 if item is None or item is _OVERFLOW else len(item[1])
+        max_bytes = MAX_LAG_PAGES * self.streams.page_bytes
         for watcher in list(self.watchers):
-            if watcher.queue.qsize() >= MAX_LAG:
+            if watcher.queue.qsize() >= MAX_LAG or watcher.queued_bytes + size > max_bytes:
                 watcher.queue.put_nowait(_OVERFLOW)
                 self.leave(watcher)
             else:
                 watcher.queue.put_nowait(item)
+                watcher.queued_bytes += size
 
     def _send_steps(self, entries: list[Any]) -> None:
         for entry_id, fields in entries:
             self.steps_pos = entry_id
             chunk = Chunk.from_fields(fields)
             self.steps_done = chunk.last + 1
-            for record in expand_chunk(chunk):
+            self.entries_per_read = entries_per_read(len(chunk.rows), self.streams.page_bytes)
+            for record in expand_in_pages(chunk, -1, self.streams.page_bytes):
                 event = StreamEvent("step", record, record["step"])
                 self._send((event, self.streams.render(event)))
 
@@ -102,7 +111,9 @@ class _Tail:
         try:
             while not self.status.finished:
                 reply = await client.xread(
-                    {steps: self.steps_pos, events: self.events_pos}, block=block_ms, count=_PAGE
+                    {steps: self.steps_pos, events: self.events_pos},
+                    block=block_ms,
+                    count=self.entries_per_read,
                 )
                 if not reply:
                     self._send(None)
@@ -114,9 +125,12 @@ class _Tail:
                     self.status = JobStatus(entry[b"status"].decode())
                     self.steps_done = int(entry[b"steps_done"])
                     if self.status.finished:
-                        # This read may have stopped at _PAGE step entries: send the rest first.
-                        rest = await client.xrange(steps, b"(" + self.steps_pos, "+")
-                        self._send_steps(rest)
+                        # This read may have stopped short of the last step entries: send the
+                        # rest first, a bounded read at a time.
+                        while rest := await client.xrange(
+                            steps, b"(" + self.steps_pos, "+", count=self.entries_per_read
+                        ):
+                            self._send_steps(rest)
                     event = StreamEvent(
                         "status", {"status": self.status.value, "steps_done": self.steps_done}
                     )
@@ -135,13 +149,29 @@ class _Tail:
             self.streams.forget(self)
 
 
+def expand_in_pages(chunk: Chunk, after: int, page_bytes: int) -> Iterator[dict[str, Any]]:
+    """The chunk's records after `after`, made a page (about `page_bytes` of JSON) at a time:
+    an entry of a wide job never becomes all its Python floats at once."""
+    per_page = page_steps(chunk, chunk.count, page_bytes)
+    while records := expand_chunk(chunk, after, per_page):
+        yield from records
+        after = records[-1]["step"]
+
+
 class JobStreams:
     """The job tails of one API process (one Redis reader per watched job)."""
 
-    def __init__(self, client: "aioredis.Redis", keepalive_s: float, render: Render) -> None:
+    def __init__(
+        self,
+        client: "aioredis.Redis",
+        keepalive_s: float,
+        render: Render,
+        page_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
         self.client = client
         self.keepalive_s = keepalive_s
         self.render = render
+        self.page_bytes = page_bytes  # the most step bytes one read takes from Redis
         self._tails: dict[str, _Tail] = {}
 
     @property
@@ -223,6 +253,7 @@ class JobStreams:
                 items = [await watcher.queue.get()]
                 while not watcher.queue.empty():
                     items.append(watcher.queue.get_nowait())
+                watcher.queued_bytes = 0
                 frames, ended = [], False
                 for item in items:
                     if item is _OVERFLOW:
@@ -249,13 +280,18 @@ class JobStreams:
     async def _stored_steps(
         self, job_id: str, after: int, until: bytes
     ) -> AsyncIterator[StreamEvent]:
-        """Stored steps after `after`, in entries up to and including the entry `until`."""
+        """Stored steps after `after`, in entries up to and including the entry `until`; each
+        read takes about `page_bytes` of entries at most, and each entry becomes records a
+        page at a time."""
         start = step_entry_id(after + 1)
+        count = 1  # until an entry's size is known
         while True:
-            entries = await self.client.xrange(steps_key(job_id), start, until, count=_PAGE)
+            entries = await self.client.xrange(steps_key(job_id), start, until, count=count)
             for entry_id, fields in entries:
-                for record in expand_chunk(Chunk.from_fields(fields), after):
+                chunk = Chunk.from_fields(fields)
+                for record in expand_in_pages(chunk, after, self.page_bytes):
                     yield StreamEvent("step", record, record["step"])
                 start = "(" + entry_id.decode()
-            if len(entries) < _PAGE:
+            if len(entries) < count:
                 return
+            count = entries_per_read(len(chunk.rows), self.page_bytes)

@@ -22,6 +22,13 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
     """Refuse a spec that breaks a configured limit, naming the field."""
     if spec.steps > settings.max_steps:
         raise SpecRejected(("steps",), f"steps must be at most {settings.max_steps}")
+    params = spec.data.features + int(spec.bias)
+    if params > settings.max_params:
+        raise SpecRejected(
+            ("data",),
+            f"the model has {params} parameters ({spec.data.features} features"
+            f"{' and a bias' if spec.bias else ''}); max_params is {settings.max_params}",
+        )
     elements = spec.data.samples * spec.data.features
     if elements > settings.max_elements:
         raise SpecRejected(
@@ -79,6 +86,7 @@ def submit_job(
         idempotency,
         tenant=tenant,
         max_active=settings.max_active_jobs_per_tenant,
+        storage_limit=settings.tenant_storage_bytes,
     )
     if not created:
         log.info("job %s returned again for its idempotency key", job_id)
@@ -92,7 +100,7 @@ def submit_job(
         # Never leave a job record that no message will ever run. (Should this delete fail
         # too, the reaper's orphan check sends the message later.)
         log.warning("enqueue of job %s failed: %s", job_id, exc)
-        store.delete_job(job_id, idempotency, tenant)
+        store.discard_job(job_id)
         raise StoreUnavailable(f"could not enqueue the job: {exc}") from exc
     log.info("job %s queued on %s (%s)", job_id, route.queue, route.reason)
     return view

@@ -62,6 +62,27 @@ class Chunk:
         )
 
 
+def row_width(features: int, bias: bool, explain_samples: int = 0) -> int:
+    """float32 values in one step's row: [loss, grads (p), params (p)], then for an explained
+    job of n samples its graph (6n + n x p values; training.Layout says which)."""
+    p = features + int(bias)
+    n = explain_samples
+    return 1 + 2 * p + 6 * n + n * p
+
+
+# The most characters one float takes in a record's JSON, with its separator: a float32 as
+# the nearest float64, e.g. "-1.1754943508222875e-38,".
+_FLOAT_JSON_CHARS = 25
+
+
+def record_json_bytes(features: int, bias: bool, explain_samples: int = 0) -> int:
+    """An upper bound on one StepRecord's size as JSON, to size pages in bytes before any
+    record is rendered."""
+    # Field names, brackets, the step and epoch numbers, and the explain view's words.
+    fixed = 120 + (800 if explain_samples else 0)
+    return fixed + _FLOAT_JSON_CHARS * row_width(features, bias, explain_samples)
+
+
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN or Infinity: a non-finite value is written as null."""
     return value if math.isfinite(value) else None
@@ -129,17 +150,20 @@ def explain_view(values: "array[float]", n: int, features: int, bias: bool) -> d
     }
 
 
-def expand_chunk(chunk: Chunk, after: int = -1) -> list[dict[str, Any]]:
-    """The chunk's steps with `step > after` as StepRecord-shaped dicts (with the epoch and
-    the batch in it for a mini-batch job)."""
-    values = array("f")
-    values.frombytes(chunk.rows)
+def expand_chunk(chunk: Chunk, after: int = -1, limit: int | None = None) -> list[dict[str, Any]]:
+    """The chunk's steps with `step > after` (at most `limit` of them) as StepRecord-shaped
+    dicts (with the epoch and the batch in it for a mini-batch job). Only those rows become
+    Python floats."""
     p = chunk.features + int(chunk.bias)
     n = chunk.explain
-    width = 1 + 2 * p + 6 * n + n * p
+    width = row_width(chunk.features, chunk.bias, n)
+    begin = max(0, after + 1 - chunk.first)
+    end = chunk.count if limit is None else min(chunk.count, begin + limit)
+    values = array("f")
+    values.frombytes(memoryview(chunk.rows)[4 * width * begin : 4 * width * end])
     records = []
-    for i in range(max(0, after + 1 - chunk.first), chunk.count):
-        row = values[i * width : (i + 1) * width]
+    for i in range(begin, end):
+        row = values[(i - begin) * width : (i - begin + 1) * width]
         record = {
             "step": chunk.first + i,
             "loss": finite_or_none(row[0]),

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from services import metrics
 from services.config import Settings
-from services.errors import StoreUnavailable
+from services.errors import StorageFull, StoreUnavailable
 from services.logs import attempt_context
 from services.records import Chunk, param_values
 from services.schemas import JobSpec, JobStatus, StopSpec
@@ -202,11 +202,15 @@ class StopRule:
     """A job's stop rules (`spec.stop`), checked after each step. The tolerances read the
     step's record row, on the host (a GPU job with a tolerance syncs once per step)."""
 
-    def __init__(self, stop: StopSpec, started_at: float, trainer: Trainer) -> None:
+    def __init__(
+        self, stop: StopSpec, started_at: float, trainer: Trainer, previous_loss: float | None
+    ) -> None:
+        """`previous_loss`: the loss of the step before the first this attempt runs (from the
+        checkpoint), so that a resumed job stops where an uninterrupted one would."""
         self.stop = stop
         self.deadline = None if stop.max_seconds is None else started_at + stop.max_seconds
         self.params = trainer.layout.params
-        self.previous_loss: float | None = None
+        self.previous_loss = previous_loss
 
     def check(self, step: int, row: torch.Tensor | None) -> str | None:
         """Why the job stops after `step`, or None to go on."""
@@ -262,8 +266,13 @@ class LeaseKeeper:
         return self
 
     def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop renewing, and wait until a renew in progress has returned."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _run(self) -> None:
         store, job_id, attempt, lease_s = self._args
@@ -300,7 +309,12 @@ def run_job(
 ) -> AttemptResult:
     """Run one attempt of `job_id` on `device` until it ends, or until `drain` is set (then
     the job is checkpointed and handed back). Every outcome is recorded on the job itself."""
-    claim = store.claim_job(job_id, worker, settings.lease_s, settings.max_attempts)
+    try:
+        claim = store.claim_job(job_id, worker, settings.lease_s, settings.max_attempts)
+    except StorageFull:
+        # The job stays queued; the reaper's orphan check sends it again once Redis has room.
+        log.warning("job %s not claimed: Redis is full", job_id)
+        return AttemptResult(Outcome.SKIPPED)
     if claim.outcome != "claimed":
         log.info("job %s not run: %s %s", job_id, claim.outcome, claim.status)
         return AttemptResult(Outcome.SKIPPED)
@@ -339,7 +353,8 @@ def _run_attempt(
         raise  # nothing can be recorded; the lease lapses and the reaper requeues the job
     except Exception as exc:
         # Whatever the job did (bad record, out of memory, a bug), the worker survives it and
-        # the job ends with the reason instead of staying `running`.
+        # the job ends with the reason instead of staying `running` (unless this attempt
+        # handed it back already: then it is not this attempt's to fail).
         log.exception("job %s attempt %d failed", job_id, claim.attempt)
         store.fail_job(job_id, claim.attempt, f"{type(exc).__name__}: {exc}")
         return AttemptResult(Outcome.FAILED)
@@ -348,11 +363,23 @@ def _run_attempt(
             store.clear_current_job(worker, job_id)
 
 
+@dataclass(frozen=True)
+class Flushed:
+    """What a flush script answered (`ok`, `finished`, `cancelled`, `fenced`, `gap`, or
+    `full`: Redis refused it for memory), and for a finishing flush whether the job diverged."""
+
+    reply: str
+    diverged: str | None = None  # the error naming the first non-finite step
+
+
 class _Attempt:
-    """The step loop of one attempt. Chunks are packed and flushed on a thread of their own,
-    one at a time, while the loop records into the other buffer; the loop looks at a flush's
-    reply when it hands over the next chunk, so it never waits on Redis unless a flush takes
-    longer than a whole chunk of steps."""
+    """The step loop of one attempt, on one thread of control: claim (done by run_job), set
+    up, run steps, flush chunks, and finish or hand the job back.
+
+    Chunks are packed and flushed on a thread of their own, one at a time, while the loop
+    records into the other buffer; the loop reads a flush's reply when it hands over the next
+    chunk (so it never waits on Redis unless a flush takes longer than a whole chunk of
+    steps), and it alone decides what a reply means: go on, stop, or hand the job back."""
 
     keeper: LeaseKeeper
 
@@ -365,7 +392,7 @@ class _Attempt:
         self.settings = settings
         self.drain = drain
         self.last_loss: float | None = None
-        self._flushing: concurrent.futures.Future[AttemptResult | None] | None = None
+        self._flushing: concurrent.futures.Future[Flushed] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{job_id}")
         self.recorder: StepRecorder | None = None
         self.steps_run, self.loop_s, self.stepper, self.result_s = 0, 0.0, "eager", 0.0
@@ -394,6 +421,7 @@ class _Attempt:
         if checkpoint is not None:
             trainer.load_state(checkpoint.theta, checkpoint.optimizer, checkpoint.step)
             start = checkpoint.step
+            self.last_loss = checkpoint.loss
         self.layout, self.batches = trainer.layout, trainer.batches_per_epoch
         # No more rows than the attempt has steps: a short job should not pay for 2 x 4096.
         rows = min(self.settings.flush_max_steps, spec.steps - start)
@@ -448,7 +476,9 @@ class _Attempt:
         interval = self.settings.flush_interval_s
         last_flush = time.perf_counter()
         last = spec.steps - 1
-        rule = None if spec.stop is None else StopRule(spec.stop, self._started_at(), trainer)
+        rule = None
+        if spec.stop is not None:
+            rule = StopRule(spec.stop, self._started_at(), trainer, self.last_loss)
         reason = f"ran all {spec.steps} steps"
         for step in range(start, spec.steps):
             row = None
@@ -465,18 +495,18 @@ class _Attempt:
             if step == last:
                 break
             if recorder.full or time.perf_counter() - last_flush >= interval:
-                stopped = self._wait_for_flush()
-                if stopped is not None:
+                if stopped := self._previous_flush():
                     return stopped
                 recorded = recorder.swap(trainer.theta, trainer.optimizer_state())
                 if self.drain.is_set():
-                    return self._flush(recorded) or self._hand_back("its worker is shutting down")
+                    return self._outcome(self._flush(recorded)) or self._hand_back(
+                        "its worker is shutting down"
+                    )
                 context = contextvars.copy_context()  # the flush logs with the job's ids
                 self._flushing = self._executor.submit(context.run, self._flush, recorded)
                 last_flush = time.perf_counter()
 
-        stopped = self._wait_for_flush()
-        if stopped is not None:
+        if stopped := self._previous_flush():
             return stopped
         # The last chunk (at least the last step) and the finish go in one flush.
         recorded = recorder.swap(trainer.theta, trainer.optimizer_state())
@@ -489,32 +519,61 @@ class _Attempt:
             "stopped": reason,
             **quality,
         }
-        return self._flush(recorded, result) or AttemptResult(Outcome.SUCCEEDED)
+        return self._outcome(self._flush(recorded, result)) or AttemptResult(Outcome.SUCCEEDED)
 
     def _started_at(self) -> float:
         """When the job's first attempt started (epoch seconds): max_seconds counts from it."""
         started = self.store.job_fields(self.job_id).get(b"started_at")
         return datetime.fromisoformat(started.decode()).timestamp() if started else time.time()
 
-    def _wait_for_flush(self) -> AttemptResult | None:
+    def _previous_flush(self) -> AttemptResult | None:
+        """Wait for the flush in flight, if any: an AttemptResult if the attempt must stop."""
         if self._flushing is None:
             return None
-        stopped = self._flushing.result()  # re-raises what the flush raised
+        flushed = self._flushing.result()  # re-raises what the flush raised
         self._flushing = None
-        return stopped
+        return self._outcome(flushed)
 
-    def _flush(
-        self, recorded: Recorded | None, result: dict[str, Any] | None = None
-    ) -> AttemptResult | None:
-        """Pack and flush recorded rows (with `result`, finish the job); an AttemptResult if
-        the attempt must stop, else None."""
+    def _outcome(self, flushed: Flushed) -> AttemptResult | None:
+        """What a flush's reply means for the attempt: None to go on, else how it ended."""
+        reply = flushed.reply
+        if reply == "ok":
+            return None
+        if reply == "finished":
+            log.info(
+                "job %s attempt %d %s", self.job_id, self.attempt, flushed.diverged or "succeeded"
+            )
+            return AttemptResult(Outcome.DIVERGED if flushed.diverged else Outcome.SUCCEEDED)
+        if reply == "cancelled":
+            log.info("job %s attempt %d cancelled", self.job_id, self.attempt)
+            return AttemptResult(Outcome.CANCELLED)
+        if reply == "gap":
+            # Redis came back without its last writes (AOF fsyncs once a second): what it holds
+            # is consistent up to its checkpoint, so the next attempt resumes from there.
+            return self._hand_back(
+                "Redis lost the attempt's latest steps; resuming from its checkpoint"
+            )
+        if reply == "full":
+            # Nothing of the flush was written; the steps since the checkpoint run again later.
+            return self._hand_back(
+                "Redis is full (maxmemory): resuming from its checkpoint once there is room"
+            )
+        log.warning(
+            "job %s attempt %d stopped: a newer attempt owns the job", self.job_id, self.attempt
+        )
+        return AttemptResult(Outcome.FENCED)
+
+    def _flush(self, recorded: Recorded | None, result: dict[str, Any] | None = None) -> Flushed:
+        """Pack and flush recorded rows (with `result`, finish the job), on whichever thread
+        calls it; the caller decides what the reply means (`_outcome`)."""
         if self.keeper.lost.is_set():
-            return self._stopped("fenced")
+            return Flushed("fenced")
         chunk, checkpoint, status, error = None, None, None, None
         if recorded is not None:
             packed = pack(recorded, self.layout, self.batches)
-            chunk, checkpoint = packed.chunk, recorded.checkpoint
+            chunk = packed.chunk
             self.last_loss = packed.last_loss
+            checkpoint = dataclasses.replace(recorded.checkpoint, loss=packed.last_loss)
             if packed.diverged_at is not None:
                 status, result = JobStatus.DIVERGED, None
                 error = f"diverged at step {packed.diverged_at}: loss or gradients are not finite"
@@ -522,17 +581,18 @@ class _Attempt:
             status = JobStatus.SUCCEEDED
             result["loss"] = self.last_loss
         started = time.perf_counter()
-        reply = self._flush_with_retry(chunk, checkpoint, status, result, error)
+        try:
+            reply = self._flush_with_retry(chunk, checkpoint, status, result, error)
+        except StorageFull:
+            log.warning(
+                "job %s attempt %d: flush refused, Redis is full", self.job_id, self.attempt
+            )
+            return Flushed("full")
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
         if chunk is not None:
             metrics.STEPS.inc(chunk.count)
             metrics.FLUSHES.inc()
-        if reply == "finished":
-            log.info("job %s attempt %d %s", self.job_id, self.attempt, error or "succeeded")
-            return AttemptResult(Outcome.DIVERGED if error else Outcome.SUCCEEDED)
-        if reply != "ok":
-            return self._stopped(reply)
-        return None
+        return Flushed(reply, error)
 
     def _flush_with_retry(
         self,
@@ -566,22 +626,11 @@ class _Attempt:
                 time.sleep(pause)
                 pause = min(1.0, pause * 2)
 
-    def _stopped(self, reply: str) -> AttemptResult:
-        if reply == "cancelled":
-            log.info("job %s attempt %d cancelled", self.job_id, self.attempt)
-            return AttemptResult(Outcome.CANCELLED)
-        if reply == "gap":
-            # Redis came back without its last writes (AOF fsyncs once a second): what it holds
-            # is consistent up to its checkpoint, so the next attempt resumes from there.
-            return self._hand_back(
-                "Redis lost the attempt's latest steps; resuming from its checkpoint"
-            )
-        log.warning(
-            "job %s attempt %d stopped: a newer attempt owns the job", self.job_id, self.attempt
-        )
-        return AttemptResult(Outcome.FENCED)
-
     def _hand_back(self, why: str) -> AttemptResult:
+        """Queue the job again to resume from its checkpoint. The lease keeper stops first, and
+        the release script ends this attempt's ownership: nothing of it renews, takes back or
+        fails the job afterwards."""
+        self.keeper.stop()
         queue = self.store.release_job(self.job_id, self.attempt, f"requeued: {why}")
         log.info("job %s attempt %d handed back: %s", self.job_id, self.attempt, why)
         if queue is None:

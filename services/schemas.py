@@ -344,12 +344,11 @@ class JobResult(BaseModel):
     lstsq_gap: float | None = Field(default=None, description="full_loss - lstsq_loss")
 
 
-class JobView(BaseModel):
-    """A job as clients see it."""
+class _JobFields(BaseModel):
+    """What a JobView and a listing's row share: everything but the spec."""
 
     id: str
     status: JobStatus
-    spec: JobSpec
     device: Literal["cpu", "cuda"]
     route_reason: str
     worker: str | None
@@ -363,6 +362,19 @@ class JobView(BaseModel):
     stop_reason: str | None = Field(
         default=None, description="why the job ended: all its steps, a stop rule, an error"
     )
+
+
+class JobView(_JobFields):
+    """A job as clients see it."""
+
+    spec: JobSpec
+
+
+class JobSummary(_JobFields):
+    """A job as listings show it: the spec without inline data, which reads
+    `{"inline": {"samples": n, "features": d}}` (GET /v1/jobs/{id} has the whole spec)."""
+
+    spec: dict[str, Any]
 
 
 class PredictRequest(StrictModel):
@@ -390,7 +402,7 @@ class DatasetInfo(BaseModel):
 
 
 class JobList(BaseModel):
-    jobs: list[JobView]
+    jobs: list[JobSummary]
     next: str | None
 
 

@@ -25,7 +25,7 @@ import torch
 # first job does not pay it. An import runs no torch op, so forking after it stays safe.
 import torch._dynamo
 
-from services.records import finite_or_none, param_values
+from services.records import finite_or_none, param_values, row_width
 from services.schemas import JobSpec
 
 
@@ -46,8 +46,7 @@ class Layout:
 
     @property
     def width(self) -> int:
-        n = self.explain_samples
-        return 1 + 2 * self.params + 6 * n + n * self.params
+        return row_width(self.features, self.bias, self.explain_samples)
 
 
 def compute_device(device: str, cuda_fallback_cpu: bool = False) -> torch.device:
@@ -287,12 +286,13 @@ class Trainer:
         """The optimizer's and the schedule's state for a checkpoint, beside the raw float32
         parameters.
 
-        Raw values, never a decimal rendering, so that a resumed run continues bit for bit. A
-        stateless optimizer (plain SGD, constant lr) saves nothing: its settings come from the
-        spec.
+        Raw values, never a decimal rendering, so that a resumed run continues bit for bit.
+        With a schedule the optimizer's state is saved even when it has no buffers (plain
+        SGD): its param groups hold the current lr, which the schedulers compute the next
+        one from. Only plain SGD at a constant lr saves nothing: the spec says it all.
         """
         state: dict[str, Any] = {}
-        if self.optimizer.state:
+        if self.optimizer.state or self.scheduler is not None:
             state["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()

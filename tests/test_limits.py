@@ -17,7 +17,7 @@ import redis
 
 from api.client import Client
 from cli.stack import Stack
-from services.store import tenant_index
+from services.store.keys import tenant_index
 from tests.conftest import SEED_EXAMPLE
 
 LIMITS = {

@@ -9,7 +9,7 @@ from services.config import Settings
 from services.errors import JobFinished, JobNotFound
 from services.records import Chunk
 from services.runner import LeaseKeeper, Outcome, run_job
-from services.schemas import JobSpec, JobStatus
+from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Store
 from tests.attempts import run_once, run_with_hand_back
 
@@ -155,3 +155,49 @@ def test_a_malformed_job_record_fails_that_job_not_the_worker(store: Store) -> N
     assert (
         run_once(store, SEED_LONG, torch.device("cpu"), Settings())[0].outcome is Outcome.SUCCEEDED
     )
+
+
+def test_a_hand_back_ends_the_attempts_ownership(store: Store) -> None:
+    # The race made deterministic: whatever an attempt's threads do after it handed its job
+    # back (its lease keeper's next renew, a late failure, a flush), none of it takes the job
+    # back or ends it.
+    job_id, attempt = _running_job(store)
+    assert store.flush_steps(job_id, attempt, _chunk(0, 3), None, 10) == "ok"
+    assert store.release_job(job_id, attempt, "requeued: test") == "test-nobody"
+    assert store.renew_lease(job_id, attempt, 10) is False
+    assert store.fail_job(job_id, attempt, "late failure") is False
+    assert store.flush_steps(job_id, attempt, _chunk(3, 2), None, 10) == "fenced"
+    assert store.release_job(job_id, attempt, "again") is None
+    view = store.get_job(job_id)
+    assert view.status is JobStatus.QUEUED and view.steps_done == 3 and view.error is None
+    assert not store.redis.exists(f"gs:{{{job_id}}}:lease")
+    # The next attempt claims it as usual and resumes after step 2.
+    claim = store.claim_job(job_id, "test-worker", lease_s=10, max_attempts=3)
+    assert claim.outcome == "claimed" and claim.attempt == attempt + 1
+    assert store.flush_steps(job_id, claim.attempt, _chunk(3, 2), None, 10) == "ok"
+
+
+def test_a_reaped_attempt_that_comes_back_still_takes_its_job_back(store: Store) -> None:
+    # Unlike a hand-back, a requeue by the reaper (the attempt was paused past its lease) is
+    # not the attempt's doing: if no newer attempt claimed the job, the attempt goes on.
+    job_id, _ = store.create_job(SPEC, "cpu", "test-nobody", "test")
+    attempt = store.claim_job(job_id, "test-worker", lease_s=0.05, max_attempts=3).attempt
+    wait_until(lambda: not store.redis.exists(f"gs:{{{job_id}}}:lease"), 2, "lease lapsed")
+    store.reap_lapsed(max_attempts=3)
+    assert store.get_job(job_id).status is JobStatus.QUEUED
+    assert store.renew_lease(job_id, attempt, 10) is True
+    assert store.get_job(job_id).status is JobStatus.RUNNING
+
+
+def test_a_tolerance_stop_holds_across_a_resume_at_the_stopping_step(store: Store) -> None:
+    # The seed's loss shrinks by 0.64 a step; tol_loss 1e-3 stops the job at step 15, the
+    # first step whose loss differs from the one before by less.
+    spec = SEED_LONG.model_copy(update={"stop": StopSpec(tol_loss=1e-3)})
+    _, whole = run_once(store, spec, torch.device("cpu"), Settings())
+    assert len(whole) == 16
+    # Hand-overs only when 15 rows are recorded: the first attempt stores steps 0..14 and
+    # hands the job back, so the second starts at the stopping step itself.
+    settings = Settings(flush_max_steps=15, flush_interval_s=60)
+    attempts, resumed = run_with_hand_back(store, spec, torch.device("cpu"), settings)
+    assert attempts[0].steps == 15 and attempts[1].steps == 1
+    assert resumed == whole

@@ -4,7 +4,7 @@ import hashlib
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -15,7 +15,7 @@ from services.errors import DatasetNotFound
 from services.schemas import DatasetInfo
 
 router = APIRouter(
-    prefix="/v1/datasets", tags=["datasets"], responses=problems(401, 404, 413, 429, 503)
+    prefix="/v1/datasets", tags=["datasets"], responses=problems(401, 404, 409, 413, 429, 503, 507)
 )
 
 _DATASET_ID = re.compile(r"[0-9a-f]{64}")
@@ -61,9 +61,9 @@ async def upload_dataset(
     if parsed.format == "csv":
         # The same CSV with another target column is another dataset.
         digest.update(b"\0target=" + target.encode())
-    quota = settings.max_datasets_per_tenant
+    quota, storage = settings.max_datasets_per_tenant, settings.tenant_storage_bytes
     info, new = await run_in_threadpool(
-        store.put_dataset, tenant, digest.hexdigest(), parsed, size, quota
+        store.put_dataset, tenant, digest.hexdigest(), parsed, size, quota, storage
     )
     response.status_code = 201 if new else 200
     response.headers["Location"] = f"/v1/datasets/{info.id}"
@@ -76,3 +76,13 @@ def get_dataset(tenant: TenantDep, dataset_id: str, store: StoreDep) -> DatasetI
     if not _DATASET_ID.fullmatch(dataset_id):  # names no dataset: 404, like an unknown id
         raise DatasetNotFound(dataset_id)
     return store.dataset_info(tenant, dataset_id)
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(tenant: TenantDep, dataset_id: str, store: StoreDep) -> Response:
+    """Drop the caller's dataset; its bytes go once no tenant refers to them (409 while a
+    queued or running job of the caller trains on it)."""
+    if not _DATASET_ID.fullmatch(dataset_id):
+        raise DatasetNotFound(dataset_id)
+    store.delete_dataset(tenant, dataset_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import JSONResponse
 
 from api.deps import JobIdDep, SettingsDep, StoreDep, TenantDep, problems
@@ -18,7 +18,7 @@ from services.schemas import (
 )
 
 router = APIRouter(
-    prefix="/v1/jobs", tags=["jobs"], responses=problems(401, 404, 409, 413, 429, 503)
+    prefix="/v1/jobs", tags=["jobs"], responses=problems(401, 404, 409, 413, 429, 503, 507)
 )
 
 
@@ -53,7 +53,8 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
 ) -> JobList:
-    """List the caller's jobs, newest first; pass `next` back as `cursor` for the next page."""
+    """List the caller's jobs, newest first, without inline data; pass `next` back as
+    `cursor` for the next page."""
     views, next_cursor = store.list_jobs(tenant, status, limit, cursor)
     return JobList(jobs=views, next=next_cursor)
 
@@ -69,14 +70,23 @@ def get_steps(
     tenant: TenantDep,
     job_id: JobIdDep,
     store: StoreDep,
+    settings: SettingsDep,
     after: Annotated[int, Query(ge=-1, description="return steps after this one")] = -1,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> JSONResponse:
-    """Stored steps with `step > after`, in order; `next` is the `after` of the next page."""
-    records, next_after = store.read_steps(job_id, after, limit, tenant)
+    """Stored steps with `step > after`, in order, at most `limit` and about max_page_bytes of
+    JSON; `next` is the `after` of the next page."""
+    records, next_after = store.read_steps(job_id, after, limit, tenant, settings.max_page_bytes)
     # Records are plain dicts already checked by construction; skipping a pydantic round trip
     # per step keeps a 5 000-step page cheap.
     return JSONResponse({"steps": records, "next": next_after})
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_job(tenant: TenantDep, job_id: JobIdDep, store: StoreDep) -> Response:
+    """Delete an ended job: its record, steps and checkpoint (409 while queued or running)."""
+    store.delete_job(job_id, tenant)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{job_id}/cancel", status_code=202)

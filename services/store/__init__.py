@@ -1,0 +1,45 @@
+"""The job store on Redis, one module per thing stored (DESIGN §4):
+
+- keys.py      every key name, written once (the Lua scripts take them from there too)
+- scripts.py   the Lua scripts: each one atomic on one job's keys, fenced by attempt
+- jobs.py      job records and their indexes: submit, read, list, cancel, delete
+- attempts.py  claims, leases, checkpoints and step flushes of a job's attempts
+- steps.py     pages of a job's step stream, bounded in steps and bytes
+- datasets.py  uploaded datasets and the tenants' references to them
+- workers.py   the worker registry and the service's counters
+- recovery.py  the reaper: lapsed leases and lost messages
+"""
+
+import redis
+
+from services.store.attempts import Attempts, Checkpoint, Claim
+from services.store.base import LuaScripts, translate_redis_errors
+from services.store.datasets import Datasets
+from services.store.jobs import Jobs, job_view
+from services.store.recovery import Recovery
+from services.store.steps import Steps
+from services.store.workers import LIVE_QUEUES_TTL_S, Workers
+
+__all__ = ["Checkpoint", "Claim", "Store", "job_view"]
+
+
+class Store(Jobs, Attempts, Steps, Datasets, Workers, Recovery):
+    """The store on one Redis (sync; used by the API's routes and by workers)."""
+
+    def __init__(self, client: "redis.Redis") -> None:
+        self.redis = client
+        self.lua = LuaScripts(client)
+        self._live_queues = set()
+        self._live_queues_at = -LIVE_QUEUES_TTL_S
+
+    @classmethod
+    def from_url(cls, url: str) -> "Store":
+        return cls(
+            redis.Redis.from_url(
+                url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
+            )
+        )
+
+    @translate_redis_errors
+    def ping(self) -> bool:
+        return bool(self.redis.ping())

@@ -1,0 +1,124 @@
+"""Attempts at a job (DESIGN §4 `gs:{J}:lease` and `gs:{J}:ckpt`, §5): claim, flush steps with
+their checkpoint, renew the lease, hand the job back, fail. Each is one fenced script: an
+attempt writes only while no newer attempt claimed the job and it has not handed it back."""
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from services.records import Chunk
+from services.schemas import JobStatus
+from services.store import keys
+from services.store.base import RedisPart, translate_redis_errors
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state after the last stored step: resume runs step `step` next."""
+
+    step: int
+    theta: bytes  # float32 parameters [w..., b], raw
+    optimizer: bytes  # the optimizer's and schedule's state, torch.save format ('' if none)
+    loss: float | None = None  # the loss of step `step - 1` (stop rules compare with it)
+
+    @property
+    def loss_bytes(self) -> bytes:
+        return b"" if self.loss is None else struct.pack("<f", self.loss)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What claiming a job gave: `claimed` with the attempt, spec and checkpoint, or why not
+    (`missing`, `finished`, `busy`: another attempt holds a live lease, `cancelled`, `failed`)."""
+
+    outcome: str
+    attempt: int = 0
+    spec_json: str = ""
+    checkpoint: Checkpoint | None = None
+    status: str = ""
+
+
+def _checkpoint(saved: dict[bytes, bytes]) -> Checkpoint | None:
+    if not saved:
+        return None
+    raw_loss = saved.get(b"loss", b"")
+    loss = struct.unpack("<f", raw_loss)[0] if len(raw_loss) == 4 else None
+    return Checkpoint(int(saved[b"step"]), saved[b"theta"], saved[b"optimizer"], loss)
+
+
+class Attempts(RedisPart):
+    """Claims, leases, flushes and checkpoints."""
+
+    @translate_redis_errors
+    def claim_job(self, job_id: str, worker: str, lease_s: float, max_attempts: int) -> Claim:
+        """Take the job for a new attempt, with a lease of `lease_s` and the latest checkpoint."""
+        args = [job_id, worker, keys.utc_now(), int(lease_s * 1000), max_attempts]
+        reply = self.lua.claim(keys=keys.job_keys(job_id), args=args)
+        outcome = reply[0].decode()
+        if outcome != "claimed":
+            return Claim(outcome, status=reply[1].decode())
+        saved = dict(zip(reply[3::2], reply[4::2], strict=True))
+        return Claim(outcome, int(reply[1]), reply[2].decode(), _checkpoint(saved))
+
+    @translate_redis_errors
+    def flush_steps(
+        self,
+        job_id: str,
+        attempt: int,
+        chunk: Chunk | None,
+        checkpoint: Checkpoint | None,
+        lease_s: float,
+        *,
+        finish: JobStatus | None = None,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> str:
+        """Append a chunk of steps with the checkpoint after its last step, renew the lease,
+        and with `finish` end the job: one atomic script, fenced by the attempt number.
+
+        Returns `ok`, `finished`, `cancelled` (a cancel was asked for: stop), `fenced` (a newer
+        attempt owns the job, or this one handed it back: stop without touching it) or `gap`
+        (the chunk does not follow the stored steps: Redis lost recent writes, so resume from
+        the stored checkpoint). StorageFull when Redis is full (nothing written).
+        """
+        args: list[Any] = [
+            job_id,
+            attempt,
+            chunk.first if chunk else -1,
+            keys.step_entry_id(chunk.last) if chunk else "",
+            keys.utc_now(),
+            finish.value if finish else "",
+            json.dumps(result) if result is not None else "",
+            error or "",
+            int(lease_s * 1000),
+            checkpoint.theta if checkpoint else b"",
+            checkpoint.optimizer if checkpoint else b"",
+            checkpoint.loss_bytes if checkpoint else b"",
+        ]
+        if chunk is not None:
+            for name, value in chunk.fields().items():
+                args += [name, value]
+        reply = self.lua.flush(keys=keys.job_keys(job_id), args=args)
+        return str(reply[0].decode())
+
+    @translate_redis_errors
+    def renew_lease(self, job_id: str, attempt: int, lease_s: float) -> bool:
+        """Extend the attempt's lease; False once it no longer owns the job."""
+        args = [job_id, attempt, int(lease_s * 1000)]
+        return bool(self.lua.renew(keys=keys.job_keys(job_id), args=args))
+
+    @translate_redis_errors
+    def release_job(self, job_id: str, attempt: int, reason: str) -> str | None:
+        """Hand the job back (queued, to resume from its checkpoint); the attempt owns it no
+        more. The queue to send it to, '' if it was being cancelled (now cancelled), None if
+        the attempt no longer owned it."""
+        args = [job_id, attempt, keys.utc_now(), reason]
+        queue = self.lua.release(keys=keys.job_keys(job_id), args=args)
+        return None if queue is None else str(queue.decode())
+
+    @translate_redis_errors
+    def fail_job(self, job_id: str, attempt: int, error: str) -> bool:
+        """End the job `failed` with `error`, if `attempt` still owns it."""
+        args = [job_id, attempt, error, keys.utc_now()]
+        return bool(self.lua.fail(keys=keys.job_keys(job_id), args=args))

@@ -1,0 +1,70 @@
+"""What every part of the store shares: the Redis client, its registered scripts, and the
+translation of Redis's failures into domain errors."""
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import redis
+
+from services.errors import StorageFull, StoreUnavailable
+from services.store import scripts
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+STORAGE_FULL = (
+    "storage is full: Redis reached its maxmemory and refused the write (nothing was "
+    "written); delete finished jobs or datasets, or give Redis more memory"
+)
+
+
+def translate_redis_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Redis unreachable: StoreUnavailable (retry later); Redis full: StorageFull."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise StorageFull(STORAGE_FULL) from exc
+
+    return wrapper
+
+
+class LuaScripts:
+    """The store's scripts, registered once per client (redis-py runs them by SHA)."""
+
+    def __init__(self, client: "redis.Redis") -> None:
+        self.create = client.register_script(scripts.CREATE)
+        self.claim = client.register_script(scripts.CLAIM)
+        self.flush = client.register_script(scripts.FLUSH)
+        self.renew = client.register_script(scripts.RENEW)
+        self.release = client.register_script(scripts.RELEASE)
+        self.reap = client.register_script(scripts.REAP)
+        self.cancel = client.register_script(scripts.CANCEL)
+        self.fail = client.register_script(scripts.FAIL)
+        self.delete = client.register_script(scripts.DELETE)
+        self.drop_dataset = client.register_script(scripts.DROP_DATASET)
+
+
+class RedisPart:
+    """A part of the store (one module per thing stored) on one Redis client. What one part
+    uses of another is declared here and defined in the part that owns it."""
+
+    redis: "redis.Redis"
+    lua: LuaScripts
+
+    def redis_time(self) -> float:
+        """Redis's clock, in seconds: ages compared with times Redis wrote (its TIME) must
+        use it, whatever the clock of the machine asking."""
+        seconds, micros = self.redis.time()
+        return float(seconds) + float(micros) / 1e6
+
+    def job_fields(self, job_id: str, tenant: str | None = None) -> dict[bytes, bytes]:
+        raise NotImplementedError  # jobs.py
+
+    def live_queues(self) -> set[str]:
+        raise NotImplementedError  # workers.py

@@ -1,0 +1,123 @@
+"""Key names of the Redis data model (DESIGN §4), written once: the store's Python code and its
+Lua scripts (services/store/scripts.py) both take them from here.
+
+Every key of one job carries the hash tag `{<job id>}`, so one job lives in one Redis Cluster
+slot and a script can touch all of its keys. The indexes (all jobs, jobs per status, a
+tenant's jobs) are lexicographic sorted sets of job ids, which are time-ordered.
+"""
+
+import secrets
+import threading
+import time
+from datetime import UTC, datetime
+
+from services.schemas import JobStatus
+
+JOBS_INDEX = "gs:jobs"
+STATUS_INDEX_PREFIX = "gs:jobs:"  # + status
+TENANT_PREFIX = "gs:tenant:"  # + tenant + ':jobs' (+ ':' + status) | ':datasets' | ':bytes'
+TENANT_JOBS = ":jobs"
+WORKERS_INDEX = "gs:workers"
+STATS_KEY = "gs:stats"
+
+
+def job_key(job_id: str) -> str:
+    """The job's record (a hash)."""
+    return f"gs:{{{job_id}}}:job"
+
+
+def steps_key(job_id: str) -> str:
+    """The job's step stream: one entry per chunk of steps, its id the chunk's last step."""
+    return f"gs:{{{job_id}}}:steps"
+
+
+def events_key(job_id: str) -> str:
+    """The job's status events, which SSE readers tail beside the steps."""
+    return f"gs:{{{job_id}}}:events"
+
+
+def lease_key(job_id: str) -> str:
+    """The running attempt's number (the fencing token), expiring with its lease."""
+    return f"gs:{{{job_id}}}:lease"
+
+
+def ckpt_key(job_id: str) -> str:
+    """The state after the last stored step: parameters, optimizer state, step, last loss."""
+    return f"gs:{{{job_id}}}:ckpt"
+
+
+def job_keys(job_id: str) -> list[str]:
+    """The KEYS every per-job script takes, in this order (scripts.py names them)."""
+    return [
+        job_key(job_id),
+        steps_key(job_id),
+        events_key(job_id),
+        lease_key(job_id),
+        ckpt_key(job_id),
+    ]
+
+
+def status_index(status: JobStatus | str) -> str:
+    return STATUS_INDEX_PREFIX + str(status)
+
+
+def tenant_index(tenant: str, status: JobStatus | None = None) -> str:
+    """A tenant's jobs (all, or in one status), lex-sorted by id like the global indexes."""
+    base = f"{TENANT_PREFIX}{tenant}{TENANT_JOBS}"
+    return base if status is None else f"{base}:{status.value}"
+
+
+def tenant_datasets(tenant: str) -> str:
+    """The datasets a tenant refers to (a set of ids)."""
+    return f"{TENANT_PREFIX}{tenant}:datasets"
+
+
+def tenant_storage(tenant: str) -> str:
+    """Bytes a tenant keeps: its jobs' specs and steps (counted up front) and its datasets."""
+    return f"{TENANT_PREFIX}{tenant}:bytes"
+
+
+def idempotency_key(tenant: str, key: str) -> str:
+    # Per tenant: another tenant's key must never return (or reveal) this tenant's job.
+    return f"gs:idem:{tenant}:{key}"
+
+
+def submits_key(tenant: str, window: int) -> str:
+    return f"gs:submits:{tenant}:{window}"
+
+
+def dataset_key(dataset_id: str) -> str:
+    """An uploaded dataset (a hash: shape, columns, float32 x and y bytes)."""
+    return f"gs:dataset:{dataset_id}"
+
+
+def dataset_refs(dataset_id: str) -> str:
+    """The tenants that refer to a dataset (a set); the bytes go with the last of them."""
+    return f"gs:dataset-tenants:{dataset_id}"
+
+
+def worker_key(name: str) -> str:
+    return f"gs:worker:{name}"
+
+
+def step_entry_id(step: int) -> str:
+    """The stream entry id of the chunk whose last step is `step` (0-0 is not a valid id)."""
+    return f"{step}-1"
+
+
+_last_id_micros = 0
+_id_lock = threading.Lock()
+
+
+def new_job_id() -> str:
+    """32 hex digits: microseconds since the epoch (so ids sort by creation, strictly within a
+    process), then 76 random bits (so ids cannot be guessed)."""
+    global _last_id_micros
+    with _id_lock:
+        micros = max(time.time_ns() // 1000, _last_id_micros + 1)
+        _last_id_micros = micros
+    return f"{micros:013x}{secrets.randbits(76):019x}"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")

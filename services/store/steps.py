@@ -1,0 +1,63 @@
+"""Step streams (DESIGN §4 `gs:{J}:steps`): pages of stored steps, bounded in steps and in
+bytes. An entry holds a chunk of steps as float32 rows (services/records.py); a page expands
+only the rows it returns."""
+
+from typing import Any
+
+from services.records import Chunk, expand_chunk, record_json_bytes
+from services.schemas import JobStatus
+from services.store import keys
+from services.store.base import RedisPart, translate_redis_errors
+
+# Entries read per round trip, at most; fewer when entries are big (see `entries_per_read`).
+MAX_ENTRIES_PER_READ = 64
+
+
+def entries_per_read(entry_bytes: int, budget_bytes: int) -> int:
+    """How many entries of about `entry_bytes` one read may take within `budget_bytes`."""
+    return max(1, min(MAX_ENTRIES_PER_READ, budget_bytes // max(1, entry_bytes)))
+
+
+def page_steps(chunk: Chunk, limit: int, max_bytes: int) -> int:
+    """The most steps of this job one page may hold: `limit`, fewer if their JSON would pass
+    `max_bytes` (never fewer than one)."""
+    per_record = record_json_bytes(chunk.features, chunk.bias, chunk.explain)
+    return max(1, min(limit, max_bytes // per_record))
+
+
+class Steps(RedisPart):
+    """Reading a job's stored steps."""
+
+    @translate_redis_errors
+    def read_steps(
+        self,
+        job_id: str,
+        after: int,
+        limit: int,
+        tenant: str | None = None,
+        max_bytes: int = 8 * 1024 * 1024,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Stored steps with `step > after`, in order, at most `limit` of them and about
+        `max_bytes` of JSON (at least one step), and the `after` of the next page or None."""
+        fields = self.job_fields(job_id, tenant)
+        finished = JobStatus(fields[b"status"].decode()).finished
+        steps_done = int(fields[b"steps_done"])
+        records: list[dict[str, Any]] = []
+        # The entry holding step after+1 has an id >= after+1 (ids are a chunk's last step).
+        start = keys.step_entry_id(after + 1) if after >= 0 else "-"
+        count = 1  # until an entry's size is known
+        while len(records) < limit:
+            entries = self.redis.xrange(keys.steps_key(job_id), start, "+", count=count)
+            for entry_id, entry in entries:
+                chunk = Chunk.from_fields(entry)
+                limit = min(limit, page_steps(chunk, limit, max_bytes))
+                records.extend(expand_chunk(chunk, after, limit - len(records)))
+                start = "(" + entry_id.decode()
+                count = entries_per_read(len(chunk.rows), max_bytes)
+                if len(records) >= limit:
+                    break
+            if not entries:
+                break
+        last = records[-1]["step"] if records else after
+        more = last < steps_done - 1 or not finished
+        return records, (last if more else None)

@@ -1,0 +1,108 @@
+"""The worker registry (`gs:worker:<name>`, with a TTL, and the `gs:workers` index) and the
+service's counters. Heartbeat ages are on Redis's clock, whichever machine a worker runs on."""
+
+import time
+from datetime import datetime
+
+from services.schemas import JobStatus, WorkerInfo
+from services.store import keys
+from services.store.base import RedisPart, translate_redis_errors
+
+LIVE_QUEUES_TTL_S = 1.0
+
+
+class Workers(RedisPart):
+    """Live workers, what they run, and the service's counters."""
+
+    _live_queues: set[str]
+    _live_queues_at: float
+
+    @translate_redis_errors
+    def heartbeat(self, info: dict[str, str | int], ttl_s: float) -> None:
+        """Register or refresh a worker; its entry lapses `ttl_s` after the last heartbeat."""
+        name = str(info["name"])
+        now = self.redis_time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.worker_key(name), mapping={**info, "heartbeat_at": keys.utc_now()})
+        pipe.pexpire(keys.worker_key(name), int(ttl_s * 1000))
+        pipe.zadd(keys.WORKERS_INDEX, {name: now})
+        pipe.zremrangebyscore(keys.WORKERS_INDEX, "-inf", now - ttl_s)
+        pipe.execute()
+
+    @translate_redis_errors
+    def set_current_job(self, name: str, job_id: str) -> None:
+        self.redis.hset(keys.worker_key(name), "current_job", job_id)
+
+    @translate_redis_errors
+    def clear_current_job(self, name: str, job_id: str) -> None:
+        """Clear the worker's current job if it is still `job_id` (a pool child with several
+        siblings must not clear a job another one runs)."""
+        if self.redis.hget(keys.worker_key(name), "current_job") == job_id.encode():
+            self.redis.hdel(keys.worker_key(name), "current_job")
+
+    @translate_redis_errors
+    def unregister_worker(self, name: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(keys.worker_key(name))
+        pipe.zrem(keys.WORKERS_INDEX, name)
+        pipe.execute()
+
+    @translate_redis_errors
+    def list_workers(self, tenant: str | None = None) -> list[WorkerInfo]:
+        """Live workers; with `tenant`, a current job of another tenant shows as null."""
+        names = self.redis.zrangebyscore(keys.WORKERS_INDEX, self.redis_time() - 3600, "+inf")
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.worker_key(name.decode()))
+        workers = []
+        for fields in pipe.execute():
+            if not fields or b"device" not in fields:
+                continue  # lapsed between the two reads, or not fully registered yet
+            record = {k.decode(): v.decode() for k, v in fields.items()}
+            workers.append(
+                WorkerInfo(
+                    name=record["name"],
+                    device=record["device"],
+                    device_name=record.get("device_name", ""),
+                    memory_bytes=int(record.get("memory_bytes", 0)),
+                    queues=record["queues"].split(","),
+                    current_job=record.get("current_job"),
+                    heartbeat_at=datetime.fromisoformat(record["heartbeat_at"]),
+                )
+            )
+        if tenant is not None:
+            running = [w for w in workers if w.current_job]
+            pipe = self.redis.pipeline(transaction=False)
+            for worker in running:
+                pipe.hget(keys.job_key(str(worker.current_job)), "tenant")
+            for worker, owner in zip(running, pipe.execute(), strict=True):
+                if owner != tenant.encode():
+                    worker.current_job = None
+        return workers
+
+    @translate_redis_errors
+    def service_stats(
+        self, queues: tuple[str, ...]
+    ) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """Jobs per status, messages waiting in each worker queue, and the service-wide
+        counters the flush script keeps (`steps`, `flushes`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for status in JobStatus:
+            pipe.zcard(keys.status_index(status))
+        for queue in queues:
+            pipe.llen(queue)  # kombu's Redis transport keeps a queue's messages in a list
+        pipe.hgetall(keys.STATS_KEY)
+        *counts, stats = pipe.execute()
+        jobs = {status.value: int(n) for status, n in zip(JobStatus, counts, strict=False)}
+        depth = {queue: int(n) for queue, n in zip(queues, counts[len(JobStatus) :], strict=True)}
+        return jobs, depth, {k.decode(): int(v) for k, v in stats.items()}
+
+    def live_queues(self) -> set[str]:
+        """Queues some live worker consumes (cached for a second: routing can be a second
+        behind a worker starting or stopping, and submits do not each read the registry)."""
+        now = time.monotonic()
+        if now - self._live_queues_at > LIVE_QUEUES_TTL_S:
+            workers = self.list_workers()
+            self._live_queues = {queue for worker in workers for queue in worker.queues}
+            self._live_queues_at = now
+        return self._live_queues
