@@ -58,6 +58,7 @@ def test_compose_services_commands_and_gpu_reservation() -> None:
         assert services[name]["environment"]["GRADSTREAM_REDIS_URL"] == "redis://redis:6379/0"
     redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly" in redis_command and "noeviction" in redis_command
+    assert "--maxmemory ${REDIS_MAXMEMORY:-2gb}" in redis_command
 
 
 def test_compose_keeps_redis_private_with_a_password_and_the_api_behind_keys() -> None:
