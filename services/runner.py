@@ -37,6 +37,7 @@ from services.training import (
     Layout,
     Trainer,
     fit_quality,
+    serialize_state,
     supports_cuda_graph,
 )
 
@@ -79,7 +80,7 @@ class Recorded:
 
     rows: torch.Tensor  # (count, width), host memory
     theta: torch.Tensor  # (params,), host memory
-    optimizer: bytes
+    optimizer: dict[str, Any] | None  # Trainer.optimizer_snapshot(), host memory
     first: int
     ready: torch.cuda.Event | None  # None: nothing in flight (CPU)
 
@@ -89,7 +90,9 @@ class Recorded:
 
     @property
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.first + len(self.rows), self.theta.numpy().tobytes(), self.optimizer)
+        """The state after the last row (only once `wait()` has returned)."""
+        theta = self.theta.numpy().tobytes()
+        return Checkpoint(self.first + len(self.rows), theta, serialize_state(self.optimizer))
 
 
 class StepRecorder:
@@ -128,9 +131,10 @@ class StepRecorder:
     def advance(self) -> None:
         self.count += 1
 
-    def swap(self, theta: torch.Tensor, optimizer: bytes) -> Recorded | None:
-        """Hand over the recorded rows and the parameters `theta` after the last of them, and
-        record into the other half from now on. Returns None if nothing was recorded."""
+    def swap(self, theta: torch.Tensor, optimizer: dict[str, Any] | None) -> Recorded | None:
+        """Hand over the recorded rows, the parameters `theta` after the last of them and the
+        optimizer's snapshot taken with them, and record into the other half from now on.
+        Returns None if nothing was recorded."""
         if self.count == 0:
             return None
         rows = slice(self._offset, self._offset + self.count)
@@ -497,7 +501,7 @@ class _Attempt:
             if recorder.full or time.perf_counter() - last_flush >= interval:
                 if stopped := self._previous_flush():
                     return stopped
-                recorded = recorder.swap(trainer.theta, trainer.optimizer_state())
+                recorded = recorder.swap(trainer.theta, trainer.optimizer_snapshot())
                 if self.drain.is_set():
                     return self._outcome(self._flush(recorded)) or self._hand_back(
                         "its worker is shutting down"
@@ -509,7 +513,7 @@ class _Attempt:
         if stopped := self._previous_flush():
             return stopped
         # The last chunk (at least the last step) and the finish go in one flush.
-        recorded = recorder.swap(trainer.theta, trainer.optimizer_state())
+        recorded = recorder.swap(trainer.theta, trainer.optimizer_snapshot())
         params = trainer.params().cpu().tolist()
         started = time.perf_counter()
         quality = fit_quality(trainer, spec)

@@ -282,29 +282,27 @@ class Trainer:
         """The current parameters (after the last update), detached."""
         return self.theta.detach()
 
-    def optimizer_state(self) -> bytes:
-        """The optimizer's and the schedule's state for a checkpoint, beside the raw float32
-        parameters.
+    def optimizer_snapshot(self) -> dict[str, Any] | None:
+        """The optimizer's and the schedule's state as of now, for a checkpoint beside the raw
+        float32 parameters; None when there is none (plain SGD at a constant lr: the spec
+        says it all). `serialize_state` turns it into bytes.
 
-        Raw values, never a decimal rendering, so that a resumed run continues bit for bit.
-        With a schedule the optimizer's state is saved even when it has no buffers (plain
-        SGD): its param groups hold the current lr, which the schedulers compute the next
-        one from. Only plain SGD at a constant lr saves nothing: the spec says it all.
+        With a schedule the optimizer's state is taken even when it has no buffers: its param
+        groups hold the current lr, which the schedulers compute the next one from. Buffers are
+        copied, since the next steps change them in place; on a GPU into page-locked host
+        memory without waiting for the device (the copies land in stream order, before the
+        next step's kernels), so taking a snapshot never syncs the step loop.
         """
         state: dict[str, Any] = {}
         if self.optimizer.state or self.scheduler is not None:
-            state["optimizer"] = self.optimizer.state_dict()
+            state["optimizer"] = _snapshot(self.optimizer.state_dict())
         if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
-        if not state:
-            return b""
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        return buffer.getvalue()
+            state["scheduler"] = _snapshot(self.scheduler.state_dict())
+        return state or None
 
     def load_state(self, theta: bytes, optimizer: bytes, steps_done: int) -> None:
         """Continue from a checkpoint after `steps_done` steps: raw float32 parameters and
-        `optimizer_state()`."""
+        `serialize_state(optimizer_snapshot())`."""
         if len(theta) != 4 * self.layout.params:
             raise ValueError(
                 f"checkpoint holds {len(theta)} bytes of parameters; the job has "
@@ -322,6 +320,32 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             if "scheduler" in state and self.scheduler is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of a state_dict whose tensors no later step can change: CUDA tensors copied into
+    pinned host memory, non-blocking; CPU tensors cloned."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cuda":
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            return host.copy_(value.detach(), non_blocking=True)
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
+def serialize_state(snapshot: dict[str, Any] | None) -> bytes:
+    """A snapshot's bytes for the checkpoint (torch.save: raw tensor values, never a decimal
+    rendering, so a resumed run continues bit for bit); b'' for none. On a GPU, only once the
+    snapshot's copies have landed."""
+    if snapshot is None:
+        return b""
+    buffer = io.BytesIO()
+    torch.save(snapshot, buffer)
+    return buffer.getvalue()
 
 
 # The least-squares solution is computed for problems up to this size (float64, on the CPU).
