@@ -52,7 +52,9 @@ async def upload_dataset(
         digest.update(part)
         parts.append(part)
     limit = settings.max_elements
-    parsed = await run_in_threadpool(parse_dataset, b"".join(parts), target, limit)
+    parsed = await run_in_threadpool(
+        parse_dataset, b"".join(parts), target, limit, settings.max_dataset_array_bytes
+    )
     elements = parsed.samples * parsed.features
     if elements > limit:
         raise DatasetInvalid(
