@@ -185,38 +185,57 @@ def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_elements:
 
 def _from_csv(content: bytes, target: str) -> ParsedDataset:
     try:
-        text = content.decode("utf-8-sig")
+        content.decode("utf-8-sig")  # all of it first, then dropped: the error is the encoding's
     except UnicodeDecodeError:
         raise DatasetInvalid("not CSV text in UTF-8, nor a .npy or .npz file") from None
-    rows = [row for row in csv.reader(io.StringIO(text)) if row]
-    if not rows:
-        raise DatasetInvalid("the CSV is empty: it needs a header row naming the columns")
-    header = [name.strip() for name in rows[0]]
-    if target not in header:
-        raise DatasetInvalid(
-            f"no target column {target!r} in the header (columns: {', '.join(header)})"
-        )
-    if len(set(header)) != len(header):
-        raise DatasetInvalid("the header names a column twice")
-    if len(header) < 2:
-        raise DatasetInvalid("the CSV needs at least one feature column beside the target")
-    values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
-    for i, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise DatasetInvalid(f"row {i} has {len(row)} cells; the header has {len(header)}")
-        for j, cell in enumerate(row):
-            try:
-                value = float(cell)
-            except ValueError:
+    # Decoded a buffer at a time and read a row at a time: neither the whole text nor every
+    # cell as a str is ever held. newline="\n" splits lines as the str's own did.
+    with io.TextIOWrapper(io.BytesIO(content), encoding="utf-8-sig", newline="\n") as text:
+        reader = csv.reader(text)
+        rows = (row for row in reader if row)
+        try:
+            header = [name.strip() for name in next(rows, [])]
+            if not header:
+                raise DatasetInvalid("the CSV is empty: it needs a header row naming the columns")
+            if target not in header:
                 raise DatasetInvalid(
-                    f"row {i}, column {header[j]!r}: {cell.strip()[:40]!r} is not a number"
-                ) from None
-            if not math.isfinite(value):
-                raise DatasetInvalid(
-                    f"row {i}, column {header[j]!r}: {cell.strip()!r} is not finite"
+                    f"no target column {target!r} in the header (columns: {', '.join(header)})"
                 )
-            values[i - 2, j] = value
+            if len(set(header)) != len(header):
+                raise DatasetInvalid("the header names a column twice")
+            if len(header) < 2:
+                raise DatasetInvalid("the CSV needs at least one feature column beside the target")
+            # A record takes a line at least, and one the header accepts holds len(header) - 1
+            # commas: a bound on the rows that blank lines cannot inflate. (UTF-8 never puts
+            # these two bytes inside another character.)
+            bound = min(content.count(b"\n") + 1, content.count(b",") // (len(header) - 1))
+            values = np.empty((bound, len(header)), dtype=np.float64)
+            count = 0
+            for i, row in enumerate(rows, start=2):
+                values[count] = _csv_row(row, i, header)
+                count += 1
+        except csv.Error as exc:
+            raise DatasetInvalid(f"line {reader.line_num}: {exc}") from None
+    values = values[:count]
     t = header.index(target)
     columns = [name for k, name in enumerate(header) if k != t]
     x = np.delete(values, t, axis=1)
     return _checked(x, values[:, t], "csv", columns, target)
+
+
+def _csv_row(row: list[str], i: int, header: list[str]) -> list[float]:
+    """Row `i` of a CSV as floats; DatasetInvalid naming the row and the column."""
+    if len(row) != len(header):
+        raise DatasetInvalid(f"row {i} has {len(row)} cells; the header has {len(header)}")
+    values = []
+    for j, cell in enumerate(row):
+        try:
+            value = float(cell)
+        except ValueError:
+            raise DatasetInvalid(
+                f"row {i}, column {header[j]!r}: {cell.strip()[:40]!r} is not a number"
+            ) from None
+        if not math.isfinite(value):
+            raise DatasetInvalid(f"row {i}, column {header[j]!r}: {cell.strip()!r} is not finite")
+        values.append(value)
+    return values
