@@ -1,18 +1,23 @@
 """What an upload may hold and cost: real or integer arrays only, a byte budget on the arrays
 once read (from the .npy headers and the zip's declared sizes), zip members zipfile should not
-read refused, and CSV parsed without a str per cell."""
+read refused, CSV parsed without a str per cell, and a few uploads at a time per API process."""
 
+import contextlib
 import io
+import select
+import socket
+import time
 import tracemalloc
 import zipfile
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import pytest
 
 from api.client import Client
-from cli.stack import Stack
+from cli.stack import Stack, wait_until
 from services.datasets import parse_dataset
 
 BUDGET = 4096  # GRADSTREAM_MAX_DATASET_ARRAY_BYTES of the API below
@@ -20,11 +25,14 @@ BUDGET = 4096  # GRADSTREAM_MAX_DATASET_ARRAY_BYTES of the API below
 
 @pytest.fixture(scope="module")
 def limited(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """An API of its own (same Redis) with a small array budget."""
+    """An API of its own (same Redis) with one upload at a time and a small array budget."""
     api = Stack(tmp_path_factory.mktemp("uploads"), tenants=("hana",))
     api.redis_url = stack.redis_url
     try:
-        api.start_api(GRADSTREAM_MAX_DATASET_ARRAY_BYTES=str(BUDGET))
+        api.start_api(
+            GRADSTREAM_MAX_CONCURRENT_UPLOADS="1",
+            GRADSTREAM_MAX_DATASET_ARRAY_BYTES=str(BUDGET),
+        )
         yield api
     finally:
         api.stop()
@@ -202,3 +210,57 @@ def test_csv_parsing_holds_floats_not_a_str_per_cell() -> None:
     # A str per cell (~50 bytes each, with its list) took ~49 MB.
     table = rows * columns * 8
     assert peak < 3 * table, peak
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@contextlib.contextmanager
+def _holding_the_only_slot(api: Stack, client: Client) -> Iterator[socket.socket]:
+    """An upload whose chunked body has begun and not ended, once it holds the API's one upload
+    slot: an upload of `client` is then refused. (A probe that gets in first takes the slot and
+    this upload is refused instead: it starts again.)"""
+    url = urlsplit(api.api_url)
+    assert url.hostname is not None and url.port is not None
+    probe = f"a,y\n1,{time.time_ns()}\n".encode()
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                + f"Authorization: Bearer {api.api_key}\r\n".encode()
+                + b"Transfer-Encoding: chunked\r\n\r\n"
+                + _chunk(b"a,y\n")
+            )
+            while not select.select([sock], [], [], 0)[0]:  # not answered (refused) yet
+                if _upload(client, probe).status_code == 429:
+                    yield sock
+                    return
+                assert time.monotonic() < deadline, "no upload was ever refused"
+        assert time.monotonic() < deadline, "the upload was refused each time"
+
+
+def test_uploads_beyond_max_concurrent_uploads_are_429_until_one_ends(
+    limited: Stack, hana: Client
+) -> None:
+    def fresh() -> bytes:
+        return f"a,y\n1,{time.time_ns()}\n".encode()
+
+    with _holding_the_only_slot(limited, hana) as slow:
+        refused = _upload(hana, fresh())
+        assert refused.status_code == 429 and refused.json()["limit"] == "max_concurrent_uploads"
+        assert "max_concurrent_uploads is 1" in refused.json()["detail"]
+        assert refused.headers["Retry-After"] == "1"
+        slow.sendall(_chunk(f"2,{time.time_ns()}\n".encode()) + b"0\r\n\r\n")
+        reply = b""
+        while chunk := slow.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 201"), reply[:300]
+    # Its slot was given back before it answered; one refused as invalid gives its back too.
+    _refused(_upload(hana, b"a,y\n1,x\n"), "is not a number")
+    assert _upload(hana, fresh()).status_code == 201
+    # A client that goes away mid-body frees its slot as well.
+    with _holding_the_only_slot(limited, hana):
+        pass
+    wait_until(lambda: _upload(hana, fresh()).status_code == 201, 10, "the slot given back")

@@ -10,9 +10,11 @@ from starlette.exceptions import HTTPException
 
 from api.deps import SettingsDep, StoreDep, TenantDep, problems
 from api.limits import too_large
+from services.config import Settings
 from services.datasets import DatasetInvalid, parse_dataset
-from services.errors import DatasetNotFound
+from services.errors import DatasetNotFound, LimitExceeded
 from services.schemas import DatasetInfo
+from services.store import Store
 
 router = APIRouter(
     prefix="/v1/datasets", tags=["datasets"], responses=problems(401, 404, 413, 429, 503)
@@ -44,6 +46,30 @@ async def upload_dataset(
     """Upload a dataset: CSV with a header (the `target` column is y, the others features),
     .npz with arrays x and y, or .npy (last column y). Its id is the sha256 of the bytes (and,
     for CSV, of the target's name); the same upload again is stored once (200, not 201)."""
+    state = request.app.state
+    in_flight: int = getattr(state, "uploads_in_flight", 0)  # none before the first upload
+    if in_flight >= settings.max_concurrent_uploads:
+        raise LimitExceeded(
+            "max_concurrent_uploads",
+            f"uploads in progress in this API process: {in_flight}; "
+            f"max_concurrent_uploads is {settings.max_concurrent_uploads}",
+            retry_after_s=1,
+        )
+    # Counted on the event loop: nothing runs between the check above and this.
+    state.uploads_in_flight = in_flight + 1
+    try:
+        info, new = await _receive_and_store(request, tenant, target, store, settings)
+    finally:
+        state.uploads_in_flight -= 1
+    response.status_code = 201 if new else 200
+    response.headers["Location"] = f"/v1/datasets/{info.id}"
+    return info
+
+
+async def _receive_and_store(
+    request: Request, tenant: str, target: str, store: Store, settings: Settings
+) -> tuple[DatasetInfo, bool]:
+    """Read the body (never past max_dataset_bytes), parse and store it: (info, is it new)."""
     digest, parts, size = hashlib.sha256(), [], 0
     async for part in request.stream():
         size += len(part)
@@ -64,12 +90,9 @@ async def upload_dataset(
         # The same CSV with another target column is another dataset.
         digest.update(b"\0target=" + target.encode())
     quota = settings.max_datasets_per_tenant
-    info, new = await run_in_threadpool(
+    return await run_in_threadpool(
         store.put_dataset, tenant, digest.hexdigest(), parsed, size, quota
     )
-    response.status_code = 201 if new else 200
-    response.headers["Location"] = f"/v1/datasets/{info.id}"
-    return info
 
 
 @router.get("/{dataset_id}")
