@@ -5,10 +5,14 @@ is over the limit before reading it, and stops a chunked body (no Content-Length
 the bytes received pass the limit, so the API never holds more than `max_bytes` of it.
 """
 
+import contextlib
 import json
+from collections.abc import Iterator
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.errors import LimitExceeded
 
 
 def too_large(limit: str, max_bytes: int) -> str:
@@ -59,3 +63,28 @@ class BodySizeLimit:
         ]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class UploadSlots:
+    """Dataset uploads in progress in this API process: each holds its body and its parsed
+    arrays in memory, so only `limit` run at once (a 429 beyond)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[None]:
+        # Taken and given back on the event loop: nothing runs between the check and the count.
+        if self.in_flight >= self.limit:
+            raise LimitExceeded(
+                "max_concurrent_uploads",
+                f"uploads in progress in this API process: {self.in_flight}; "
+                f"max_concurrent_uploads is {self.limit}",
+                retry_after_s=1,
+            )
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1

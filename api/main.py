@@ -11,7 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api.limits import BodySizeLimit
+from api.limits import BodySizeLimit, UploadSlots
 from api.metrics import registry as metrics_registry
 from api.routes import dashboard, datasets, health, jobs, metrics, streams, workers
 from api.routes.streams import StreamSlots, sse_frame
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             page_bytes=settings.max_page_bytes,
         )
         app.state.stream_slots = StreamSlots(settings.max_sse_per_tenant)
+        app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
         app.state.metrics = metrics_registry(app.state.store, app.state.job_streams)
         try:
             yield

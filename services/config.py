@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     # Dataset uploads (POST /v1/datasets) have a limit of their own, and a worker keeps the
     # datasets it used in a bounded cache per device.
     max_dataset_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # An upload's arrays once read (an .npz of zeros compresses a thousandfold): checked from
+    # the .npy headers and the zip's declared sizes before any array is read.
+    max_dataset_array_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    # Each upload holds its body and its parsed arrays in the API process at once.
+    max_concurrent_uploads: int = Field(default=4, ge=1, description="per API process")
     dataset_cache_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)
     max_datasets_per_tenant: int = Field(default=100, ge=1)
     max_active_jobs_per_tenant: int = Field(default=100, ge=1, description="queued or running")

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from api.client import Client
-from cli.stack import Stack
+from cli.stack import Stack, wait_until
 from services.store.keys import tenant_index
 from tests.conftest import SEED_EXAMPLE
 
@@ -243,7 +243,11 @@ def test_sse_connections_per_tenant_and_a_stalled_reader_is_dropped(limited: Sta
                 f"GET /v1/jobs/{wide['id']}/events HTTP/1.1\r\nHost: x\r\n".encode()
                 + f"Authorization: Bearer {limited.keys['erin']}\r\n\r\n".encode()
             )
-            time.sleep(0.5)
+            # Its slot is taken before its response begins: wait for that (peeked, read below).
+            stalled.settimeout(10)
+            wait_until(
+                lambda: stalled.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 200", 10, "stalled stream"
+            )
             _refused(streams.open(waiting["id"]), 429, "max_sse_per_tenant")
             # After the send timeout (1 s) the server drops the stalled reader, freeing its slot.
             deadline = time.monotonic() + 15
@@ -253,7 +257,6 @@ def test_sse_connections_per_tenant_and_a_stalled_reader_is_dropped(limited: Sta
             again.close()
             first.close()
             received = b""
-            stalled.settimeout(10)
             while chunk := stalled.recv(1 << 16):
                 received += chunk
         assert received.startswith(b"HTTP/1.1 200") and b"event: step" in received

@@ -4,10 +4,11 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.client import Client
-from cli.stack import Stack, free_port, stop_process
+from cli.stack import Stack, free_port, stop_process, wait_until
 from tests.conftest import SEED_EXAMPLE
 
 
@@ -33,7 +34,30 @@ def test_metrics_move_when_a_job_runs(stack: Stack, client: Client) -> None:
     assert after[succeeded] >= before[succeeded] + 1
     assert after[("gradstream_workers", (("device", "cpu"),))] >= 1
     assert ("gradstream_queue_depth", (("queue", "gpu"),)) in after
-    assert after[("gradstream_sse_clients", ())] >= 0
+
+
+def test_sse_clients_counts_the_streams_open_now(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # An API of its own (same Redis): no stream of another test is counted with ours.
+    api = Stack(tmp_path_factory.mktemp("metrics"), tenants=("ivy",))
+    api.redis_url = stack.redis_url
+
+    def clients() -> float:
+        return _scrape(api)[("gradstream_sse_clients", ())]
+
+    try:
+        api.start_api()
+        with Client(api.api_url, api.api_key, timeout=10) as ivy:
+            job = ivy.submit({**SEED_EXAMPLE, "device": "cuda"})  # no gpu worker: stays queued
+            assert clients() == 0
+            with ivy.http.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
+                assert events.status_code == 200
+                wait_until(lambda: clients() == 1, 10, "the open stream counted")
+            wait_until(lambda: clients() == 0, 10, "the closed stream no longer counted")
+            ivy.cancel(job["id"])
+    finally:
+        api.stop()
 
 
 def test_a_worker_serves_its_own_metrics(stack: Stack, client: Client) -> None:

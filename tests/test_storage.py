@@ -145,7 +145,7 @@ def test_a_flush_refused_for_memory_hands_the_job_back_to_resume_later(
 @pytest.fixture(scope="module")
 def small_storage(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """An API of its own (on the session's Redis) whose tenants keep at most 100 kB each."""
-    api = Stack(tmp_path_factory.mktemp("storage"), tenants=("hana", "ivan"))
+    api = Stack(tmp_path_factory.mktemp("storage"), tenants=("kaori",))
     api.redis_url = stack.redis_url
     try:
         api.start_api(GRADSTREAM_TENANT_STORAGE_BYTES="100000")
@@ -158,23 +158,24 @@ def test_tenant_storage_is_counted_up_front_and_deleting_frees_it(
     small_storage: Stack, redis_client: "redis.Redis"
 ) -> None:
     def used() -> int:
-        return int(redis_client.get(tenant_storage("hana")) or 0)
+        return int(redis_client.get(tenant_storage("kaori")) or 0)
 
-    with Client(small_storage.api_url, small_storage.keys["hana"], timeout=10) as hana:
+    assert used() == 0
+    with Client(small_storage.api_url, small_storage.keys["kaori"], timeout=10) as kaori:
         # The seed's record is 3 float32 values: 5 000 steps reserve 60 000 bytes.
-        first = hana.submit({**QUEUED, "steps": 5000})
+        first = kaori.submit({**QUEUED, "steps": 5000})
         assert 60_000 < used() < 61_000
-        refused = hana.http.post("/v1/jobs", json={**QUEUED, "steps": 5000})
+        refused = kaori.http.post("/v1/jobs", json={**QUEUED, "steps": 5000})
         assert refused.status_code == 429, refused.text
         assert refused.json()["limit"] == "tenant_storage_bytes"
         assert "100000" in refused.json()["detail"]
         # Cancelled before it ran, it keeps its spec only; deleted, nothing.
-        hana.cancel(first["id"])
+        kaori.cancel(first["id"])
         assert 0 < used() < 1000
-        second = hana.submit({**QUEUED, "steps": 5000})
-        hana.cancel(second["id"])
-        hana.delete(first["id"])
-        hana.delete(second["id"])
+        second = kaori.submit({**QUEUED, "steps": 5000})
+        kaori.cancel(second["id"])
+        kaori.delete(first["id"])
+        kaori.delete(second["id"])
         assert used() == 0
 
 

@@ -9,10 +9,12 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from api.deps import SettingsDep, StoreDep, TenantDep, problems
-from api.limits import too_large
+from api.limits import UploadSlots, too_large
+from services.config import Settings
 from services.datasets import DatasetInvalid, parse_dataset
 from services.errors import DatasetNotFound
 from services.schemas import DatasetInfo
+from services.store import Store
 
 router = APIRouter(
     prefix="/v1/datasets", tags=["datasets"], responses=problems(401, 404, 409, 413, 429, 503, 507)
@@ -44,6 +46,18 @@ async def upload_dataset(
     """Upload a dataset: CSV with a header (the `target` column is y, the others features),
     .npz with arrays x and y, or .npy (last column y). Its id is the sha256 of the bytes (and,
     for CSV, of the target's name); the same upload again is stored once (200, not 201)."""
+    slots: UploadSlots = request.app.state.upload_slots
+    with slots.taken():
+        info, new = await _receive_and_store(request, tenant, target, store, settings)
+    response.status_code = 201 if new else 200
+    response.headers["Location"] = f"/v1/datasets/{info.id}"
+    return info
+
+
+async def _receive_and_store(
+    request: Request, tenant: str, target: str, store: Store, settings: Settings
+) -> tuple[DatasetInfo, bool]:
+    """Read the body (never past max_dataset_bytes), parse and store it: (info, is it new)."""
     digest, parts, size = hashlib.sha256(), [], 0
     async for part in request.stream():
         size += len(part)
@@ -52,7 +66,9 @@ async def upload_dataset(
         digest.update(part)
         parts.append(part)
     limit = settings.max_elements
-    parsed = await run_in_threadpool(parse_dataset, b"".join(parts), target, limit)
+    parsed = await run_in_threadpool(
+        parse_dataset, b"".join(parts), target, limit, settings.max_dataset_array_bytes
+    )
     elements = parsed.samples * parsed.features
     if elements > limit:
         raise DatasetInvalid(
@@ -62,12 +78,9 @@ async def upload_dataset(
         # The same CSV with another target column is another dataset.
         digest.update(b"\0target=" + target.encode())
     quota, storage = settings.max_datasets_per_tenant, settings.tenant_storage_bytes
-    info, new = await run_in_threadpool(
+    return await run_in_threadpool(
         store.put_dataset, tenant, digest.hexdigest(), parsed, size, quota, storage
     )
-    response.status_code = 201 if new else 200
-    response.headers["Location"] = f"/v1/datasets/{info.id}"
-    return info
 
 
 @router.get("/{dataset_id}")
