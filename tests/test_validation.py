@@ -132,6 +132,28 @@ def test_bad_query_parameters_are_422(client: Client) -> None:
     client.wait(job["id"], timeout=30)
 
 
+@pytest.mark.parametrize("cursor", [2**63, 10**30])
+def test_step_cursors_past_64_bits_are_a_422_naming_them(client: Client, cursor: int) -> None:
+    # They were a 500: Redis refuses such a stream id.
+    job = client.submit(SEED_EXAMPLE)
+    client.wait(job["id"], timeout=30)
+    steps, events = f"/v1/jobs/{job['id']}/steps", f"/v1/jobs/{job['id']}/events"
+    responses = {
+        ("steps", "query", "after"): client.http.get(steps, params={"after": cursor}),
+        ("events", "query", "after"): client.http.get(events, params={"after": cursor}),
+        ("events", "header", "last-event-id"): client.http.get(
+            events, headers={"Last-Event-ID": str(cursor)}
+        ),
+    }
+    for (route, *loc), response in responses.items():
+        assert response.status_code == 422, (route, loc, response.text)
+        assert [error["loc"] for error in response.json()["detail"]] == [loc]
+    # The largest 64-bit step is a cursor past every step.
+    assert client.http.get(steps, params={"after": 2**63 - 1}).json()["steps"] == []
+    last = client.http.get(events, headers={"Last-Event-ID": str(2**63 - 1)})
+    assert "event: step" not in last.text and "event: done" in last.text
+
+
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the default max_body_bytes, which the test API keeps
 
 

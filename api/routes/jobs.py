@@ -69,7 +69,10 @@ def get_steps(
     tenant: TenantDep,
     job_id: JobIdDep,
     store: StoreDep,
-    after: Annotated[int, Query(ge=-1, description="return steps after this one")] = -1,
+    # A 64-bit integer, as Redis stream ids (which hold the steps) are.
+    after: Annotated[
+        int, Query(ge=-1, le=2**63 - 1, description="return steps after this one")
+    ] = -1,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> JSONResponse:
     """Stored steps with `step > after`, in order; `next` is the `after` of the next page."""
