@@ -136,7 +136,11 @@ def _from_csv(content: bytes, target: str) -> ParsedDataset:
         text = content.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DatasetInvalid("not CSV text in UTF-8, nor a .npy or .npz file") from None
-    rows = [row for row in csv.reader(io.StringIO(text)) if row]
+    reader = csv.reader(io.StringIO(text))
+    try:
+        rows = [row for row in reader if row]
+    except csv.Error as exc:  # a stray carriage return, a cell over the module's field limit
+        raise DatasetInvalid(f"line {reader.line_num}: {exc}") from None
     if not rows:
         raise DatasetInvalid("the CSV is empty: it needs a header row naming the columns")
     header = [name.strip() for name in rows[0]]
