@@ -14,6 +14,9 @@ from services.events import JobStreams
 from services.store import Store
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
+# The largest step a cursor (`after`, Last-Event-ID) may name: Redis stream ids, which hold
+# the steps, are 64-bit.
+MAX_STEP = 2**63 - 1
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer <key>`")
 
 

@@ -104,8 +104,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+# A 422 reports this many errors at most, then one entry counting the rest.
+MAX_ERRORS = 20
+# An input echoed in a 422 holds at most this many values, and strings of at most this many
+# characters; a bigger one is described instead (a body may be 8 MiB of one list).
+ECHO_VALUES = 32
+ECHO_CHARS = 256
+
+
+def _too_big_to_echo(value: Any) -> bool:
+    """Whether `value` holds more than ECHO_VALUES values or a string over ECHO_CHARS; stops
+    as soon as it knows, whatever the size of `value`."""
+    pending, seen = [value], 0
+    while pending:
+        item = pending.pop()
+        seen += 1
+        if seen > ECHO_VALUES or (isinstance(item, str) and len(item) > ECHO_CHARS):
+            return True
+        if isinstance(item, dict | list | tuple):
+            if len(item) > ECHO_VALUES:
+                return True
+            pending.extend([*item.keys(), *item.values()] if isinstance(item, dict) else item)
+    return False
+
+
+def _echoed(value: Any) -> Any:
+    """The input echoed in a 422: a description if it is big, and non-finite floats (which
+    JSON cannot carry) as strings."""
+    if _too_big_to_echo(value):
+        size = f"{len(value)} characters" if isinstance(value, str) else f"{len(value)} items"
+        return f"({type(value).__name__} of {size}, not echoed)"
+    return _finite_only(value)
+
+
 def _finite_only(value: Any) -> Any:
-    """The input echoed in a 422, with non-finite floats (which JSON cannot carry) as strings."""
+    """`value` with its non-finite floats as strings."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
@@ -118,16 +151,27 @@ def _finite_only(value: Any) -> Any:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes `input`; a NaN there would make the 422 itself fail.
+        # FastAPI's own handler echoes every error's `input`, whatever its size, and a NaN there
+        # would make the 422 itself fail.
+        all_errors = exc.errors()
         errors = []
-        for error in exc.errors():
+        for error in all_errors[:MAX_ERRORS]:
             error = dict(error)
             error.pop("url", None)
             if "input" in error:
-                error["input"] = _finite_only(error["input"])
+                error["input"] = _echoed(error["input"])
             if "ctx" in error:
-                error["ctx"] = {k: str(v) for k, v in error["ctx"].items()}
+                error["ctx"] = {k: str(v)[:ECHO_CHARS] for k, v in error["ctx"].items()}
             errors.append(error)
+        if len(all_errors) > MAX_ERRORS:
+            more = len(all_errors) - MAX_ERRORS
+            errors.append(
+                {
+                    "type": "too_many_errors",
+                    "loc": list(all_errors[MAX_ERRORS]["loc"][:1]),
+                    "msg": f"{more} more errors not shown",
+                }
+            )
         return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
     @app.exception_handler(SpecRejected)

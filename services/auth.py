@@ -112,7 +112,8 @@ class StreamTokens:
     def tenant_for(self, token: str, job_id: str, now: float | None = None) -> str:
         """The tenant a valid, unexpired token for `job_id` was issued to."""
         parts = token.split("~")
-        if len(parts) != 4:
+        # Tokens are ASCII (hmac.compare_digest refuses to compare other strings).
+        if len(parts) != 4 or not token.isascii():
             raise Unauthorized("malformed stream token")
         token_job, tenant, expires, signature = parts
         payload = f"{token_job}~{tenant}~{expires}"

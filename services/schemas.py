@@ -16,12 +16,31 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+# Unknown fields one model reports one by one; past these, one error counts them.
+MAX_UNKNOWN_FIELDS = 20
 
 
 class StrictModel(BaseModel):
     """Input model: unknown fields and non-finite numbers (JSON parsers allow NaN) are refused."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_unknown_fields(cls, data: Any) -> Any:
+        # Each unknown field is an error of its own: a body of a million unknown keys would
+        # make a million errors, seconds of the API's event loop to build and render.
+        fields = cls.model_fields
+        if isinstance(data, dict) and len(data) > len(fields) + MAX_UNKNOWN_FIELDS:
+            unknown = [key for key in data if key not in fields]
+            raise PydanticCustomError(
+                "extra_forbidden",
+                "Extra inputs are not permitted: {count} unknown fields, the first {first}",
+                {"count": len(unknown), "first": repr(unknown[0])[:100]},
+            )
+        return data
 
 
 class SyntheticParams(StrictModel):
@@ -53,9 +72,16 @@ def rectangular(x: list[list[float]]) -> list[list[float]]:
     return x
 
 
+# A list of numbers stops at its first bad item: two million bad items make one error, not two
+# million (building those and their 422 would hold the API's event loop for seconds).
+Numbers = Annotated[list[float], Field(fail_fast=True)]
+
 # Rows of x: a flat list of numbers is one feature; rows must all have the same width.
 Rows = Annotated[
-    list[list[float]], BeforeValidator(flat_x_is_one_feature), AfterValidator(rectangular)
+    list[Numbers],
+    Field(fail_fast=True),
+    BeforeValidator(flat_x_is_one_feature),
+    AfterValidator(rectangular),
 ]
 
 
@@ -65,7 +91,7 @@ class DataSpec(StrictModel):
     x: Rows | None = Field(
         default=None, description="one row per sample; a flat list means one feature"
     )
-    y: list[float] | None = None
+    y: Numbers | None = None
     synthetic: SyntheticParams | None = None
     dataset_id: str | None = Field(
         default=None,
@@ -88,18 +114,24 @@ class DataSpec(StrictModel):
             raise ValueError(f"y has {len(y)} values but x has {len(x)} rows")
         return y
 
-    @model_validator(mode="after")
-    def _one_source(self) -> Self:
-        inline = self.x is not None or self.y is not None
-        sources = int(inline) + int(self.synthetic is not None) + int(self.dataset_id is not None)
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        # Decided by the keys given, before their values are validated: an x of millions of
+        # values beside `synthetic` is refused without validating them first.
+        if not isinstance(data, dict):
+            return data  # pydantic reports the type
+        given = {key for key in ("x", "y", "synthetic", "dataset_id") if data.get(key) is not None}
+        inline = given & {"x", "y"}
+        sources = int(bool(inline)) + len(given & {"synthetic", "dataset_id"})
         if sources > 1:
             raise ValueError("data takes one of: x and y, synthetic, or dataset_id")
         if sources == 0:
             raise ValueError("data needs x and y, synthetic, or dataset_id")
-        if inline and (self.x is None or self.y is None):
-            missing = "y" if self.y is None else "x"
+        if len(inline) == 1:
+            missing = "y" if "x" in inline else "x"
             raise ValueError(f"data.{missing} is missing: inline data needs both x and y")
-        return self
+        return data
 
     def resolve(self, samples: int, features: int) -> None:
         """Give an uploaded dataset's shape (from its stored metadata)."""
@@ -134,7 +166,7 @@ class DataSpec(StrictModel):
 class InitSpec(StrictModel):
     """Initial parameters; `w` defaults to zeros and `b` to 0."""
 
-    w: list[float] | None = None
+    w: Numbers | None = None
     b: float | None = None
 
 

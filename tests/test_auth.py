@@ -142,6 +142,18 @@ def test_a_stream_token_streams_its_job_only_and_expires(stack: Stack, alice_job
         alice.cancel(other["id"])
 
 
+def test_a_stream_token_with_non_ascii_characters_is_a_401(stack: Stack, alice_job: str) -> None:
+    # hmac.compare_digest raises TypeError on non-ASCII strings: this was a 500.
+    with Client(stack.api_url, stack.keys["alice"]) as alice:
+        issued = alice.http.post(f"/v1/jobs/{alice_job}/stream-token").json()["token"]
+    url = f"{stack.api_url}/v1/jobs/{alice_job}/events"
+    payload = issued.rsplit("~", 1)[0]
+    for token in [f"{payload}~é", f"{payload}é~{issued.rsplit('~', 1)[1]}", "é~é~é~é", "é"]:
+        response = httpx.get(url, params={"token": token}, timeout=10)
+        assert response.status_code == 401, (token, response.text)
+        assert "stream token" in response.json()["detail"]
+
+
 def test_stream_tokens_of_tenants_with_dots_in_their_names() -> None:
     tokens = StreamTokens(b"secret", ttl_s=60)
     token, _ = tokens.issue("a" * 32, "team.ml-1")

@@ -130,3 +130,106 @@ def test_bad_query_parameters_are_422(client: Client) -> None:
     bad_cursor = client.http.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "abc"})
     assert bad_cursor.status_code == 422
     client.wait(job["id"], timeout=30)
+
+
+@pytest.mark.parametrize("cursor", [2**63, 10**30])
+def test_step_cursors_past_64_bits_are_a_422_naming_them(client: Client, cursor: int) -> None:
+    # They were a 500: Redis refuses such a stream id.
+    job = client.submit(SEED_EXAMPLE)
+    client.wait(job["id"], timeout=30)
+    steps, events = f"/v1/jobs/{job['id']}/steps", f"/v1/jobs/{job['id']}/events"
+    responses = {
+        ("steps", "query", "after"): client.http.get(steps, params={"after": cursor}),
+        ("events", "query", "after"): client.http.get(events, params={"after": cursor}),
+        ("events", "header", "last-event-id"): client.http.get(
+            events, headers={"Last-Event-ID": str(cursor)}
+        ),
+    }
+    for (route, *loc), response in responses.items():
+        assert response.status_code == 422, (route, loc, response.text)
+        assert [error["loc"] for error in response.json()["detail"]] == [loc]
+    # The largest 64-bit step is a cursor past every step.
+    assert client.http.get(steps, params={"after": 2**63 - 1}).json()["steps"] == []
+    last = client.http.get(events, headers={"Last-Event-ID": str(2**63 - 1)})
+    assert "event: step" not in last.text and "event: done" in last.text
+
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # the default max_body_bytes, which the test API keeps
+
+
+def _filled(prefix: str, item: str, suffix: str) -> bytes:
+    """prefix + as many comma-separated `item`s as fit in MAX_BODY_BYTES + suffix."""
+    count = (MAX_BODY_BYTES - len(prefix) - len(suffix)) // (len(item) + 1)
+    return (prefix + ",".join([item] * count) + suffix).encode()
+
+
+def _unknown_fields(size: int) -> str:
+    """`"kk": 0, "k1": 0, "k2": 0, …}` of about `size` characters."""
+    fields, length = ['"kk": 0'], 8
+    while length < size:
+        fields.append(f'"k{len(fields)}": 0')
+        length += len(fields[-1]) + 2
+    return ", ".join(fields) + "}"
+
+
+HUGE_BAD_BODIES = {
+    "y of 2M strings after three numbers": (
+        _filled('{"data": {"x": [[1.0]], "y": [1, 2, 3, ', '"a"', "]}}"),
+        ["data", "y", 3],
+    ),
+    "x of 1.4M bad rows after two good ones": (
+        _filled('{"data": {"x": [[1], [2], ', '["a"]', '], "y": [1.0]}}'),
+        ["data", "x", 2, 0],
+    ),
+    "x of one row of 2M strings": (
+        _filled('{"data": {"x": [[1, ', '"a"', ']], "y": [1.0]}}'),
+        ["data", "x", 0, 1],
+    ),
+    "init.w of 4M values": (
+        _filled('{"data": {"x": [[1.0]], "y": [2.0]}, "init": {"w": [', "1", "]}}"),
+        ["init"],
+    ),
+    "an unknown field of 4M values": (
+        _filled('{"data": {"x": [[1.0]], "y": [2.0]}, "extra": [', "1", "]}"),
+        ["extra"],
+    ),
+    "600k unknown fields": (
+        ('{"data": {"x": [[1.0]], "y": [2.0]}, ' + _unknown_fields(MAX_BODY_BYTES - 50)).encode(),
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HUGE_BAD_BODIES))
+def test_a_422_for_8_mib_of_bad_items_is_small_and_names_the_first(
+    name: str, client: Client
+) -> None:
+    # Before: millions of errors or the whole input echoed, a 422 of 8 to 300 MB built in the
+    # API's event loop (bench/validation_stall.py measures the stall).
+    body, loc = HUGE_BAD_BODIES[name]
+    assert len(body) > MAX_BODY_BYTES - 16
+    response = client.http.post(
+        "/v1/jobs", content=body, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 422, response.text[:2000]
+    assert len(response.content) < 1000, response.text[:2000]
+    first = response.json()["detail"][0]
+    assert first["loc"] == ["body", *loc], first
+    if not loc:  # the unknown fields are counted, and the first one named
+        assert "'kk'" in first["msg"] and first["type"] == "extra_forbidden"
+
+
+def test_past_twenty_errors_a_422_counts_the_rest(client: Client) -> None:
+    unknown = {f"top{i}": 0 for i in range(20)}
+    optimizer = {"lr": 0.1, **{f"opt{i}": 0 for i in range(20)}}
+    response = client.http.post("/v1/jobs", json=_with(optimizer=optimizer, **unknown))
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert len(detail) == 21
+    shown = [error["loc"] for error in detail[:20]]
+    assert shown == [["body", "optimizer", f"opt{i}"] for i in range(20)]
+    assert detail[20] == {
+        "type": "too_many_errors",
+        "loc": ["body"],
+        "msg": "20 more errors not shown",
+    }

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import JSONResponse
 
-from api.deps import JobIdDep, SettingsDep, StoreDep, TenantDep, problems
+from api.deps import MAX_STEP, JobIdDep, SettingsDep, StoreDep, TenantDep, problems
 from services import jobs
 from services.schemas import (
     JobList,
@@ -71,7 +71,9 @@ def get_steps(
     job_id: JobIdDep,
     store: StoreDep,
     settings: SettingsDep,
-    after: Annotated[int, Query(ge=-1, description="return steps after this one")] = -1,
+    after: Annotated[
+        int, Query(ge=-1, le=MAX_STEP, description="return steps after this one")
+    ] = -1,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> JSONResponse:
     """Stored steps with `step > after`, in order, at most `limit` and about max_page_bytes of

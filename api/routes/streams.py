@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import (
+    MAX_STEP,
     JobIdDep,
     JobStreamsDep,
     SettingsDep,
@@ -114,10 +115,15 @@ async def job_events(
     streams: JobStreamsDep,
     settings: SettingsDep,
     request: Request,
-    last_event_id: Annotated[int | None, Header(ge=-1)] = None,
+    # Step cursors are 64-bit integers, as where steps are kept (Redis stream ids).
+    last_event_id: Annotated[int | None, Header(ge=-1, le=MAX_STEP)] = None,
     after: Annotated[
         int | None,
-        Query(ge=-1, description="as Last-Event-ID, for a client that cannot set headers"),
+        Query(
+            ge=-1,
+            le=MAX_STEP,
+            description="as Last-Event-ID, for a client that cannot set headers",
+        ),
     ] = None,
 ) -> StreamingResponse:
     """Stream the job's steps after Last-Event-ID or `after` (or from step 0), live ones, then
