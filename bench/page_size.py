@@ -1,7 +1,8 @@
 """What one request of a wide job's history costs the API: a job of 10 000 parameters (each
-step record ~500 kB of JSON), its steps read with the default `/steps` page and replayed over
-SSE, against a real API, worker and Redis. Prints per read: the bytes and steps of the first
-page, its time, and the API process's peak memory (VmHWM) after it.
+step record ~500 kB of JSON), replayed over SSE, then read with the default `/steps` page
+(in that order, so that each peak is its own), against a real API, worker and Redis. Prints
+per read: the bytes and steps it returned, its time, and the API process's peak memory
+(VmHWM) after it.
 
     .venv/bin/python bench/page_size.py [--steps 500]
 """
@@ -48,15 +49,6 @@ def main() -> None:
             rest = peak_mib(api_pid)
             print(f"job of {args.steps} steps x 10000 parameters; API peak at rest {rest:.0f} MiB")
             started = time.perf_counter()
-            response = client.http.get(f"/v1/jobs/{job['id']}/steps")  # the default page
-            elapsed = time.perf_counter() - started
-            page = response.json()
-            print(
-                f"GET /steps (default page)  {len(response.content) / 2**20:8.1f} MiB  "
-                f"{len(page['steps']):4d} steps  {elapsed:6.2f} s  "
-                f"API peak {peak_mib(api_pid):6.0f} MiB"
-            )
-            started = time.perf_counter()
             received = 0
             headers = {"Authorization": f"Bearer {stack.api_key}"}
             url = f"{stack.api_url}/v1/jobs/{job['id']}/events"
@@ -69,6 +61,15 @@ def main() -> None:
             print(
                 f"SSE replay (whole job)     {received / 2**20:8.1f} MiB  "
                 f"{args.steps:4d} steps  {elapsed:6.2f} s  API peak {peak_mib(api_pid):6.0f} MiB"
+            )
+            started = time.perf_counter()
+            response = client.http.get(f"/v1/jobs/{job['id']}/steps")  # the default page
+            elapsed = time.perf_counter() - started
+            page = response.json()
+            print(
+                f"GET /steps (default page)  {len(response.content) / 2**20:8.1f} MiB  "
+                f"{len(page['steps']):4d} steps  {elapsed:6.2f} s  "
+                f"API peak {peak_mib(api_pid):6.0f} MiB"
             )
 
 
