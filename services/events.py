@@ -22,7 +22,7 @@ from services.records import Chunk, expand_chunk
 from services.schemas import JobStatus
 from services.store.jobs import job_view
 from services.store.keys import events_key, job_key, step_entry_id, steps_key
-from services.store.steps import entries_per_read, page_steps
+from services.store.steps import entries_per_read, entry_json_bytes, page_steps
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +94,20 @@ class _Tail:
                 watcher.queue.put_nowait(item)
                 watcher.queued_bytes += size
 
-    def _send_steps(self, entries: list[Any]) -> None:
+    async def _send_steps(self, entries: list[Any]) -> None:
+        page_bytes = self.streams.page_bytes
         for entry_id, fields in entries:
             self.steps_pos = entry_id
             chunk = Chunk.from_fields(fields)
             self.steps_done = chunk.last + 1
-            self.entries_per_read = entries_per_read(len(chunk.rows), self.streams.page_bytes)
-            for record in expand_in_pages(chunk, -1, self.streams.page_bytes):
-                event = StreamEvent("step", record, record["step"])
-                self._send((event, self.streams.render(event)))
+            self.entries_per_read = entries_per_read(entry_json_bytes(chunk), page_bytes)
+            for page in record_pages(chunk, -1, page_bytes):
+                for record in page:
+                    event = StreamEvent("step", record, record["step"])
+                    self._send((event, self.streams.render(event)))
+                # The watchers take this page before the next is made: a wide chunk does not
+                # pile up in their queues (nor drop them for lag) within one read.
+                await asyncio.sleep(0)
 
     async def _read(self) -> None:
         client = self.streams.client
@@ -119,7 +124,7 @@ class _Tail:
                     self._send(None)
                     continue
                 new = dict(reply)
-                self._send_steps(new.get(steps, []))
+                await self._send_steps(new.get(steps, []))
                 for entry_id, entry in new.get(events, []):
                     self.events_pos = entry_id
                     self.status = JobStatus(entry[b"status"].decode())
@@ -130,7 +135,7 @@ class _Tail:
                         while rest := await client.xrange(
                             steps, b"(" + self.steps_pos, "+", count=self.entries_per_read
                         ):
-                            self._send_steps(rest)
+                            await self._send_steps(rest)
                     event = StreamEvent(
                         "status", {"status": self.status.value, "steps_done": self.steps_done}
                     )
@@ -149,12 +154,12 @@ class _Tail:
             self.streams.forget(self)
 
 
-def expand_in_pages(chunk: Chunk, after: int, page_bytes: int) -> Iterator[dict[str, Any]]:
-    """The chunk's records after `after`, made a page (about `page_bytes` of JSON) at a time:
-    an entry of a wide job never becomes all its Python floats at once."""
+def record_pages(chunk: Chunk, after: int, page_bytes: int) -> Iterator[list[dict[str, Any]]]:
+    """The chunk's records after `after`, a page (about `page_bytes` of JSON) at a time: an
+    entry of a wide job never becomes all its Python floats at once."""
     per_page = page_steps(chunk, chunk.count, page_bytes)
     while records := expand_chunk(chunk, after, per_page):
-        yield from records
+        yield records
         after = records[-1]["step"]
 
 
@@ -289,9 +294,10 @@ class JobStreams:
             entries = await self.client.xrange(steps_key(job_id), start, until, count=count)
             for entry_id, fields in entries:
                 chunk = Chunk.from_fields(fields)
-                for record in expand_in_pages(chunk, after, self.page_bytes):
-                    yield StreamEvent("step", record, record["step"])
+                for page in record_pages(chunk, after, self.page_bytes):
+                    for record in page:
+                        yield StreamEvent("step", record, record["step"])
                 start = "(" + entry_id.decode()
             if len(entries) < count:
                 return
-            count = entries_per_read(len(chunk.rows), self.page_bytes)
+            count = entries_per_read(entry_json_bytes(chunk), self.page_bytes)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 CHUNK_BUDGET_BYTES = 8 * 1024 * 1024
 # How long a flush keeps retrying while Redis is unreachable before the attempt gives up.
 STORE_OUTAGE_S = 60.0
+FULL = "Redis is full (maxmemory): resuming from its checkpoint once there is room"
 
 
 class Outcome(StrEnum):
@@ -337,7 +338,8 @@ def _run_attempt(
     drain: threading.Event | None,
     claim: Claim,
 ) -> AttemptResult:
-    store.set_current_job(worker, job_id)
+    with contextlib.suppress(StorageFull):  # the registry's hint only
+        store.set_current_job(worker, job_id)
     attempt = _Attempt(store, job_id, claim.attempt, settings, drain or threading.Event())
     keeper = LeaseKeeper(
         store, job_id, claim.attempt, settings.lease_s, attempt.progress, settings.attempt_stall_s
@@ -355,6 +357,10 @@ def _run_attempt(
         )
     except StoreUnavailable:
         raise  # nothing can be recorded; the lease lapses and the reaper requeues the job
+    except StorageFull:
+        # Redis refused a write for memory outside a flush (a flush hands back by itself):
+        # the job waits for room, like after a refused flush; it is never failed for it.
+        return attempt.hand_back(FULL)
     except Exception as exc:
         # Whatever the job did (bad record, out of memory, a bug), the worker survives it and
         # the job ends with the reason instead of staying `running` (unless this attempt
@@ -503,7 +509,7 @@ class _Attempt:
                     return stopped
                 recorded = recorder.swap(trainer.theta, trainer.optimizer_snapshot())
                 if self.drain.is_set():
-                    return self._outcome(self._flush(recorded)) or self._hand_back(
+                    return self._outcome(self._flush(recorded)) or self.hand_back(
                         "its worker is shutting down"
                     )
                 context = contextvars.copy_context()  # the flush logs with the job's ids
@@ -554,14 +560,12 @@ class _Attempt:
         if reply == "gap":
             # Redis came back without its last writes (AOF fsyncs once a second): what it holds
             # is consistent up to its checkpoint, so the next attempt resumes from there.
-            return self._hand_back(
+            return self.hand_back(
                 "Redis lost the attempt's latest steps; resuming from its checkpoint"
             )
         if reply == "full":
             # Nothing of the flush was written; the steps since the checkpoint run again later.
-            return self._hand_back(
-                "Redis is full (maxmemory): resuming from its checkpoint once there is room"
-            )
+            return self.hand_back(FULL)
         log.warning(
             "job %s attempt %d stopped: a newer attempt owns the job", self.job_id, self.attempt
         )
@@ -630,7 +634,7 @@ class _Attempt:
                 time.sleep(pause)
                 pause = min(1.0, pause * 2)
 
-    def _hand_back(self, why: str) -> AttemptResult:
+    def hand_back(self, why: str) -> AttemptResult:
         """Queue the job again to resume from its checkpoint. The lease keeper stops first, and
         the release script ends this attempt's ownership: nothing of it renews, takes back or
         fails the job afterwards."""

@@ -168,13 +168,17 @@ def start_heartbeat(**_: Any) -> None:
     def beat() -> None:
         next_reap = 0.0
         while True:
+            # Apart: a heartbeat Redis refuses (it is full) must not stop recovery.
             try:
                 store.heartbeat(info, settings.worker_ttl_s)
-                if time.monotonic() >= next_reap:
-                    reap(store)
-                    next_reap = time.monotonic() + settings.reaper_interval_s
             except Exception:
-                log.exception("worker heartbeat or reaper failed")
+                log.exception("worker heartbeat failed")
+            if time.monotonic() >= next_reap:
+                try:
+                    reap(store)
+                except Exception:
+                    log.exception("reaper failed")
+                next_reap = time.monotonic() + settings.reaper_interval_s
             if _heartbeat_stop.wait(min(settings.worker_heartbeat_s, settings.reaper_interval_s)):
                 return
 

@@ -47,7 +47,10 @@ class LuaScripts:
         self.cancel = client.register_script(scripts.CANCEL)
         self.fail = client.register_script(scripts.FAIL)
         self.delete = client.register_script(scripts.DELETE)
+        self.put_dataset = client.register_script(scripts.PUT_DATASET)
         self.drop_dataset = client.register_script(scripts.DROP_DATASET)
+        self.count_load = client.register_script(scripts.COUNT_LOAD)
+        self.touch_queued = client.register_script(scripts.TOUCH_QUEUED)
 
 
 class RedisPart:

@@ -3,14 +3,13 @@ tenants that uploaded it; the bytes go with the last reference."""
 
 import json
 from datetime import datetime
+from typing import Any
 
 from services.datasets import ParsedDataset
 from services.errors import DatasetInUse, DatasetNotFound, LimitExceeded
-from services.schemas import DatasetInfo, JobStatus
+from services.schemas import DatasetInfo
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
-
-_LIVE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING)
 
 
 class Datasets(RedisPart):
@@ -31,49 +30,50 @@ class Datasets(RedisPart):
         says whether the dataset is new to the tenant. LimitExceeded when the tenant already
         has `max_per_tenant` datasets or its storage would pass `storage_limit` bytes;
         StorageFull when Redis is full (nothing written)."""
-        key = keys.dataset_key(dataset_id)
-        mine = keys.tenant_datasets(tenant)
-        if self.redis.sismember(mine, dataset_id):
-            return self.dataset_info(tenant, dataset_id), False
-        if self.redis.scard(mine) >= max_per_tenant:
+        record = {
+            "id": dataset_id,
+            "n": parsed.samples,
+            "d": parsed.features,
+            "format": parsed.format,
+            "columns": json.dumps(parsed.columns),
+            "target": json.dumps(parsed.target),
+            "bytes": size,
+            "stored": parsed.x.nbytes + parsed.y.nbytes,
+            "created_at": keys.utc_now(),
+            "loads": 0,
+            "x": parsed.x.tobytes(),
+            "y": parsed.y.tobytes(),
+        }
+        args: list[Any] = [tenant, dataset_id, max_per_tenant, storage_limit, record["stored"]]
+        for name, value in record.items():
+            args += [name, value]
+        # One script: the checks and the writes cannot interleave with another upload or a
+        # delete, and a Redis over its maxmemory refuses it whole (nothing half-written).
+        reply = self.lua.put_dataset(keys=self._keys(tenant, dataset_id), args=args)
+        if reply[0] == b"quota":
             raise LimitExceeded(
                 "max_datasets_per_tenant",
-                f"tenant {tenant!r} has {max_per_tenant} datasets; "
+                f"tenant {tenant!r} has {int(reply[1])} datasets; "
                 f"max_datasets_per_tenant is {max_per_tenant}",
             )
-        stored = parsed.x.nbytes + parsed.y.nbytes
-        used = int(self.redis.get(keys.tenant_storage(tenant)) or 0)
-        if used + stored > storage_limit:
+        if reply[0] == b"storage":
             raise LimitExceeded(
                 "tenant_storage_bytes",
-                f"tenant {tenant!r} keeps {used} bytes; this dataset needs {stored} more, and "
-                f"tenant_storage_bytes is {storage_limit}: delete finished jobs or datasets",
+                f"tenant {tenant!r} keeps {int(reply[1])} bytes; this dataset needs "
+                f"{record['stored']} more, and tenant_storage_bytes is {storage_limit}: "
+                "delete finished jobs or datasets",
             )
-        # One transaction: a Redis over its maxmemory refuses all of it, nothing half-written.
-        pipe = self.redis.pipeline(transaction=True)
-        if not self.redis.exists(key):
-            pipe.hset(
-                key,
-                mapping={
-                    "id": dataset_id,
-                    "n": parsed.samples,
-                    "d": parsed.features,
-                    "format": parsed.format,
-                    "columns": json.dumps(parsed.columns),
-                    "target": json.dumps(parsed.target),
-                    "bytes": size,
-                    "stored": stored,
-                    "created_at": keys.utc_now(),
-                    "loads": 0,
-                    "x": parsed.x.tobytes(),
-                    "y": parsed.y.tobytes(),
-                },
-            )
-        pipe.sadd(mine, dataset_id)
-        pipe.sadd(keys.dataset_refs(dataset_id), tenant)
-        pipe.incrby(keys.tenant_storage(tenant), stored)
-        pipe.execute()
-        return self.dataset_info(tenant, dataset_id), True
+        return self.dataset_info(tenant, dataset_id), reply[0] == b"added"
+
+    @staticmethod
+    def _keys(tenant: str, dataset_id: str) -> list[str]:
+        """The KEYS of the dataset scripts (scripts.py)."""
+        return [
+            keys.dataset_key(dataset_id),
+            keys.dataset_refs(dataset_id),
+            keys.tenant_datasets(tenant),
+            keys.tenant_storage(tenant),
+        ]
 
     @translate_redis_errors
     def dataset_info(self, tenant: str, dataset_id: str) -> DatasetInfo:
@@ -109,37 +109,21 @@ class Datasets(RedisPart):
     @translate_redis_errors
     def load_dataset(self, dataset_id: str) -> tuple[bytes, bytes, int, int]:
         """A worker's copy of a dataset: float32 x and y bytes, samples, features. Counted in
-        the dataset's `loads`."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hmget(keys.dataset_key(dataset_id), "x", "y", "n", "d")
-        pipe.hincrby(keys.dataset_key(dataset_id), "loads", 1)
-        (x, y, n, d), _ = pipe.execute()
+        the dataset's `loads` (also on a full Redis)."""
+        x, y, n, d = self.redis.hmget(keys.dataset_key(dataset_id), "x", "y", "n", "d")
         if x is None:
             raise DatasetNotFound(dataset_id)
+        self.lua.count_load(keys=[keys.dataset_key(dataset_id)])
         return x, y, int(n), int(d)
 
     @translate_redis_errors
     def delete_dataset(self, tenant: str, dataset_id: str) -> None:
         """Drop `tenant`'s reference to a dataset (its bytes go with the last reference).
         DatasetInUse while a queued or running job of the tenant trains on it."""
-        if not self.redis.sismember(keys.tenant_datasets(tenant), dataset_id):
-            raise DatasetNotFound(dataset_id)
-        live: list[str] = []
-        for status in _LIVE:
-            live += [
-                i.decode() for i in self.redis.zrange(keys.tenant_index(tenant, status), 0, -1)
-            ]
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in live:
-            pipe.hget(keys.job_key(job_id), "dataset")
-        for job_id, used in zip(live, pipe.execute(), strict=True):
-            if used == dataset_id.encode():
-                raise DatasetInUse(dataset_id, job_id)
-        script_keys = [
-            keys.dataset_key(dataset_id),
-            keys.dataset_refs(dataset_id),
-            keys.tenant_datasets(tenant),
-            keys.tenant_storage(tenant),
-        ]
-        if not self.lua.drop_dataset(keys=script_keys, args=[tenant, dataset_id]):
+        reply = self.lua.drop_dataset(
+            keys=self._keys(tenant, dataset_id), args=[tenant, dataset_id]
+        )
+        if reply[0] == b"busy":
+            raise DatasetInUse(dataset_id, reply[1].decode())
+        if reply[0] == b"missing":
             raise DatasetNotFound(dataset_id)

@@ -78,8 +78,9 @@ class Recovery(RedisPart):
                 waiting.update(filter(None, map(message_job_id, page)))
                 start += len(page)
         orphans = [(job_id, queue) for job_id, queue in stale if job_id not in waiting]
+        # Each one's next check is older_than_s away (a job deleted meanwhile stays deleted).
         pipe = self.redis.pipeline(transaction=False)
         for job_id, _ in stale:
-            pipe.hset(keys.job_key(job_id), "queued_at", int(now))  # next check in older_than_s
+            self.lua.touch_queued(keys=keys.job_keys(job_id), args=[int(now)], client=pipe)
         pipe.execute()
         return orphans

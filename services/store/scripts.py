@@ -21,6 +21,8 @@ def _lua_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+# A job's record key around its id, as keys.job_key writes it.
+_JOB_KEY_PREFIX, _JOB_KEY_SUFFIX = keys.job_key("\0").split("\0")
 _TERMINAL = ", ".join(f"[{_lua_string(s.value)}] = true" for s in sorted(TERMINAL_STATUSES))
 
 # Shared helpers, after each script's `#!lua` line.
@@ -31,10 +33,16 @@ local STATUS_INDEX = {_lua_string(keys.STATUS_INDEX_PREFIX)}
 local TENANT_PREFIX = {_lua_string(keys.TENANT_PREFIX)}
 local TENANT_JOBS = {_lua_string(keys.TENANT_JOBS)}
 local STATS = {_lua_string(keys.STATS_KEY)}
+local JOB_KEY_PREFIX = {_lua_string(_JOB_KEY_PREFIX)}
+local JOB_KEY_SUFFIX = {_lua_string(_JOB_KEY_SUFFIX)}
 local JOB, STEPS, EVENTS, LEASE, CKPT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 """
 
 _HELPERS += """
+local function job_key(id)
+  return JOB_KEY_PREFIX .. id .. JOB_KEY_SUFFIX
+end
+
 local function tenant_index(tenant, status)
   local base = TENANT_PREFIX .. tenant .. TENANT_JOBS
   if status then return base .. ':' .. status end
@@ -279,7 +287,8 @@ return redis.call('HGET', JOB, 'queue')
 
 # KEYS: the job's keys. ARGV: job id, now, max attempts. The reaper's check of one running
 # job: if its lease lapsed, the job is requeued (or ends cancelled or failed). Returns the
-# queue to send a new message to, or false.
+# queue to send a new message to, or false. Allowed on a full Redis: it frees the lease (and
+# for an ended job the checkpoint) and changes a few fields.
 REAP = _script(
     """
 local status = redis.call('HGET', JOB, 'status')
@@ -288,7 +297,8 @@ if redis.call('EXISTS', LEASE) == 1 then return false end
 if lapse(ARGV[1], status, ARGV[3], ARGV[2]) ~= 'requeue' then return false end
 set_status(ARGV[1], status, 'queued')
 return redis.call('HGET', JOB, 'queue')
-"""
+""",
+    allow_oom=True,
 )
 
 # KEYS: the job's keys. ARGV: job id, now. Allowed on a full Redis: stopping work is how a
@@ -349,17 +359,72 @@ return {'deleted'}
     allow_oom=True,
 )
 
-# KEYS: dataset, its tenants (refs), the tenant's datasets, the tenant's storage. ARGV: tenant,
-# dataset id. Drops the tenant's reference; the bytes go with the last reference. Returns 0 if
-# the tenant had no reference.
+# Datasets: KEYS for each script are the dataset, its tenants (refs), the tenant's datasets
+# and the tenant's storage.
+
+# ARGV: tenant, dataset id, the tenant's limit of datasets, its storage limit, the bytes the
+# dataset keeps, then the dataset hash's field/value pairs. Gives the tenant a reference (and
+# writes the data unless it is there): {'added'}, {'exists'} (the tenant has it already),
+# {'quota', n} or {'storage', used}.
+PUT_DATASET = _script(
+    """
+if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then return {'exists'} end
+local held = redis.call('SCARD', KEYS[3])
+if held >= tonumber(ARGV[3]) then return {'quota', tostring(held)} end
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+if used + tonumber(ARGV[5]) > tonumber(ARGV[4]) then return {'storage', tostring(used)} end
+if redis.call('HEXISTS', KEYS[1], 'x') == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+end
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('INCRBY', KEYS[4], ARGV[5])
+return {'added'}
+""",
+    helpers=False,
+)
+
+# ARGV: tenant, dataset id. Drops the tenant's reference unless a queued or running job of the
+# tenant trains on it; the bytes go with the last reference. Returns {'dropped'}, {'missing'}
+# or {'busy', job id}.
 DROP_DATASET = _script(
     """
-if redis.call('SREM', KEYS[3], ARGV[2]) == 0 then return 0 end
+if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 0 then return {'missing'} end
+for _, status in ipairs({'queued', 'running', 'cancelling'}) do
+  for _, id in ipairs(redis.call('ZRANGE', tenant_index(ARGV[1], status), 0, -1)) do
+    if redis.call('HGET', job_key(id), 'dataset') == ARGV[2] then
+      return {'busy', id}
+    end
+  end
+end
+redis.call('SREM', KEYS[3], ARGV[2])
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('DECRBY', KEYS[4], redis.call('HGET', KEYS[1], 'stored') or 0)
 if redis.call('SCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
-return 1
+return {'dropped'}
+""",
+    allow_oom=True,
+)
+
+# KEYS: dataset. Counts a worker's load of the dataset, if it is still there (a load never
+# makes a hash of a dataset dropped meanwhile). Allowed on a full Redis: a counter in place.
+COUNT_LOAD = _script(
+    """
+if redis.call('HEXISTS', KEYS[1], 'x') == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[1], 'loads', 1)
 """,
     allow_oom=True,
     helpers=False,
+)
+
+# KEYS: the job's keys. ARGV: now (Redis seconds). The orphan check's mark on a job still
+# queued: its next check is `orphan_after_s` away. Never makes a record of a deleted job.
+TOUCH_QUEUED = _script(
+    """
+if redis.call('HGET', JOB, 'status') ~= 'queued' then return 0 end
+redis.call('HSET', JOB, 'queued_at', ARGV[1])
+return 1
+""",
+    allow_oom=True,
 )

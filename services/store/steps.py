@@ -18,6 +18,11 @@ def entries_per_read(entry_bytes: int, budget_bytes: int) -> int:
     return max(1, min(MAX_ENTRIES_PER_READ, budget_bytes // max(1, entry_bytes)))
 
 
+def entry_json_bytes(chunk: Chunk) -> int:
+    """An upper bound on the JSON an entry's steps become (reads are sized by it)."""
+    return chunk.count * record_json_bytes(chunk.features, chunk.bias, chunk.explain)
+
+
 def page_steps(chunk: Chunk, limit: int, max_bytes: int) -> int:
     """The most steps of this job one page may hold: `limit`, fewer if their JSON would pass
     `max_bytes` (never fewer than one)."""
@@ -47,17 +52,19 @@ class Steps(RedisPart):
         start = keys.step_entry_id(after + 1) if after >= 0 else "-"
         count = 1  # until an entry's size is known
         while len(records) < limit:
-            entries = self.redis.xrange(keys.steps_key(job_id), start, "+", count=count)
+            # Each entry holds at least one step: never more entries than steps still wanted.
+            asked = min(count, limit - len(records))
+            entries = self.redis.xrange(keys.steps_key(job_id), start, "+", count=asked)
             for entry_id, entry in entries:
                 chunk = Chunk.from_fields(entry)
                 limit = min(limit, page_steps(chunk, limit, max_bytes))
                 records.extend(expand_chunk(chunk, after, limit - len(records)))
                 start = "(" + entry_id.decode()
-                count = entries_per_read(len(chunk.rows), max_bytes)
+                count = entries_per_read(entry_json_bytes(chunk), max_bytes)
                 if len(records) >= limit:
                     break
-            if not entries:
-                break
+            if len(entries) < asked:
+                break  # the end of the stream
         last = records[-1]["step"] if records else after
         more = last < steps_done - 1 or not finished
         return records, (last if more else None)
