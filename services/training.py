@@ -187,6 +187,11 @@ class Trainer:
         self.y = y.to(device)
         self.theta = initial_theta(spec).to(device).requires_grad_()
         self.optimizer, self.scheduler = build_optimizer(spec, self.theta)
+        # Plain SGD at a constant lr takes the tutorial's update itself (`update`); the
+        # optimizer object stays, for the checkpoint's format and the stateful cases.
+        o = spec.optimizer
+        plain = o.name == "sgd" and o.momentum == 0 and o.schedule.name == "constant"
+        self._plain_sgd = (o.lr, o.weight_decay) if plain else None
         self.steps_done = 0
         samples = spec.data.samples
         self.batch_size = min(spec.batch_size or samples, samples)
@@ -257,9 +262,21 @@ class Trainer:
 
     def update(self) -> None:
         """The optimizer's step (and the schedule's), reading theta.grad."""
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        if self._plain_sgd is not None:
+            # The tutorial's update, w <- w - lr * dLoss/dw, as one in-place op: the very op
+            # torch.optim.SGD runs for plain SGD (so the same numbers, bit for bit), without
+            # its per-step machinery, which costs more than the step on a small problem.
+            lr, weight_decay = self._plain_sgd
+            with torch.no_grad():
+                grad = self.theta.grad
+                assert grad is not None
+                if weight_decay:
+                    grad = grad.add(self.theta, alpha=weight_decay)
+                self.theta.add_(grad, alpha=-lr)
+        else:
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
         self.steps_done += 1
 
     def step(self, record: torch.Tensor) -> None:

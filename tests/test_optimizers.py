@@ -17,6 +17,9 @@ CPU = torch.device("cpu")
 DATA = {"synthetic": {"n": 64, "d": 3, "noise": 0.1, "seed": 4}}
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "sgd": {"name": "sgd", "lr": 0.05},
+    # Plain SGD (with or without weight decay) runs gradstream's own in-place update, which
+    # must give torch.optim.SGD's numbers bit for bit.
+    "sgd-decay": {"name": "sgd", "lr": 0.05, "weight_decay": 0.05},
     "sgd-momentum-decay": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01},
     "sgd-nesterov": {"name": "sgd", "lr": 0.05, "momentum": 0.8, "nesterov": True},
     "adam": {"name": "adam", "lr": 0.05, "betas": [0.8, 0.99]},

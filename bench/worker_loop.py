@@ -1,0 +1,120 @@
+"""What a user sees: a job's step rate in a real worker process (started as deployed,
+`gradstream worker`, one torch thread), submitted over HTTP, against the loop the user would
+write by hand, run in this process right before and after.
+
+    .venv/bin/python bench/worker_loop.py [--repeat 3] [--cases ...]
+
+The job's rate is steps / (finished_at - started_at) from its JobView: from its claim to its
+last flush, every step recorded and flushed to Redis. The hand-written loops, each with one
+torch thread, building the data as the job does:
+
+- tutorial: the tutorial's update, `w.sub_(lr * w.grad)`, then `w.grad.zero_()`;
+- torch.optim: `torch.optim.SGD`'s `step()` and `zero_grad()`.
+
+Prints one line per case: the rates (medians over `repeat` rounds; each round runs tutorial,
+job, torch.optim, tutorial) and the job's rate over the tutorial loop's (the median of the
+rounds' ratios, each against the mean of its two tutorial runs).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from api.client import Client
+from cli.stack import temporary_stack
+from services.schemas import JobSpec
+from services.training import build_dataset, initial_theta
+
+CASES = {
+    "seed 1x1 (tutorial)": (
+        {"data": {"x": [[1.0]], "y": [2.0]}, "init": {"w": [1.0]}, "optimizer": {"lr": 0.1}},
+        20_000,
+    ),
+    "1000x10": ({"data": {"synthetic": {"n": 1000, "d": 10}}, "optimizer": {"lr": 0.01}}, 10_000),
+    "100000x10": ({"data": {"synthetic": {"n": 100_000, "d": 10}}, "optimizer": {"lr": 0.01}}, 500),
+}
+
+
+def tutorial_loop(spec: JobSpec) -> float:
+    """The tutorial's loop as its reader writes it: steps per second."""
+    started = time.perf_counter()
+    x, y = build_dataset(spec)
+    w = initial_theta(spec).requires_grad_()
+    lr = spec.optimizer.lr
+    for _ in range(spec.steps):
+        loss = ((x @ w - y) ** 2).mean()
+        loss.backward()
+        with torch.no_grad():
+            w.sub_(lr * w.grad)
+        w.grad.zero_()  # type: ignore[union-attr]
+    return spec.steps / (time.perf_counter() - started)
+
+
+def optim_loop(spec: JobSpec) -> float:
+    """The same loop through torch.optim.SGD: steps per second."""
+    started = time.perf_counter()
+    x, y = build_dataset(spec)
+    w = initial_theta(spec).requires_grad_()
+    optimizer = torch.optim.SGD([w], lr=spec.optimizer.lr)
+    for _ in range(spec.steps):
+        loss = ((x @ w - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return spec.steps / (time.perf_counter() - started)
+
+
+def worker_job(api: Client, spec: JobSpec) -> tuple[float, str]:
+    """A job over HTTP in the real worker: its steps per second and how its step ran."""
+    job = api.submit(spec.model_dump(mode="json"))
+    view = api.wait(job["id"], timeout=600, poll=0.05)
+    assert view["status"] == "succeeded", view
+    started = datetime.fromisoformat(view["started_at"])
+    finished = datetime.fromisoformat(view["finished_at"])
+    return spec.steps / (finished - started).total_seconds(), view["route_reason"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as a worker runs (GRADSTREAM_TORCH_THREADS)
+    with temporary_stack("gradstream-bench-") as stack:
+        stack.start_redis()
+        stack.start_api()
+        stack.start_worker("cpu")
+        stack.wait_for_workers({"cpu"})
+        print(f"torch {torch.__version__}, 1 thread; a real worker, jobs over HTTP")
+        with Client(stack.api_url, stack.api_key, timeout=30) as api:
+            for name in args.cases:
+                fields, steps = CASES[name]
+                spec = JobSpec.model_validate({**fields, "steps": steps, "device": "cpu"})
+                worker_job(api, spec.model_copy(update={"steps": 10}))  # warm the worker
+                tutorial, optim, jobs, ratios = [], [], [], []
+                how = ""
+                for _ in range(args.repeat):
+                    before = tutorial_loop(spec)
+                    job, how = worker_job(api, spec)
+                    optim.append(optim_loop(spec))
+                    after = tutorial_loop(spec)
+                    tutorial += [before, after]
+                    jobs.append(job)
+                    ratios.append(job / ((before + after) / 2))
+                print(
+                    f"{name:<20} steps {steps:>6}  tutorial {statistics.median(tutorial):>7.0f}"
+                    f"  torch.optim {statistics.median(optim):>7.0f}"
+                    f"  job {statistics.median(jobs):>7.0f} steps/s"
+                    f"  job/tutorial {statistics.median(ratios):.2f}  ({how})"
+                )
+
+
+if __name__ == "__main__":
+    main()
