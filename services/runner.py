@@ -28,6 +28,7 @@ from services import metrics
 from services.config import Settings
 from services.errors import StorageFull, StoreUnavailable
 from services.logs import attempt_context
+from services.queue import estimated_seconds
 from services.records import Chunk, param_values
 from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Claim, Store
@@ -267,8 +268,11 @@ class LeaseKeeper:
         )
 
     def __enter__(self) -> "LeaseKeeper":
-        self._thread.start()
+        self.start()
         return self
+
+    def start(self) -> None:
+        self._thread.start()
 
     def __exit__(self, *_: object) -> None:
         self.stop()
@@ -338,16 +342,10 @@ def _run_attempt(
     drain: threading.Event | None,
     claim: Claim,
 ) -> AttemptResult:
-    with contextlib.suppress(StorageFull):  # the registry's hint only
-        store.set_current_job(worker, job_id)
-    attempt = _Attempt(store, job_id, claim.attempt, settings, drain or threading.Event())
-    keeper = LeaseKeeper(
-        store, job_id, claim.attempt, settings.lease_s, attempt.progress, settings.attempt_stall_s
-    )
+    attempt = _Attempt(store, job_id, claim.attempt, worker, settings, drain or threading.Event())
+    result = AttemptResult(Outcome.FAILED)
     try:
-        with keeper:
-            attempt.keeper = keeper
-            result = attempt.run(claim.spec_json, claim.checkpoint, device)
+        result = attempt.run(claim.spec_json, claim.checkpoint, device)
         return dataclasses.replace(
             result,
             steps=attempt.steps_run,
@@ -360,17 +358,22 @@ def _run_attempt(
     except StorageFull:
         # Redis refused a write for memory outside a flush (a flush hands back by itself):
         # the job waits for room, like after a refused flush; it is never failed for it.
-        return attempt.hand_back(FULL)
+        result = attempt.hand_back(FULL)
+        return result
     except Exception as exc:
         # Whatever the job did (bad record, out of memory, a bug), the worker survives it and
         # the job ends with the reason instead of staying `running` (unless this attempt
         # handed it back already: then it is not this attempt's to fail).
         log.exception("job %s attempt %d failed", job_id, claim.attempt)
-        store.fail_job(job_id, claim.attempt, f"{type(exc).__name__}: {exc}")
-        return AttemptResult(Outcome.FAILED)
+        store.fail_job(job_id, claim.attempt, f"{type(exc).__name__}: {exc}", worker)
+        return result
     finally:
-        with contextlib.suppress(StoreUnavailable):
-            store.clear_current_job(worker, job_id)
+        attempt.keeper.stop()
+        # The script that ended the attempt cleared the worker's current job, unless a newer
+        # attempt had the job (or Redis could not be reached).
+        if result.outcome in (Outcome.FENCED, Outcome.FAILED):
+            with contextlib.suppress(StoreUnavailable):
+                store.clear_current_job(worker, job_id)
 
 
 @dataclass(frozen=True)
@@ -391,15 +394,24 @@ class _Attempt:
     chunk (so it never waits on Redis unless a flush takes longer than a whole chunk of
     steps), and it alone decides what a reply means: go on, stop, or hand the job back."""
 
-    keeper: LeaseKeeper
-
     def __init__(
-        self, store: Store, job_id: str, attempt: int, settings: Settings, drain: threading.Event
+        self,
+        store: Store,
+        job_id: str,
+        attempt: int,
+        worker: str,
+        settings: Settings,
+        drain: threading.Event,
     ) -> None:
         self.store = store
         self.job_id = job_id
         self.attempt = attempt
+        self.worker = worker
         self.settings = settings
+        # Started once the attempt knows its job is long enough to need one (`_keep_lease`).
+        self.keeper = LeaseKeeper(
+            store, job_id, attempt, settings.lease_s, self.progress, settings.attempt_stall_s
+        )
         self.drain = drain
         self.last_loss: float | None = None
         self._flushing: concurrent.futures.Future[Flushed] | None = None
@@ -419,7 +431,7 @@ class _Attempt:
             spec = JobSpec.model_validate_json(spec_json)
         except ValidationError as exc:
             error = f"invalid job record: {exc.error_count()} error(s): {exc}"
-            self.store.fail_job(self.job_id, self.attempt, error)
+            self.store.fail_job(self.job_id, self.attempt, error, self.worker)
             return AttemptResult(Outcome.FAILED)
         data = None
         if spec.data.dataset_id is not None:
@@ -447,6 +459,7 @@ class _Attempt:
             device,
             self.stepper,
         )
+        self._keep_lease(spec, trainer, spec.steps - start)
         started = time.perf_counter()
         try:
             return self._loop(spec, trainer, recorder, graph, start)
@@ -454,6 +467,16 @@ class _Attempt:
             self._executor.shutdown(wait=True)
             self.loop_s = time.perf_counter() - started
             self.steps_run = recorder.first + recorder.count - start
+
+    def _keep_lease(self, spec: JobSpec, trainer: Trainer, steps: int) -> None:
+        """Start the lease keeper, unless the cost model expects the whole attempt to take less
+        than a third of the lease (a tutorial-sized job): its final flush comes long before the
+        lease needs renewing, and a job that takes longer after all is safe anyway (fencing:
+        if the reaper requeued it meanwhile, its flush takes it back)."""
+        device = "cpu" if trainer.theta.device.type == "cpu" else "cuda"
+        elements = spec.data.samples * spec.data.features
+        if estimated_seconds(device, elements, steps, self.settings) >= self.settings.lease_s / 3:
+            self.keeper.start()
 
     def _capture(
         self, trainer: Trainer, recorder: StepRecorder, spec: JobSpec, steps: int
@@ -624,6 +647,7 @@ class _Attempt:
                     finish=finish,
                     result=result,
                     error=error,
+                    worker=self.worker,
                 )
             except StoreUnavailable:
                 if time.monotonic() > deadline:
@@ -639,7 +663,7 @@ class _Attempt:
         the release script ends this attempt's ownership: nothing of it renews, takes back or
         fails the job afterwards."""
         self.keeper.stop()
-        queue = self.store.release_job(self.job_id, self.attempt, f"requeued: {why}")
+        queue = self.store.release_job(self.job_id, self.attempt, f"requeued: {why}", self.worker)
         log.info("job %s attempt %d handed back: %s", self.job_id, self.attempt, why)
         if queue is None:
             return AttemptResult(Outcome.FENCED)

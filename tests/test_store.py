@@ -1,5 +1,7 @@
 """The store on a real Redis: step pages across chunks, fencing, job listing."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,25 @@ def test_a_tolerance_stop_holds_across_a_resume_at_the_stopping_step(store: Stor
     attempts, resumed = run_with_hand_back(store, spec, torch.device("cpu"), settings)
     assert attempts[0].steps == 15 and attempts[1].steps == 1
     assert resumed == whole
+
+
+def test_the_claim_and_the_finish_set_and_clear_the_workers_current_job(store: Store) -> None:
+    # No round trips of their own: the claim script marks the job as the worker's current
+    # one, and the script that ends the attempt (here the finishing flush) clears it.
+    worker = f"test-{time.time_ns()}@host"
+    store.heartbeat({"name": worker, "device": "cpu", "queues": "test-nobody"}, ttl_s=30)
+    job_id, _ = store.create_job(SPEC, "cpu", "test-nobody", "test")
+    claim = store.claim_job(job_id, worker, lease_s=10, max_attempts=3)
+    assert store.redis.hget(f"gs:worker:{worker}", "current_job") == job_id.encode()
+    reply = store.flush_steps(
+        job_id, claim.attempt, _chunk(0, 10), None, 10, finish=JobStatus.SUCCEEDED, worker=worker
+    )
+    assert reply == "finished"
+    assert store.redis.hget(f"gs:worker:{worker}", "current_job") is None
+    # A claim by a worker whose entry lapsed writes no entry for it.
+    lapsed = f"lapsed-{time.time_ns()}@host"
+    other, _ = store.create_job(SPEC, "cpu", "test-nobody", "test")
+    store.claim_job(other, lapsed, lease_s=10, max_attempts=3)
+    assert not store.redis.exists(f"gs:worker:{lapsed}")
+    store.unregister_worker(worker)
+    store.cancel_job(other)

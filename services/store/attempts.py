@@ -47,14 +47,25 @@ def _checkpoint(saved: dict[bytes, bytes]) -> Checkpoint | None:
     return Checkpoint(int(saved[b"step"]), saved[b"theta"], saved[b"optimizer"], loss)
 
 
+def _attempt_keys(job_id: str, worker: str | None) -> list[str]:
+    """The KEYS of a script an attempt runs: the job's, and its worker's registry entry, whose
+    current job the claim set and the script that ends the attempt clears."""
+    script_keys = keys.job_keys(job_id)
+    if worker is not None:
+        script_keys.append(keys.worker_key(worker))
+    return script_keys
+
+
 class Attempts(RedisPart):
     """Claims, leases, flushes and checkpoints."""
 
     @translate_redis_errors
     def claim_job(self, job_id: str, worker: str, lease_s: float, max_attempts: int) -> Claim:
-        """Take the job for a new attempt, with a lease of `lease_s` and the latest checkpoint."""
+        """Take the job for a new attempt, with a lease of `lease_s` and the latest checkpoint;
+        the job becomes `worker`'s current one in the registry."""
         args = [job_id, worker, keys.utc_now(), int(lease_s * 1000), max_attempts]
-        reply = self.lua.claim(keys=keys.job_keys(job_id), args=args)
+        script_keys = [*keys.job_keys(job_id), keys.worker_key(worker)]
+        reply = self.lua.claim(keys=script_keys, args=args)
         outcome = reply[0].decode()
         if outcome != "claimed":
             return Claim(outcome, status=reply[1].decode())
@@ -73,6 +84,7 @@ class Attempts(RedisPart):
         finish: JobStatus | None = None,
         result: dict[str, Any] | None = None,
         error: str | None = None,
+        worker: str | None = None,
     ) -> str:
         """Append a chunk of steps with the checkpoint after its last step, renew the lease,
         and with `finish` end the job: one atomic script, fenced by the attempt number.
@@ -99,7 +111,7 @@ class Attempts(RedisPart):
         if chunk is not None:
             for name, value in chunk.fields().items():
                 args += [name, value]
-        reply = self.lua.flush(keys=keys.job_keys(job_id), args=args)
+        reply = self.lua.flush(keys=_attempt_keys(job_id, worker), args=args)
         return str(reply[0].decode())
 
     @translate_redis_errors
@@ -109,16 +121,18 @@ class Attempts(RedisPart):
         return bool(self.lua.renew(keys=keys.job_keys(job_id), args=args))
 
     @translate_redis_errors
-    def release_job(self, job_id: str, attempt: int, reason: str) -> str | None:
+    def release_job(
+        self, job_id: str, attempt: int, reason: str, worker: str | None = None
+    ) -> str | None:
         """Hand the job back (queued, to resume from its checkpoint); the attempt owns it no
         more. The queue to send it to, '' if it was being cancelled (now cancelled), None if
         the attempt no longer owned it."""
         args = [job_id, attempt, keys.utc_now(), reason]
-        queue = self.lua.release(keys=keys.job_keys(job_id), args=args)
+        queue = self.lua.release(keys=_attempt_keys(job_id, worker), args=args)
         return None if queue is None else str(queue.decode())
 
     @translate_redis_errors
-    def fail_job(self, job_id: str, attempt: int, error: str) -> bool:
+    def fail_job(self, job_id: str, attempt: int, error: str, worker: str | None = None) -> bool:
         """End the job `failed` with `error`, if `attempt` still owns it."""
         args = [job_id, attempt, error, keys.utc_now()]
-        return bool(self.lua.fail(keys=keys.job_keys(job_id), args=args))
+        return bool(self.lua.fail(keys=_attempt_keys(job_id, worker), args=args))

@@ -87,9 +87,25 @@ local function owned_status(attempt)
   return status
 end
 
+-- An attempt's scripts take its worker's registry entry as KEYS[6] (optional): the claim
+-- marks the job as the worker's current one, and the script that ends the attempt clears it,
+-- so that neither costs a round trip of its own.
+local function mark_worker(id)
+  if KEYS[6] and redis.call('EXISTS', KEYS[6]) == 1 then
+    redis.call('HSET', KEYS[6], 'current_job', id)
+  end
+end
+
+local function clear_worker(id)
+  if KEYS[6] and redis.call('HGET', KEYS[6], 'current_job') == id then
+    redis.call('HDEL', KEYS[6], 'current_job')
+  end
+end
+
 -- A finished job needs neither its lease nor its checkpoint; what its tenant keeps shrinks
 -- from the steps reserved at submit to the steps stored.
 local function finish(id, old, new, now)
+  clear_worker(id)
   redis.call('DEL', LEASE, CKPT)
   redis.call('HSET', JOB, 'finished_at', now)
   local reserved = tonumber(redis.call('HGET', JOB, 'bytes') or '0')
@@ -175,9 +191,9 @@ return {ARGV[1], 1}
 """
 )
 
-# KEYS: the job's keys. ARGV: job id, worker, now, lease ms, max attempts. Takes a queued
-# job, or a running one whose lease lapsed, for a new attempt. Returns {'claimed', attempt,
-# spec, checkpoint field/value pairs...} or {reason, status}.
+# KEYS: the job's keys, the worker's entry. ARGV: job id, worker, now, lease ms, max attempts.
+# Takes a queued job, or a running one whose lease lapsed, for a new attempt. Returns
+# {'claimed', attempt, spec, checkpoint field/value pairs...} or {reason, status}.
 CLAIM = _script(
     """
 local status = redis.call('HGET', JOB, 'status')
@@ -196,17 +212,18 @@ if redis.call('HEXISTS', JOB, 'started_at') == 0 then
   redis.call('HSET', JOB, 'started_at', ARGV[3])
 end
 if status ~= 'running' then set_status(ARGV[1], status, 'running') end
+mark_worker(ARGV[1])
 local reply = {'claimed', tostring(attempt), redis.call('HGET', JOB, 'spec')}
 for _, v in ipairs(redis.call('HGETALL', CKPT)) do table.insert(reply, v) end
 return reply
 """
 )
 
-# KEYS: the job's keys. ARGV: job id, attempt, first step, entry id, now, finish status ('' to
-# go on), result JSON, error, lease ms, checkpoint theta, checkpoint optimizer state, the last
-# step's loss (float32 bytes), then the chunk's field/value pairs (none for a flush without
-# steps). Appends the chunk, writes the checkpoint that matches its last step and renews the
-# lease.
+# KEYS: the job's keys, the worker's entry. ARGV: job id, attempt, first step, entry id, now,
+# finish status ('' to go on), result JSON, error, lease ms, checkpoint theta, checkpoint
+# optimizer state, the last step's loss (float32 bytes), then the chunk's field/value pairs
+# (none for a flush without steps). Appends the chunk, writes the checkpoint that matches its
+# last step and renews the lease.
 FLUSH = _script(
     """
 if not owns(ARGV[2]) then return {'fenced'} end
@@ -264,10 +281,11 @@ return 1
     allow_oom=True,
 )
 
-# KEYS: the job's keys. ARGV: job id, attempt, now, reason. An attempt hands its job back (its
-# worker is shutting down, Redis lost its latest steps, or Redis is full): queued again, to
-# resume from the checkpoint, and the attempt owns it no more. Returns the job's queue, '' if
-# it was cancelled instead, or nil if the attempt no longer owns the job.
+# KEYS: the job's keys, the worker's entry. ARGV: job id, attempt, now, reason. An attempt
+# hands its job back (its worker is shutting down, Redis lost its latest steps, or Redis is
+# full): queued again, to resume from the checkpoint, and the attempt owns it no more.
+# Returns the job's queue, '' if it was cancelled instead, or nil if the attempt no longer
+# owns the job.
 RELEASE = _script(
     """
 local status = owned_status(ARGV[2])
@@ -280,6 +298,7 @@ if status == 'cancelling' then
 end
 redis.call('HSET', JOB, 'route_reason', ARGV[4])
 if status ~= 'queued' then set_status(ARGV[1], status, 'queued') end
+clear_worker(ARGV[1])
 return redis.call('HGET', JOB, 'queue')
 """,
     allow_oom=True,
@@ -321,7 +340,7 @@ return {'finished', status}
     allow_oom=True,
 )
 
-# KEYS: the job's keys. ARGV: job id, attempt, error, now.
+# KEYS: the job's keys, the worker's entry. ARGV: job id, attempt, error, now.
 FAIL = _script(
     """
 local status = owned_status(ARGV[2])

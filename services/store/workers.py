@@ -30,13 +30,10 @@ class Workers(RedisPart):
         pipe.execute()
 
     @translate_redis_errors
-    def set_current_job(self, name: str, job_id: str) -> None:
-        self.redis.hset(keys.worker_key(name), "current_job", job_id)
-
-    @translate_redis_errors
     def clear_current_job(self, name: str, job_id: str) -> None:
         """Clear the worker's current job if it is still `job_id` (a pool child with several
-        siblings must not clear a job another one runs)."""
+        siblings must not clear a job another one runs). The claim sets it, and the script that
+        ends an attempt clears it; this is for an attempt that ended otherwise."""
         if self.redis.hget(keys.worker_key(name), "current_job") == job_id.encode():
             self.redis.hdel(keys.worker_key(name), "current_job")
 
