@@ -94,6 +94,16 @@ class Settings(BaseSettings):
     # launch per step instead of ~20); shorter jobs do not repay the capture.
     cuda_graphs: bool = True
     cuda_graph_min_steps: int = Field(default=50, ge=1)
+    # On the CPU, a job long enough to repay compiling (the cost model below) runs its steps
+    # as compiled blocks of `compile_block_steps` (torch.compile, Inductor): plain SGD on the
+    # full batch. Compiled code is cached per shape in the worker process, and on disk by
+    # Inductor (TORCHINDUCTOR_CACHE_DIR, or `compile_cache_dir`), so the next worker finds it.
+    compile_steps: bool = True
+    compile_block_steps: int = Field(default=16, ge=1)
+    compile_cache_dir: str = ""
+    # Shapes each pool process compiles when it starts, e.g. "1x1,1000x10+b" (samples x
+    # features, +b with a bias), so that jobs of those shapes never wait for a compile.
+    compile_warm_shapes: str = ""
     worker_heartbeat_s: float = Field(default=2.0, gt=0)
     # A worker serves its own Prometheus metrics on this port (`gradstream worker
     # --metrics-port`, which also sets up prometheus-client's multiprocess mode).
@@ -107,6 +117,10 @@ class Settings(BaseSettings):
     # kernel launches; graphed step 24 µs, ~30 ms to capture; 3.2 ms at 10^7 x 100.
     cpu_step_fixed_s: float = Field(default=250e-6, ge=0)
     cpu_step_per_element_s: float = Field(default=1.5e-9, ge=0)
+    # Compiled blocks (bench/worker_loop.py): ~5 µs a step at 1x1 in blocks of 16; compiling a
+    # shape took 16 s with a cold cache and 4-7 s with a warm one on this project's VM.
+    cpu_compiled_step_fixed_s: float = Field(default=10e-6, ge=0)
+    cpu_compile_s: float = Field(default=10.0, ge=0)
     gpu_step_fixed_s: float = Field(default=500e-6, ge=0)
     gpu_graph_step_fixed_s: float = Field(default=25e-6, ge=0)
     gpu_graph_setup_s: float = Field(default=0.03, ge=0)

@@ -28,17 +28,20 @@ from services import metrics
 from services.config import Settings
 from services.errors import StorageFull, StoreUnavailable
 from services.logs import attempt_context
-from services.queue import estimated_seconds
+from services.queue import compiles, estimated_seconds
 from services.records import Chunk, param_values
 from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Claim, Store
 from services.training import (
+    CompiledSteps,
     CudaGraphStep,
     DatasetCache,
     Layout,
     Trainer,
     fit_quality,
+    inductor_cache_counts,
     serialize_state,
+    supports_compiled_steps,
     supports_cuda_graph,
 )
 
@@ -107,9 +110,14 @@ class StepRecorder:
     over, so the step loop never waits for the device.
     """
 
-    def __init__(self, layout: Layout, max_steps: int, device: torch.device, first: int) -> None:
+    def __init__(
+        self, layout: Layout, max_steps: int, device: torch.device, first: int, block: int = 1
+    ) -> None:
+        """Room for `max_steps` rows (or the chunk budget), a whole number of `block`s, so that
+        a compiled block never straddles two halves."""
         self.layout = layout
-        self.capacity = max(1, min(max_steps, CHUNK_BUDGET_BYTES // (4 * layout.width)))
+        rows = min(max_steps, CHUNK_BUDGET_BYTES // (4 * layout.width))
+        self.capacity = max(block, rows // block * block)
         self.storage = torch.empty(2 * self.capacity, layout.width, device=device)
         self.cursor = torch.zeros((), dtype=torch.long, device=device)
         self._views = list(self.storage.unbind(0))  # made once: an eager step takes one each
@@ -130,8 +138,9 @@ class StepRecorder:
         self.count += 1
         return row
 
-    def advance(self) -> None:
-        self.count += 1
+    def advance(self, steps: int = 1) -> None:
+        """Count `steps` rows that a graph or a compiled block wrote at `cursor`."""
+        self.count += steps
 
     def swap(self, theta: torch.Tensor, optimizer: dict[str, Any] | None) -> Recorded | None:
         """Hand over the recorded rows, the parameters `theta` after the last of them and the
@@ -447,9 +456,13 @@ class _Attempt:
         self.layout, self.batches = trainer.layout, trainer.batches_per_epoch
         # No more rows than the attempt has steps: a short job should not pay for 2 x 4096.
         rows = min(self.settings.flush_max_steps, spec.steps - start)
-        recorder = self.recorder = StepRecorder(trainer.layout, rows, device, start)
-        graph = self._capture(trainer, recorder, spec, spec.steps - start)
-        self.stepper = "eager" if graph is None else "cuda-graph"
+        block = self.settings.compile_block_steps if self._compiles(spec, trainer) else 1
+        recorder = self.recorder = StepRecorder(trainer.layout, rows, device, start, block)
+        fast: CudaGraphStep | CompiledSteps | None
+        fast = self._capture(trainer, recorder, spec, spec.steps - start)
+        if fast is None and block > 1:
+            fast = self._compile(trainer, recorder, block)
+        self.stepper = "eager" if fast is None else fast.name
         log.info(
             "job %s attempt %d: steps %d..%d on %s (%s)",
             self.job_id,
@@ -462,7 +475,7 @@ class _Attempt:
         self._keep_lease(spec, trainer, spec.steps - start)
         started = time.perf_counter()
         try:
-            return self._loop(spec, trainer, recorder, graph, start)
+            return self._loop(spec, trainer, recorder, fast, start)
         finally:
             self._executor.shutdown(wait=True)
             self.loop_s = time.perf_counter() - started
@@ -477,6 +490,38 @@ class _Attempt:
         elements = spec.data.samples * spec.data.features
         if estimated_seconds(device, elements, steps, self.settings) >= self.settings.lease_s / 3:
             self.keeper.start()
+
+    def _compiles(self, spec: JobSpec, trainer: Trainer) -> bool:
+        """Whether this job runs compiled blocks (the cost model, on the whole job's steps).
+        Not with a tolerance to check: a block runs past the step that would stop it."""
+        if spec.stop is not None and (spec.stop.tol_loss or spec.stop.tol_grad):
+            return False
+        return supports_compiled_steps(trainer) and compiles(spec, self.settings)
+
+    def _compile(
+        self, trainer: Trainer, recorder: StepRecorder, block: int
+    ) -> CompiledSteps | None:
+        """Compiled blocks of steps, or None (eager steps) if compiling fails."""
+        hits, misses = inductor_cache_counts()
+        started = time.perf_counter()
+        try:
+            compiled = CompiledSteps(trainer, recorder.storage, recorder.cursor, block)
+        except Exception:
+            log.warning(
+                "job %s: compiling the step failed; eager steps", self.job_id, exc_info=True
+            )
+            return None
+        new_hits, new_misses = inductor_cache_counts()
+        log.info(
+            "job %s: compiled step (blocks of %d) ready in %.2f s (Inductor cache: %d hit(s), "
+            "%d miss(es))",
+            self.job_id,
+            block,
+            time.perf_counter() - started,
+            new_hits - hits,
+            new_misses - misses,
+        )
+        return compiled
 
     def _capture(
         self, trainer: Trainer, recorder: StepRecorder, spec: JobSpec, steps: int
@@ -503,29 +548,32 @@ class _Attempt:
         spec: JobSpec,
         trainer: Trainer,
         recorder: StepRecorder,
-        graph: CudaGraphStep | None,
+        fast: CudaGraphStep | CompiledSteps | None,
         start: int,
     ) -> AttemptResult:
         interval = self.settings.flush_interval_s
         last_flush = time.perf_counter()
-        last = spec.steps - 1
         rule = None
         if spec.stop is not None:
             rule = StopRule(spec.stop, self._started_at(), trainer, self.last_loss)
         reason = f"ran all {spec.steps} steps"
-        for step in range(start, spec.steps):
+        step = start  # the next step to run
+        while step < spec.steps:
             row = None
-            if graph is None:
+            if fast is not None and spec.steps - step >= fast.block:
+                # A graph or a compiled block writes its rows at recorder.cursor itself.
+                fast.replay()
+                recorder.advance(fast.block)
+                step += fast.block
+            else:  # eager, and a compiled job's last steps short of a block
                 row = recorder.next_row()
                 trainer.step(row)
-            else:  # the graph writes the row at recorder.cursor
-                graph.replay()
-                recorder.advance()
-            if rule is not None and (why := rule.check(step, row)):
+                step += 1
+            if rule is not None and (why := rule.check(step - 1, row)):
                 reason = why
                 break
             # After the last step the final flush below carries the rows: one script, not two.
-            if step == last:
+            if step == spec.steps:
                 break
             if recorder.full or time.perf_counter() - last_flush >= interval:
                 if stopped := self._previous_flush():
@@ -550,6 +598,7 @@ class _Attempt:
         result = {
             "params": param_values(params, trainer.layout.features, spec.bias),
             "stopped": reason,
+            "stepper": self.stepper,
             **quality,
         }
         return self._outcome(self._flush(recorded, result)) or AttemptResult(Outcome.SUCCEEDED)

@@ -374,6 +374,10 @@ class JobResult(BaseModel):
     lstsq_params: ParamValues | None = None
     lstsq_loss: float | None = None
     lstsq_gap: float | None = Field(default=None, description="full_loss - lstsq_loss")
+    stepper: str | None = Field(
+        default=None,
+        description="how the last attempt ran its steps: eager, compiled (CPU) or cuda-graph",
+    )
 
 
 class _JobFields(BaseModel):

@@ -191,7 +191,7 @@ class Trainer:
         # optimizer object stays, for the checkpoint's format and the stateful cases.
         o = spec.optimizer
         plain = o.name == "sgd" and o.momentum == 0 and o.schedule.name == "constant"
-        self._plain_sgd = (o.lr, o.weight_decay) if plain else None
+        self.plain_sgd = (o.lr, o.weight_decay) if plain else None
         self.steps_done = 0
         samples = spec.data.samples
         self.batch_size = min(spec.batch_size or samples, samples)
@@ -262,11 +262,11 @@ class Trainer:
 
     def update(self) -> None:
         """The optimizer's step (and the schedule's), reading theta.grad."""
-        if self._plain_sgd is not None:
+        if self.plain_sgd is not None:
             # The tutorial's update, w <- w - lr * dLoss/dw, as one in-place op: the very op
             # torch.optim.SGD runs for plain SGD (so the same numbers, bit for bit), without
             # its per-step machinery, which costs more than the step on a small problem.
-            lr, weight_decay = self._plain_sgd
+            lr, weight_decay = self.plain_sgd
             with torch.no_grad():
                 grad = self.theta.grad
                 assert grad is not None
@@ -430,6 +430,9 @@ class CudaGraphStep:
     batch, the same tensors every step.
     """
 
+    name = "cuda-graph"
+    block = 1  # steps per replay
+
     def __init__(self, trainer: Trainer, storage: torch.Tensor, cursor: torch.Tensor) -> None:
         self._trainer, self._storage, self._cursor = trainer, storage, cursor
         self._row = torch.empty(trainer.layout.width, device=storage.device)
@@ -477,6 +480,132 @@ def supports_cuda_graph(trainer: Trainer) -> bool:
         and trainer.batches_per_epoch == 1
         and trainer.layout.explain_samples == 0
     )
+
+
+# Compiled blocks, by (samples, features, bias, block), for as long as the process lives: a
+# worker's pool process compiles each shape once, and Inductor's on-disk caches make the next
+# process's compile of it a cache hit.
+_compiled_blocks: dict[tuple[int, int, bool, int], Callable[..., None]] = {}
+
+
+def _block_of_steps(features: int, bias: bool, block: int) -> Callable[..., None]:
+    """`block` whole steps as one compiled call: forward, the gradient from autograd
+    (torch.func.grad_and_value, traced), the record row written at the device-side `cursor`,
+    and the tutorial's update. One call's fixed cost (Dynamo's guards) is paid once per block."""
+
+    def loss_of(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y_hat = x @ theta[:features] + theta[features] if bias else x @ theta
+        return ((y_hat - y) ** 2).mean()
+
+    grad_and_loss = torch.func.grad_and_value(loss_of)
+
+    def steps(
+        theta: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lr: torch.Tensor,
+        weight_decay: torch.Tensor,
+        storage: torch.Tensor,
+        cursor: torch.Tensor,
+    ) -> None:
+        for _ in range(block):  # unrolled when traced
+            grad, loss = grad_and_loss(theta, x, y)
+            row = torch.cat([loss.view(1), grad, theta])  # the parameters before the update
+            storage.index_copy_(0, cursor.view(1), row.view(1, -1))
+            cursor.add_(1)
+            theta.sub_((grad + weight_decay * theta) * lr)
+
+    # The lr and weight decay are tensors, so that one compiled block serves every job of a
+    # shape; each shape is a graph of its own (static shapes: the fastest code).
+    compiled: Callable[..., None] = torch.compile(steps, fullgraph=True, dynamic=False)
+    return compiled
+
+
+class CompiledSteps:
+    """Blocks of the trainer's whole step compiled with torch.compile (Inductor, on the CPU):
+    plain SGD on the full batch. Like `CudaGraphStep` it writes each row at the device-side
+    `cursor` of the recorder's storage; `replay()` runs `block` steps.
+
+    Compiled code rounds a little differently from the eager step (records agree to float32
+    rounding); a job therefore runs all its attempts compiled or none (the choice depends on
+    the spec and the settings only), and its blocks start at the same steps in every attempt
+    (checkpoints fall on block boundaries), so a resumed job equals its uninterrupted run bit
+    for bit. Constructing one compiles (or finds) the block and runs it once; any failure
+    raises, and the caller runs eager steps instead.
+    """
+
+    name = "compiled"
+
+    def __init__(
+        self, trainer: Trainer, storage: torch.Tensor, cursor: torch.Tensor, block: int
+    ) -> None:
+        self.block = block
+        self._trainer = trainer
+        features, bias = trainer.layout.features, trainer.layout.bias
+        key = (len(trainer.y), features, bias, block)
+        if key not in _compiled_blocks:
+            # Each shape adds a compiled variant of the same code: allow many (past the limit
+            # Dynamo would quietly run the code eagerly).
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            _compiled_blocks[key] = _block_of_steps(features, bias, block)
+        self._steps = _compiled_blocks[key]
+        lr, weight_decay = trainer.plain_sgd or (0.0, 0.0)
+        theta = trainer.theta.detach()  # the trainer's parameters: updated in place
+        self._args = (
+            theta,
+            trainer.x,
+            trainer.y,
+            torch.tensor(lr),
+            torch.tensor(weight_decay),
+            storage,
+            cursor,
+        )
+        saved, start = theta.clone(), cursor.clone()
+        try:
+            self._steps(*self._args)  # compiles now, not in the first step of the loop
+        finally:
+            # That block changed the parameters and moved the cursor: undo it.
+            theta.copy_(saved)
+            cursor.copy_(start)
+
+    def replay(self) -> None:
+        self._steps(*self._args)
+        self._trainer.steps_done += self.block
+
+
+def warm_compiled(shapes: str, block: int) -> list[str]:
+    """Compile the blocks of the shapes in `shapes` ("1x1,1000x10+b": samples x features, +b
+    with a bias) in this process, so that jobs of those shapes start at once; the shapes done."""
+    done = []
+    for shape in filter(None, (part.strip() for part in shapes.split(","))):
+        size, bias = shape.removesuffix("+b"), shape.endswith("+b")
+        n, d = (int(v) for v in size.split("x"))
+        spec = JobSpec.model_validate(
+            {"data": {"synthetic": {"n": n, "d": d}}, "bias": bias, "steps": block}
+        )
+        trainer = Trainer(spec, torch.device("cpu"))
+        storage = torch.empty(block, trainer.layout.width)
+        CompiledSteps(trainer, storage, torch.zeros((), dtype=torch.long), block)
+        done.append(shape)
+    return done
+
+
+def supports_compiled_steps(trainer: Trainer) -> bool:
+    """Whether the step can be compiled in blocks: on the CPU (a GPU captures a CUDA graph),
+    plain SGD at a constant lr, the full batch, no explain view."""
+    return (
+        trainer.theta.device.type == "cpu"
+        and trainer.plain_sgd is not None
+        and trainer.batches_per_epoch == 1
+        and trainer.layout.explain_samples == 0
+    )
+
+
+def inductor_cache_counts() -> tuple[int, int]:
+    """Inductor's FX graph cache hits and misses in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
 def warm_up(device: torch.device) -> None:

@@ -33,7 +33,7 @@ from services.config import get_settings
 from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
 from services.store import Store
-from services.training import compute_device, warm_up
+from services.training import compute_device, warm_compiled, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,16 @@ def init_child(**_: Any) -> None:
     global _child
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
+    if settings.compile_cache_dir:  # Inductor's on-disk caches, shared by the worker's processes
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
     device = compute_device(settings.device, settings.cuda_fallback_cpu)
     warm_up(device)
+    if device.type == "cpu" and settings.compile_steps and settings.compile_warm_shapes:
+        try:
+            shapes = warm_compiled(settings.compile_warm_shapes, settings.compile_block_steps)
+            log.info("compiled steps warmed for %s", ", ".join(shapes))
+        except Exception:
+            log.exception("warming compiled steps failed (jobs compile when they come)")
     drain = threading.Event()
     signal.signal(DRAIN_SIGNAL, lambda *_: drain.set())
     _child = ChildContext(Store.from_url(settings.redis_url), device, drain)
