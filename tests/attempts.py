@@ -13,8 +13,15 @@ from services.store import Store
 
 
 def stored_steps(store: Store, job_id: str) -> list[dict[str, Any]]:
-    records, _ = store.read_steps(job_id, -1, 10**9)
-    return records
+    """Every stored step, page after page (a page is bounded in bytes too)."""
+    steps: list[dict[str, Any]] = []
+    after: int | None = -1
+    while after is not None:
+        records, after = store.read_steps(job_id, after, 10**9)
+        steps += records
+        if not records:
+            break
+    return steps
 
 
 def run_once(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
 from api.client import Client
 from cli.main import SEED_EXAMPLE
@@ -16,6 +17,10 @@ from cli.stack import Stack
 from services.store import Store
 
 __all__ = ["SEED_EXAMPLE"]
+
+# One torch thread, as workers run: steps computed here (references, attempts run in this
+# process) are the workers' numbers, compiled code included (Inductor's code depends on it).
+torch.set_num_threads(1)
 
 # Short intervals so that tests see keep-alives, heartbeats and lapsed workers quickly.
 TEST_ENV = {

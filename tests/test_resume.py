@@ -1,7 +1,7 @@
-"""Every resume is exact: each optimizer with each lr schedule, killed mid-job by a real
-SIGKILL of its pool process, resumes from its checkpoint and stores exactly the steps, and
-ends with exactly the parameters, of an uninterrupted run (tests/faults.py compares them bit
-for bit)."""
+"""Every resume is exact: each optimizer with each lr schedule, and a job running compiled
+blocks, killed mid-job by a real SIGKILL of its pool process, resumes from its checkpoint and
+stores exactly the steps, and ends with exactly the parameters, of an uninterrupted run
+(compared bit for bit)."""
 
 import os
 import signal
@@ -9,10 +9,15 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from api.client import Client
 from cli.stack import Stack, child_pids, stop_process, wait_until
-from tests.faults import FAULT_ENV, assert_invariant, long_spec
+from services.config import Settings
+from services.store import Store
+from tests.attempts import run_once
+from tests.faults import FAULT_ENV, assert_invariant, long_spec, wait_for_steps
+from tests.test_compiled import compiled_spec
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +88,49 @@ def test_every_optimizer_resumes_bit_for_bit_after_a_sigkill(
         view = api.wait(job, timeout=90)
         assert view["attempt"] == 2, (name, view)
         assert_invariant(api, job, specs[name])
+
+
+@pytest.fixture(scope="module")
+def compiling_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack of its own whose worker compiles every job's step (a compile costs nothing in
+    its cost model), with Inductor's on-disk cache in a new folder."""
+    run_dir = tmp_path_factory.mktemp("compiled")
+    env = {
+        **FAULT_ENV,
+        "GRADSTREAM_CPU_COMPILE_S": "0",
+        "GRADSTREAM_COMPILE_CACHE_DIR": str(run_dir / "inductor"),
+    }
+    local = Stack(run_dir, env=env)
+    try:
+        local.start_redis()
+        local.start_api()
+        yield local
+    finally:
+        local.stop()
+
+
+def test_a_compiled_job_resumes_bit_for_bit_and_the_next_process_finds_the_cache(
+    compiling_stack: Stack,
+) -> None:
+    spec = compiled_spec(40_000)
+    store = Store.from_url(compiling_stack.redis_url)
+    _, reference = run_once(store, spec, torch.device("cpu"), Settings(cpu_compile_s=0))
+    store.redis.close()
+    worker = compiling_stack.start_worker("cpu")
+    log = compiling_stack.run_dir / f"worker-cpu-{len(compiling_stack.processes) - 1}.log"
+    with Client(compiling_stack.api_url, compiling_stack.api_key, timeout=10) as api:
+        compiling_stack.wait_for_workers({"cpu"})
+        job = api.submit(spec.model_dump(mode="json"))
+        wait_for_steps(api, job["id"], 4000, timeout=120)
+        (child,) = child_pids(worker.pid)
+        os.kill(child, signal.SIGKILL)
+        view = api.wait(job["id"], timeout=120)
+        assert view["status"] == "succeeded" and view["attempt"] == 2, view
+        assert view["result"]["stepper"] == "compiled"
+        assert list(api.steps(job["id"])) == reference
+    stop_process(worker)
+    # The first pool process compiled the shape into the new cache; the one that replaced it
+    # (a new process: nothing compiled in its memory) found every graph there.
+    compiled = [line for line in log.read_text().splitlines() if "compiled step" in line]
+    assert len(compiled) == 2, compiled
+    assert "0 miss(es)" not in compiled[0] and "0 miss(es)" in compiled[1]
