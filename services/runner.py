@@ -317,6 +317,25 @@ class LeaseKeeper:
                 )
 
 
+def warm_compiled(settings: Settings) -> list[str]:
+    """Compile the blocks of the shapes in `settings.compile_warm_shapes` ("1x1,1000x10+b":
+    samples x features, +b with a bias) in this process, with the recorder a job of each
+    shape gets, so that such jobs start at once. The shapes done."""
+    block, done = settings.compile_block_steps, []
+    for shape in filter(None, (s.strip() for s in settings.compile_warm_shapes.split(","))):
+        size, bias = shape.removesuffix("+b"), shape.endswith("+b")
+        n, d = (int(v) for v in size.split("x"))
+        spec = JobSpec.model_validate(
+            {"data": {"synthetic": {"n": n, "d": d}}, "bias": bias, "steps": block}
+        )
+        trainer = Trainer(spec, torch.device("cpu"))
+        cpu = torch.device("cpu")
+        recorder = StepRecorder(trainer.layout, settings.flush_max_steps, cpu, 0, block)
+        CompiledSteps(trainer, recorder.storage, recorder.cursor, block)
+        done.append(shape)
+    return done
+
+
 def run_job(
     store: Store,
     job_id: str,
@@ -454,9 +473,13 @@ class _Attempt:
             start = checkpoint.step
             self.last_loss = checkpoint.loss
         self.layout, self.batches = trainer.layout, trainer.batches_per_epoch
-        # No more rows than the attempt has steps: a short job should not pay for 2 x 4096.
-        rows = min(self.settings.flush_max_steps, spec.steps - start)
         block = self.settings.compile_block_steps if self._compiles(spec, trainer) else 1
+        # No more rows than the attempt has steps (a short job should not pay for 2 x 4096),
+        # but for compiled blocks: their code is specialised to the buffer's shape, which
+        # must then depend on the problem's shape only, so that one compile serves all jobs.
+        rows = self.settings.flush_max_steps
+        if block == 1:
+            rows = min(rows, spec.steps - start)
         recorder = self.recorder = StepRecorder(trainer.layout, rows, device, start, block)
         fast: CudaGraphStep | CompiledSteps | None
         fast = self._capture(trainer, recorder, spec, spec.steps - start)

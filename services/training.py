@@ -261,23 +261,76 @@ class Trainer:
         torch.cat([*parts, local_yhat_theta.flatten()], out=out)
 
     def update(self) -> None:
-        """The optimizer's step (and the schedule's), reading theta.grad."""
-        if self.plain_sgd is not None:
-            # The tutorial's update, w <- w - lr * dLoss/dw, as one in-place op: the very op
-            # torch.optim.SGD runs for plain SGD (so the same numbers, bit for bit), without
-            # its per-step machinery, which costs more than the step on a small problem.
-            lr, weight_decay = self.plain_sgd
-            with torch.no_grad():
+        """The optimizer's step (and the schedule's), reading theta.grad.
+
+        Plain SGD at a constant lr takes the tutorial's update itself; on the CPU, the other
+        optimizers take their update as torch.optim documents it, written out with the very ops
+        its default (single-tensor) implementation runs, on the state it keeps (so the same
+        numbers, bit for bit, and the same checkpoint): torch.optim's per-step machinery costs
+        1.3-1.9x the update itself on these small problems (bench/optimizer_step.py). On a GPU
+        torch.optim runs its own (foreach) implementation.
+        """
+        with torch.no_grad():
+            if self.plain_sgd is not None:
+                # The tutorial's update, w <- w - lr * dLoss/dw, as one in-place op.
+                lr, weight_decay = self.plain_sgd
                 grad = self.theta.grad
                 assert grad is not None
                 if weight_decay:
                     grad = grad.add(self.theta, alpha=weight_decay)
                 self.theta.add_(grad, alpha=-lr)
-        else:
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
+            elif self.theta.device.type == "cpu":
+                self._update_by_hand()
+                # What torch.optim's step wrapper records, and the schedule checks: the
+                # optimizer stepped before the schedule does.
+                self.optimizer._opt_called = True  # type: ignore[attr-defined]
+            else:
+                self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.steps_done += 1
+
+    def _update_by_hand(self) -> None:
+        """SGD with momentum (or a schedule), Adam and AdamW, as torch.optim's single-tensor
+        code computes them, on `optimizer.state` under torch.optim's own keys."""
+        theta, group = self.theta, self.optimizer.param_groups[0]
+        state = self.optimizer.state[theta]
+        grad = theta.grad
+        assert grad is not None
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if isinstance(self.optimizer, torch.optim.SGD):
+            if weight_decay != 0:
+                grad = grad.add(theta, alpha=weight_decay)
+            momentum = group["momentum"]
+            if momentum != 0:
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    buffer = state["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    buffer.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+                grad = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+            theta.add_(grad, alpha=-lr)
+            return
+        # Adam, and AdamW (its weight decay applied to the parameters, decoupled).
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(theta, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(theta, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        step_t += 1
+        if weight_decay != 0:
+            if isinstance(self.optimizer, torch.optim.AdamW):
+                theta.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(theta, alpha=weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = step_t.item()
+        step_size = lr / (1 - beta1**step)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        theta.addcdiv_(exp_avg, denom, value=-step_size)
 
     def step(self, record: torch.Tensor) -> None:
         """Run one step and write its [loss, grads, params] into `record` (a row on the device)."""
@@ -573,23 +626,6 @@ class CompiledSteps:
         self._trainer.steps_done += self.block
 
 
-def warm_compiled(shapes: str, block: int) -> list[str]:
-    """Compile the blocks of the shapes in `shapes` ("1x1,1000x10+b": samples x features, +b
-    with a bias) in this process, so that jobs of those shapes start at once; the shapes done."""
-    done = []
-    for shape in filter(None, (part.strip() for part in shapes.split(","))):
-        size, bias = shape.removesuffix("+b"), shape.endswith("+b")
-        n, d = (int(v) for v in size.split("x"))
-        spec = JobSpec.model_validate(
-            {"data": {"synthetic": {"n": n, "d": d}}, "bias": bias, "steps": block}
-        )
-        trainer = Trainer(spec, torch.device("cpu"))
-        storage = torch.empty(block, trainer.layout.width)
-        CompiledSteps(trainer, storage, torch.zeros((), dtype=torch.long), block)
-        done.append(shape)
-    return done
-
-
 def supports_compiled_steps(trainer: Trainer) -> bool:
     """Whether the step can be compiled in blocks: on the CPU (a GPU captures a CUDA graph),
     plain SGD at a constant lr, the full batch, no explain view."""
@@ -606,6 +642,13 @@ def inductor_cache_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def warm_up(device: torch.device) -> None:

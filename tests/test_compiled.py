@@ -13,8 +13,10 @@ import torch
 import services.runner
 from services.config import Settings
 from services.queue import compiles
+from services.runner import warm_compiled
 from services.schemas import JobSpec
 from services.store import Store
+from services.training import graphs_compiled
 from tests.attempts import run_once, run_with_hand_back
 
 CPU = torch.device("cpu")
@@ -94,3 +96,15 @@ def test_the_job_view_says_how_its_steps_ran(store: Store) -> None:
     services.runner.run_job(store, job_id, "test-worker", CPU, ALWAYS)
     view = store.get_job(job_id)
     assert view.result is not None and view.result.stepper == "compiled"
+
+
+def test_a_worker_can_compile_common_shapes_before_any_job(store: Store) -> None:
+    # GRADSTREAM_COMPILE_WARM_SHAPES, as a pool process runs it when it starts: jobs of such a
+    # shape, whatever their length, then compile nothing.
+    settings = Settings(cpu_compile_s=0, compile_warm_shapes=" 16384x8+b, ")
+    assert warm_compiled(settings) == ["16384x8+b"]
+    compiled = graphs_compiled()
+    for steps in (32, 700):
+        result, _ = run_once(store, compiled_spec(steps), CPU, settings)
+        assert result.stepper == "compiled"
+    assert graphs_compiled() == compiled

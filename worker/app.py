@@ -32,8 +32,9 @@ from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 from services.config import get_settings
 from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
+from services.runner import warm_compiled
 from services.store import Store
-from services.training import compute_device, warm_compiled, warm_up
+from services.training import compute_device, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def init_child(**_: Any) -> None:
     warm_up(device)
     if device.type == "cpu" and settings.compile_steps and settings.compile_warm_shapes:
         try:
-            shapes = warm_compiled(settings.compile_warm_shapes, settings.compile_block_steps)
+            shapes = warm_compiled(settings)
             log.info("compiled steps warmed for %s", ", ".join(shapes))
         except Exception:
             log.exception("warming compiled steps failed (jobs compile when they come)")
