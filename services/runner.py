@@ -461,6 +461,7 @@ class _Attempt:
             error = f"invalid job record: {exc.error_count()} error(s): {exc}"
             self.store.fail_job(self.job_id, self.attempt, error, self.worker)
             return AttemptResult(Outcome.FAILED)
+        self._keep_lease(spec, device)
         data = None
         if spec.data.dataset_id is not None:
             dataset_id = spec.data.dataset_id
@@ -483,7 +484,7 @@ class _Attempt:
         recorder = self.recorder = StepRecorder(trainer.layout, rows, device, start, block)
         fast: CudaGraphStep | CompiledSteps | None
         fast = self._capture(trainer, recorder, spec, spec.steps - start)
-        if fast is None and block > 1:
+        if fast is None and spec.steps - start >= block > 1:  # else no block would run
             fast = self._compile(trainer, recorder, block)
         self.stepper = "eager" if fast is None else fast.name
         log.info(
@@ -495,7 +496,6 @@ class _Attempt:
             device,
             self.stepper,
         )
-        self._keep_lease(spec, trainer, spec.steps - start)
         started = time.perf_counter()
         try:
             return self._loop(spec, trainer, recorder, fast, start)
@@ -504,15 +504,19 @@ class _Attempt:
             self.loop_s = time.perf_counter() - started
             self.steps_run = recorder.first + recorder.count - start
 
-    def _keep_lease(self, spec: JobSpec, trainer: Trainer, steps: int) -> None:
-        """Start the lease keeper, unless the cost model expects the whole attempt to take less
-        than a third of the lease (a tutorial-sized job): its final flush comes long before the
-        lease needs renewing, and a job that takes longer after all is safe anyway (fencing:
-        if the reaper requeued it meanwhile, its flush takes it back)."""
-        device = "cpu" if trainer.theta.device.type == "cpu" else "cuda"
-        elements = spec.data.samples * spec.data.features
-        if estimated_seconds(device, elements, steps, self.settings) >= self.settings.lease_s / 3:
-            self.keeper.start()
+    def _keep_lease(self, spec: JobSpec, device: torch.device) -> None:
+        """Start the lease keeper before anything that takes time (loading a dataset,
+        compiling), unless the job is tutorial-sized: no dataset to load, nothing to compile,
+        and the cost model expects all its steps to take less than a third of the lease. Such
+        a job's final flush comes long before the lease needs renewing, and one that takes
+        longer after all is safe anyway (if the reaper requeued it, its flush takes it back)."""
+        settings = self.settings
+        if spec.data.dataset_id is None and not (device.type == "cpu" and compiles(spec, settings)):
+            kind = "cpu" if device.type == "cpu" else "cuda"
+            elements = spec.data.samples * spec.data.features
+            if estimated_seconds(kind, elements, spec.steps, settings) < settings.lease_s / 3:
+                return
+        self.keeper.start()
 
     def _compiles(self, spec: JobSpec, trainer: Trainer) -> bool:
         """Whether this job runs compiled blocks (the cost model, on the whole job's steps).

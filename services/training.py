@@ -539,6 +539,7 @@ def supports_cuda_graph(trainer: Trainer) -> bool:
 # worker's pool process compiles each shape once, and Inductor's on-disk caches make the next
 # process's compile of it a cache hit.
 _compiled_blocks: dict[tuple[int, int, bool, int], Callable[..., None]] = {}
+_failed_blocks: set[tuple[int, int, bool, int]] = set()
 
 
 def _block_of_steps(features: int, bias: bool, block: int) -> Callable[..., None]:
@@ -580,11 +581,13 @@ class CompiledSteps:
     `cursor` of the recorder's storage; `replay()` runs `block` steps.
 
     Compiled code rounds a little differently from the eager step (records agree to float32
-    rounding); a job therefore runs all its attempts compiled or none (the choice depends on
-    the spec and the settings only), and its blocks start at the same steps in every attempt
-    (checkpoints fall on block boundaries), so a resumed job equals its uninterrupted run bit
-    for bit. Constructing one compiles (or finds) the block and runs it once; any failure
-    raises, and the caller runs eager steps instead.
+    rounding). Every attempt of a job chooses alike (the choice depends on the spec and the
+    settings only), its blocks start at the same steps in every attempt (the checkpoints it
+    writes fall on block boundaries, or in the eager tail of its last steps), so a resumed
+    job equals its uninterrupted run bit for bit -- given workers with the same settings and
+    torch threads, and no compile failing in one attempt only (that attempt's eager steps
+    round differently). Constructing one compiles (or finds) the block and runs it once; a
+    failure raises (and is remembered for the shape), and the caller runs eager steps.
     """
 
     name = "compiled"
@@ -596,10 +599,14 @@ class CompiledSteps:
         self._trainer = trainer
         features, bias = trainer.layout.features, trainer.layout.bias
         key = (len(trainer.y), features, bias, block)
+        if key in _failed_blocks:  # one failed compile of a shape is enough
+            raise RuntimeError(f"compiling blocks of shape {key} failed before in this process")
         if key not in _compiled_blocks:
-            # Each shape adds a compiled variant of the same code: allow many (past the limit
-            # Dynamo would quietly run the code eagerly).
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            # Each shape adds a compiled variant of the same code: allow many (past the limits
+            # Dynamo refuses to compile, and the shape runs eager steps).
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 1024)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
             _compiled_blocks[key] = _block_of_steps(features, bias, block)
         self._steps = _compiled_blocks[key]
         lr, weight_decay = trainer.plain_sgd or (0.0, 0.0)
@@ -616,6 +623,10 @@ class CompiledSteps:
         saved, start = theta.clone(), cursor.clone()
         try:
             self._steps(*self._args)  # compiles now, not in the first step of the loop
+        except Exception:
+            _failed_blocks.add(key)
+            del _compiled_blocks[key]
+            raise
         finally:
             # That block changed the parameters and moved the cursor: undo it.
             theta.copy_(saved)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import services.runner
+import services.training
 from services.config import Settings
 from services.queue import compiles
 from services.runner import warm_compiled
@@ -67,18 +68,30 @@ def test_a_compiled_job_resumes_bit_for_bit_from_its_checkpoint(store: Store) ->
     assert resumed == whole
 
 
-def test_a_failed_compile_falls_back_to_eager_steps(
+def test_a_failed_compile_falls_back_to_eager_steps_and_is_not_tried_again(
     store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(*_: Any) -> None:
-        raise RuntimeError("Inductor could not build the kernel (a test's stand-in)")
+    # Inductor failing to build the block (a stand-in for torch.compile's result that raises
+    # when called, as a failed compile does), for a shape of its own.
+    built = []
 
-    monkeypatch.setattr(services.runner, "CompiledSteps", broken)
-    spec = compiled_spec(100)
+    def failing_block(*_: Any) -> Any:
+        def compiled(*__: Any) -> None:
+            raise RuntimeError("Inductor could not build the kernel (a test's stand-in)")
+
+        built.append(compiled)
+        return compiled
+
+    monkeypatch.setattr(services.training, "_block_of_steps", failing_block)
+    spec = JobSpec.model_validate(
+        {"data": {"synthetic": {"n": 40, "d": 3}}, "steps": 100, "device": "cpu"}
+    )
     with caplog.at_level(logging.WARNING, logger="services.runner"):
         result, steps = run_once(store, spec, CPU, ALWAYS)
-    assert result.stepper == "eager" and len(steps) == 100
-    assert "compiling the step failed; eager steps" in caplog.text
+        again, _ = run_once(store, spec, CPU, ALWAYS)
+    assert result.stepper == again.stepper == "eager" and len(steps) == 100
+    assert caplog.text.count("compiling the step failed; eager steps") == 2
+    assert len(built) == 1  # the second job knew the shape had failed
     assert steps == run_once(store, spec, CPU, NEVER)[1]
 
 

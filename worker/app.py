@@ -29,7 +29,7 @@ from celery.signals import (
 )
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
-from services.config import get_settings
+from services.config import Settings, get_settings
 from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
 from services.runner import warm_compiled
@@ -104,15 +104,20 @@ def init_child(**_: Any) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
     device = compute_device(settings.device, settings.cuda_fallback_cpu)
     warm_up(device)
-    if device.type == "cpu" and settings.compile_steps and settings.compile_warm_shapes:
-        try:
-            shapes = warm_compiled(settings)
-            log.info("compiled steps warmed for %s", ", ".join(shapes))
-        except Exception:
-            log.exception("warming compiled steps failed (jobs compile when they come)")
     drain = threading.Event()
     signal.signal(DRAIN_SIGNAL, lambda *_: drain.set())
+    if device.type == "cpu" and settings.compile_steps and settings.compile_warm_shapes:
+        # Apart from the child's start: Celery kills a child not up within a few seconds,
+        # and a compile takes longer.
+        threading.Thread(target=_warm_compiled, args=(settings,), daemon=True).start()
     _child = ChildContext(Store.from_url(settings.redis_url), device, drain)
+
+
+def _warm_compiled(settings: Settings) -> None:
+    try:
+        log.info("compiled steps warmed for %s", ", ".join(warm_compiled(settings)))
+    except Exception:
+        log.exception("warming compiled steps failed (jobs compile when they come)")
 
 
 @worker_shutting_down.connect
