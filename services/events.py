@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # queue in this process.
 MAX_LAG = 10_000
 MAX_LAG_PAGES = 4
+BACKLOG_WRITE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -245,9 +246,19 @@ class JobStreams:
             # A finished job's backlog is all there is (the tail may have stopped mid-way).
             until = b"+" if status.finished else joined_at
             if until != b"0-0":  # else nothing was stored when it joined: no read
+                # The backlog goes out in writes of about BACKLOG_WRITE_BYTES, not one per step.
+                pending: list[bytes] = []
+                size = 0
                 async for event in self._stored_steps(tail.job_id, after, until):
                     cursor = event.id if event.id is not None else cursor
-                    yield self.render(event)
+                    frame = self.render(event)
+                    pending.append(frame)
+                    size += len(frame)
+                    if size >= BACKLOG_WRITE_BYTES:
+                        yield b"".join(pending)
+                        pending, size = [], 0
+                if pending:
+                    yield b"".join(pending)
             if status.finished:
                 final = job_view(await self.client.hgetall(job_key(tail.job_id)))
                 yield self.render(StreamEvent("done", final.model_dump(mode="json")))

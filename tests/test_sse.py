@@ -1,9 +1,13 @@
 """The SSE wire: frames, resume by Last-Event-ID, keep-alives, and agreement with GET /steps."""
 
+import socket
+import struct
+
 import httpx
 
 from api.client import Client, parse_sse
-from cli.stack import Stack
+from cli.stack import Stack, wait_until
+from tests.conftest import SEED_EXAMPLE
 
 
 def _spec(steps: int) -> dict[str, object]:
@@ -89,3 +93,27 @@ def test_after_in_the_query_resumes_like_last_event_id(stack: Stack, client: Cli
         events = list(parse_sse(response.iter_lines()))
     assert [int(e.id) for e in events if e.event == "step" and e.id] == list(range(25, 30))
     assert events[-1].event == "done"
+
+
+def test_a_client_gone_mid_replay_is_one_log_line(stack: Stack, client: Client) -> None:
+    # A browser closed while 30 000 steps replay: the API notices at its next write and
+    # stops, with one line naming the job, instead of writing on (asyncio logging each write
+    # to the dead socket: "socket.send() raised exception.").
+    job = client.submit({**SEED_EXAMPLE, "steps": 30_000})
+    client.wait(job["id"], timeout=60)
+    log = next(stack.run_dir.glob("api-*.log"))
+    before = log.read_text(errors="replace").count("socket.send() raised exception")
+    port = int(stack.api_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        request = (
+            f"GET /v1/jobs/{job['id']}/events HTTP/1.1\r\nHost: test\r\n"
+            f"Authorization: Bearer {stack.api_key}\r\n\r\n"
+        )
+        raw.sendall(request.encode())
+        raw.recv(4096)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+    line = f"SSE client of job {job['id']} went away mid-stream"
+    wait_until(lambda: line in log.read_text(errors="replace"), 15, "the one log line")
+    text = log.read_text(errors="replace")
+    assert text.count(line) == 1
+    assert text.count("socket.send() raised exception") == before

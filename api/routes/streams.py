@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import (
@@ -55,28 +56,46 @@ class EventStreamResponse(StreamingResponse):
         frames: AsyncGenerator[bytes, None],
         send_timeout_s: float,
         on_close: Callable[[], None],
+        job_id: str = "",
     ) -> None:
         super().__init__(
-            frames,
+            self._to_the_end(frames),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self.frames, self.send_timeout_s, self.on_close = frames, send_timeout_s, on_close
+        self.job_id = job_id
+        self.ended = False  # the frames ran out: the stream reached its end
+
+    async def _to_the_end(self, frames: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        async for frame in frames:
+            yield frame
+        self.ended = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        slow = False
         try:
             await super().__call__(scope, receive, send)
         except SlowReader:
-            pass  # returning unfinished makes the server close the connection (one log line)
+            slow = True  # returning unfinished makes the server close the connection
+        except ClientDisconnect:
+            pass
         finally:
             await self.frames.aclose()
             self.on_close()
+        if not self.ended and not slow:
+            # One line however much of the stream was left (it resumes by Last-Event-ID).
+            log.warning("SSE client of job %s went away mid-stream", self.job_id)
 
     async def stream_response(self, send: Send) -> None:
         async def timed_send(message: Message) -> None:
             try:
                 async with asyncio.timeout(self.send_timeout_s):  # no task per send
                     await send(message)
+                # A write to a socket that is gone does not suspend, and the server learns of
+                # the loss in a callback: let it run, so that the next send raises, instead of
+                # writing on (and asyncio logging each write) until the backlog is done.
+                await asyncio.sleep(0)
             except TimeoutError:
                 log.warning("SSE client took nothing for %.0f s: dropped", self.send_timeout_s)
                 raise SlowReader("SSE client stopped reading") from None
@@ -143,7 +162,10 @@ async def job_events(
             await events.aclose()  # the watcher leaves the job's tail now, not at GC
 
     return EventStreamResponse(
-        frames(), settings.sse_send_timeout_s, on_close=lambda: slots.give_back(tenant)
+        frames(),
+        settings.sse_send_timeout_s,
+        on_close=lambda: slots.give_back(tenant),
+        job_id=job_id,
     )
 
 
