@@ -6,17 +6,20 @@ run of the same spec, bit for bit (same device type, one torch thread, as worker
 Used by tests/test_faults.py and by the soak run (tests/soak.py, `make soak`).
 """
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from api.client import TERMINAL, Client
-from cli.stack import child_pids
+from cli.stack import Stack, child_pids
 from services.records import Chunk, expand_chunk, param_values
 from services.schemas import JobSpec
 from services.training import Trainer
@@ -30,6 +33,19 @@ FAULT_ENV = {
     "GRADSTREAM_SSE_KEEPALIVE_S": "1",
     "GRADSTREAM_ORPHAN_AFTER_S": "5",
 }
+
+
+@contextlib.contextmanager
+def redis_and_api(run_dir: Path, env: dict[str, str]) -> Iterator[Stack]:
+    """A stack of its own, a private Redis and an API, stopped on exit; the test starts the
+    workers it needs."""
+    local = Stack(run_dir, env=env)
+    try:
+        local.start_redis()
+        local.start_api()
+        yield local
+    finally:
+        local.stop()
 
 
 def long_spec(steps: int = 8000, seed: int = 0) -> dict[str, Any]:
@@ -135,6 +151,14 @@ def wait_for_steps(
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} has {view['steps_done']} steps after {timeout} s")
         time.sleep(0.05)
+
+
+def holder_of(
+    client: Client, job_id: str, workers: "list[subprocess.Popen[bytes]]"
+) -> "subprocess.Popen[bytes]":
+    """Which of `workers` (started by Stack) runs `job_id` now."""
+    holder = worker_running(client, job_id)
+    return next(w for w in workers if holder.startswith(f"cpu-{w.pid}@"))
 
 
 def worker_running(client: Client, job_id: str) -> str:

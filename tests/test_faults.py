@@ -18,13 +18,14 @@ from services.store.recovery import message_job_id
 from tests.faults import (
     FAULT_ENV,
     assert_invariant,
+    holder_of,
     kill_group,
     kill_pool_child,
     long_spec,
+    redis_and_api,
     send_duplicate,
     wait_for_steps,
     wait_through_outage,
-    worker_running,
 )
 
 LEASE_S = float(FAULT_ENV["GRADSTREAM_LEASE_S"])
@@ -33,13 +34,8 @@ REAPER_S = float(FAULT_ENV["GRADSTREAM_REAPER_INTERVAL_S"])
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    local = Stack(tmp_path_factory.mktemp("faults"), env=FAULT_ENV)
-    try:
-        local.start_redis()
-        local.start_api()
+    with redis_and_api(tmp_path_factory.mktemp("faults"), FAULT_ENV) as local:
         yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture
@@ -159,8 +155,7 @@ def test_worker_paused_past_its_lease_has_its_writes_refused(api: Client, worker
     spec = long_spec(steps=16000, seed=4)
     job = api.submit(spec)
     wait_for_steps(api, job["id"], 500)
-    holder = worker_running(api, job["id"])
-    paused = next(w for w in pair if holder.startswith(f"cpu-{w.pid}@"))
+    paused = holder_of(api, job["id"], pair)
     kill_group(paused, signal.SIGSTOP)
     # The other worker's reaper sees the lapsed lease; the other worker takes the job over.
     wait_until(lambda: api.get(job["id"])["attempt"] == 2, 30, "takeover")
@@ -342,8 +337,7 @@ def test_a_redelivery_while_the_job_runs_is_skipped_and_recovery_rests_on_the_le
     spec = long_spec(steps=30000, seed=21)
     job = api.submit(spec)
     wait_for_steps(api, job["id"], 500)
-    holder = worker_running(api, job["id"])
-    first = next(w for w in pair if holder.startswith(f"cpu-{w.pid}@"))
+    first = holder_of(api, job["id"], pair)
     second = next(w for w in pair if w is not first)
     client = redis.Redis.from_url(stack.redis_url)
     tag = _unacked_delivery(client, job["id"])

@@ -16,19 +16,14 @@ from cli.stack import Stack, child_pids, stop_process, wait_until
 from services.config import Settings
 from services.store import Store
 from tests.attempts import run_once
-from tests.faults import FAULT_ENV, assert_invariant, long_spec, wait_for_steps
+from tests.faults import FAULT_ENV, assert_invariant, long_spec, redis_and_api, wait_for_steps
 from tests.test_compiled import compiled_spec
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    local = Stack(tmp_path_factory.mktemp("resume"), env=FAULT_ENV)
-    try:
-        local.start_redis()
-        local.start_api()
+    with redis_and_api(tmp_path_factory.mktemp("resume"), FAULT_ENV) as local:
         yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +95,8 @@ def compiling_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]
         "GRADSTREAM_CPU_COMPILE_S": "0",
         "GRADSTREAM_COMPILE_CACHE_DIR": str(run_dir / "inductor"),
     }
-    local = Stack(run_dir, env=env)
-    try:
-        local.start_redis()
-        local.start_api()
+    with redis_and_api(run_dir, env) as local:
         yield local
-    finally:
-        local.stop()
 
 
 def test_a_compiled_job_resumes_bit_for_bit_and_the_next_process_finds_the_cache(
