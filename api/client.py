@@ -242,6 +242,24 @@ class AsyncClient:
         if response.is_error:
             raise _error(response)
 
+    async def delete_dataset(self, dataset_id: str) -> None:
+        """Drop this tenant's dataset (409 while a queued or running job uses it)."""
+        response = await self.http.delete(f"/v1/datasets/{dataset_id}")
+        if response.is_error:
+            raise _error(response)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return list((await self._json(self.http.get("/v1/workers")))["workers"])
+
+    async def predict(self, job_id: str, x: list[list[float]]) -> list[float]:
+        body = await self._json(self.http.post(f"/v1/jobs/{job_id}/predict", json={"x": x}))
+        return list(body["y_hat"])
+
+    async def upload_dataset(self, content: bytes, target: str = "y") -> dict[str, Any]:
+        """Upload CSV, .npy or .npz bytes; the dataset's info (its id is the bytes' sha256)."""
+        response = self.http.post("/v1/datasets", content=content, params={"target": target})
+        return dict(await self._json(response))
+
     async def steps(
         self, job_id: str, after: int = -1, page: int = 5000
     ) -> AsyncIterator[dict[str, Any]]:
