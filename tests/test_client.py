@@ -41,6 +41,29 @@ def test_async_client_submits_streams_resumes_and_reads_back(stack: Stack) -> No
     asyncio.run(scenario())
 
 
+def test_async_client_uploads_predicts_lists_workers_and_deletes(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(stack.api_url, stack.api_key) as client:
+            dataset = await client.upload_dataset(b"a,y\n1,2\n2,4\n3,6\n")
+            assert dataset["samples"] == 3 and dataset["features"] == 1
+            spec = {"data": {"dataset_id": dataset["id"]}, "optimizer": {"lr": 0.1}, "steps": 200}
+            job = await client.wait((await client.submit({**spec, "device": "cpu"}))["id"], 60)
+            assert job["status"] == "succeeded"
+            (y_hat,) = await client.predict(job["id"], [[4.0]])
+            assert abs(y_hat - 8.0) < 1e-3
+            assert any(w["device"] == "cpu" for w in await client.workers())
+            await client.delete(job["id"])
+            await client.delete_dataset(dataset["id"])
+            try:
+                await client.get(job["id"])
+            except GradstreamError as exc:
+                assert exc.status_code == 404
+            else:
+                raise AssertionError("a deleted job must be a 404")
+
+    asyncio.run(scenario())
+
+
 def test_the_client_module_needs_neither_torch_nor_the_server() -> None:
     code = (
         "import sys, api.client; "
