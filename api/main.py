@@ -1,6 +1,7 @@
 """The API application: `uvicorn --factory api.main:create_app`."""
 
 import math
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -8,8 +9,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from api.limits import BodySizeLimit, UploadSlots
 from api.metrics import registry as metrics_registry
@@ -148,7 +151,28 @@ def _finite_only(value: Any) -> Any:
     return value
 
 
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method the published schema lists for `path`."""
+    methods: set[str] = set()
+    for template, operations in app.openapi()["paths"].items():
+        parts = template.split("/")
+        pattern = "/".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts)
+        if re.fullmatch(pattern, path):
+            methods.update(method.upper() for method in operations)
+    return sorted(methods)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        # A 405's Allow names the methods of the one route the router tried; a path served by
+        # several (GET and DELETE of a job) allows them all.
+        if exc.status_code == 405 and (allowed := _allowed_methods(app, request.url.path)):
+            exc = HTTPException(
+                405, exc.detail, {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+            )
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler echoes every error's `input`, whatever its size, and a NaN there

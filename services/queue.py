@@ -35,7 +35,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "task_time_limit": settings.attempt_time_limit_s,
-        # Task events, so that Flower (`celery -A worker.app flower`) shows gradstream's tasks.
+        # Task events, so that Flower (`celery --broker URL flower`) shows gradstream's tasks.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
     }

@@ -68,6 +68,7 @@ class Outcome(StrEnum):
 class AttemptResult:
     outcome: Outcome
     requeue_to: str | None = None  # the queue to send the job to again (RELEASED)
+    reason: str | None = None  # why it failed, diverged or was handed back (the job's error)
     # How the steps ran: `steps` steps in `loop_s` seconds (from the first step to the end of
     # the last flush, less `result_s`, the time the fit quality of the result took), eagerly
     # or by replaying a CUDA graph.
@@ -393,7 +394,10 @@ def _run_attempt(
         # the job ends with the reason instead of staying `running` (unless this attempt
         # handed it back already: then it is not this attempt's to fail).
         log.exception("job %s attempt %d failed", job_id, claim.attempt)
-        store.fail_job(job_id, claim.attempt, f"{type(exc).__name__}: {exc}", worker)
+        error = f"{type(exc).__name__}: {exc}"
+        store.fail_job(job_id, claim.attempt, error, worker)
+        if result.outcome is Outcome.FAILED:
+            result = AttemptResult(Outcome.FAILED, reason=error)
         return result
     finally:
         attempt.keeper.stop()
@@ -460,7 +464,7 @@ class _Attempt:
         except ValidationError as exc:
             error = f"invalid job record: {exc.error_count()} error(s): {exc}"
             self.store.fail_job(self.job_id, self.attempt, error, self.worker)
-            return AttemptResult(Outcome.FAILED)
+            return AttemptResult(Outcome.FAILED, reason=error)
         self._keep_lease(spec, device)
         data = None
         if spec.data.dataset_id is not None:
@@ -652,7 +656,9 @@ class _Attempt:
             log.info(
                 "job %s attempt %d %s", self.job_id, self.attempt, flushed.diverged or "succeeded"
             )
-            return AttemptResult(Outcome.DIVERGED if flushed.diverged else Outcome.SUCCEEDED)
+            if flushed.diverged:
+                return AttemptResult(Outcome.DIVERGED, reason=flushed.diverged)
+            return AttemptResult(Outcome.SUCCEEDED)
         if reply == "cancelled":
             log.info("job %s attempt %d cancelled", self.job_id, self.attempt)
             return AttemptResult(Outcome.CANCELLED)
@@ -745,4 +751,4 @@ class _Attempt:
             return AttemptResult(Outcome.FENCED)
         if queue == "":
             return AttemptResult(Outcome.CANCELLED)
-        return AttemptResult(Outcome.RELEASED, requeue_to=queue)
+        return AttemptResult(Outcome.RELEASED, requeue_to=queue, reason=why)

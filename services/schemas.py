@@ -13,6 +13,7 @@ from pydantic import (
     PlainSerializer,
     PrivateAttr,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -75,23 +76,56 @@ def rectangular(x: list[list[float]]) -> list[list[float]]:
 # A list of numbers stops at its first bad item: two million bad items make one error, not two
 # million (building those and their 422 would hold the API's event loop for seconds).
 Numbers = Annotated[list[float], Field(fail_fast=True)]
+# At least one, as the schema says; the validators say why (an empty x, row or y).
+NONEMPTY = {"minItems": 1}
+_NUMBERS = {"type": "array", "items": {"type": "number"}, **NONEMPTY}
 
-# Rows of x: a flat list of numbers is one feature; rows must all have the same width.
+# Rows of x: a flat list of numbers is one feature; rows must all have the same width (which
+# JSON Schema cannot say).
 Rows = Annotated[
     list[Numbers],
     Field(fail_fast=True),
     BeforeValidator(flat_x_is_one_feature),
     AfterValidator(rectangular),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "array", "items": _NUMBERS, **NONEMPTY},
+                {**_NUMBERS, "description": "one feature: a number per sample"},
+            ]
+        }
+    ),
+]
+
+
+def _only(source: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON Schema branch: `source` is given (not null), and the other sources are not."""
+    others = [key for key in ("x", "y", "synthetic", "dataset_id") if key not in schema]
+    return {
+        "title": source,
+        "required": list(schema),
+        "properties": {**schema, **{key: {"type": "null"} for key in others}},
+    }
+
+
+# DataSpec's one-source rule, in the schema: exactly one of x and y, synthetic, dataset_id.
+ONE_SOURCE: list[Any] = [
+    _only("inline", {"x": {"type": "array"}, "y": {"type": "array"}}),
+    _only("synthetic", {"synthetic": {"type": "object"}}),
+    _only("dataset", {"dataset_id": {"type": "string"}}),
 ]
 
 
 class DataSpec(StrictModel):
-    """Training data: inline `x` and `y`, or `synthetic` parameters; exactly one of the two."""
+    """Training data: inline `x` and `y`, `synthetic` parameters, or an uploaded dataset;
+    exactly one of them."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": ONE_SOURCE})
 
     x: Rows | None = Field(
         default=None, description="one row per sample; a flat list means one feature"
     )
-    y: Numbers | None = None
+    y: Annotated[Numbers, Field(json_schema_extra=NONEMPTY)] | None = None
     synthetic: SyntheticParams | None = None
     dataset_id: str | None = Field(
         default=None,
@@ -336,11 +370,12 @@ TERMINAL_STATUSES = frozenset(
 )
 
 
-def _iso_utc(moment: datetime) -> str:
+def iso_utc(moment: datetime) -> str:
+    """The one format of times the service writes: ISO 8601 UTC with microseconds and `Z`."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-UtcTime = Annotated[datetime, PlainSerializer(_iso_utc, return_type=str)]
+UtcTime = Annotated[datetime, PlainSerializer(iso_utc, return_type=str)]
 """A time rendered as ISO 8601 UTC with microseconds, e.g. 2026-11-26T12:00:00.000000Z."""
 
 # A parameter or gradient: a list for w, a number for b; null where it was not finite.
@@ -413,10 +448,23 @@ class JobSummary(_JobFields):
     spec: dict[str, Any]
 
 
+MAX_PREDICT_ROWS = 10_000
+
+
+def _rows_at_most(schema: dict[str, Any]) -> None:
+    """x's schema: at most MAX_PREDICT_ROWS samples, as rows or as a flat list."""
+    for branch in schema["anyOf"]:
+        branch["maxItems"] = MAX_PREDICT_ROWS
+
+
 class PredictRequest(StrictModel):
     """Rows to predict with a finished job's parameters (a flat list means one feature)."""
 
-    x: Rows = Field(min_length=1, max_length=10_000)
+    x: Rows = Field(
+        min_length=1,
+        max_length=MAX_PREDICT_ROWS,
+        json_schema_extra=_rows_at_most,
+    )
 
 
 class Prediction(BaseModel):

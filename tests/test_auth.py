@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import httpx
 import pytest
@@ -118,7 +119,7 @@ def test_a_stream_token_streams_its_job_only_and_expires(stack: Stack, alice_job
     with Client(stack.api_url, stack.keys["alice"]) as alice:
         issued = alice.http.post(f"/v1/jobs/{alice_job}/stream-token").json()
         other = alice.submit({**SEED_EXAMPLE, "device": "cuda"})
-    assert issued["expires_at"] > time.time() + 200
+    assert datetime.fromisoformat(issued["expires_at"]).timestamp() > time.time() + 200
     url = f"{stack.api_url}/v1/jobs/{alice_job}/events"
     with httpx.stream("GET", url, params={"token": issued["token"]}, timeout=10) as response:
         assert response.status_code == 200

@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 import redis
+from jsonschema import Draft202012Validator
 
 from api.client import Client
 from tests.conftest import SEED_EXAMPLE
@@ -233,3 +234,41 @@ def test_past_twenty_errors_a_422_counts_the_rest(client: Client) -> None:
         "loc": ["body"],
         "msg": "20 more errors not shown",
     }
+
+
+def _refused_by_schema(openapi: dict[str, Any], schema: dict[str, Any], value: Any) -> bool:
+    """Whether `value` fails `schema`, a part of the published OpenAPI document."""
+    validator = Draft202012Validator({**openapi, **schema})
+    return not validator.is_valid(value)
+
+
+def test_what_the_schema_allows_the_api_accepts_for_the_requests_fuzzing_found(
+    client: Client,
+) -> None:
+    # Requests the schema allowed and the API refused (schemathesis's positive-data check):
+    # each is now refused by the schema too, and what stays allowed is accepted.
+    openapi = client.http.get("/openapi.json").json()
+    spec = {"$ref": "#/components/schemas/JobSpec"}
+    mixed = {"data": {"dataset_id": "0" * 64, "x": [], "y": []}}
+    assert _refused_by_schema(openapi, spec, mixed)
+    assert client.http.post("/v1/jobs", json=mixed).status_code == 422
+    assert not _refused_by_schema(openapi, spec, {"data": {"x": [1.0, 2.0], "y": [1.0, 2.0]}})
+
+    job = client.wait(client.submit(SEED_EXAMPLE)["id"], timeout=30)
+    predict = {"$ref": "#/components/schemas/PredictRequest"}
+    assert _refused_by_schema(openapi, predict, {"x": [[]]})
+    assert client.http.post(f"/v1/jobs/{job['id']}/predict", json={"x": [[]]}).status_code == 422
+    flat = {"x": [1.0, 2.0]}  # a flat x is one feature, in the schema as in the API
+    assert not _refused_by_schema(openapi, predict, flat)
+    assert client.http.post(f"/v1/jobs/{job['id']}/predict", json=flat).status_code == 200
+
+    events = openapi["paths"]["/v1/jobs/{job_id}/events"]["get"]["parameters"]
+    cursor = next(p for p in events if p["name"] == "last-event-id")["schema"]
+    assert _refused_by_schema(openapi, cursor, None)
+    upload = openapi["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]["text/csv"]
+    assert _refused_by_schema(openapi, upload["schema"], "")
+
+
+def test_a_405_allows_every_method_of_the_path(client: Client) -> None:
+    answer = client.http.request("OPTIONS", "/v1/jobs/0123456789abcdef0123456789abcdef")
+    assert answer.status_code == 405 and answer.headers["allow"] == "DELETE, GET"

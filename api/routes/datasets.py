@@ -25,8 +25,22 @@ _UPLOAD = {
     "requestBody": {
         "required": True,
         "content": {
-            "text/csv": {"schema": {"type": "string"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "text/csv": {
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "description": "a header row naming the columns (one of them the target) "
+                    "and at least one row of numbers",
+                }
+            },
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "minLength": 1,
+                    "description": ".npy (the last column is y) or .npz (arrays x and y)",
+                }
+            },
         },
     }
 }

@@ -22,7 +22,11 @@ router = APIRouter(
 )
 
 
-@router.post("", status_code=201)
+# A body that is not JSON at all is FastAPI's 400, before any validation.
+_NOT_JSON = problems(400)
+
+
+@router.post("", status_code=201, responses=_NOT_JSON)
 def submit_job(
     tenant: TenantDep,
     spec: JobSpec,
@@ -97,7 +101,7 @@ def cancel_job(tenant: TenantDep, job_id: JobIdDep, store: StoreDep) -> JobView:
     return jobs.cancel_job(store, job_id, tenant)
 
 
-@router.post("/{job_id}/predict")
+@router.post("/{job_id}/predict", responses=_NOT_JSON)
 def predict(
     tenant: TenantDep, job_id: JobIdDep, request: PredictRequest, store: StoreDep
 ) -> Prediction:

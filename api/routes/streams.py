@@ -4,11 +4,12 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
@@ -25,6 +26,17 @@ from api.deps import (
 )
 from services.errors import LimitExceeded
 from services.events import StreamEvent
+from services.schemas import UtcTime
+
+# Step cursors are 64-bit integers, as where steps are kept (Redis stream ids).
+StepCursor = Annotated[int | None, Field(ge=-1, le=MAX_STEP)]
+
+
+def _never_null(schema: dict[str, Any]) -> None:
+    """An optional cursor's schema without null: left out when there is none (a header or a
+    query parameter has no null, and "null" names no step)."""
+    schema.update(next(s for s in schema.pop("anyOf") if s.get("type") != "null"))
+
 
 router = APIRouter(prefix="/v1/jobs", tags=["streams"], responses=problems(401, 404, 413, 429, 503))
 log = logging.getLogger(__name__)
@@ -134,14 +146,12 @@ async def job_events(
     streams: JobStreamsDep,
     settings: SettingsDep,
     request: Request,
-    # Step cursors are 64-bit integers, as where steps are kept (Redis stream ids).
-    last_event_id: Annotated[int | None, Header(ge=-1, le=MAX_STEP)] = None,
+    last_event_id: Annotated[StepCursor, Header(json_schema_extra=_never_null)] = None,
     after: Annotated[
-        int | None,
+        StepCursor,
         Query(
-            ge=-1,
-            le=MAX_STEP,
             description="as Last-Event-ID, for a client that cannot set headers",
+            json_schema_extra=_never_null,
         ),
     ] = None,
 ) -> StreamingResponse:
@@ -171,7 +181,7 @@ async def job_events(
 
 class StreamToken(BaseModel):
     token: str
-    expires_at: int  # epoch seconds
+    expires_at: UtcTime
 
 
 @router.post("/{job_id}/stream-token")
@@ -182,4 +192,4 @@ def stream_token(
     an Authorization header); accepted by the events route only."""
     store.job_fields(job_id, tenant)  # 404 unless it is the caller's job
     token, expires_at = tokens.issue(job_id, tenant)
-    return StreamToken(token=token, expires_at=expires_at)
+    return StreamToken(token=token, expires_at=datetime.fromtimestamp(expires_at, UTC))

@@ -11,7 +11,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from services.schemas import JobStatus
+from services.schemas import JobStatus, iso_utc
 
 JOBS_INDEX = "gs:jobs"
 STATUS_INDEX_PREFIX = "gs:jobs:"  # + status
@@ -120,4 +120,5 @@ def new_job_id() -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+    """Now, as every time is written (in Redis as in answers)."""
+    return iso_utc(datetime.now(UTC))
