@@ -335,11 +335,13 @@ def up(
     throwaway = demo and data_dir is None
     folder = Path(tempfile.mkdtemp(prefix="gradstream-")) if throwaway else data_dir
     folder = folder or default_data_dir()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = lock_data_dir(folder)
     except FolderInUse as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot use {folder} as the data folder: {exc.strerror} (try another --data-dir)")
     try:
         api_key = None if throwaway else stored_api_key(folder / "api-key")
     except (OSError, RuntimeError) as exc:
