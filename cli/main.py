@@ -1,7 +1,8 @@
 """`gradstream`: start the processes (up, api, worker) and use the API (submit, watch, ...).
 
-The composition root: `api`, `worker` and `up` start processes by module path; every other
-command talks to the API over HTTP through api.client.
+`api`, `worker` and `up` start processes by module path; every other command talks to the API
+over HTTP through api.client. Every error a command raises ends in `Cli.main`, which prints it
+as one line on stderr (a traceback only with --debug).
 """
 
 import csv
@@ -14,9 +15,14 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
 import yaml
 from rich.console import Console
@@ -28,14 +34,173 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
 
 from api.client import Client, GradstreamError
-from cli.stack import Stack, visible_gpus
+from cli.stack import (
+    FolderInUse,
+    Stack,
+    default_data_dir,
+    lock_data_dir,
+    stored_api_key,
+    visible_gpus,
+)
 from services.auth import parse_api_keys
 from services.config import get_settings
 from services.queue import Device
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+HELP = (
+    "gradstream trains linear-regression models as a service and shows every step's loss, "
+    "gradients and parameters live. `gradstream up` runs it on this machine; the other "
+    "commands talk to its API (GRADSTREAM_URL, GRADSTREAM_API_KEY)."
+)
+
+# Exit codes: 2 for a usage error (bad flags, a bad spec, a bad key, an unknown job: the command
+# as typed cannot work), 1 for the rest (a job that did not succeed, the API down or failing).
+USAGE = 2
+FAILED = 1
+
+
+@dataclass
+class Options:
+    """The global options, shared with the error handler through click's context object."""
+
+    debug: bool = False
+
+
+class Cli(TyperGroup):
+    """gradstream's command group: the one place where errors become lines on stderr."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        options = Options()
+        try:
+            result = super().main(
+                args,
+                prog_name,
+                complete_var,
+                standalone_mode=False,
+                windows_expand_args=windows_expand_args,
+                obj=options,
+                **extra,
+            )
+            code = result if isinstance(result, int) else 0
+        except typer.Abort:
+            _print_error("aborted")
+            code = FAILED
+        except typer.TyperException as exc:  # click's (typer's copy) usage errors, CommandError
+            # With no arguments the help is printed already (typer's own check, by name too).
+            if type(exc).__name__ != "NoArgsIsHelpError":
+                ctx = getattr(exc, "ctx", None)  # a usage error's command
+                hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                _print_error(exc.format_message() + hint)
+            code = exc.exit_code
+        except Exception as exc:
+            if options.debug:
+                raise
+            lines, code = explain_error(exc)
+            for line in lines:
+                _print_error(line)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _print_error(line: str) -> None:
+    typer.echo(f"error: {line}", err=True)
+
+
+def _api_url(exc: httpx.RequestError) -> str:
+    try:
+        url = exc.request.url
+    except RuntimeError:  # raised outside a request: no URL to name
+        return "the API"
+    return str(url.copy_with(path="/", query=None, fragment=None)).rstrip("/")
+
+
+def explain_error(exc: Exception) -> tuple[list[str], int]:
+    """What to tell the user about an error a command raised, a line each, and the exit code."""
+    if isinstance(exc, GradstreamError):
+        return _explain_answer(exc)
+    if isinstance(exc, httpx.ConnectError):
+        url = _api_url(exc)
+        return [
+            f"cannot reach the API at {url}: is `gradstream up` running? "
+            "(set GRADSTREAM_URL or --url to its address)"
+        ], FAILED
+    if isinstance(exc, httpx.TimeoutException):
+        return [f"the API at {_api_url(exc)} did not answer in time: try again"], FAILED
+    if isinstance(exc, httpx.TransportError):
+        return [f"lost the connection to the API at {_api_url(exc)}: {exc}"], FAILED
+    if isinstance(exc, TimeoutError | RuntimeError):
+        return [str(exc)], FAILED
+    return [f"{type(exc).__name__}: {exc} (gradstream --debug ... shows where)"], FAILED
+
+
+def _explain_answer(exc: GradstreamError) -> tuple[list[str], int]:
+    detail = exc.detail
+    status = exc.status_code
+    if status == 422 and isinstance(detail, list):
+        return [f"{_field(e.get('loc', []))}: {e.get('msg', e)}" for e in detail], USAGE
+    text = detail if isinstance(detail, str) else json.dumps(detail)
+    if status == 401:
+        return [
+            f"{text}: set GRADSTREAM_API_KEY or --api-key to a key of this API "
+            "(`gradstream up` prints its key)"
+        ], USAGE
+    if status == 404:
+        return [f"{text} (`gradstream jobs` lists yours)"], USAGE
+    if status in (400, 403, 413):
+        return [f"{text} (HTTP {status})"], USAGE
+    return [f"{text} (HTTP {status})"], FAILED
+
+
+def _field(loc: list[Any]) -> str:
+    """A validation error's location as the user wrote it: `spec.optimizer.lr`, `spec.data.x[0]`
+    for the body of a submit, `--status` for a query parameter."""
+    if len(loc) == 2 and loc[0] == "query":
+        return f"--{loc[1]}"
+    head = "spec" if loc[:1] == ["body"] else str(loc[0]) if loc else "request"
+    for part in loc[1:]:
+        head += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return head
+
+
+class CommandError(typer.TyperException):
+    """What a command tells the user when it cannot go on: one line, and the exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _fail(message: str, code: int = FAILED) -> NoReturn:
+    raise CommandError(message, code)
+
+
+app = typer.Typer(
+    cls=Cli,
+    no_args_is_help=True,
+    add_completion=False,
+    help=HELP,
+    pretty_exceptions_show_locals=False,  # locals hold API keys
+)
+
+
+@app.callback(help=HELP)
+def _global_options(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="show a traceback on errors")] = False,
+) -> None:
+    ctx.ensure_object(Options).debug = debug
+
 
 UrlOpt = Annotated[str | None, typer.Option("--url", help="API URL (default: $GRADSTREAM_URL)")]
 KeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key ($GRADSTREAM_API_KEY)")]
@@ -55,11 +220,6 @@ SEED_EXAMPLE: dict[str, Any] = {
     "steps": 10,
     "device": "cpu",
 }
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -144,19 +304,52 @@ def api(
     os.execv(sys.executable, argv)
 
 
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="where Redis's AOF, the logs and the API key live between runs "
+        "(default: $XDG_DATA_HOME/gradstream or ~/.local/share/gradstream; "
+        "with --demo: a temporary folder)",
+    ),
+]
+
+
+def _stop_on_sigterm(*_: object) -> None:
+    raise KeyboardInterrupt  # stop the way Ctrl-C does, through `finally`
+
+
 @app.command()
 def up(
     port: Annotated[int, typer.Option(help="API port (0: any free port)")] = 8000,
     demo: Annotated[bool, typer.Option(help="run the tutorial's example, then stop")] = False,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Run the local stack: a private redis-server, one CPU worker (+1 per GPU) and the API."""
     started = time.monotonic()
-    # SIGTERM (a supervisor, `kill`) stops the stack like Ctrl-C does, through `finally`.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    run_dir = Path(tempfile.mkdtemp(prefix="gradstream-"))
-    stack = Stack(run_dir)
+    # A background job of a non-interactive shell (`gradstream up &` in a script) starts with
+    # SIGINT ignored, and Python keeps it so: install the handler explicitly, so that Ctrl-C
+    # and `kill -INT` stop the stack. SIGTERM (a supervisor, `kill`) stops it the same way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    throwaway = demo and data_dir is None
+    folder = Path(tempfile.mkdtemp(prefix="gradstream-")) if throwaway else data_dir
+    folder = folder or default_data_dir()
     try:
-        typer.echo(f"starting redis-server, workers and the API (logs in {run_dir})")
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = lock_data_dir(folder)
+    except FolderInUse as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot use {folder} as the data folder: {exc.strerror} (try another --data-dir)")
+    try:
+        api_key = None if throwaway else stored_api_key(folder / "api-key")
+    except (OSError, RuntimeError) as exc:
+        lock.close()
+        _fail(str(exc))
+    stack = Stack(folder, api_key=api_key)
+    try:
+        typer.echo(f"starting redis-server, workers and the API (data and logs in {folder})")
         stack.start_redis(maxmemory_bytes=get_settings().redis_maxmemory_bytes)
         stack.start_worker("cpu")
         gpus = visible_gpus()
@@ -172,6 +365,7 @@ def up(
             f"  GRADSTREAM_URL={stack.api_url} GRADSTREAM_API_KEY={stack.api_key} gradstream jobs"
         )
         typer.echo(f"  curl -H 'Authorization: Bearer {stack.api_key}' {stack.api_url}/v1/jobs")
+        typer.echo(f"  dashboard: {stack.api_url}/#key={stack.api_key}")
         if demo:
             _run_demo(stack.api_url, stack.api_key, started)
         else:
@@ -179,14 +373,21 @@ def up(
             while all(p.poll() is None for _, p in stack.processes):
                 time.sleep(0.5)
             dead = [name for name, p in stack.processes if p.poll() is not None]
-            _fail(f"{', '.join(dead)} exited; logs in {run_dir}")
+            _fail(f"{', '.join(dead)} exited; logs in {folder}")
     except KeyboardInterrupt:
         typer.echo("stopping")
+    except typer.Exit:  # a RuntimeError too: the demo's job did not succeed
+        raise
     except (TimeoutError, RuntimeError) as exc:
-        _fail(f"{exc} (logs in {run_dir})")
+        _fail(f"{exc} (logs in {folder})")
     finally:
+        # A second Ctrl-C must not cut the stop short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        lock.close()
+        if throwaway:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run_demo(url: str, api_key: str, started: float) -> None:
@@ -227,19 +428,90 @@ def _f32s(values: Any) -> str:
     return _f32(values)
 
 
+SHOWN_VALUES = 4  # of a vector, on a step's line; the rest are counted, not printed
+
+
+def _f32_head(values: list[float | None]) -> str:
+    """The first values of a vector, and how many more there are: `[0.1, 0.2, … 8 more]`."""
+    shown = ", ".join(_f32(v) for v in values[:SHOWN_VALUES])
+    more = len(values) - SHOWN_VALUES
+    return f"[{shown}, … {more} more]" if more > 0 else f"[{shown}]"
+
+
 def _format_step(step: dict[str, Any]) -> str:
+    """One line per step, however wide the model: loss, gradient norm, the first values."""
     grads, params = step["grads"], step["params"]
     text = (
-        f"step {step['step']:>4}  loss {_f32(step['loss']):<12}"
-        f"  dLoss/dw {_f32s(grads['w'])}  w {_f32s(params['w'])}"
+        f"step {step['step']:>4}  loss {_f32(step['loss']):<12}  |grad| {_norm(step):<10}"
+        f"  dLoss/dw {_f32_head(grads['w'])}  w {_f32_head(params['w'])}"
     )
     if "b" in grads:
-        text += f"  dLoss/db {_f32s(grads['b'])}  b {_f32s(params['b'])}"
+        text += f"  dLoss/db {_f32(grads['b'])}  b {_f32(params['b'])}"
     return text
+
+
+def _norm(step: dict[str, Any]) -> str:
+    """The gradient's Euclidean norm, 4 significant digits; nan if any part was not finite."""
+    values = [*step["grads"]["w"], *([step["grads"]["b"]] if "b" in step["grads"] else [])]
+    if any(v is None for v in values):
+        return "nan"
+    return f"{math.sqrt(sum(v * v for v in values)):.4g}"
+
+
+def _time(text: str) -> str:
+    """An API time as the CLI prints every time: ISO 8601 UTC to the second, with Z."""
+    return _parse_time(text).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _age(text: str) -> str:
+    """How long ago an API time was: `2 s ago`, `5 min ago`, `3 h ago`."""
+    seconds = max(0.0, (datetime.now(UTC) - _parse_time(text)).total_seconds())
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
 
 
 def _client(url: str | None, api_key: str | None) -> Client:
     return Client(url, api_key)
+
+
+def _read_spec(spec_file: str) -> dict[str, Any]:
+    """A JobSpec from a JSON or YAML file (by its suffix), or stdin for `-`."""
+    is_yaml = spec_file.endswith((".yaml", ".yml"))
+    try:
+        text = sys.stdin.read() if spec_file == "-" else Path(spec_file).read_text()
+    except OSError as exc:
+        _fail(f"cannot read the spec file {spec_file}: {exc.strerror}", USAGE)
+    try:
+        spec = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        _fail(f"{spec_file} is not valid JSON: {exc.msg} ({where}; *.yaml is read as YAML)", USAGE)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed"
+        _fail(f"{spec_file} is not valid YAML: {problem}{where}", USAGE)
+    if not isinstance(spec, dict):
+        _fail(f"{spec_file} holds no JobSpec: it must be a mapping with `data`, `steps`, …", USAGE)
+    return spec
+
+
+def _parse_synthetic(value: str) -> tuple[int, int]:
+    parts = value.split(",")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        _fail(
+            f"--synthetic takes N,D: samples and features as whole numbers, "
+            f"e.g. --synthetic 1000,10 (not {value!r})",
+            USAGE,
+        )
+    return int(parts[0]), int(parts[1])
 
 
 @app.command()
@@ -261,16 +533,12 @@ def submit(
     api_key: KeyOpt = None,
 ) -> None:
     """Submit a job from a spec file and/or flags (flags override the file); print its id."""
-    spec: dict[str, Any] = {}
-    if spec_file is not None:
-        text = sys.stdin.read() if spec_file == "-" else Path(spec_file).read_text()
-        is_yaml = spec_file.endswith((".yaml", ".yml"))
-        spec = yaml.safe_load(text) if is_yaml else json.loads(text)
+    spec = _read_spec(spec_file) if spec_file is not None else {}
     if synthetic is not None:
-        n, d = (int(v) for v in synthetic.split(","))
+        n, d = _parse_synthetic(synthetic)
         spec["data"] = {"synthetic": {"n": n, "d": d}}
     if "data" not in spec:
-        _fail("give a spec file with data, or --synthetic N,D", code=2)
+        _fail("give a spec file with data, or --synthetic N,D", USAGE)
     optimizer_spec = dict(spec.get("optimizer") or {})
     for key, value in (("lr", lr), ("name", optimizer)):
         if value is not None:
@@ -281,10 +549,7 @@ def submit(
         if value is not None:
             spec[key] = value
     with _client(url, api_key) as client:
-        try:
-            job = client.submit(spec)
-        except GradstreamError as exc:
-            _fail(str(exc))
+        job = client.submit(spec)
         typer.echo(job["id"])
         if watch_job:
             _watch(client, job["id"], progress)
@@ -297,7 +562,11 @@ def _watch(client: Client, job_id: str, progress: bool | None = None) -> None:
         progress = sys.stdout.isatty()
     view = _watch_with_bar(client, job_id) if progress else _watch_lines(client, job_id)
     if view["status"] != "succeeded":
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
+
+
+def _stream_ended(job_id: str) -> NoReturn:
+    _fail(f"the event stream ended before job {job_id} did: `gradstream watch {job_id}` resumes")
 
 
 def _watch_lines(client: Client, job_id: str) -> dict[str, Any]:
@@ -310,19 +579,7 @@ def _watch_lines(client: Client, job_id: str) -> dict[str, Any]:
             view: dict[str, Any] = event.data
             typer.echo(f"{view['status']}: {json.dumps(view['result'] or view['error'])}")
             return view
-    raise GradstreamError(0, "the stream ended without done")
-
-
-def _grad_norm(step: dict[str, Any]) -> float:
-    values = [v for v in _flat(step["grads"].values()) if v is not None]
-    return math.sqrt(sum(v * v for v in values))
-
-
-def _flat(values: Any) -> list[float | None]:
-    out: list[float | None] = []
-    for value in values:
-        out.extend(_flat(value) if isinstance(value, list) else [value])
-    return out
+    _stream_ended(job_id)
 
 
 def _watch_with_bar(client: Client, job_id: str) -> dict[str, Any]:
@@ -332,7 +589,7 @@ def _watch_with_bar(client: Client, job_id: str) -> dict[str, Any]:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
-        TextColumn("loss {task.fields[loss]}  |grad| {task.fields[grad]}"),
+        TextColumn("loss {task.fields[loss]}  |grad| {task.fields[grad]}  ETA"),
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=Console(force_terminal=True)) as bar:
@@ -341,10 +598,7 @@ def _watch_with_bar(client: Client, job_id: str) -> dict[str, Any]:
             if event.event == "step":
                 step = event.data
                 bar.update(
-                    task,
-                    completed=step["step"] + 1,
-                    loss=_f32(step["loss"]),
-                    grad=f"{_grad_norm(step):.4g}",
+                    task, completed=step["step"] + 1, loss=_f32(step["loss"]), grad=_norm(step)
                 )
             elif event.event == "status":
                 bar.update(task, status=event.data["status"])
@@ -354,20 +608,16 @@ def _watch_with_bar(client: Client, job_id: str) -> dict[str, Any]:
                 bar.stop()
                 typer.echo(f"{view['status']}: {view.get('stop_reason') or ''}")
                 return view
-    raise GradstreamError(0, "the stream ended without done")
+    _stream_ended(job_id)
 
 
 @app.command()
 def watch(
     job_id: str, progress: ProgressOpt = None, url: UrlOpt = None, api_key: KeyOpt = None
 ) -> None:
-    """Follow a job live until it ends (resumes after a dropped connection); exit 1 unless it
-    succeeded."""
+    """Follow a job live until it ends, resuming if dropped; exit 1 unless it succeeds."""
     with _client(url, api_key) as client:
-        try:
-            _watch(client, job_id, progress)
-        except GradstreamError as exc:
-            _fail(str(exc))
+        _watch(client, job_id, progress)
 
 
 @app.command()
@@ -380,20 +630,17 @@ def show(
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """Print a job as JSON, or with --explain one step's backpropagation, node by node."""
+    """Print a job as the API's JSON, or with --explain one step's backpropagation."""
     with _client(url, api_key) as client:
-        try:
-            if not explain:
-                typer.echo(json.dumps(client.get(job_id), indent=2))
-                return
-            record = next(iter(client.steps(job_id, after=step - 1, page=1)), None)
-        except GradstreamError as exc:
-            _fail(str(exc))
-        if record is None or record["step"] != step:
-            _fail(f"job {job_id} has no step {step} stored")
-        if "explain" not in record:
-            _fail(f"job {job_id} was not run with record.explain: true")
-        typer.echo(_format_explain(record))
+        if not explain:
+            typer.echo(json.dumps(client.get(job_id), indent=2))
+            return
+        record = next(iter(client.steps(job_id, after=step - 1, page=1)), None)
+    if record is None or record["step"] != step:
+        _fail(f"job {job_id} has no step {step} stored", USAGE)
+    if "explain" not in record:
+        _fail(f"job {job_id} was not run with record.explain: true", USAGE)
+    typer.echo(_format_explain(record))
 
 
 def _format_explain(record: dict[str, Any]) -> str:
@@ -413,6 +660,11 @@ def _format_explain(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _print_table(table: Table) -> None:
+    # Wide enough off a terminal that ids and times are never wrapped or cut.
+    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
+
+
 @app.command()
 def jobs(
     status: Annotated[str | None, typer.Option()] = None,
@@ -422,75 +674,96 @@ def jobs(
 ) -> None:
     """List your jobs, newest first, as a table."""
     with _client(url, api_key) as client:
-        try:
-            listed = client.jobs(status, limit)
-        except GradstreamError as exc:
-            _fail(str(exc))
-    table = Table("job", "status", "device", "steps", "created", "why it ended", box=None)
+        listed = client.jobs(status, limit)
+    table = Table(
+        "ID", "STATUS", "DEVICE", "STEPS", "CREATED", "WHY IT ENDED", box=None, pad_edge=False
+    )
     table.columns[0].no_wrap = True
     for job in listed:
         steps = f"{job['steps_done']}/{job['spec']['steps']}"
         ended = job.get("stop_reason") or ""
-        table.add_row(job["id"], job["status"], job["device"], steps, job["created_at"], ended)
-    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
+        created = _time(job["created_at"])
+        table.add_row(job["id"], job["status"], job["device"], steps, created, ended)
+    _print_table(table)
 
 
 @app.command()
 def cancel(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
     """Cancel a job."""
     with _client(url, api_key) as client:
-        try:
-            typer.echo(client.cancel(job_id)["status"])
-        except GradstreamError as exc:
-            _fail(str(exc))
+        typer.echo(client.cancel(job_id)["status"])
 
 
 @app.command()
 def delete(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
     """Delete an ended job: its record, steps and checkpoint (cancel a running one first)."""
     with _client(url, api_key) as client:
-        try:
-            client.delete(job_id)
-        except GradstreamError as exc:
-            _fail(str(exc))
-        typer.echo(f"deleted {job_id}")
+        client.delete(job_id)
+    typer.echo(f"deleted {job_id}")
+
+
+class StepsFormat(StrEnum):
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+def csv_header(record: dict[str, Any]) -> list[str]:
+    """The CSV columns of a job whose first step is `record`: w_0…, b, grad_w_0…, grad_b,
+    loss, step, epoch, batch (b and grad_b only with a bias)."""
+    weights = [f"w_{i}" for i in range(len(record["params"]["w"]))]
+    bias = ["b"] if "b" in record["params"] else []
+    params = weights + bias
+    return [*params, *(f"grad_{name}" for name in params), "loss", "step", "epoch", "batch"]
+
+
+def csv_row(record: dict[str, Any]) -> list[Any]:
+    """A step's values in csv_header's order. A full-batch step is one epoch of one batch;
+    a value that was not finite (null in the API's JSON) is written `nan`."""
+    params, grads = record["params"], record["grads"]
+    values = [*params["w"], *([params["b"]] if "b" in params else [])]
+    values += [*grads["w"], *([grads["b"]] if "b" in grads else [])]
+    values.append(record["loss"])
+    floats = ["nan" if v is None else v for v in values]
+    return [*floats, record["step"], record.get("epoch", record["step"]), record.get("batch", 0)]
 
 
 @app.command()
 def steps(
     job_id: str,
-    format: Annotated[str, typer.Option(help="jsonl or csv")] = "jsonl",
+    format: Annotated[StepsFormat, typer.Option(help="jsonl (the API's records) or csv")] = (
+        StepsFormat.jsonl
+    ),
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """Export a job's stored steps."""
+    """Export a job's stored steps: a JSON record a line, or CSV with a column per value."""
     with _client(url, api_key) as client:
         records = client.steps(job_id)
-        if format == "jsonl":
+        if format is StepsFormat.jsonl:
             for record in records:
                 typer.echo(json.dumps(record))
             return
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["step", "loss", "grads", "params"])
-        for record in records:
-            writer.writerow(
-                [
-                    record["step"],
-                    record["loss"],
-                    json.dumps(record["grads"]),
-                    json.dumps(record["params"]),
-                ]
-            )
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        for i, record in enumerate(records):
+            if i == 0:
+                writer.writerow(csv_header(record))
+            writer.writerow(csv_row(record))
 
 
 @app.command()
 def workers(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
-    """List live workers."""
+    """List live workers as a table: device, queues, current job, last heartbeat."""
     with _client(url, api_key) as client:
-        for w in client.workers():
-            typer.echo(
-                f"{w['name']}  {w['device']:<7}  {','.join(w['queues']):<4}  job {w['current_job']}"
-            )
+        listed = client.workers()
+    table = Table("NAME", "DEVICE", "QUEUES", "JOB", "HEARTBEAT", box=None, pad_edge=False)
+    table.columns[0].no_wrap = True
+    for w in listed:
+        device = w["device"]
+        if device != "cpu" and w.get("device_name"):  # a GPU's model; a CPU's says little
+            device += f" ({w['device_name']})"
+        queues = ",".join(w["queues"])
+        table.add_row(w["name"], device, queues, w["current_job"] or "—", _age(w["heartbeat_at"]))
+    _print_table(table)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ processes. Each process runs in its own session, so stopping it stops its childr
 """
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from typing import IO
 import httpx
 import redis
 
-from services.auth import new_api_key
+from services.auth import MIN_KEY_LENGTH, new_api_key
 
 
 def free_port() -> int:
@@ -82,7 +83,7 @@ class Stack:
     """A set of local processes sharing one private Redis, all stopped by `stop()`.
 
     The API it starts accepts one generated key per tenant in `tenants` (`keys`); `api_key` is
-    the first tenant's, which the stack itself uses.
+    the first tenant's, which the stack itself uses (given, it is that tenant's key instead).
     """
 
     def __init__(
@@ -90,10 +91,13 @@ class Stack:
         run_dir: Path,
         env: dict[str, str] | None = None,
         tenants: tuple[str, ...] = ("local",),
+        api_key: str | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.base_env = env or {}
         self.keys = {tenant: new_api_key() for tenant in tenants}
+        if api_key is not None:
+            self.keys[tenants[0]] = api_key
         self.api_key = self.keys[tenants[0]]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -200,6 +204,52 @@ class Stack:
         for log in self._logs:
             log.close()
         self._logs.clear()
+
+
+def default_data_dir() -> Path:
+    """Where `gradstream up` keeps its data: $XDG_DATA_HOME/gradstream, else
+    ~/.local/share/gradstream (the XDG base directory default)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gradstream"
+
+
+class FolderInUse(RuntimeError):
+    """Another `gradstream up` holds this data folder."""
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold `data_dir/up.pid` (with this process's pid in it) locked for as long as the returned
+    file stays open: one `gradstream up` per folder, as two redis-servers on one AOF would
+    corrupt it. An flock, so a crashed `up` leaves no stale lock behind."""
+    pid_file = open(data_dir / "up.pid", "a+")  # noqa: SIM115 (held open while up runs)
+    try:
+        fcntl.flock(pid_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid_file.seek(0)
+        holder = pid_file.read().strip() or "?"
+        pid_file.close()
+        raise FolderInUse(
+            f"another `gradstream up` (pid {holder}) is using {data_dir}: stop it, "
+            "or give this one another --data-dir"
+        ) from None
+    pid_file.truncate(0)
+    pid_file.write(f"{os.getpid()}\n")
+    pid_file.flush()
+    return pid_file
+
+
+def stored_api_key(path: Path) -> str:
+    """The API key kept in `path`, made on first use and readable by its owner only."""
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = new_api_key()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as key_file:
+            key_file.write(key + "\n")
+    if len(key) < MIN_KEY_LENGTH:
+        raise RuntimeError(f"{path} holds no valid API key: delete it, and a new one is made")
+    return key
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def test_submit_a_yaml_spec_and_watch_it_line_by_line(stack: Stack, tmp_path: Pa
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines[0]) == 32  # the job id
-    assert "step    0  loss 1.0           dLoss/dw [-2.0]  w [1.0]" in lines
+    assert "step    0  loss 1.0           |grad| 2           dLoss/dw [-2.0]  w [1.0]" in lines
     assert lines[-1].startswith("succeeded: ")
 
 
@@ -64,13 +65,21 @@ def test_submit_from_flags_then_show_steps_and_jobs(stack: Stack) -> None:
     shown = json.loads(_run(stack, "show", job_id).stdout)
     assert shown["spec"]["steps"] == 20 and shown["spec"]["bias"] is True
     assert shown["spec"]["data"]["synthetic"]["n"] == 50
-    csv_out = _run(stack, "steps", job_id, "--format", "csv").stdout.splitlines()
-    assert csv_out[0] == "step,loss,grads,params" and len(csv_out) == 21
     jsonl = [
         json.loads(line)
         for line in _run(stack, "steps", job_id, "--format", "jsonl").stdout.splitlines()
     ]
     assert [r["step"] for r in jsonl] == list(range(20)) and "b" in jsonl[0]["grads"]
+    # Tidy CSV: a column per value, one header row, the API's exact floats.
+    csv_out = _run(stack, "steps", job_id, "--format", "csv").stdout.splitlines()
+    assert csv_out[0] == ("w_0,w_1,w_2,b,grad_w_0,grad_w_1,grad_w_2,grad_b,loss,step,epoch,batch")
+    assert len(csv_out) == 21
+    step_7 = jsonl[7]
+    expected = [*step_7["params"]["w"], step_7["params"]["b"], *step_7["grads"]["w"]]
+    expected += [step_7["grads"]["b"], step_7["loss"]]
+    row = csv_out[8].split(",")
+    assert [float(v) for v in row[:9]] == expected
+    assert row[9:] == ["7", "7", "0"]  # a full-batch step is one epoch of one batch
     listed = _run(stack, "jobs", "--limit", "50").stdout
     assert job_id in listed and "succeeded" in listed
 
@@ -96,11 +105,44 @@ def test_cancel_and_workers(stack: Stack, client: Client) -> None:
     assert out.returncode == 0 and out.stdout.strip() == "cancelled"
     again = _run(stack, "cancel", queued["id"])
     assert again.returncode == 1 and "already finished" in again.stderr
-    workers = _run(stack, "workers").stdout
-    assert "cpu" in workers
+    workers = [line.rstrip() for line in _run(stack, "workers").stdout.splitlines()]
+    assert workers[0].split() == ["NAME", "DEVICE", "QUEUES", "JOB", "HEARTBEAT"]
+    cpu = next(line for line in workers[1:] if line.startswith("cpu"))
+    assert re.search(r" cpu +cpu +— +\d+ s ago$", cpu), cpu
+    assert "None" not in "\n".join(workers)
 
 
 @pytest.mark.parametrize("command", [["jobs"], ["workers"], ["show", "0" * 32]])
-def test_a_wrong_key_is_a_clear_error(stack: Stack, command: list[str]) -> None:
+def test_a_wrong_key_is_one_line_saying_which_key_to_use(stack: Stack, command: list[str]) -> None:
     out = _run(stack, *command, key="not-a-key-of-anyone")
-    assert out.returncode != 0 and "invalid API key" in out.stderr
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "error: invalid API key: set GRADSTREAM_API_KEY or --api-key to a key of this API "
+        "(`gradstream up` prints its key)"
+    ]
+
+
+@pytest.mark.parametrize("command", [["show"], ["watch"], ["steps"], ["cancel"]])
+def test_an_unknown_job_is_one_line(stack: Stack, command: list[str]) -> None:
+    out = _run(stack, *command, "0" * 32)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"error: job '{'0' * 32}' not found (`gradstream jobs` lists yours)"
+    ]
+
+
+def test_a_rejected_spec_prints_each_field_on_its_own_line(stack: Stack) -> None:
+    out = _run(stack, "submit", "--synthetic", "10,2", "--lr", "-1", "--steps", "0")
+    assert out.returncode == 2
+    assert sorted(out.stderr.splitlines()) == [
+        "error: spec.optimizer.lr: Input should be greater than 0",
+        "error: spec.steps: Input should be greater than or equal to 1",
+    ]
+    assert out.stdout == ""
+
+
+def test_submit_watch_exits_1_when_the_job_does_not_succeed(stack: Stack) -> None:
+    out = _run(stack, "submit", "--synthetic", "20,2", "--lr", "1e30", "--watch", "--lines")
+    assert out.returncode == 1, out.stderr
+    assert out.stdout.splitlines()[-1].startswith("diverged: ")
+    assert out.stderr == ""

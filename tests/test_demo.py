@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from cli.main import SEED_EXAMPLE
 
@@ -37,7 +38,8 @@ def test_demo_prints_the_tutorials_steps_live_and_stops_everything() -> None:
     lines = result.stdout.splitlines()
     steps = [line for line in lines if line.startswith("step ")]
     assert len(steps) == SEED_EXAMPLE["steps"]
-    assert re.match(r"step +0 +loss 1\.0 +dLoss/dw \[-2\.0\] +w \[1\.0\]$", steps[0]), steps[0]
+    first = r"step +0 +loss 1\.0 +\|grad\| 2 +dLoss/dw \[-2\.0\] +w \[1\.0\]$"
+    assert re.match(first, steps[0]), steps[0]
     losses = [float(re.search(r"loss (\S+)", line).group(1)) for line in steps]  # type: ignore[union-attr]
     assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0]
     assert "succeeded" in lines[-1]
@@ -48,9 +50,14 @@ def test_demo_prints_the_tutorials_steps_live_and_stops_everything() -> None:
     assert _processes_using(redis_url) == []
 
 
-def test_up_stops_everything_on_ctrl_c() -> None:
+def test_up_stops_everything_on_ctrl_c_even_when_started_with_sigint_ignored(
+    tmp_path: Path,
+) -> None:
+    # As `gradstream up &` in a script starts it: a non-interactive shell's background job
+    # inherits SIGINT ignored.
+    up_argv = [sys.executable, "-m", "cli.main", "up", "--port", "0", "--data-dir", str(tmp_path)]
     with subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "up", "--port", "0"],
+        ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *up_argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
