@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import HTTPException
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
@@ -24,6 +25,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from api.client import Client
+from api.routes import dashboard
 from cli.stack import Stack
 from tests.conftest import SEED_EXAMPLE
 from tests.faults import long_spec
@@ -106,6 +108,15 @@ def test_the_chart_library_is_served_from_node_modules(stack: Stack) -> None:
     assert response.headers["content-type"].startswith("text/javascript")
     assert "Apache" in response.text[:2000]
     assert httpx.get(f"{stack.api_url}/static/..%2Fmain.py", timeout=10).status_code == 404
+
+
+def test_a_missing_chart_library_is_a_503_that_says_run_make_setup(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(dashboard, "ECHARTS", (tmp_path / "echarts.min.js",))
+    with pytest.raises(HTTPException) as raised:
+        dashboard.echarts()
+    assert raised.value.status_code == 503 and "make setup" in raised.value.detail
 
 
 def test_job_page_jobs_list_and_compare(

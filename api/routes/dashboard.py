@@ -26,8 +26,8 @@ def dashboard() -> FileResponse:
     return FileResponse(STATIC / "index.html", headers=NO_CACHE)
 
 
-def find_echarts(candidates: tuple[Path, ...] = ECHARTS) -> Path | None:
-    return next((path for path in candidates if path.is_file()), None)
+def find_echarts() -> Path | None:
+    return next((path for path in ECHARTS if path.is_file()), None)
 
 
 @router.get("/static/vendor/echarts.min.js")

@@ -1,8 +1,6 @@
 // What every page shares: the API key, API calls, building elements, formatting numbers and
 // times. The API key stays in this browser (localStorage); it is never put in a URL.
 
-const errorBox = document.getElementById("error");
-
 export function apiKey() { return localStorage.getItem("gradstream_key") || ""; }
 export function setApiKey(key) { localStorage.setItem("gradstream_key", key); }
 
@@ -32,7 +30,7 @@ export function el(tag, attrs = {}, ...children) {
 }
 
 export function showError(error) {
-  errorBox.textContent = error ? String(error.message || error) : "";
+  document.getElementById("error").textContent = error ? String(error.message || error) : "";
 }
 
 // A number in at most about 7 characters: 0.1234, 12.35, 1.2e+300 (a diverged job), 3.4e-7.
