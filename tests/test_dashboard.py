@@ -1,9 +1,10 @@
 """The dashboard in a real headless Chromium (Debian's chromium and chromedriver, driven by
 Selenium), against the session's stack: a job's page (empty state, live charts, spec, duration,
-rate, why it ended, log scale, smoothing, zoom, hover), the jobs list (status filter, cancel,
-delete), the compare view and the workers page; the browser logs no error. One browser for
-the module. With GRADSTREAM_SCREENSHOT_DIR set, the README's screenshots are written there
-(docs/dashboard-job.png, docs/dashboard-compare.png, docs/dashboard-workers.png)."""
+rate, why it ended, log scale, smoothing, zoom, hover, a picker beyond ten series, a diverged
+job's numbers kept short), the jobs list (status filter, cancel, delete), the compare view and
+the workers page; the browser logs no error. One browser for the module. With
+GRADSTREAM_SCREENSHOT_DIR set, the README's screenshots are written there (docs/dashboard-job.png,
+-compare.png, -jobs.png and -workers.png)."""
 
 import os
 import re
@@ -230,6 +231,36 @@ def test_workers_page_shows_heartbeat_age_and_queue_depth(
     assert depth.text.isdigit()
     assert browser.find_element(By.CSS_SELECTOR, 'tr[data-queue="gpu"]')
     _screenshot(browser, "dashboard-workers.png")
+    assert _severe(browser) == []
+
+
+def test_more_than_ten_series_get_a_picker_and_huge_numbers_stay_short(
+    stack: Stack, client: Client, browser: webdriver.Chrome
+) -> None:
+    # Twelve features and a learning rate that diverges: 12 weights, a loss past 1e30.
+    spec = {
+        "data": {"synthetic": {"n": 16, "d": 12, "seed": 5}},
+        "optimizer": {"name": "sgd", "lr": 50.0},
+        "steps": 40,
+        "device": "cpu",
+    }
+    job = client.wait(client.submit(spec)["id"])
+    browser.get(f"{stack.api_url}/#key={stack.api_key}&/jobs/{job['id']}")
+    picker = _until(browser, lambda b: b.find_element(By.ID, "params-chart-picker"))
+    _until(browser, lambda _: picker.is_displayed())
+    assert picker.find_element(By.TAG_NAME, "summary").text == "10 of 12 series"
+    picker.click()
+    boxes = picker.find_elements(By.CSS_SELECTOR, "input[type=checkbox]")
+    assert [box.is_selected() for box in boxes] == [True] * 10 + [False] * 2
+    boxes[11].click()
+    _until(browser, lambda _: picker.find_element(By.TAG_NAME, "summary").text == "11 of 12 series")
+    assert job["status"] == "diverged" and _text(browser, "status") == "diverged"
+    labels = browser.execute_script(
+        "return echarts.getInstanceByDom(arguments[0]).getModel().getComponent('yAxis')"
+        ".axis.getViewLabels().map(l => l.formattedLabel)",
+        browser.find_element(By.ID, "loss-chart"),
+    )
+    assert max(len(label) for label in labels) <= 8, labels
     assert _severe(browser) == []
 
 
