@@ -1,3 +1,9 @@
+# The dashboard's charts: Apache ECharts from the npm registry, as package-lock.json pins it.
+FROM node:20-slim AS web
+WORKDIR /build
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+
 # One image for the API and the workers. TORCH_VARIANT=cpu takes PyTorch's CPU-only wheel
 # (about 200 MB); TORCH_VARIANT=cuda takes the default wheel, which bundles CUDA (several GB).
 FROM python:3.11-slim
@@ -16,6 +22,8 @@ RUN if [ "$TORCH_VARIANT" = "cpu" ]; then \
 
 COPY pyproject.toml README.md ./
 COPY api ./api
+# Installed with the api package's static files; the API serves it at /static/vendor/.
+COPY --from=web /build/node_modules/echarts/dist/echarts.min.js ./api/static/vendor/
 COPY cli ./cli
 COPY services ./services
 COPY worker ./worker

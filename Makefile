@@ -1,11 +1,13 @@
 # make demo   run the tutorial's example through the whole local stack
 # make test   lint, type-check and run the whole test suite
-# Both set everything up first: .venv with the packages, and redis-server if missing.
+# Both set everything up first: .venv with the packages, node_modules (the dashboard's charts,
+# npm ci), and redis-server if missing.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
 
 .PHONY: demo test lint typecheck pytest bench soak setup redis-server chromium compose-secrets clean
 
@@ -14,7 +16,17 @@ demo: setup
 
 test: setup chromium lint typecheck pytest
 
-setup: $(STAMP) redis-server
+setup: $(STAMP) redis-server $(NODE_STAMP)
+
+# The dashboard's charts (Apache ECharts) from the npm registry, as package-lock.json pins them;
+# the API serves node_modules/echarts/dist/echarts.min.js. npm ci runs again only when the lock
+# changes.
+$(NODE_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found (the dashboard's charts come from" \
+	  "the npm registry). Install Node.js 20+ (Debian/Ubuntu: sudo apt-get install nodejs npm)" \
+	  "and run make again." >&2; exit 1; }
+	npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
 
 # torch is pinned in pyproject.toml to the CPU build this machine keeps on disk; see README
 # for the CUDA build on GPU nodes.
@@ -79,4 +91,4 @@ compose-secrets:
 	@echo "secrets/redis_password and secrets/api_keys ready; the API key: $$(cut -d: -f2- secrets/api_keys | head -1)"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -507,5 +507,15 @@ class WorkerInfo(BaseModel):
     heartbeat_at: UtcTime
 
 
+class QueueDepth(BaseModel):
+    """A worker queue and the jobs waiting in it (not those a worker has taken)."""
+
+    name: str
+    depth: int
+
+
 class WorkerList(BaseModel):
     workers: list[WorkerInfo]
+    queues: list[QueueDepth] = Field(
+        default_factory=list, description="each worker queue (cpu, gpu and any a worker reads)"
+    )

@@ -31,6 +31,9 @@ def test_jobs_run_only_on_workers_of_their_queue(stack: Stack, client: Client) -
     assert view["status"] == "queued"
     assert view["route_reason"] == "asked for cuda; waiting: no live worker for queue 'gpu'"
     assert client.submit(_spec("auto"))["route_reason"] == "auto: cpu (no gpu worker live)"
+    # GET /v1/workers reports each queue's waiting jobs: the cuda job sits in 'gpu'.
+    queues = client.http.get("/v1/workers").json()["queues"]
+    assert {"name": "gpu", "depth": 1} in queues and {q["name"] for q in queues} == {"cpu", "gpu"}
 
     gpu = stack.start_worker("cuda:0", GRADSTREAM_CUDA_FALLBACK_CPU="1")
     try:

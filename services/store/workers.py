@@ -4,7 +4,7 @@ service's counters. Heartbeat ages are on Redis's clock, whichever machine a wor
 import time
 from datetime import datetime
 
-from services.schemas import JobStatus, WorkerInfo
+from services.schemas import JobStatus, QueueDepth, WorkerInfo
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
 
@@ -76,6 +76,16 @@ class Workers(RedisPart):
                 if owner != tenant.encode():
                     worker.current_job = None
         return workers
+
+    @translate_redis_errors
+    def queue_depths(self, queues: list[str]) -> list[QueueDepth]:
+        """Messages waiting in each queue: kombu's Redis transport keeps a queue in a list of
+        its name (a message a worker has taken is in its unacked hash instead)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        depths = pipe.execute()
+        return [QueueDepth(name=q, depth=int(n)) for q, n in zip(queues, depths, strict=True)]
 
     @translate_redis_errors
     def service_stats(

@@ -1,0 +1,182 @@
+// One job: what it is and how it went (spec, device, worker, duration, rate, why it ended),
+// live charts of its loss, parameters and gradients from its event stream, and its result.
+import {
+  api, dataText, el, fmt, fmtDuration, fmtTime, jobRate, jobSeconds, optimizerText,
+  showError, statusBadge, whyEnded,
+} from "./common.js";
+import { LineChart } from "./charts.js";
+
+const ENDED = new Set(["succeeded", "failed", "diverged", "cancelled"]);
+
+// {"w": [..], "b": x} -> [["w[0]", v], ..., ["b", x]]
+function flatten(values) {
+  const out = [];
+  for (const [name, value] of Object.entries(values || {})) {
+    if (Array.isArray(value)) value.forEach((v, i) => out.push([`${name}[${i}]`, v]));
+    else out.push([name, value]);
+  }
+  return out;
+}
+
+export function jobPage(jobId) {
+  const status = el("span", { id: "status-slot" });
+  const actions = el("div", { class: "actions" });
+  const facts = el("dl", { id: "job-summary", class: "facts" });
+  const resultBox = el("section", { id: "result-card", class: "card", hidden: true });
+  const explain = el("div", { id: "explain" });
+  const loss = new LineChart({ id: "loss-chart", title: "Loss", log: true, smoothing: true });
+  const params = new LineChart({ id: "params-chart", title: "Parameters" });
+  const grads = new LineChart({ id: "grads-chart", title: "Gradients" });
+  loss.figure.classList.add("wide");
+  document.getElementById("view").replaceChildren(
+    el("div", { class: "page-head" },
+      el("h2", {}, "Job ", el("code", { class: "job-id" }, jobId)), status, actions),
+    el("section", { class: "card" }, facts),
+    el("div", { class: "charts" }, loss.figure, params.figure, grads.figure),
+    resultBox, explain);
+  let job = null, source = null, closed = false, lastStep = -1, explained = false;
+
+  // The facts are built once and their text set in place on each refresh.
+  const FACTS = [["optimizer", "spec-optimizer"], ["data", "spec-data"], ["steps", "spec-steps"],
+    ["device", "device"], ["worker", "worker"], ["duration", "duration"], ["rate", "rate"],
+    ["created", "created"], ["state", "why-ended"]];
+  const cell = {}, label = {};
+  for (const [text, id] of FACTS) {
+    cell[id] = el("dd", { id });
+    label[id] = el("dt", {}, text);
+    facts.append(el("div", { class: `fact fact-${id}` }, label[id], cell[id]));
+  }
+  const put = (id, text) => { if (cell[id].textContent !== text) cell[id].textContent = text; };
+
+  function show(view) {
+    const changed = !job || job.status !== view.status;
+    job = view;
+    const spec = view.spec;
+    const optimizer = spec.optimizer || {};
+    const rate = jobRate(view);
+    const ended = ENDED.has(view.status);
+    put("spec-optimizer", optimizerText(spec) + (optimizer.momentum ? `, momentum ${optimizer.momentum}` : ""));
+    put("spec-data", dataText(spec) + (spec.bias ? " + bias" : "") +
+      (spec.batch_size ? `, batch ${spec.batch_size}` : ", full batch"));
+    put("spec-steps", `${view.steps_done.toLocaleString()} / ${spec.steps.toLocaleString()}`);
+    put("device", view.device);
+    cell.device.title = view.route_reason;
+    put("worker", view.worker || "—");
+    put("duration", fmtDuration(jobSeconds(view)));
+    put("rate", rate ? `${fmt(rate)} steps/s` : "—");
+    put("created", fmtTime(view.created_at));
+    put("why-ended", ended ? `${view.status}: ${whyEnded(view) || "—"}` : view.status);
+    label["why-ended"].textContent = ended ? "why it ended" : "state";
+    if (!changed) return;
+    status.replaceChildren(statusBadge(view.status, { id: "status" }));
+    actions.replaceChildren(ended
+      ? el("button", { id: "delete", class: "danger", onclick: remove }, "Delete")
+      : el("button", { id: "cancel", onclick: cancel, disabled: view.status === "cancelling" },
+        "Cancel"));
+    if (ended) showResult(view);
+  }
+
+  async function refresh() {
+    try { show(await api(`/v1/jobs/${jobId}`)); showError(null); } catch (error) { showError(error); }
+  }
+
+  async function cancel() {
+    try { show(await api(`/v1/jobs/${jobId}/cancel`, { method: "POST" })); } catch (error) { showError(error); }
+  }
+
+  async function remove() {
+    try { await api(`/v1/jobs/${jobId}`, { method: "DELETE" }); location.hash = "#/"; } catch (error) { showError(error); }
+  }
+
+  function showResult(view) {
+    const result = view.result;
+    if (!result) {
+      if (view.error) {
+        resultBox.replaceChildren(el("h3", {}, "Result"), el("p", { id: "result", class: "bad" }, view.error));
+        resultBox.hidden = false;
+      }
+      return;
+    }
+    const row = (text, value) => [el("div", { class: "fact" }, el("dt", {}, text), el("dd", {}, value))];
+    const values = (params) => flatten(params).map(([name, v]) => `${name} = ${fmt(v)}`).join(", ");
+    resultBox.replaceChildren(el("h3", {}, "Result"), el("dl", { id: "result", class: "facts" },
+      ...row("final loss", fmt(result.loss)),
+      ...row("loss on all data", fmt(result.full_loss)),
+      ...row("R²", fmt(result.r2)),
+      ...row("gap to least squares", fmt(result.lstsq_gap)),
+      ...row("stepper", result.stepper || "—"),
+      ...row("final parameters", values(result.params))));
+    resultBox.hidden = false;
+    if (loss.points === 0) {
+      for (const chart of [loss, params, grads]) chart.emptyNote.textContent = "No steps were recorded.";
+    }
+  }
+
+  // The stream token lives a few minutes: EventSource reconnects by itself after a dropped
+  // connection, but once the token has expired it gets a 401 and gives up. Then this opens a
+  // new stream with a new token, after the last step it has.
+  async function follow() {
+    const { token } = await api(`/v1/jobs/${jobId}/stream-token`, { method: "POST" });
+    if (closed) return;
+    const query = `token=${encodeURIComponent(token)}&after=${lastStep}`;
+    source = new EventSource(`/v1/jobs/${jobId}/events?${query}`);
+    source.addEventListener("error", () => {
+      if (!closed && source.readyState === EventSource.CLOSED) {
+        setTimeout(() => follow().catch(showError), 1000);
+      }
+    });
+    source.addEventListener("step", (message) => {
+      const step = JSON.parse(message.data);
+      lastStep = step.step;
+      loss.add("loss", step.step, step.loss);
+      for (const [name, value] of flatten(step.params)) params.add(name, step.step, value);
+      for (const [name, value] of flatten(step.grads)) grads.add(name, step.step, value);
+      loss.update(); params.update(); grads.update();
+      if (step.explain && !explained) { explained = true; showExplain(explain, step); }
+    });
+    source.addEventListener("status", (message) => {
+      const { status: now } = JSON.parse(message.data);
+      if (job && job.status !== now) refresh();
+    });
+    source.addEventListener("done", () => {
+      source.close();  // before the server ends the stream: no reconnect
+      refresh();
+    });
+  }
+
+  // The job view (worker, duration, rate) is read again every second while the job runs.
+  const timer = setInterval(() => { if (job && !ENDED.has(job.status)) refresh(); }, 1000);
+  (async () => {
+    try {
+      show(await api(`/v1/jobs/${jobId}`));
+      if (!closed) await follow();
+      showError(null);
+    } catch (error) { showError(error); }
+  })();
+  return () => {
+    closed = true;
+    clearInterval(timer);
+    if (source) source.close();
+    for (const chart of [loss, params, grads]) chart.dispose();
+  };
+}
+
+// The tutorial's view of one step (jobs run with record.explain): each node of the graph
+// with its value, the gradient flowing into it and its local gradient, then the chain rule.
+function showExplain(box, step) {
+  const show = (v) => JSON.stringify(v);
+  const rows = step.explain.nodes.map((node) => el("tr", {},
+    el("td", {}, node.node), el("td", {}, node.op), el("td", { class: "value" }, show(node.value)),
+    el("td", {}, show(node.grad)),
+    el("td", {}, Object.entries(node.local).map(([name, v]) => `d${name.replace("/", "/d")} = ${show(v)}`).join("; "))));
+  const chain = step.explain.chain;
+  const gradients = ["w", "b"].filter((name) => name in chain)
+    .map((name) => `dLoss/d${name} = ${show(chain[name])}`).join(", ");
+  box.replaceChildren(el("section", { class: "card" },
+    el("h3", {}, `Backpropagation at step ${step.step}`),
+    el("table", { id: "explain-table" },
+      el("thead", {}, el("tr", {}, ...["node", "op", "value", "dLoss/d(node)", "local gradient"]
+        .map((name) => el("th", {}, name)))),
+      el("tbody", {}, ...rows)),
+    el("p", { id: "explain-chain" }, `${chain.rule}: ${gradients}`)));
+}
