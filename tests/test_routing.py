@@ -23,8 +23,14 @@ def _live_queues(client: Client) -> set[str]:
     return {q for w in client.workers() for q in w["queues"]}
 
 
+def _depths(client: Client) -> dict[str, int]:
+    return {q["name"]: q["depth"] for q in client.http.get("/v1/workers").json()["queues"]}
+
+
 def test_jobs_run_only_on_workers_of_their_queue(stack: Stack, client: Client) -> None:
     assert "gpu" not in _live_queues(client)
+    # The stack is shared: earlier tests may have left cuda jobs waiting in 'gpu'.
+    gpu_before = _depths(client).get("gpu", 0)
     waiting = client.submit(_spec("cuda"))
     assert waiting["device"] == "cuda"
     view = client.get(waiting["id"])
@@ -32,8 +38,8 @@ def test_jobs_run_only_on_workers_of_their_queue(stack: Stack, client: Client) -
     assert view["route_reason"] == "asked for cuda; waiting: no live worker for queue 'gpu'"
     assert client.submit(_spec("auto"))["route_reason"] == "auto: cpu (no gpu worker live)"
     # GET /v1/workers reports each queue's waiting jobs: the cuda job sits in 'gpu'.
-    queues = client.http.get("/v1/workers").json()["queues"]
-    assert {"name": "gpu", "depth": 1} in queues and {q["name"] for q in queues} == {"cpu", "gpu"}
+    depths = _depths(client)
+    assert depths["gpu"] == gpu_before + 1 and set(depths) == {"cpu", "gpu"}
 
     gpu = stack.start_worker("cuda:0", GRADSTREAM_CUDA_FALLBACK_CPU="1")
     try:
