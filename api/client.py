@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "diverged"})
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "diverged", "pruned"})
 
 
 @dataclass(frozen=True)

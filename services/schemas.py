@@ -1,5 +1,6 @@
 """Pydantic models at the boundaries: what a client sends (JobSpec) and what it reads back."""
 
+import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
@@ -135,6 +136,8 @@ class DataSpec(StrictModel):
     # An uploaded dataset's (samples, features), known once it is looked up (not part of the
     # spec a client sends or reads back).
     _shape: tuple[int, int] | None = PrivateAttr(default=None)
+    # The data's digest, computed once: sweep members share one DataSpec (services/sweeps.py).
+    _fingerprint: str | None = PrivateAttr(default=None)
 
     @field_validator("y")
     @classmethod
@@ -170,6 +173,14 @@ class DataSpec(StrictModel):
     def resolve(self, samples: int, features: int) -> None:
         """Give an uploaded dataset's shape (from its stored metadata)."""
         self._shape = (samples, features)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the data as given (equal data, equal digests): what groups compare."""
+        if self._fingerprint is None:
+            source = self.model_dump_json(include={"x", "y", "synthetic", "dataset_id"})
+            self._fingerprint = hashlib.sha256(source.encode()).hexdigest()
+        return self._fingerprint
 
     @property
     def known(self) -> bool:
@@ -351,6 +362,104 @@ def explain_problem(record: RecordSpec, data: DataSpec, batch_size: int | None) 
     return None
 
 
+# What a sweep may vary (DESIGN §9): dotted JobSpec fields. Data, bias, device, stop and
+# record stay the base's: members that share them can share a batched step.
+SWEEP_PATHS = frozenset(
+    {
+        *(f"optimizer.{name}" for name in ("name", "lr", "momentum", "nesterov")),
+        *(f"optimizer.{name}" for name in ("weight_decay", "betas", "eps")),
+        *(f"optimizer.schedule.{name}" for name in ScheduleSpec.model_fields),
+        "init.w",
+        "init.b",
+        "batch_size",
+        "shuffle_seed",
+        "steps",
+    }
+)
+
+
+def sweepable(path: str) -> str:
+    """`path` itself if a sweep may vary it; else ValueError naming the paths it may."""
+    if path not in SWEEP_PATHS:
+        raise ValueError(f"{path!r} is not a path a sweep can vary: one of {sorted(SWEEP_PATHS)}")
+    return path
+
+
+SweepPath = Annotated[str, AfterValidator(sweepable)]
+
+
+class Distribution(StrictModel):
+    """Where a random search draws one path's values: exactly one of `uniform` and
+    `log_uniform` (floats in [low, high]), `int_uniform` (integers, both ends included) or
+    `choice` (one of the listed values, each as likely)."""
+
+    uniform: tuple[float, float] | None = None
+    log_uniform: tuple[float, float] | None = None
+    int_uniform: tuple[int, int] | None = None
+    choice: list[Any] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind_low_to_high(self) -> Self:
+        given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)}")
+        bounds = self.uniform or self.log_uniform or self.int_uniform
+        if bounds is not None and bounds[0] > bounds[1]:
+            raise ValueError(f"{given[0]}: low {bounds[0]} is above high {bounds[1]}")
+        if self.log_uniform is not None and self.log_uniform[0] <= 0:
+            raise ValueError("log_uniform needs 0 < low")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """Which distribution this is: one of DISTRIBUTIONS."""
+        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+
+
+DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
+
+
+class RandomSearch(StrictModel):
+    """`count` draws from `space`, the same every time for the same `seed`."""
+
+    count: int = Field(ge=1)
+    seed: int = Field(default=0, ge=0)
+    space: dict[SweepPath, Distribution] = Field(min_length=1)
+
+
+class EarlyStop(StrictModel):
+    """Successive halving: at `min_steps * eta^k` steps the best 1/eta of a group's running
+    members go on and the others are pruned."""
+
+    name: Literal["successive_halving"]
+    min_steps: int = Field(ge=1)
+    eta: int = Field(default=3, ge=2)
+
+
+class SweepSpec(StrictModel):
+    """A hyperparameter search (DESIGN §9): `base` is a JobSpec's fields, validated once per
+    member with the member's values from `grid` and `random` applied (so base may leave out
+    what the grid gives)."""
+
+    name: str | None = Field(default=None, max_length=200)
+    base: dict[str, Any]
+    grid: dict[SweepPath, Annotated[list[Any], Field(min_length=1)]] | None = Field(
+        default=None, description="path -> values; every combination, the last path fastest"
+    )
+    random: RandomSearch | None = None
+    early_stop: EarlyStop | None = None
+
+    @model_validator(mode="after")
+    def _something_to_search(self) -> Self:
+        if not self.grid and self.random is None:
+            raise ValueError("a sweep needs a grid, a random search, or both")
+        if self.grid and self.random is not None:
+            both = [path for path in self.grid if path in self.random.space]
+            if both:
+                raise ValueError(f"{both[0]!r} is in both grid and random.space: give it once")
+        return self
+
+
 class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -359,6 +468,7 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     DIVERGED = "diverged"
+    PRUNED = "pruned"  # a sweep member that successive halving stopped at a rung
 
     @property
     def finished(self) -> bool:
@@ -366,7 +476,13 @@ class JobStatus(StrEnum):
 
 
 TERMINAL_STATUSES = frozenset(
-    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DIVERGED}
+    {
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.CANCELLED,
+        JobStatus.DIVERGED,
+        JobStatus.PRUNED,
+    }
 )
 
 
@@ -433,6 +549,7 @@ class _JobFields(BaseModel):
     stop_reason: str | None = Field(
         default=None, description="why the job ended: all its steps, a stop rule, an error"
     )
+    sweep: str | None = Field(default=None, description="the sweep it is a member of, if any")
 
 
 class JobView(_JobFields):
@@ -519,3 +636,51 @@ class WorkerList(BaseModel):
     queues: list[QueueDepth] = Field(
         default_factory=list, description="each worker queue (cpu, gpu and any a worker reads)"
     )
+
+
+class SweepStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # every member ended, at least one succeeded
+    FAILED = "failed"  # every member ended, none succeeded, and the sweep was not cancelled
+    CANCELLED = "cancelled"
+
+
+class SweepMember(BaseModel):
+    """A member as its sweep shows it: its swept values by path, the last step's loss and the
+    result's full-batch loss."""
+
+    id: str
+    values: dict[str, Any]
+    status: JobStatus
+    steps_done: int
+    loss: float | None
+    final_loss: float | None
+
+
+class SweepBest(BaseModel):
+    """The succeeded member with the lowest final_loss."""
+
+    id: str
+    values: dict[str, Any]
+    final_loss: float
+
+
+class SweepView(BaseModel):
+    """A sweep as clients see it."""
+
+    id: str
+    name: str | None
+    status: SweepStatus
+    spec: SweepSpec
+    created_at: UtcTime
+    started_at: UtcTime | None
+    finished_at: UtcTime | None
+    counts: dict[JobStatus, int] = Field(description="members per status")
+    members: list[SweepMember]
+    best: SweepBest | None
+
+
+class SweepList(BaseModel):
+    sweeps: list[SweepView]
+    next: str | None

@@ -6,7 +6,7 @@ import {
 } from "./common.js";
 import { LineChart } from "./charts.js";
 
-const ENDED = new Set(["succeeded", "failed", "diverged", "cancelled"]);
+const ENDED = new Set(["succeeded", "failed", "diverged", "cancelled", "pruned"]);
 
 // {"w": [..], "b": x} -> [["w[0]", v], ..., ["b", x]]
 function flatten(values) {

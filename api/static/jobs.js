@@ -6,8 +6,8 @@ import {
 } from "./common.js";
 import { LineChart } from "./charts.js";
 
-const STATUSES = ["queued", "running", "cancelling", "succeeded", "failed", "diverged", "cancelled"];
-const ENDED = new Set(["succeeded", "failed", "diverged", "cancelled"]);
+const STATUSES = ["queued", "running", "cancelling", "succeeded", "failed", "diverged", "cancelled", "pruned"];
+const ENDED = new Set(["succeeded", "failed", "diverged", "cancelled", "pruned"]);
 const COLUMNS = ["", "job", "status", "optimizer", "data", "steps", "device", "duration",
   "why it ended", "created", ""];
 const selected = new Set();  // ticked jobs, kept while the page is left and come back to
