@@ -33,6 +33,7 @@ from services.errors import (
     SpecRejected,
     StorageFull,
     StoreUnavailable,
+    SweepRejected,
     Unauthorized,
 )
 from services.events import JobStreams
@@ -201,6 +202,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SpecRejected)
     async def spec_rejected(_: Request, exc: SpecRejected) -> JSONResponse:
         detail = [{"type": "limit", "loc": ["body", *exc.field], "msg": exc.message}]
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.exception_handler(SweepRejected)
+    async def sweep_rejected(_: Request, exc: SweepRejected) -> JSONResponse:
+        detail = [
+            {"type": exc.error_type, "loc": ["body", *loc], "msg": msg} for loc, msg in exc.errors
+        ]
         return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(Unauthorized)

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     max_elements: int = Field(default=100_000_000, ge=1, description="samples x features per job")
     # Parameters (features, + 1 with a bias) per job: each step's record holds them twice.
     max_params: int = Field(default=10_000, ge=1)
+    # Sweeps (DESIGN §9): members per sweep (more is a 422 naming the setting), and per group
+    # (one batched step on one worker; a bigger group is split).
+    max_sweep_members: int = Field(default=4096, ge=1)
+    max_group_members: int = Field(default=1024, ge=1)
     # A /steps page, and each read of an SSE backlog, holds at most about this much JSON.
     max_page_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # What one tenant keeps: specs, step records (counted up front as steps x record width)

@@ -48,6 +48,23 @@ class SpecRejected(GradstreamError):
         self.message = message
 
 
+# Where a sweep's problem is, as a 422's loc after "body": ("grid", "optimizer.lr", 2).
+SweepPlace = tuple[str | int, ...]
+
+
+class SweepRejected(GradstreamError):
+    """A sweep whose members cannot all be built: each error names the place in the
+    SweepSpec that causes it (a grid value, a random path, the base) and says why.
+    `error_type` is the 422's `type`: `value_error`, or `limit` for a configured cap."""
+
+    def __init__(
+        self, errors: list[tuple[SweepPlace, str]], error_type: str = "value_error"
+    ) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in errors))
+        self.errors = errors
+        self.error_type = error_type
+
+
 class StoreUnavailable(GradstreamError):
     """Redis could not be reached; the request may be retried."""
 
