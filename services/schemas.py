@@ -449,14 +449,19 @@ class SweepSpec(StrictModel):
     random: RandomSearch | None = None
     early_stop: EarlyStop | None = None
 
+    @field_validator("random")
+    @classmethod
+    def _paths_once(cls, random: RandomSearch | None, info: ValidationInfo) -> RandomSearch | None:
+        grid = info.data.get("grid") or {}
+        both = [path for path in grid if random is not None and path in random.space]
+        if both:
+            raise ValueError(f"{both[0]!r} is in both grid and random.space: give it once")
+        return random
+
     @model_validator(mode="after")
     def _something_to_search(self) -> Self:
         if not self.grid and self.random is None:
             raise ValueError("a sweep needs a grid, a random search, or both")
-        if self.grid and self.random is not None:
-            both = [path for path in self.grid if path in self.random.space]
-            if both:
-                raise ValueError(f"{both[0]!r} is in both grid and random.space: give it once")
         return self
 
 

@@ -1,0 +1,317 @@
+"""A sweep's members and groups (DESIGN §9), worked out from its SweepSpec alone.
+
+Members: every grid point (the product of the grid's lists in the order written, the last
+path varying fastest) times the random search's `count` draws. The draws are made once and
+crossed with the grid, so every grid point is trained with the same random values and adding a
+grid value leaves the draws as they were. Member `g * count + j` is grid point g with draw j.
+
+Draws come from `random.Random(seed).random()` only, one call per draw per path, draws in order
+and within a draw the paths in the order `space` lists them: Python guarantees that sequence
+for a seed across versions (its other methods may change), so a sweep's members stay the same.
+
+Groups: members that may share one batched step, split to at most `max_group` each.
+"""
+
+import itertools
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from services.errors import SpecRejected, SweepPlace, SweepRejected
+from services.schemas import DataSpec, Distribution, JobSpec, SweepSpec
+
+# Distinct problems one SweepRejected reports: past these, validating more members would only
+# spend the API's time on a 422 nobody reads to the end.
+MAX_SWEEP_ERRORS = 20
+# A value quoted in an error message is cut to this many characters (init.w may be long).
+QUOTE_CHARS = 80
+
+
+@dataclass(frozen=True)
+class Member:
+    """One job of a sweep. Members of one sweep share one DataSpec object (the base's data,
+    validated once): resolving an uploaded dataset's shape on one resolves it for all."""
+
+    index: int  # position in the sweep (grid order, then random draws)
+    values: dict[str, Any]  # the swept values by path, as validated: {"optimizer.lr": 0.01}
+    spec: JobSpec  # base with the values applied, validated
+
+
+@dataclass(frozen=True)
+class Group:
+    """Members trained together by one batched step on one worker."""
+
+    index: int
+    members: tuple[int, ...]  # member indexes, ascending
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """The values one member takes, and where in the SweepSpec each comes from."""
+
+    values: dict[str, Any]
+    places: dict[str, SweepPlace]
+
+
+def expand(
+    spec: SweepSpec,
+    max_members: int,
+    check: Callable[[JobSpec], None] | None = None,
+) -> list[Member]:
+    """Every member of the sweep, validated as a JobSpec; SweepRejected naming each place
+    (a grid value, a random path, the base) whose value makes a member invalid.
+
+    `check`, when given, is run on each member's spec and may raise SpecRejected (a
+    configured limit, a dataset's shape): its field is then traced back to a place too.
+    """
+    _check_size(spec, max_members)
+    _check_base(spec)
+    data = _base_data(spec.base)
+    errors = _Errors()
+    members = []
+    for index, choice in enumerate(_choices(spec)):
+        job = _member_spec(spec.base, data, choice, errors, check)
+        if job is not None:
+            values = {path: swept_value(job, path) for path in choice.values}
+            members.append(Member(index, values, job))
+        elif errors.full:
+            break
+    if errors.found:
+        raise SweepRejected(errors.found)
+    return members
+
+
+def _check_size(spec: SweepSpec, max_members: int) -> None:
+    """Refuse a sweep of more than `max_members` before building any member of it."""
+    points = math.prod(len(values) for values in (spec.grid or {}).values())
+    draws = spec.random.count if spec.random is not None else 1
+    if points * draws <= max_members:
+        return
+    too_many_draws = spec.random is not None and spec.random.count > max_members
+    place: SweepPlace = ("random", "count") if too_many_draws or not spec.grid else ("grid",)
+    raise SweepRejected(
+        [
+            (
+                place,
+                f"the sweep has {points * draws} members ({points} grid points x {draws} "
+                f"draws); at most {max_members} (GRADSTREAM_MAX_SWEEP_MEMBERS)",
+            )
+        ],
+        error_type="limit",
+    )
+
+
+def _check_base(spec: SweepSpec) -> None:
+    """Refuse a base where a swept path cannot be set: a value on the way is not an object."""
+    errors: list[tuple[SweepPlace, str]] = []
+    for path in _swept_paths(spec):
+        parts = _path_loc(path)
+        node: Any = spec.base
+        for depth, part in enumerate(parts[:-1], start=1):
+            node = node.get(part)
+            if node is None:
+                break
+            if not isinstance(node, dict):
+                place = ("base", *parts[:depth])
+                errors.append((place, f"must be an object: the sweep sets {path} in it"))
+                break
+    if errors:
+        raise SweepRejected(errors[:MAX_SWEEP_ERRORS])
+
+
+def _swept_paths(spec: SweepSpec) -> list[str]:
+    grid = list(spec.grid or {})
+    return grid + (list(spec.random.space) if spec.random is not None else [])
+
+
+def _base_data(base: dict[str, Any]) -> DataSpec | None:
+    """The base's data, validated once for all members (inline data may be megabytes); None
+    if the base has none (each member then reports it missing, at one place)."""
+    if base.get("data") is None:
+        return None
+    try:
+        return DataSpec.model_validate(base["data"])
+    except ValidationError as exc:
+        errors = [(("base", "data", *e["loc"]), e["msg"]) for e in exc.errors()]
+        raise SweepRejected(errors[:MAX_SWEEP_ERRORS]) from exc
+
+
+def _choices(spec: SweepSpec) -> Iterator[_Choice]:
+    """Each member's values in member order: grid points, each crossed with every draw."""
+    grid = spec.grid or {}
+    draws = _draws(spec) if spec.random is not None else [{}]
+    for point in itertools.product(*(range(len(values)) for values in grid.values())):
+        values = {path: grid[path][i] for path, i in zip(grid, point, strict=True)}
+        places = {path: ("grid", path, i) for path, i in zip(grid, point, strict=True)}
+        for draw in draws:
+            random_places = {path: ("random", "space", path) for path in draw}
+            yield _Choice({**values, **draw}, {**places, **random_places})
+
+
+def _draws(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The random search's `count` draws, path by path in the order of `space`."""
+    assert spec.random is not None
+    generator = random.Random(spec.random.seed)
+    space = spec.random.space
+    return [
+        {path: draw(distribution, generator.random()) for path, distribution in space.items()}
+        for _ in range(spec.random.count)
+    ]
+
+
+def draw(distribution: Distribution, u: float) -> Any:
+    """The value at `u` in [0, 1) of `distribution`: each value from one uniform number, so
+    that a seed's draws depend only on `random.random`'s guaranteed sequence."""
+    if distribution.uniform is not None:
+        low, high = distribution.uniform
+        # low + (high - low) * u would overflow for bounds near the float limits.
+        return min(max(low * (1 - u) + high * u, low), high)
+    if distribution.log_uniform is not None:
+        low, high = distribution.log_uniform
+        value = math.exp(math.log(low) + (math.log(high) - math.log(low)) * u)
+        return min(max(value, low), high)  # exp(log(x)) may miss x by a rounding
+    if distribution.int_uniform is not None:
+        low, high = distribution.int_uniform
+        return low + min(int(u * (high - low + 1)), high - low)
+    assert distribution.choice is not None
+    options = distribution.choice
+    return options[min(int(u * len(options)), len(options) - 1)]
+
+
+def _member_spec(
+    base: dict[str, Any],
+    data: DataSpec | None,
+    choice: _Choice,
+    errors: "_Errors",
+    check: Callable[[JobSpec], None] | None,
+) -> JobSpec | None:
+    """The member's JobSpec, or None with its problems added to `errors`."""
+    fields = _with_values(base, choice.values)
+    if data is not None:
+        fields["data"] = data  # validated once: a model instance is not validated again
+    try:
+        job = JobSpec.model_validate(fields)
+        if check is not None:
+            check(job)
+    except ValidationError as exc:
+        for error in exc.errors():
+            errors.add(error["loc"], error["msg"], choice)
+        return None
+    except SpecRejected as exc:
+        errors.add(exc.field, exc.message, choice)
+        return None
+    return job
+
+
+def _with_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with each dotted path set; only the objects on the paths are copied
+    (the data is shared, never copied)."""
+    fields = dict(base)
+    for path, value in values.items():
+        *parents, leaf = _path_loc(path)
+        node = fields
+        for part in parents:
+            node[part] = dict(node.get(part) or {})  # _check_base made sure it is an object
+            node = node[part]
+        node[leaf] = value
+    return fields
+
+
+class _Errors:
+    """Problems found so far, one per place, at most MAX_SWEEP_ERRORS."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[SweepPlace, str]] = []
+        self._places: set[SweepPlace] = set()
+
+    @property
+    def full(self) -> bool:
+        return len(self.found) >= MAX_SWEEP_ERRORS
+
+    def add(self, loc: tuple[str | int, ...], message: str, choice: _Choice) -> None:
+        """Add the problem a member's JobSpec has at `loc`, at the place it comes from."""
+        place, context = _place(loc, choice)
+        if place in self._places or self.full:
+            return
+        self._places.add(place)
+        self.found.append((place, f"with {context}: {message}" if context else message))
+
+
+def _place(loc: tuple[str | int, ...], choice: _Choice) -> tuple[SweepPlace, str]:
+    """Where in the SweepSpec a member's problem at `loc` (a JobSpec location) comes from, and
+    the swept values to name beside it ('' where the place says enough).
+
+    At or inside a swept value: that value's place. Around swept values (a check of several
+    fields, such as momentum with adam): the first of them, naming them all. Elsewhere: the
+    base, which every member shares.
+    """
+    for path, place in choice.places.items():
+        if _within(loc, _path_loc(path)):
+            drawn = place[0] == "random"
+            return place, _quoted(choice.values, [path]) if drawn else ""
+    around = [path for path in choice.places if loc and _within(_path_loc(path), loc)]
+    if around:
+        return choice.places[around[0]], _quoted(choice.values, around)
+    return ("base", *loc), ""
+
+
+def _path_loc(path: str) -> tuple[str, ...]:
+    """A dotted path as a JobSpec location: "optimizer.lr" -> ("optimizer", "lr")."""
+    return tuple(path.split("."))
+
+
+def _within(loc: tuple[str | int, ...], outer: tuple[str | int, ...]) -> bool:
+    """Whether the location `loc` is `outer` or inside it."""
+    return loc[: len(outer)] == outer
+
+
+def _quoted(values: dict[str, Any], paths: list[str]) -> str:
+    """`path=value` for each path, each value cut to QUOTE_CHARS."""
+    return ", ".join(f"{path}={repr(values[path])[:QUOTE_CHARS]}" for path in paths)
+
+
+def group_key(spec: JobSpec) -> tuple[Any, ...]:
+    """What members of one group must share (DESIGN §9): everything but the per-member
+    numbers (lr, momentum, weight decay, betas, eps, init, the schedule's numbers), which the
+    batched step holds as one tensor per hyperparameter."""
+    optimizer = spec.optimizer
+    return (
+        spec.data.fingerprint,
+        spec.bias,
+        spec.device,
+        spec.steps,
+        optimizer.name,
+        optimizer.nesterov,
+        optimizer.schedule.name,
+        spec.batch_size,
+        spec.shuffle_seed,
+        spec.stop.model_dump_json() if spec.stop is not None else None,
+        spec.record.model_dump_json(),
+    )
+
+
+def make_groups(members: list[Member], max_group: int) -> list[Group]:
+    """Members with equal group_key form a group (groups in the order of their first member);
+    a group of more than `max_group` is split into consecutive chunks of at most that many."""
+    by_key: dict[tuple[Any, ...], list[int]] = {}
+    for member in members:
+        by_key.setdefault(group_key(member.spec), []).append(member.index)
+    chunks = [
+        tuple(indexes[start : start + max_group])
+        for indexes in by_key.values()
+        for start in range(0, len(indexes), max_group)
+    ]
+    return [Group(index, chunk) for index, chunk in enumerate(chunks)]
+
+
+def swept_value(spec: JobSpec, path: str) -> Any:
+    """The value of a dotted path in `spec`, as JSON would carry it (betas as a list; None
+    where init is not given)."""
+    node: Any = spec
+    for part in path.split("."):
+        node = getattr(node, part, None) if node is not None else None
+    return list(node) if isinstance(node, tuple) else node
