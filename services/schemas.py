@@ -1,6 +1,5 @@
 """Pydantic models at the boundaries: what a client sends (JobSpec) and what it reads back."""
 
-import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
@@ -136,8 +135,6 @@ class DataSpec(StrictModel):
     # An uploaded dataset's (samples, features), known once it is looked up (not part of the
     # spec a client sends or reads back).
     _shape: tuple[int, int] | None = PrivateAttr(default=None)
-    # The data's digest, computed once: sweep members share one DataSpec (services/sweeps.py).
-    _fingerprint: str | None = PrivateAttr(default=None)
 
     @field_validator("y")
     @classmethod
@@ -173,14 +170,6 @@ class DataSpec(StrictModel):
     def resolve(self, samples: int, features: int) -> None:
         """Give an uploaded dataset's shape (from its stored metadata)."""
         self._shape = (samples, features)
-
-    @property
-    def fingerprint(self) -> str:
-        """A digest of the data as given (equal data, equal digests): what groups compare."""
-        if self._fingerprint is None:
-            source = self.model_dump_json(include={"x", "y", "synthetic", "dataset_id"})
-            self._fingerprint = hashlib.sha256(source.encode()).hexdigest()
-        return self._fingerprint
 
     @property
     def known(self) -> bool:

@@ -12,6 +12,7 @@ for a seed across versions (its other methods may change), so a sweep's members 
 Groups: members that may share one batched step, split to at most `max_group` each.
 """
 
+import hashlib
 import itertools
 import math
 import random
@@ -278,9 +279,13 @@ def group_key(spec: JobSpec) -> tuple[Any, ...]:
     """What members of one group must share (DESIGN §9): everything but the per-member
     numbers (lr, momentum, weight decay, betas, eps, init, the schedule's numbers), which the
     batched step holds as one tensor per hyperparameter."""
+    return _group_key(spec, data_digest(spec.data))
+
+
+def _group_key(spec: JobSpec, data: str) -> tuple[Any, ...]:
     optimizer = spec.optimizer
     return (
-        spec.data.fingerprint,
+        data,
         spec.bias,
         spec.device,
         spec.steps,
@@ -294,12 +299,24 @@ def group_key(spec: JobSpec) -> tuple[Any, ...]:
     )
 
 
+def data_digest(data: DataSpec) -> str:
+    """A digest of the data as given: equal data, equal digests (inline data compared by a
+    hash, not value by value)."""
+    source = data.model_dump_json(include={"x", "y", "synthetic", "dataset_id"})
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
 def make_groups(members: list[Member], max_group: int) -> list[Group]:
     """Members with equal group_key form a group (groups in the order of their first member);
     a group of more than `max_group` is split into consecutive chunks of at most that many."""
+    # Members of one sweep share one DataSpec: hash it once, not once per member.
+    digests: dict[int, str] = {}
     by_key: dict[tuple[Any, ...], list[int]] = {}
     for member in members:
-        by_key.setdefault(group_key(member.spec), []).append(member.index)
+        data = member.spec.data
+        if id(data) not in digests:
+            digests[id(data)] = data_digest(data)
+        by_key.setdefault(_group_key(member.spec, digests[id(data)]), []).append(member.index)
     chunks = [
         tuple(indexes[start : start + max_group])
         for indexes in by_key.values()

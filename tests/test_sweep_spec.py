@@ -289,6 +289,7 @@ def test_group_key_compares_data_by_content() -> None:
 
 def test_seed_as_base_gives_the_seed_job_with_each_lr() -> None:
     members = _members({"optimizer.lr": [0.1, 0.5]}, base=SEED_EXAMPLE)
+    assert len(make_groups(members, 1024)) == 1  # grouping leaves the specs as they were
     for member, lr in zip(members, [0.1, 0.5], strict=True):
         alone = JobSpec.model_validate(
             {**SEED_EXAMPLE, "optimizer": {**SEED_EXAMPLE["optimizer"], "lr": lr}}
