@@ -8,7 +8,7 @@ from collections.abc import Sequence
 def halving_rungs(min_steps: int, eta: int, steps: int) -> list[int]:
     """The rungs: min_steps * eta^k for k = 0, 1, ... while below `steps`."""
     if min_steps < 1 or eta < 2:
-        raise ValueError(f"successive halving needs min_steps >= 1 and eta >= 2: {min_steps}, {eta}")
+        raise ValueError(f"halving needs min_steps >= 1 and eta >= 2, not {min_steps} and {eta}")
     rungs = []
     rung = min_steps
     while rung < steps:
