@@ -1,0 +1,292 @@
+"""The tutorial's training step for K sweep members at once: one group (DESIGN §9).
+
+Member k has its own parameters theta_k = [w_k..., b_k], row k of one (K, p) tensor, and
+its own optimizer numbers, row k of (K, 1) tensors. The step is still the tutorial's four
+moves, each done for every member in one go:
+
+    forward    y_hat = x @ W.T + b                 -- (n, K): one matmul, column k is member k's
+    loss       mean over samples of (y_hat - y)^2  -- (K,): one loss per member
+    backward   loss.sum().backward()               -- member k's loss depends on theta_k alone,
+                                                      so d(sum)/dtheta_k = dLoss_k/dtheta_k
+    update     theta <- theta - lr * grad          -- lr is (K, 1): each member its own
+               (or SGD with momentum, Adam, AdamW, with (K, 1) numbers)
+
+Each member's numbers equal those of the same JobSpec run alone by `Trainer` to float32
+rounding: the update uses the ops `Trainer._update_by_hand` uses, in the same order, with the
+scalars torch.optim computes in Python doubles computed here in float64 on the device.
+"""
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from services.schemas import JobSpec
+from services.training import (
+    Layout,
+    _snapshot,
+    batch_order,
+    build_dataset,
+    initial_theta,
+    serialize_state,
+)
+
+
+def _shared(spec: JobSpec) -> tuple[Any, ...]:
+    """What every member of a group has in common (all but the per-member numbers)."""
+    o = spec.optimizer
+    return (
+        spec.bias,
+        spec.device,
+        spec.steps,
+        o.name,
+        o.nesterov,
+        o.schedule.name,
+        spec.batch_size,
+        spec.shuffle_seed,
+    )
+
+
+def group_problem(specs: Sequence[JobSpec]) -> str | None:
+    """Why these specs cannot train as one group, or None when they can."""
+    if not specs:
+        return "a group needs at least one member"
+    first = specs[0]
+    for i, spec in enumerate(specs):
+        if spec.record.explain:
+            return f"member {i} asks for the explain view, which sweeps do not record"
+        if i == 0:
+            continue
+        if _shared(spec) != _shared(first):
+            return (
+                f"member {i} differs from member 0 in more than per-member numbers "
+                "(bias, device, steps, optimizer name, nesterov, schedule name, batch size "
+                "or shuffle seed)"
+            )
+        if spec.data is not first.data and spec.data != first.data:
+            return f"member {i} trains on other data than member 0"
+    return None
+
+
+class BatchedTrainer:
+    """The members of one group trained together on one device; `live` are the positions (in
+    `specs` order) of those still training, and row i of every per-member tensor is live[i]."""
+
+    def __init__(
+        self,
+        specs: Sequence[JobSpec],
+        device: torch.device,
+        data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """`data`: the (x, y) of an uploaded dataset (on `device` already, from the cache)."""
+        if (problem := group_problem(specs)) is not None:
+            raise ValueError(problem)
+        first = specs[0]
+        if data is not None:
+            for spec in specs:
+                spec.data.resolve(*data[0].shape)
+        self.layout = Layout(first.data.features, first.bias)
+        x, y = build_dataset(first) if data is None else data
+        self.x = x.to(device)
+        self.y = y.to(device).unsqueeze(1)  # (n, 1): broadcasts against y_hat's (n, K)
+        self.optimizer = first.optimizer.name
+        self.nesterov = first.optimizer.nesterov
+        self.schedule = first.optimizer.schedule.name
+        self.total_steps = first.steps
+        self.steps_done = 0
+        self.live = list(range(len(specs)))
+
+        # Every member's numbers, as (K, 1) columns: float64 for the scalars torch.optim and
+        # its schedulers compute in Python doubles, float32 for those applied to tensors.
+        def column(values: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+
+        options = [spec.optimizer for spec in specs]
+        self._all: dict[str, torch.Tensor] = {
+            "lr": column([o.lr for o in options]),
+            "momentum": column([o.momentum for o in options], torch.float32),
+            "weight_decay": column([o.weight_decay for o in options]),
+            "beta1": column([o.betas[0] for o in options]),
+            "beta2": column([o.betas[1] for o in options]),
+            "eps": column([o.eps for o in options], torch.float32),
+            "step_size": column([o.schedule.step_size for o in options]),
+            "gamma": column([o.schedule.gamma for o in options]),
+            "eta_min": column([o.schedule.eta_min for o in options]),
+        }
+        self.hyper = dict(self._all)
+        # A column of zeros (weight decay, momentum) is skipped: it would change nothing.
+        self.decays = any(o.weight_decay for o in options)
+        self.momentum = self.optimizer == "sgd" and any(o.momentum for o in options)
+        self._derive()
+
+        theta = torch.stack([initial_theta(spec) for spec in specs]).to(device)
+        self.theta = theta.requires_grad_()
+        self.state: dict[str, torch.Tensor] = {}
+        if self.momentum:
+            # Zeros: the first step's buffer is then 0 * momentum + grad = grad exactly, as
+            # torch.optim's clone of the first gradient.
+            self.state["momentum_buffer"] = torch.zeros_like(theta)
+        elif self.optimizer != "sgd":
+            self.state["exp_avg"] = torch.zeros_like(theta)
+            self.state["exp_avg_sq"] = torch.zeros_like(theta)
+        # The step count on the device, for the schedules and Adam's bias corrections.
+        self._count = torch.zeros((), dtype=torch.float64, device=device)
+
+        samples = len(y)
+        self.batch_size = min(first.batch_size or samples, samples)
+        self.batches_per_epoch = -(-samples // self.batch_size)  # 1: full batch
+        self._seed = first.shuffle_seed
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its sample order)
+
+    def _derive(self) -> None:
+        """The float32 columns that do not change from step to step."""
+        h = self.hyper
+        self._lr32 = h["lr"].float()
+        self._momentum32 = h["momentum"]
+        self._weight_decay32 = h["weight_decay"].float()
+        self._one_minus_beta1 = (1 - h["beta1"]).float()
+        self._beta2 = h["beta2"].float()
+        self._one_minus_beta2 = (1 - h["beta2"]).float()
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (x, y) of `step`, as `Trainer.batch`: every member sees the same batch."""
+        if self.batches_per_epoch == 1:
+            return self.x, self.y
+        epoch, index = divmod(step, self.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            order = batch_order(len(self.y), self._seed, epoch).to(self.x.device)
+            self._order = (epoch, order)
+        rows = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
+        return self.x[rows], self.y[rows]
+
+    def forward_backward(self) -> torch.Tensor:
+        """Forward and backward of every live member: the losses (K,); autograd puts each
+        member's dLoss/dtheta into its row of theta.grad."""
+        x, y = self.batch(self.steps_done)
+        d, theta = self.layout.features, self.theta
+        if self.layout.bias:
+            y_hat = x @ theta[:, :d].T + theta[:, d]  # (n, K)
+        else:
+            y_hat = x @ theta.T
+        loss = ((y_hat - y) ** 2).mean(dim=0)  # (K,)
+        # The members are independent, so the sum's gradient is each one's own.
+        loss.sum().backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    def step(self, records: torch.Tensor) -> None:
+        """One step for every live member; row i of `records` gets live member i's
+        [loss, grads, params] (the parameters before this step's update). No host sync."""
+        theta = self.theta
+        theta.grad = None
+        loss = self.forward_backward()
+        assert theta.grad is not None
+        torch.cat([loss.detach().unsqueeze(1), theta.grad, theta.detach()], dim=1, out=records)
+        with torch.no_grad():
+            self.update(theta.grad)
+        self._count += 1
+        self.steps_done += 1
+
+    def learning_rate(self) -> torch.Tensor:
+        """This step's lr per member (K, 1, float64), as torch.optim.lr_scheduler has it."""
+        h, t = self.hyper, self._count
+        if self.schedule == "step":  # StepLR: lr * gamma^(t // step_size)
+            return h["lr"] * h["gamma"] ** torch.floor(t / h["step_size"])
+        if self.schedule == "cosine":  # CosineAnnealingLR over the job's steps
+            cosine = (1 + torch.cos(math.pi * t / self.total_steps)) / 2
+            return h["eta_min"] + (h["lr"] - h["eta_min"]) * cosine
+        return h["lr"]
+
+    def update(self, grad: torch.Tensor) -> None:
+        """SGD (momentum, dampening 0, Nesterov, weight decay), Adam and AdamW as torch.optim
+        documents them, with `Trainer._update_by_hand`'s ops in its order."""
+        theta, state = self.theta, self.state
+        constant = self.schedule == "constant"
+        if self.optimizer == "sgd":
+            lr = self._lr32 if constant else self.learning_rate().float()
+            if self.decays:
+                grad = grad.addcmul(theta, self._weight_decay32)
+            if self.momentum:
+                buffer = state["momentum_buffer"]
+                buffer.mul_(self._momentum32).add_(grad)
+                grad = grad.addcmul(buffer, self._momentum32) if self.nesterov else buffer
+            theta.sub_(lr * grad)  # the tutorial's w <- w - lr * dLoss/dw, per member
+            return
+        # Adam, and AdamW (its weight decay applied to the parameters, decoupled).
+        h = self.hyper
+        lr64 = h["lr"] if constant else self.learning_rate()
+        if self.decays:
+            if self.optimizer == "adamw":
+                theta.mul_((1 - lr64 * h["weight_decay"]).float())
+            else:
+                grad = grad.addcmul(theta, self._weight_decay32)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, self._one_minus_beta1)
+        exp_avg_sq.mul_(self._beta2).addcmul_(self._one_minus_beta2 * grad, grad)
+        step = self._count + 1
+        step_size = (lr64 / (1 - h["beta1"] ** step)).float()
+        bias_correction2_sqrt = ((1 - h["beta2"] ** step) ** 0.5).float()
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(h["eps"])
+        theta.addcdiv_(-step_size * exp_avg, denom)
+
+    def params(self) -> torch.Tensor:
+        """The live members' parameters (len(live), p), after the last update, detached."""
+        return self.theta.detach()
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """Only these live members go on (pruned, cancelled or diverged ones leave): every
+        per-member tensor keeps their rows, so later steps cost less."""
+        wanted = sorted(set(positions))
+        row_of = {position: row for row, position in enumerate(self.live)}
+        missing = [p for p in wanted if p not in row_of]
+        if missing:
+            raise ValueError(f"positions {missing} are not live (live: {self.live})")
+        rows = torch.tensor([row_of[p] for p in wanted], device=self.theta.device)
+        self.live = wanted
+        self.theta = self.theta.detach().index_select(0, rows).requires_grad_()
+        self.state = {name: buffer.index_select(0, rows) for name, buffer in self.state.items()}
+        self.hyper = {name: column.index_select(0, rows) for name, column in self.hyper.items()}
+        self._derive()
+
+    def state_snapshot(self) -> dict[str, Any]:
+        """The checkpoint as of now (live positions, stacked parameters, optimizer state),
+        copied so that later steps cannot change it; on a GPU without waiting for the device
+        (`serialize_state` turns it into bytes once the copies have landed)."""
+        snapshot: dict[str, Any] = {
+            "live": torch.tensor(self.live, dtype=torch.int64),
+            "theta": _snapshot(self.theta.detach()),
+        }
+        snapshot.update({name: _snapshot(buffer) for name, buffer in self.state.items()})
+        return snapshot
+
+    def state_bytes(self) -> bytes:
+        """The checkpoint's bytes (torch.save of tensors: loadable with weights_only)."""
+        return serialize_state(self.state_snapshot())
+
+    def load_state(self, state: bytes, steps_done: int) -> None:
+        """Continue from `state_bytes()` taken after `steps_done` steps, bit for bit."""
+        device = self.theta.device
+        saved = torch.load(io.BytesIO(state), map_location=device, weights_only=True)
+        live = [int(p) for p in saved["live"].tolist()]
+        members = len(self._all["lr"])
+        if live != sorted(set(live)) or not all(0 <= p < members for p in live):
+            raise ValueError(f"checkpoint's live positions {live} do not fit this group")
+        theta = saved["theta"]
+        if tuple(theta.shape) != (len(live), self.layout.params):
+            raise ValueError(
+                f"checkpoint holds parameters of shape {tuple(theta.shape)}; the group has "
+                f"{len(live)} live members of {self.layout.params} parameters"
+            )
+        missing = [name for name in self.state if name not in saved]
+        if missing:
+            raise ValueError(f"checkpoint lacks the optimizer state {missing}")
+        rows = torch.tensor(live, device=device)
+        self.live = live
+        self.hyper = {name: column.index_select(0, rows) for name, column in self._all.items()}
+        self._derive()
+        self.theta = theta.to(torch.float32).contiguous().requires_grad_()
+        self.state = {name: saved[name].contiguous() for name in self.state}
+        self.steps_done = steps_done
+        self._count.fill_(steps_done)
+        self._order = None
