@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+SWEEP_ENDED = frozenset({"succeeded", "failed", "cancelled"})
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "diverged", "pruned"})
 
 
@@ -149,6 +150,41 @@ class Client:
         response = self.http.post("/v1/datasets", content=content, params={"target": target})
         return dict(self._json(response))
 
+    def submit_sweep(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Submit a SweepSpec; its SweepView (queued), each member a job."""
+        return dict(self._json(self.http.post("/v1/sweeps", json=spec)))
+
+    def sweep(self, sweep_id: str) -> dict[str, Any]:
+        return dict(self._json(self.http.get(f"/v1/sweeps/{sweep_id}")))
+
+    def sweeps(self, limit: int = 20) -> list[dict[str, Any]]:
+        return list(self._json(self.http.get("/v1/sweeps", params={"limit": limit}))["sweeps"])
+
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return dict(self._json(self.http.post(f"/v1/sweeps/{sweep_id}/cancel")))
+
+    def delete_sweep(self, sweep_id: str) -> None:
+        response = self.http.delete(f"/v1/sweeps/{sweep_id}")
+        if response.is_error:
+            raise _error(response)
+
+    def wait_sweep(self, sweep_id: str, timeout: float = 600, poll: float = 0.2) -> dict[str, Any]:
+        """Poll until the sweep ends; its final SweepView."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = self.sweep(sweep_id)
+            if view["status"] in SWEEP_ENDED:
+                return view
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {sweep_id} still {view['status']} after {timeout} s")
+            time.sleep(poll)
+
+    def sweep_events(
+        self, sweep_id: str, last_event_id: int | None = None, retries: int = 5
+    ) -> Iterator[Event]:
+        """The sweep's events until `done`; a dropped connection resumes after the last one."""
+        return self._events(f"/v1/sweeps/{sweep_id}/events", last_event_id, retries)
+
     def steps(self, job_id: str, after: int = -1, page: int = 5000) -> Iterator[dict[str, Any]]:
         """Every stored step after `after`, page by page (ends where the stored history ends)."""
         while True:
@@ -175,12 +211,15 @@ class Client:
         self, job_id: str, last_event_id: int | None = None, retries: int = 5
     ) -> Iterator[Event]:
         """Live events of a job until `done`; a dropped connection resumes after the last step."""
+        return self._events(f"/v1/jobs/{job_id}/events", last_event_id, retries)
+
+    def _events(self, path: str, last_event_id: int | None, retries: int) -> Iterator[Event]:
         failures = 0
         while True:
             headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
             try:
                 with self.http.stream(
-                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=_STREAM_TIMEOUT
+                    "GET", path, headers=headers, timeout=_STREAM_TIMEOUT
                 ) as response:
                     if response.is_error:
                         response.read()
@@ -260,6 +299,31 @@ class AsyncClient:
         response = self.http.post("/v1/datasets", content=content, params={"target": target})
         return dict(await self._json(response))
 
+    async def submit_sweep(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Submit a SweepSpec; its SweepView (queued), each member a job."""
+        return dict(await self._json(self.http.post("/v1/sweeps", json=spec)))
+
+    async def sweep(self, sweep_id: str) -> dict[str, Any]:
+        return dict(await self._json(self.http.get(f"/v1/sweeps/{sweep_id}")))
+
+    async def sweeps(self, limit: int = 20) -> list[dict[str, Any]]:
+        body = await self._json(self.http.get("/v1/sweeps", params={"limit": limit}))
+        return list(body["sweeps"])
+
+    async def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return dict(await self._json(self.http.post(f"/v1/sweeps/{sweep_id}/cancel")))
+
+    async def delete_sweep(self, sweep_id: str) -> None:
+        response = await self.http.delete(f"/v1/sweeps/{sweep_id}")
+        if response.is_error:
+            raise _error(response)
+
+    def sweep_events(
+        self, sweep_id: str, last_event_id: int | None = None, retries: int = 5
+    ) -> AsyncIterator[Event]:
+        """The sweep's events until `done`; a dropped connection resumes after the last one."""
+        return self._events(f"/v1/sweeps/{sweep_id}/events", last_event_id, retries)
+
     async def steps(
         self, job_id: str, after: int = -1, page: int = 5000
     ) -> AsyncIterator[dict[str, Any]]:
@@ -284,16 +348,21 @@ class AsyncClient:
                 raise TimeoutError(f"job {job_id} still {view['status']} after {timeout} s")
             await asyncio.sleep(poll)
 
-    async def stream(
+    def stream(
         self, job_id: str, last_event_id: int | None = None, retries: int = 5
     ) -> AsyncIterator[Event]:
         """Live events of a job until `done`; a dropped connection resumes after the last step."""
+        return self._events(f"/v1/jobs/{job_id}/events", last_event_id, retries)
+
+    async def _events(
+        self, path: str, last_event_id: int | None, retries: int
+    ) -> AsyncIterator[Event]:
         failures = 0
         while True:
             headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
             try:
                 async with self.http.stream(
-                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=_STREAM_TIMEOUT
+                    "GET", path, headers=headers, timeout=_STREAM_TIMEOUT
                 ) as response:
                     if response.is_error:
                         await response.aread()

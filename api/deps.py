@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from services.auth import DEV_TENANT, KeyRing, StreamTokens
 from services.config import Settings
-from services.errors import JobNotFound, Unauthorized
+from services.errors import JobNotFound, SweepNotFound, Unauthorized
 from services.events import JobStreams
 from services.store import Store
 
@@ -45,6 +45,12 @@ def job_id_path(job_id: Annotated[str, Path(description="the job's id")]) -> str
     if not _JOB_ID.fullmatch(job_id):
         raise JobNotFound(job_id)
     return job_id
+
+
+def sweep_id_path(sweep_id: Annotated[str, Path(description="the sweep's id")]) -> str:
+    if not _JOB_ID.fullmatch(sweep_id):
+        raise SweepNotFound(sweep_id)
+    return sweep_id
 
 
 def current_tenant(
@@ -92,5 +98,6 @@ StoreDep = Annotated[Store, Depends(get_store)]
 JobStreamsDep = Annotated[JobStreams, Depends(get_job_streams)]
 StreamTokensDep = Annotated[StreamTokens, Depends(get_stream_tokens)]
 JobIdDep = Annotated[str, Depends(job_id_path)]
+SweepIdDep = Annotated[str, Depends(sweep_id_path)]
 TenantDep = Annotated[str, Depends(current_tenant)]
 StreamTenantDep = Annotated[str, Depends(stream_tenant)]

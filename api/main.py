@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 
 from api.limits import BodySizeLimit, UploadSlots
 from api.metrics import registry as metrics_registry
-from api.routes import dashboard, datasets, health, jobs, metrics, streams, workers
+from api.routes import dashboard, datasets, health, jobs, metrics, streams, sweeps, workers
 from api.routes.streams import StreamSlots, sse_frame
 from services.auth import KeyRing, StreamTokens, parse_api_keys
 from services.config import Settings, get_settings
@@ -33,6 +33,9 @@ from services.errors import (
     SpecRejected,
     StorageFull,
     StoreUnavailable,
+    SweepActive,
+    SweepFinished,
+    SweepNotFound,
     SweepRejected,
     Unauthorized,
 )
@@ -96,8 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.stream_tokens = StreamTokens.for_keys(
         pairs, settings.stream_token_ttl_s, settings.stream_token_secret.get_secret_value()
     )
-    routers = [jobs.router, streams.router, datasets.router, workers.router, health.router]
-    for router in [*routers, metrics.router, dashboard.router]:
+    routers = [jobs.router, streams.router, sweeps.router, datasets.router, workers.router]
+    for router in [*routers, health.router, metrics.router, dashboard.router]:
         app.include_router(router)
     app.add_middleware(
         BodySizeLimit,
@@ -249,6 +252,15 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(JobActive)
     async def job_active(_: Request, exc: JobActive) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc), "status": exc.status})
+
+    @app.exception_handler(SweepNotFound)
+    async def sweep_not_found(_: Request, exc: SweepNotFound) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(SweepFinished)
+    @app.exception_handler(SweepActive)
+    async def sweep_conflict(_: Request, exc: SweepFinished | SweepActive) -> JSONResponse:
         return JSONResponse(status_code=409, content={"detail": str(exc), "status": exc.status})
 
     @app.exception_handler(DatasetInUse)

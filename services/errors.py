@@ -110,3 +110,29 @@ class DatasetInUse(GradstreamError):
 
 class StorageFull(GradstreamError):
     """Redis refused a write because it reached its `maxmemory`; nothing was written."""
+
+
+class SweepNotFound(GradstreamError):
+    """No such sweep (or another tenant's)."""
+
+    def __init__(self, sweep_id: str) -> None:
+        super().__init__(f"sweep {sweep_id} not found")
+        self.sweep_id = sweep_id
+
+
+class SweepFinished(GradstreamError):
+    """The sweep has ended: it cannot be cancelled."""
+
+    def __init__(self, sweep_id: str, status: str) -> None:
+        super().__init__(f"sweep {sweep_id} has already ended ({status})")
+        self.sweep_id = sweep_id
+        self.status = status
+
+
+class SweepActive(GradstreamError):
+    """The sweep is still queued or running: cancel it before deleting it."""
+
+    def __init__(self, sweep_id: str, status: str) -> None:
+        super().__init__(f"sweep {sweep_id} is {status}: cancel it first")
+        self.sweep_id = sweep_id
+        self.status = status

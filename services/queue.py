@@ -117,8 +117,10 @@ def compiles(spec: JobSpec, settings: Settings) -> bool:
     return settings.cpu_compile_s + spec.steps * per_step < eager
 
 
-def route_job(spec: JobSpec, live_queues: set[str], settings: Settings) -> Route:
-    """Where a job goes: as asked, or for `auto` by the cost model among the live workers."""
+def route_job(spec: JobSpec, live_queues: set[str], settings: Settings, members: int = 1) -> Route:
+    """Where a job goes: as asked, or for `auto` by the cost model among the live workers. A
+    sweep's group of `members` costs as one job on `members` times the data (one batched
+    step's matmul)."""
     if spec.device == "cpu":
         return Route("cpu", CPU_QUEUE, "asked for cpu")
     if spec.device == "cuda":
@@ -128,7 +130,7 @@ def route_job(spec: JobSpec, live_queues: set[str], settings: Settings) -> Route
         return Route("cpu", CPU_QUEUE, "auto: cpu (no gpu worker live)")
     if not cpu_live:
         return Route("cuda", GPU_QUEUE, "auto: gpu (no cpu worker live)")
-    elements = spec.data.samples * spec.data.features
+    elements = spec.data.samples * spec.data.features * members
     cpu_s = estimated_seconds("cpu", elements, spec.steps, settings)
     gpu_s = estimated_seconds("cuda", elements, spec.steps, settings)
     estimates = f"estimated {cpu_s:.3g} s on cpu, {gpu_s:.3g} s on gpu"

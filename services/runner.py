@@ -32,6 +32,7 @@ from services.queue import compiles, estimated_seconds
 from services.records import Chunk, param_values
 from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Claim, Store
+from services.store.sweeps import GROUP_SPEC_PREFIX
 from services.training import (
     CompiledSteps,
     CudaGraphStep,
@@ -357,7 +358,14 @@ def run_job(
         log.info("job %s not run: %s %s", job_id, claim.outcome, claim.status)
         return AttemptResult(Outcome.SKIPPED)
     with attempt_context(job_id, claim.attempt):
-        result = _run_attempt(store, job_id, worker, device, settings, drain, claim)
+        if claim.spec_json.startswith(GROUP_SPEC_PREFIX):
+            # A sweep's group: its members train together. Imported here, as the group
+            # runner builds on this module's attempt machinery (LeaseKeeper, AttemptResult).
+            from services.group_runner import run_group
+
+            result = run_group(store, job_id, claim, worker, device, settings, drain)
+        else:
+            result = _run_attempt(store, job_id, worker, device, settings, drain, claim)
     metrics.JOBS.labels(result.outcome.value).inc()
     return result
 

@@ -14,6 +14,8 @@ Groups: members that may share one batched step, split to at most `max_group` ea
 
 import hashlib
 import itertools
+import json
+import logging
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -22,8 +24,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.errors import SpecRejected, SweepPlace, SweepRejected
-from services.schemas import DataSpec, Distribution, JobSpec, SweepSpec
+from services.config import Settings
+from services.errors import SpecRejected, StoreUnavailable, SweepPlace, SweepRejected
+from services.jobs import check_limits, check_rate, resolve_dataset
+from services.queue import enqueue_training, route_job
+from services.schemas import DataSpec, Distribution, JobSpec, JobStatus, SweepSpec, SweepView
+from services.store import Store
+from services.store.jobs import spec_summary, stored_bytes
+from services.store.keys import new_job_id, utc_now
+from services.store.sweeps import NewRecord, group_spec
+
+log = logging.getLogger(__name__)
 
 # Distinct problems one SweepRejected reports: past these, validating more members would only
 # spend the API's time on a 422 nobody reads to the end.
@@ -332,3 +343,107 @@ def swept_value(spec: JobSpec, path: str) -> Any:
     for part in path.split("."):
         node = getattr(node, part, None) if node is not None else None
     return list(node) if isinstance(node, tuple) else node
+
+
+def submit_sweep(store: Store, spec: SweepSpec, settings: Settings, tenant: str) -> SweepView:
+    """Store a new sweep of `tenant`: its members (jobs), its groups (one message each, on the
+    queue the group routes to) and the sweep itself, all at once; then enqueue the groups."""
+    check_rate(store, tenant, settings)
+
+    def check(job: JobSpec) -> None:
+        if job.data.dataset_id is not None and not job.data.known:
+            resolve_dataset(store, job, tenant)  # members share one DataSpec: resolved once
+        check_limits(job, settings)
+        if job.stop is not None:
+            raise SpecRejected(("stop",), "a sweep's members have no stop rules: use early_stop")
+        if job.record.explain:
+            raise SpecRejected(("record", "explain"), "a sweep's members cannot be explained")
+
+    members = expand(spec, settings.max_sweep_members, check=check)
+    groups = make_groups(members, settings.max_group_members)
+    sweep_id = new_job_id()
+    member_ids = [new_job_id() for _ in members]
+    live = store.live_queues()
+    created, reserved = utc_now(), 0
+    group_records, member_records = [], []
+    early_stop = spec.early_stop.model_dump() if spec.early_stop else None
+    for group in groups:
+        group_id = new_job_id()
+        ids = [member_ids[i] for i in group.members]
+        route = route_job(members[group.members[0]].spec, live, settings, len(ids))
+        shared = {
+            "status": JobStatus.QUEUED.value,
+            "device": route.device,
+            "queue": route.queue,
+            "route_reason": route.reason,
+            "attempt": 0,
+            "lost": 0,
+            "steps_done": 0,
+            "created_at": created,
+            "sweep": sweep_id,
+        }
+        fields = {
+            "id": group_id,
+            "spec": group_spec(group_id, sweep_id, ids, early_stop),
+            "members": " ".join(ids),
+            **shared,
+        }
+        group_records.append(NewRecord(group_id, "group", fields))
+        for index in group.members:
+            member = members[index]
+            spec_json = member.spec.model_dump_json()
+            spec_bytes, row_bytes = stored_bytes(member.spec, spec_json)
+            member_bytes = spec_bytes + member.spec.steps * row_bytes
+            reserved += member_bytes
+            fields = {
+                "id": member_ids[index],
+                "tenant": tenant,
+                "spec": spec_json,
+                "summary": json.dumps(spec_summary(json.loads(spec_json))),
+                "bytes": member_bytes,
+                "spec_bytes": spec_bytes,
+                "row_bytes": row_bytes,
+                "dataset": member.spec.data.dataset_id or "",
+                "group": group_id,
+                "index": index,
+                **shared,
+            }
+            member_records.append(NewRecord(member_ids[index], "member", fields))
+    spec_json = spec.model_dump_json()
+    reserved += len(spec_json)
+    sweep = NewRecord(
+        sweep_id,
+        "sweep",
+        {
+            "id": sweep_id,
+            "tenant": tenant,
+            "name": spec.name or "",
+            "spec": spec_json,
+            "status": JobStatus.QUEUED.value,
+            "created_at": created,
+            "values": json.dumps([member.values for member in members]),
+            "groups": " ".join(record.id for record in group_records),
+            "remaining": len(members),
+            "bytes": len(spec_json),
+            "dataset": members[0].spec.data.dataset_id or "",
+        },
+    )
+    store.create_sweep(
+        sweep,
+        group_records,
+        member_records,
+        tenant,
+        reserved,
+        settings.max_active_jobs_per_tenant,
+        settings.tenant_storage_bytes,
+    )
+    view = store.get_sweep(sweep_id)
+    try:
+        for record in group_records:
+            enqueue_training(record.id, record.fields["queue"])
+    except Exception as exc:
+        log.warning("enqueue of sweep %s failed: %s", sweep_id, exc)
+        store.discard_sweep(sweep_id)
+        raise StoreUnavailable(f"could not enqueue the sweep: {exc}") from exc
+    log.info("sweep %s queued: %d members in %d groups", sweep_id, len(members), len(groups))
+    return view

@@ -430,10 +430,10 @@ def fit_quality(trainer: Trainer, spec: JobSpec) -> dict[str, Any]:
     get the loss and R² only, computed where the data is (float32 products, float64 sums)."""
     with torch.no_grad():
         if trainer.x.numel() > LSTSQ_MAX_ELEMENTS:
-            return _loss_and_r2(trainer.x, trainer.y, trainer.params(), spec.bias)
+            return loss_and_r2(trainer.x, trainer.y, trainer.params(), spec.bias)
         x, y = trainer.x.double().cpu(), trainer.y.double().cpu()
         theta = trainer.params().double().cpu()
-        quality = _loss_and_r2(x, y, theta, spec.bias)
+        quality = loss_and_r2(x, y, theta, spec.bias)
         if spec.bias:
             x = torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
         key = f"{spec.data.model_dump_json()}|{spec.bias}"
@@ -452,7 +452,7 @@ def fit_quality(trainer: Trainer, spec: JobSpec) -> dict[str, Any]:
     return quality
 
 
-def _loss_and_r2(
+def loss_and_r2(
     x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, bias: bool
 ) -> dict[str, Any]:
     d = x.shape[1]

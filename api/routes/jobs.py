@@ -56,10 +56,16 @@ def list_jobs(
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
+    sweep: Annotated[
+        str | None, Query(pattern="^[0-9a-f]{32}$", description="a sweep's members, in order")
+    ] = None,
 ) -> JobList:
-    """List the caller's jobs, newest first, without inline data; pass `next` back as
-    `cursor` for the next page."""
-    views, next_cursor = store.list_jobs(tenant, status, limit, cursor)
+    """List the caller's jobs, newest first (a sweep's members in member order), without
+    inline data; pass `next` back as `cursor` for the next page."""
+    if sweep is not None:
+        views, next_cursor = store.list_members(sweep, tenant, status, limit, cursor)
+    else:
+        views, next_cursor = store.list_jobs(tenant, status, limit, cursor)
     return JobList(jobs=views, next=next_cursor)
 
 

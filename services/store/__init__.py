@@ -8,6 +8,7 @@
 - datasets.py  uploaded datasets and the tenants' references to them
 - workers.py   the worker registry and the service's counters
 - recovery.py  the reaper: lapsed leases and lost messages
+- sweeps.py    sweeps, their members (jobs) and groups (units of work), a group's flush
 """
 
 import redis
@@ -18,12 +19,13 @@ from services.store.datasets import Datasets
 from services.store.jobs import Jobs, job_view
 from services.store.recovery import Recovery
 from services.store.steps import Steps
+from services.store.sweeps import Sweeps
 from services.store.workers import LIVE_QUEUES_TTL_S, Workers
 
 __all__ = ["Checkpoint", "Claim", "Store", "job_view"]
 
 
-class Store(Jobs, Attempts, Steps, Datasets, Workers, Recovery):
+class Store(Jobs, Attempts, Steps, Sweeps, Datasets, Workers, Recovery):
     """The store on one Redis (sync; used by the API's routes and by workers)."""
 
     def __init__(self, client: "redis.Redis") -> None:

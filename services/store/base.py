@@ -8,6 +8,7 @@ from typing import ParamSpec, TypeVar
 import redis
 
 from services.errors import StorageFull, StoreUnavailable
+from services.schemas import JobSummary
 from services.store import scripts
 
 P = ParamSpec("P")
@@ -51,6 +52,10 @@ class LuaScripts:
         self.drop_dataset = client.register_script(scripts.DROP_DATASET)
         self.count_load = client.register_script(scripts.COUNT_LOAD)
         self.touch_queued = client.register_script(scripts.TOUCH_QUEUED)
+        self.create_sweep = client.register_script(scripts.CREATE_SWEEP)
+        self.flush_group = client.register_script(scripts.FLUSH_GROUP)
+        self.cancel_sweep = client.register_script(scripts.CANCEL_SWEEP)
+        self.delete_sweep = client.register_script(scripts.DELETE_SWEEP)
 
 
 class RedisPart:
@@ -71,3 +76,6 @@ class RedisPart:
 
     def live_queues(self) -> set[str]:
         raise NotImplementedError  # workers.py
+
+    def summaries(self, page: list[str]) -> list[JobSummary]:
+        raise NotImplementedError  # jobs.py

@@ -32,6 +32,7 @@ _SUMMARY_FIELDS = (
     "result",
     "error",
     "summary",
+    "sweep",
 )
 
 
@@ -59,6 +60,8 @@ def _stop_reason(status: JobStatus, result: dict[str, Any] | None, error: str | 
         return "cancelled"
     if status in (JobStatus.FAILED, JobStatus.DIVERGED):
         return error
+    if status is JobStatus.PRUNED and result is not None:
+        return str(result.get("stopped"))
     return None
 
 
@@ -84,6 +87,7 @@ def _view_fields(record: dict[str, str], live_queues: Iterable[str] | None) -> d
         "result": result,
         "error": record.get("error"),
         "stop_reason": _stop_reason(status, result, record.get("error")),
+        "sweep": record.get("sweep"),
     }
 
 
@@ -236,7 +240,10 @@ class Jobs(RedisPart):
         index = keys.tenant_index(tenant, status)
         upper = "+" if cursor is None else f"({cursor}"
         ids = [i.decode() for i in self.redis.zrevrangebylex(index, upper, "-", 0, limit + 1)]
-        page = ids[:limit]
+        return self.summaries(ids[:limit]), (ids[limit - 1] if len(ids) > limit else None)
+
+    def summaries(self, page: list[str]) -> list[JobSummary]:
+        """Listing rows of these jobs, in this order (a job deleted meanwhile left out)."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in page:
             pipe.hmget(keys.job_key(job_id), _SUMMARY_FIELDS)
@@ -254,7 +261,7 @@ class Jobs(RedisPart):
                 spec = self.redis.hget(keys.job_key(job_id), "spec") or b"{}"
                 record["summary"] = json.dumps(spec_summary(json.loads(spec)))
             rows.append(job_summary(record, live))
-        return rows, (page[-1] if len(ids) > limit else None)
+        return rows
 
     @translate_redis_errors
     def cancel_job(self, job_id: str, tenant: str | None = None) -> str:

@@ -57,6 +57,31 @@ def job_keys(job_id: str) -> list[str]:
     ]
 
 
+def sweep_key(sweep_id: str) -> str:
+    """A sweep's record (a hash): its spec, members, groups, counts per status, event sequence."""
+    return f"gs:sweep:{{{sweep_id}}}"
+
+
+def sweep_events_key(sweep_id: str) -> str:
+    """A sweep's event stream (progress per group flush, status, done): entry ids `<seq>-1`."""
+    return f"gs:sweep:{{{sweep_id}}}:events"
+
+
+def sweep_members_key(sweep_id: str) -> str:
+    """A sweep's member job ids (a sorted set scored by member index)."""
+    return f"gs:sweep:{{{sweep_id}}}:members"
+
+
+def tenant_sweeps(tenant: str) -> str:
+    """A tenant's sweeps, lex-sorted by id (time-ordered) like its jobs."""
+    return f"{TENANT_PREFIX}{tenant}:sweeps"
+
+
+def tenant_active_sweeps(tenant: str) -> str:
+    """A tenant's sweeps that have not ended (a set): each counts as one active job."""
+    return f"{TENANT_PREFIX}{tenant}:sweeps:active"
+
+
 def status_index(status: JobStatus | str) -> str:
     return STATUS_INDEX_PREFIX + str(status)
 

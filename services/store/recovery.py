@@ -59,12 +59,16 @@ class Recovery(RedisPart):
         ]
         pipe = self.redis.pipeline(transaction=False)
         for job_id in queued:
-            pipe.hmget(keys.job_key(job_id), "queue", "queued_at")
+            pipe.hmget(keys.job_key(job_id), "queue", "queued_at", "group")
         now = self.redis_time()
+        # A sweep's member has no message of its own: its group's is checked instead.
         stale = [
             (job_id, queue.decode())
-            for job_id, (queue, queued_at) in zip(queued, pipe.execute(), strict=True)
-            if queue is not None and queued_at is not None and now - int(queued_at) > older_than_s
+            for job_id, (queue, queued_at, group) in zip(queued, pipe.execute(), strict=True)
+            if queue is not None
+            and queued_at is not None
+            and group is None
+            and now - int(queued_at) > older_than_s
         ]
         if not stale:
             return []

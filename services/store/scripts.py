@@ -13,6 +13,9 @@ newer attempt has claimed the job and it has not handed the job back, even if it
 meanwhile (DESIGN §5).
 """
 
+from collections.abc import Callable
+
+from services.records import FIELD_COUNT, FIELD_ROWS
 from services.schemas import TERMINAL_STATUSES
 from services.store import keys
 
@@ -21,9 +24,33 @@ def _lua_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-# A job's record key around its id, as keys.job_key writes it.
-_JOB_KEY_PREFIX, _JOB_KEY_SUFFIX = keys.job_key("\0").split("\0")
 _TERMINAL = ", ".join(f"[{_lua_string(s.value)}] = true" for s in sorted(TERMINAL_STATUSES))
+
+
+def _key_function(name: str, key_of: Callable[[str], str]) -> str:
+    """A Lua function that spells a key around an id as `key_of` does in keys.py."""
+    prefix, suffix = key_of("\0").split("\0")
+    return (
+        f"local function {name}(id)\n"
+        f"  return {_lua_string(prefix)} .. id .. {_lua_string(suffix)}\nend\n"
+    )
+
+
+_KEY_FUNCTIONS = "".join(
+    _key_function(name, key_of)
+    for name, key_of in [
+        ("job_key", keys.job_key),
+        ("steps_key", keys.steps_key),
+        ("events_key", keys.events_key),
+        ("lease_key", keys.lease_key),
+        ("ckpt_key", keys.ckpt_key),
+        ("sweep_key", keys.sweep_key),
+        ("sweep_events_key", keys.sweep_events_key),
+        ("sweep_members_key", keys.sweep_members_key),
+        ("tenant_sweeps", keys.tenant_sweeps),
+        ("tenant_active_sweeps", keys.tenant_active_sweeps),
+    ]
+)
 
 # Shared helpers, after each script's `#!lua` line.
 _HELPERS = f"""
@@ -33,16 +60,12 @@ local STATUS_INDEX = {_lua_string(keys.STATUS_INDEX_PREFIX)}
 local TENANT_PREFIX = {_lua_string(keys.TENANT_PREFIX)}
 local TENANT_JOBS = {_lua_string(keys.TENANT_JOBS)}
 local STATS = {_lua_string(keys.STATS_KEY)}
-local JOB_KEY_PREFIX = {_lua_string(_JOB_KEY_PREFIX)}
-local JOB_KEY_SUFFIX = {_lua_string(_JOB_KEY_SUFFIX)}
+local FIELD_COUNT = {_lua_string(FIELD_COUNT.decode())}
+local FIELD_ROWS = {_lua_string(FIELD_ROWS.decode())}
 local JOB, STEPS, EVENTS, LEASE, CKPT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-"""
+{_KEY_FUNCTIONS}"""
 
 _HELPERS += """
-local function job_key(id)
-  return JOB_KEY_PREFIX .. id .. JOB_KEY_SUFFIX
-end
-
 local function tenant_index(tenant, status)
   local base = TENANT_PREFIX .. tenant .. TENANT_JOBS
   if status then return base .. ':' .. status end
@@ -51,6 +74,26 @@ end
 
 local function tenant_storage(tenant)
   return TENANT_PREFIX .. tenant .. ':bytes'
+end
+
+-- Point the job helpers below (set_status, finish, ...) at another job: a sweep's scripts
+-- walk its members this way. Returns the keys to restore with restore_job.
+local function use_job(id)
+  local saved = {JOB, STEPS, EVENTS, LEASE, CKPT}
+  JOB, STEPS, EVENTS, LEASE, CKPT = job_key(id), steps_key(id), events_key(id), lease_key(id),
+    ckpt_key(id)
+  return saved
+end
+
+local function restore_job(saved)
+  JOB, STEPS, EVENTS, LEASE, CKPT = saved[1], saved[2], saved[3], saved[4], saved[5]
+end
+
+-- A sweep's event stream: ids are a sequence number (`<seq>-1`) that Last-Event-ID resumes
+-- from.
+local function sweep_event(sweep, kind, data)
+  local seq = redis.call('HINCRBY', sweep_key(sweep), 'seq', 1)
+  redis.call('XADD', sweep_events_key(sweep), seq .. '-1', 'type', kind, 'data', data)
 end
 
 -- Status changes keep the hash, the status indexes (all jobs', and the job's tenant's) and
@@ -63,8 +106,10 @@ local function set_status(id, old, new)
   end
   redis.call('ZREM', STATUS_INDEX .. old, id)
   redis.call('ZADD', STATUS_INDEX .. new, 0, id)
+  -- A sweep's members stay out of their tenant's status indexes: the sweep counts as one
+  -- active job, and GET /v1/jobs?sweep= lists them.
   local tenant = redis.call('HGET', JOB, 'tenant')
-  if tenant then
+  if tenant and redis.call('HEXISTS', JOB, 'sweep') == 0 then
     redis.call('ZREM', tenant_index(tenant, old), id)
     redis.call('ZADD', tenant_index(tenant, new), 0, id)
   end
@@ -102,6 +147,8 @@ local function clear_worker(id)
   end
 end
 
+local member_ended, end_members
+
 -- A finished job needs neither its lease nor its checkpoint; what its tenant keeps shrinks
 -- from the steps reserved at submit to the steps stored.
 local function finish(id, old, new, now)
@@ -118,6 +165,45 @@ local function finish(id, old, new, now)
     redis.call('HSET', JOB, 'bytes', kept)
   end
   set_status(id, old, new)
+  if redis.call('HEXISTS', JOB, 'group') == 1 then  -- a sweep's member
+    member_ended(redis.call('HGET', JOB, 'sweep'), new, now)
+  end
+  local members = redis.call('HGET', JOB, 'members')  -- a sweep's group
+  if members then end_members(members, new, now) end
+end
+
+-- A member of `sweep` ended `status`: the sweep counts it, and ends with its last member
+-- (cancelled if a cancel was asked for, succeeded if a member succeeded, failed otherwise).
+member_ended = function(sweep, status, now)
+  local record = sweep_key(sweep)
+  redis.call('HINCRBY', record, 'n:' .. status, 1)
+  if redis.call('HINCRBY', record, 'remaining', -1) > 0 then return end
+  local final = 'failed'
+  if redis.call('HGET', record, 'cancel') == '1' then
+    final = 'cancelled'
+  elseif tonumber(redis.call('HGET', record, 'n:succeeded') or '0') > 0 then
+    final = 'succeeded'
+  end
+  redis.call('HSET', record, 'status', final, 'finished_at', now)
+  redis.call('SREM', tenant_active_sweeps(redis.call('HGET', record, 'tenant')), sweep)
+  sweep_event(sweep, 'done', final)
+end
+
+-- A group ended (`status`) with members still unfinished (it failed, or lost its worker too
+-- often): they end with it, failed with the group's error (cancelled if they were being).
+end_members = function(members, status, now)
+  local error = redis.call('HGET', JOB, 'error')
+  for id in string.gmatch(members, '%S+') do
+    local saved = use_job(id)
+    local current = redis.call('HGET', JOB, 'status')
+    if current and not TERMINAL[current] then
+      local new = 'failed'
+      if current == 'cancelling' or status == 'cancelled' then new = 'cancelled' end
+      if new == 'failed' and error then redis.call('HSET', JOB, 'error', error) end
+      finish(id, current, new, now)
+    end
+    restore_job(saved)
+  end
 end
 
 -- The attempt that the reaper requeued while it was paused is back, and no newer attempt
@@ -168,7 +254,7 @@ if idem then
   if existing then return {existing, 0} end
 end
 local tenant = ARGV[3]
-local active = 0
+local active = redis.call('SCARD', tenant_active_sweeps(tenant))
 for _, status in ipairs({'queued', 'running', 'cancelling'}) do
   active = active + redis.call('ZCARD', tenant_index(tenant, status))
 end
@@ -199,6 +285,8 @@ CLAIM = _script(
 local status = redis.call('HGET', JOB, 'status')
 if not status then return {'missing', ''} end
 if TERMINAL[status] then return {'finished', status} end
+-- A sweep's member is trained by its group's attempts, never on its own.
+if redis.call('HEXISTS', JOB, 'group') == 1 then return {'member', status} end
 if status ~= 'queued' then
   if redis.call('EXISTS', LEASE) == 1 then return {'busy', status} end
   -- The lease lapsed and the reaper has not got to it yet: this delivery takes over.
@@ -312,6 +400,8 @@ REAP = _script(
     """
 local status = redis.call('HGET', JOB, 'status')
 if status ~= 'running' and status ~= 'cancelling' then return false end
+-- A sweep's member has no lease of its own: its group's lease is reaped instead.
+if redis.call('HEXISTS', JOB, 'group') == 1 then return false end
 if redis.call('EXISTS', LEASE) == 1 then return false end
 if lapse(ARGV[1], status, ARGV[3], ARGV[2]) ~= 'requeue' then return false end
 set_status(ARGV[1], status, 'queued')
@@ -417,6 +507,9 @@ for _, status in ipairs({'queued', 'running', 'cancelling'}) do
     end
   end
 end
+for _, sweep in ipairs(redis.call('SMEMBERS', tenant_active_sweeps(ARGV[1]))) do
+  if redis.call('HGET', sweep_key(sweep), 'dataset') == ARGV[2] then return {'busy', sweep} end
+end
 redis.call('SREM', KEYS[3], ARGV[2])
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('DECRBY', KEYS[4], redis.call('HGET', KEYS[1], 'stored') or 0)
@@ -444,6 +537,224 @@ TOUCH_QUEUED = _script(
 if redis.call('HGET', JOB, 'status') ~= 'queued' then return 0 end
 redis.call('HSET', JOB, 'queued_at', ARGV[1])
 return 1
+""",
+    allow_oom=True,
+)
+
+
+# Sweeps (DESIGN §9). A sweep's members are jobs (a `sweep` and a `group` field); a group is a
+# job-like unit of work (a `members` field, no tenant) that CLAIM, RENEW, RELEASE, REAP and
+# FAIL treat like any job, so leases, hand-backs and the reaper work for groups unchanged.
+
+# KEYS: the sweep's record and events. ARGV: sweep id, tenant, the tenant's limit of active
+# jobs, its storage limit, the bytes the sweep reserves, then records: id, kind ('sweep',
+# 'group' or 'member'), n, then n field/value pairs. Writes the sweep, its groups (queued) and
+# its members (queued) at once, or nothing: {'ok'}, {'limit', n} or {'storage', used}.
+CREATE_SWEEP = _script(
+    """
+local sweep, tenant = ARGV[1], ARGV[2]
+local active = redis.call('SCARD', tenant_active_sweeps(tenant))
+for _, status in ipairs({'queued', 'running', 'cancelling'}) do
+  active = active + redis.call('ZCARD', tenant_index(tenant, status))
+end
+if active >= tonumber(ARGV[3]) then return {'limit', active} end
+local used = tonumber(redis.call('GET', tenant_storage(tenant)) or '0')
+if used + tonumber(ARGV[5]) > tonumber(ARGV[4]) then return {'storage', tostring(used)} end
+local now = redis.call('TIME')[1]
+local i = 6
+while i <= #ARGV do
+  local id, kind, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local first, last = i + 3, i + 2 + 2 * n
+  i = last + 1
+  if kind == 'sweep' then
+    redis.call('HSET', sweep_key(id), unpack(ARGV, first, last))
+    redis.call('ZADD', tenant_sweeps(tenant), 0, id)
+    redis.call('SADD', tenant_active_sweeps(tenant), id)
+  else
+    redis.call('HSET', job_key(id), unpack(ARGV, first, last))
+    redis.call('HSET', job_key(id), 'queued_at', now)
+    redis.call('ZADD', STATUS_INDEX .. 'queued', 0, id)
+    if kind == 'member' then
+      redis.call('ZADD', JOBS_INDEX, 0, id)
+      redis.call('ZADD', tenant_index(tenant), 0, id)
+      redis.call('ZADD', sweep_members_key(sweep), redis.call('HGET', job_key(id), 'index'), id)
+      redis.call('XADD', events_key(id), '*', 'status', 'queued', 'steps_done', 0)
+    end
+  end
+end
+redis.call('INCRBY', tenant_storage(tenant), ARGV[5])
+sweep_event(sweep, 'status', 'queued')
+return {'ok'}
+"""
+)
+
+# KEYS: the group's keys, the worker's entry. ARGV: group id, attempt, first step, steps in
+# the chunk (0: none), now, lease ms, the group's checkpoint, '1' to end the group, n, then n
+# field/value pairs every member's chunk shares, then for each member still training: id,
+# what ends it now ('' to go on, or its terminal status), result JSON, error, the last step's
+# loss ('' if not finite), its chunk's rows, and how many of the chunk's steps it keeps (fewer
+# for a member that diverged: its chunk ends at its first non-finite step). One fenced write
+# of a whole group's flush: each member's chunk, the members that end, the group's checkpoint
+# and lease, the sweep's progress event. Returns {reply, member id, status, ...}: `ok`,
+# `finished`, `fenced` or `gap` (then the group's stored step), and the members no longer
+# training (ended now, or cancelled or deleted meanwhile) with their status.
+FLUSH_GROUP = _script(
+    """
+local attempt, now = ARGV[2], ARGV[5]
+if not owns(attempt) then return {'fenced'} end
+local group_status = redis.call('HGET', JOB, 'status')
+local done = tonumber(redis.call('HGET', JOB, 'steps_done'))
+local first, count = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = tonumber(ARGV[9])
+local common = {unpack(ARGV, 10, 9 + 2 * n)}
+local chunk = count > 0
+local last = chunk and first + count - 1 or done - 1
+-- A retry of this very flush, whose reply was lost: it was applied already.
+local applied = chunk and done == last + 1
+if TERMINAL[group_status] then
+  if applied then return {'finished'} end
+  return {'fenced'}
+end
+if chunk and not applied and first ~= done then return {'gap', tostring(done)} end
+if group_status == 'queued' then
+  take_back(ARGV[1])
+  group_status = 'running'
+end
+local sweep = redis.call('HGET', JOB, 'sweep')
+local record = sweep_key(sweep)
+if redis.call('HGET', record, 'status') == 'queued' then
+  redis.call('HSET', record, 'status', 'running', 'started_at', now)
+  sweep_event(sweep, 'status', 'running')
+end
+local worker = redis.call('HGET', JOB, 'worker') or ''
+local gone, progress, ending, passed, moved = {}, {}, {}, 0, false
+local group = use_job(ARGV[1])
+for a = 10 + 2 * n, #ARGV, 7 do
+  passed = passed + 1
+  local id, action, kept = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 6])
+  use_job(id)
+  local status = redis.call('HGET', JOB, 'status')
+  if not status or TERMINAL[status] then
+    table.insert(gone, id)
+    table.insert(gone, status or 'deleted')
+  else
+    -- A member's attempt and worker are its group's.
+    redis.call('HSET', JOB, 'attempt', attempt, 'worker', worker)
+    if chunk and not applied and kept > 0 then
+      redis.call('XADD', STEPS, (first + kept - 1) .. '-1', FIELD_COUNT, kept,
+                 FIELD_ROWS, ARGV[a + 5], unpack(common))
+      redis.call('HSET', JOB, 'steps_done', first + kept, 'loss', ARGV[a + 4])
+    end
+    if status == 'queued' then
+      if redis.call('HEXISTS', JOB, 'started_at') == 0 then
+        redis.call('HSET', JOB, 'started_at', now)
+      end
+      set_status(id, status, 'running')
+      status = 'running'
+    end
+    local ends = nil
+    if action ~= '' and not applied then
+      if ARGV[a + 2] ~= '' then redis.call('HSET', JOB, 'result', ARGV[a + 2]) end
+      if ARGV[a + 3] ~= '' then redis.call('HSET', JOB, 'error', ARGV[a + 3]) end
+      ends = action
+    elseif status == 'cancelling' then
+      ends = 'cancelled'
+    end
+    if ends then
+      table.insert(ending, {id, status, ends})
+      table.insert(gone, id)
+      table.insert(gone, ends)
+    end
+    local loss = tonumber(ARGV[a + 4])
+    local step = done - 1
+    if chunk then step = first + kept - 1 end
+    progress[id] = {step = step, loss = loss or cjson.null, status = ends or status}
+    moved = true
+  end
+end
+-- The progress event goes first: the last member to end ends the sweep (its `done` event).
+if moved and not applied then
+  sweep_event(sweep, 'progress', cjson.encode({members = progress}))
+end
+for _, e in ipairs(ending) do
+  use_job(e[1])
+  finish(e[1], e[2], e[3], now)
+end
+restore_job(group)
+if chunk and not applied then
+  redis.call('HINCRBY', STATS, 'steps', count * passed)
+  redis.call('HINCRBY', STATS, 'flushes', 1)
+  redis.call('HSET', JOB, 'steps_done', last + 1)
+  redis.call('HSET', CKPT, 'step', last + 1, 'theta', ARGV[7], 'optimizer', '', 'loss', '')
+end
+if ARGV[8] == '1' or passed - #gone / 2 <= 0 then
+  finish(ARGV[1], group_status, 'succeeded', now)
+  table.insert(gone, 1, 'finished')
+  return gone
+end
+redis.call('SET', LEASE, attempt, 'PX', ARGV[6])
+table.insert(gone, 1, 'ok')
+return gone
+"""
+)
+
+# KEYS: the sweep's record. ARGV: sweep id, now. Cancels every unfinished member: a queued one
+# at once, a running one at its group's next flush. {'ok'}, {'missing'} or {'finished', status}.
+CANCEL_SWEEP = _script(
+    """
+local sweep, now = ARGV[1], ARGV[2]
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing'} end
+if status ~= 'queued' and status ~= 'running' then return {'finished', status} end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+for _, id in ipairs(redis.call('ZRANGE', sweep_members_key(sweep), 0, -1)) do
+  local saved = use_job(id)
+  local current = redis.call('HGET', JOB, 'status')
+  if current == 'queued' then
+    finish(id, current, 'cancelled', now)
+  elseif current == 'running' then
+    set_status(id, current, 'cancelling')
+  end
+  restore_job(saved)
+end
+return {'ok'}
+""",
+    allow_oom=True,
+)
+
+# KEYS: the sweep's record. ARGV: sweep id, '1' to delete whatever its status (a sweep that
+# could not be enqueued). Removes the sweep, its members (as DELETE removes a job) and its
+# groups; the tenant gets the bytes back. {'deleted'}, {'missing'} or {'live', status}.
+DELETE_SWEEP = _script(
+    """
+local sweep = ARGV[1]
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing'} end
+if (status == 'queued' or status == 'running') and ARGV[2] ~= '1' then
+  return {'live', status}
+end
+local tenant = redis.call('HGET', KEYS[1], 'tenant')
+local freed = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
+for _, id in ipairs(redis.call('ZRANGE', sweep_members_key(sweep), 0, -1)) do
+  local member = redis.call('HMGET', job_key(id), 'status', 'bytes')
+  if member[1] then
+    redis.call('ZREM', tenant_index(tenant), id)
+    redis.call('ZREM', JOBS_INDEX, id)
+    redis.call('ZREM', STATUS_INDEX .. member[1], id)
+    freed = freed + tonumber(member[2] or '0')
+  end
+  redis.call('DEL', job_key(id), steps_key(id), events_key(id), lease_key(id), ckpt_key(id))
+end
+for id in string.gmatch(redis.call('HGET', KEYS[1], 'groups') or '', '%S+') do
+  local group_status = redis.call('HGET', job_key(id), 'status')
+  if group_status then redis.call('ZREM', STATUS_INDEX .. group_status, id) end
+  redis.call('DEL', job_key(id), steps_key(id), events_key(id), lease_key(id), ckpt_key(id))
+end
+redis.call('DECRBY', tenant_storage(tenant), freed)
+redis.call('ZREM', tenant_sweeps(tenant), sweep)
+redis.call('SREM', tenant_active_sweeps(tenant), sweep)
+redis.call('DEL', KEYS[1], sweep_events_key(sweep), sweep_members_key(sweep))
+return {'deleted'}
 """,
     allow_oom=True,
 )

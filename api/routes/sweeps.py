@@ -1,0 +1,113 @@
+"""Sweep routes (contract v2, DESIGN §9): submit, list, read, events, cancel, delete."""
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from api.deps import MAX_STEP, SettingsDep, StoreDep, SweepIdDep, TenantDep, problems
+from api.routes.streams import EventStreamResponse, StreamSlots, _never_null, sse_frame
+from services import sweeps
+from services.schemas import SweepList, SweepSpec, SweepView
+from services.sweep_events import sweep_event_frames
+
+router = APIRouter(
+    prefix="/v1/sweeps", tags=["sweeps"], responses=problems(401, 404, 409, 413, 429, 503, 507)
+)
+
+SequenceCursor = Annotated[int | None, Query(ge=-1, le=MAX_STEP, json_schema_extra=_never_null)]
+
+
+@router.post("", status_code=201, responses=problems(400))
+def submit_sweep(
+    tenant: TenantDep, spec: SweepSpec, store: StoreDep, settings: SettingsDep, response: Response
+) -> SweepView:
+    """Submit a sweep: its members are jobs, trained in groups with one batched step each."""
+    view = sweeps.submit_sweep(store, spec, settings, tenant)
+    response.headers["Location"] = f"/v1/sweeps/{view.id}"
+    return view
+
+
+@router.get("")
+def list_sweeps(
+    tenant: TenantDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: str | None = None,
+) -> SweepList:
+    """List the caller's sweeps, newest first; pass `next` back as `cursor` for the next page."""
+    views, next_cursor = store.list_sweeps(tenant, limit, cursor)
+    return SweepList(sweeps=views, next=next_cursor)
+
+
+@router.get("/{sweep_id}")
+def get_sweep(tenant: TenantDep, sweep_id: SweepIdDep, store: StoreDep) -> SweepView:
+    """The sweep: counts per status, every member's values, steps and losses, the best."""
+    return store.get_sweep(sweep_id, tenant)
+
+
+@router.post("/{sweep_id}/cancel", status_code=202)
+def cancel_sweep(tenant: TenantDep, sweep_id: SweepIdDep, store: StoreDep) -> SweepView:
+    """Cancel every unfinished member (queued ones at once, running ones at their next flush)."""
+    store.cancel_sweep(sweep_id, tenant)
+    return store.get_sweep(sweep_id, tenant)
+
+
+@router.delete("/{sweep_id}", status_code=204)
+def delete_sweep(tenant: TenantDep, sweep_id: SweepIdDep, store: StoreDep) -> Response:
+    """Delete an ended sweep and all its members (409 while it runs: cancel it first)."""
+    store.delete_sweep(sweep_id, tenant)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{sweep_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def sweep_events(
+    tenant: TenantDep,
+    sweep_id: SweepIdDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    request: Request,
+    last_event_id: Annotated[
+        int | None, Header(ge=-1, le=MAX_STEP, json_schema_extra=_never_null)
+    ] = None,
+    after: SequenceCursor = None,
+) -> StreamingResponse:
+    """Stream the sweep: `status`, then a `progress` event per flush of any of its groups
+    (resumable by Last-Event-ID or `after`), then `done` with the final SweepView."""
+    cursor = last_event_id if last_event_id is not None else after
+
+    async def final_view() -> dict[str, Any]:
+        view = await asyncio.to_thread(store.get_sweep, sweep_id, tenant)
+        return view.model_dump(mode="json")
+
+    frames = await sweep_event_frames(
+        request.app.state.async_redis,
+        sweep_id,
+        tenant,
+        -1 if cursor is None else cursor,
+        settings.sse_keepalive_s,
+        sse_frame,
+        final_view,
+    )
+    slots: StreamSlots = request.app.state.stream_slots
+    slots.take(tenant)
+
+    async def body() -> Any:
+        try:
+            yield b"retry: 1000\n\n"
+            async for frame in frames:
+                yield frame
+        finally:
+            await frames.aclose()
+
+    return EventStreamResponse(
+        body(),
+        settings.sse_send_timeout_s,
+        on_close=lambda: slots.give_back(tenant),
+        job_id=sweep_id,
+    )

@@ -1,0 +1,303 @@
+"""One attempt at a sweep's group (DESIGN §9): its running members trained together, one
+batched step for all of them, flushed by one fenced script per chunk. No Celery here.
+
+A group is claimed, leased, checkpointed and handed back like a job (the same scripts); what
+differs is the flush, which appends each member's chunk and ends the members that end
+(the last step, successive halving's cut at a rung, divergence), and which reports the
+members that a cancel ended meanwhile, so that they leave the batched tensors.
+"""
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from services.batched import BatchedTrainer
+from services.config import Settings
+from services.errors import StorageFull, StoreUnavailable
+from services.records import Chunk, param_values
+from services.runner import (
+    CHUNK_BUDGET_BYTES,
+    FULL,
+    STORE_OUTAGE_S,
+    AttemptResult,
+    LeaseKeeper,
+    Outcome,
+    datasets_cache,
+)
+from services.schemas import JobStatus
+from services.store import Claim, Store
+from services.store.sweeps import GroupFlushed, MemberFlush
+from services.sweeps_math import halving_cut, halving_rungs, rank_by_loss
+from services.training import loss_and_r2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Member:
+    """A member still training: its id and where it sits in the batched tensors' `specs`."""
+
+    id: str
+    position: int
+
+
+class _GroupAttempt:
+    def __init__(
+        self,
+        store: Store,
+        group_id: str,
+        claim: Claim,
+        worker: str,
+        settings: Settings,
+        drain: threading.Event,
+    ) -> None:
+        self.store, self.group_id, self.attempt = store, group_id, claim.attempt
+        self.worker, self.settings, self.drain = worker, settings, drain
+        self.spec: dict[str, Any] = json.loads(claim.spec_json)
+        self.claim = claim
+        self.trainer: BatchedTrainer | None = None
+        self.keeper = LeaseKeeper(
+            store,
+            group_id,
+            claim.attempt,
+            settings.lease_s,
+            self._progress,
+            settings.attempt_stall_s,
+        )
+
+    def _progress(self) -> int:
+        return 0 if self.trainer is None else self.trainer.steps_done
+
+    def run(self, device: torch.device) -> AttemptResult:
+        work = self.store.group_work(self.group_id, self.spec["members"])
+        running = [
+            (member_id, position)
+            for position, (member_id, status) in enumerate(
+                zip(work.member_ids, work.statuses, strict=True)
+            )
+            if not JobStatus(status).finished
+        ]
+        if not running:  # every member was cancelled (or deleted) before the group started
+            flushed = self._flush(None, [], finish=True)
+            return AttemptResult(Outcome.SUCCEEDED if flushed.reply != "fenced" else Outcome.FENCED)
+        first = work.specs[0]
+        data = None
+        if first.data.dataset_id is not None:
+            dataset_id = first.data.dataset_id
+            cache = datasets_cache(self.settings)
+            data = cache.get(dataset_id, device, lambda: self.store.load_dataset(dataset_id))
+        trainer = BatchedTrainer(work.specs, device, data)
+        checkpoint = self.claim.checkpoint
+        if checkpoint is not None:
+            trainer.load_state(checkpoint.theta, checkpoint.step)
+        live_ids = {member_id for member_id, _ in running}
+        trainer.keep([p for p in trainer.live if work.member_ids[p] in live_ids])
+        self.trainer = trainer
+        self.ids = work.member_ids
+        self.keeper.start()
+        return self._loop(trainer, first.steps)
+
+    def _loop(self, trainer: BatchedTrainer, steps: int) -> AttemptResult:
+        early = self.spec.get("early_stop")
+        rungs = halving_rungs(early["min_steps"], early["eta"], steps) if early else []
+        width = trainer.layout.width
+        interval = self.settings.flush_interval_s
+        while True:
+            members = len(trainer.live)
+            room = max(1, CHUNK_BUDGET_BYTES // (4 * members * width))
+            stop_at = min([steps, *(r for r in rungs if r > trainer.steps_done)])
+            count = min(room, stop_at - trainer.steps_done, self.settings.flush_max_steps)
+            records = torch.empty(count, members, width, device=trainer.x.device)
+            first, started = trainer.steps_done, time.monotonic()
+            done = 0
+            while done < count:
+                trainer.step(records[done])
+                done += 1
+                if done % 16 == 0 and (
+                    self.drain.is_set()
+                    or self.keeper.lost.is_set()
+                    or time.monotonic() - started > interval
+                ):
+                    break
+            if self.keeper.lost.is_set():
+                return AttemptResult(Outcome.FENCED)
+            host = records[:done].cpu()
+            ends_now = trainer.steps_done in rungs or trainer.steps_done >= steps
+            flushed = self._flush_rows(trainer, host, first, steps, rungs)
+            if flushed.reply == "fenced":
+                return AttemptResult(Outcome.FENCED)
+            if flushed.reply == "gap":
+                return self.hand_back("Redis lost recent steps: resuming from the checkpoint")
+            if flushed.reply == "full":
+                return self.hand_back(FULL)
+            if flushed.reply == "finished" or (ends_now and trainer.steps_done >= steps):
+                return AttemptResult(Outcome.SUCCEEDED)
+            positions = {member_id: p for p, member_id in enumerate(self.ids)}
+            gone = {positions[member_id] for member_id in flushed.gone}
+            trainer.keep([p for p in trainer.live if p not in gone])
+            if self.drain.is_set():
+                return self.hand_back("its worker is shutting down")
+
+    def _flush_rows(
+        self, trainer: BatchedTrainer, host: torch.Tensor, first: int, steps: int, rungs: list[int]
+    ) -> GroupFlushed:
+        """The chunk of every live member; who ends (last step, divergence, the rung's cut)."""
+        p = trainer.layout.params
+        count = len(host)
+        step = first + count  # the steps done after this chunk
+        finite = torch.isfinite(host[:, :, : 1 + p]).all(dim=2)  # (count, members)
+        params = trainer.params().cpu()
+        members: list[MemberFlush] = []
+        losses: list[float | None] = []
+        survivors = []
+        for i, position in enumerate(trainer.live):
+            rows = host[:, i, :]
+            kept = count
+            end: JobStatus | None = None
+            result: dict[str, Any] | None = None
+            error = None
+            if not bool(finite[:, i].all()):
+                bad = int(torch.nonzero(~finite[:, i])[0, 0])
+                kept = bad + 1
+                end = JobStatus.DIVERGED
+                error = f"diverged at step {first + bad}: loss or gradients are not finite"
+            loss = float(rows[kept - 1, 0])
+            loss_or_none = loss if math.isfinite(loss) else None
+            members.append(
+                MemberFlush(
+                    self.ids[position],
+                    rows[:kept].numpy().tobytes(),
+                    loss_or_none,
+                    kept,
+                    end,
+                    result,
+                    error,
+                )
+            )
+            if end is None:
+                losses.append(loss_or_none)
+                survivors.append(i)
+        if step >= steps:
+            for i in survivors:
+                members[i] = self._succeeded(members[i], trainer, params[i], steps)
+        elif step in rungs and self.spec.get("early_stop"):
+            eta = self.spec["early_stop"]["eta"]
+            going_on, cutoff = halving_cut(losses, eta)
+            for rank, k in enumerate(rank_by_loss(losses), start=1):
+                if k in going_on:
+                    continue
+                i = survivors[k]
+                reason = (
+                    f"pruned at rung {step} (successive halving, eta {eta}): rank {rank} of "
+                    f"{len(survivors)} by the loss of step {step - 1}, cut-off "
+                    f"{'not finite' if cutoff is None else f'{cutoff:.6g}'}"
+                )
+                values = param_values(
+                    params[i].tolist(), trainer.layout.features, trainer.layout.bias
+                )
+                members[i] = MemberFlush(
+                    members[i].member_id,
+                    members[i].rows,
+                    members[i].loss,
+                    members[i].kept,
+                    JobStatus.PRUNED,
+                    {"params": values, "loss": members[i].loss, "stopped": reason},
+                )
+        chunk = Chunk(
+            first,
+            count,
+            trainer.layout.features,
+            trainer.layout.bias,
+            b"",
+            trainer.batches_per_epoch if trainer.batches_per_epoch > 1 else 0,
+        )
+        return self._flush(chunk, members, finish=False)
+
+    def _succeeded(
+        self, member: MemberFlush, trainer: BatchedTrainer, theta: torch.Tensor, steps: int
+    ) -> MemberFlush:
+        layout = trainer.layout
+        quality = loss_and_r2(trainer.x.cpu(), trainer.y.cpu().squeeze(1), theta, layout.bias)
+        result = {
+            "params": param_values(theta.tolist(), layout.features, layout.bias),
+            "loss": member.loss,
+            "stopped": f"ran all {steps} steps",
+            **quality,
+        }
+        return MemberFlush(
+            member.member_id, member.rows, member.loss, member.kept, JobStatus.SUCCEEDED, result
+        )
+
+    def _flush(self, chunk: Chunk | None, members: list[MemberFlush], finish: bool) -> GroupFlushed:
+        """The group's flush, retried while Redis is unreachable (the script recognises a
+        retry of a flush it applied); `full` when Redis refused it for memory."""
+        state = b"" if self.trainer is None else self.trainer.state_bytes()
+        deadline, pause = time.monotonic() + STORE_OUTAGE_S, 0.05
+        while True:
+            try:
+                return self.store.flush_group(
+                    self.group_id,
+                    self.attempt,
+                    chunk,
+                    members,
+                    state,
+                    self.settings.lease_s,
+                    finish=finish,
+                    worker=self.worker,
+                )
+            except StorageFull:
+                return GroupFlushed("full", {})
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning(
+                    "group %s attempt %d: Redis unreachable, flush retried",
+                    self.group_id,
+                    self.attempt,
+                )
+                time.sleep(pause)
+                pause = min(1.0, pause * 2)
+
+    def hand_back(self, why: str) -> AttemptResult:
+        """Queue the group again, to resume from its checkpoint (as a job is handed back)."""
+        self.keeper.stop()
+        queue = self.store.release_job(self.group_id, self.attempt, f"requeued: {why}", self.worker)
+        log.info("group %s attempt %d handed back: %s", self.group_id, self.attempt, why)
+        if queue is None:
+            return AttemptResult(Outcome.FENCED)
+        if queue == "":
+            return AttemptResult(Outcome.CANCELLED)
+        return AttemptResult(Outcome.RELEASED, requeue_to=queue, reason=why)
+
+
+def run_group(
+    store: Store,
+    group_id: str,
+    claim: Claim,
+    worker: str,
+    device: torch.device,
+    settings: Settings,
+    drain: threading.Event | None,
+) -> AttemptResult:
+    """Run one attempt of a claimed group until its members end, or until `drain` is set
+    (then it is checkpointed and handed back)."""
+    attempt = _GroupAttempt(store, group_id, claim, worker, settings, drain or threading.Event())
+    try:
+        return attempt.run(device)
+    except StoreUnavailable:
+        raise  # nothing can be recorded; the lease lapses and the reaper requeues the group
+    except StorageFull:
+        return attempt.hand_back(FULL)
+    except Exception as exc:
+        log.exception("group %s attempt %d failed", group_id, claim.attempt)
+        error = f"{type(exc).__name__}: {exc}"
+        store.fail_job(group_id, claim.attempt, error, worker)  # its members fail with it
+        return AttemptResult(Outcome.FAILED, reason=error)
+    finally:
+        attempt.keeper.stop()

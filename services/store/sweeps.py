@@ -1,0 +1,346 @@
+"""Sweeps (DESIGN §9): the sweep's record, its members (jobs with a `sweep` and a `group`
+field) and its groups (job-like units of work that a worker claims, leases and checkpoints
+like a job), and the one fenced script that flushes a whole group's step."""
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from services.errors import LimitExceeded, SweepActive, SweepFinished, SweepNotFound
+from services.records import FIELD_COUNT, FIELD_ROWS, Chunk
+from services.schemas import (
+    JobSpec,
+    JobStatus,
+    JobSummary,
+    SweepBest,
+    SweepMember,
+    SweepSpec,
+    SweepStatus,
+    SweepView,
+)
+from services.store import keys
+from services.store.base import RedisPart, translate_redis_errors
+
+# A group's record holds this JSON as its `spec` ("group" first), so that a claim tells a
+# group from a job (services/runner.py).
+GROUP_SPEC_PREFIX = '{"group":'
+
+
+def group_spec(group_id: str, sweep_id: str, members: list[str], early_stop: Any) -> str:
+    """The `spec` field of a group's record: its members and the sweep's early stop rule."""
+    return json.dumps(
+        {"group": group_id, "sweep": sweep_id, "members": members, "early_stop": early_stop}
+    )
+
+
+# What a sweep's view reads of each member.
+_MEMBER_FIELDS = ("status", "steps_done", "loss", "result")
+
+
+@dataclass(frozen=True)
+class NewRecord:
+    """A record a sweep's submit writes: the sweep itself, a group or a member."""
+
+    id: str
+    kind: str  # 'sweep', 'group' or 'member'
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GroupWork:
+    """What an attempt at a group trains: its members (in member order), their specs and
+    their statuses when it was claimed."""
+
+    sweep_id: str
+    member_ids: list[str]
+    specs: list[JobSpec]
+    statuses: list[str]
+
+
+@dataclass(frozen=True)
+class MemberFlush:
+    """One member's part of a group's flush."""
+
+    member_id: str
+    rows: bytes  # its chunk's rows (b'' for a flush without steps)
+    loss: float | None  # the last step's loss (None: not finite, or no step)
+    kept: int  # how many of the chunk's steps are its (fewer once it diverged)
+    end: JobStatus | None = None  # the member ends now with this status
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class GroupFlushed:
+    """What a group's flush answered: `ok`, `finished`, `fenced` or `gap` (`stored` the step
+    to resume from), and the members no longer training, with their status."""
+
+    reply: str
+    gone: dict[str, str]
+    stored: int = 0
+
+
+def _float(raw: bytes | None) -> float | None:
+    if not raw:
+        return None
+    value = float(raw)
+    return value if math.isfinite(value) else None
+
+
+def _time(raw: bytes | None) -> datetime | None:
+    return datetime.fromisoformat(raw.decode()) if raw else None
+
+
+class Sweeps(RedisPart):
+    """Sweep records, their members and groups."""
+
+    @translate_redis_errors
+    def create_sweep(
+        self,
+        sweep: NewRecord,
+        groups: Iterable[NewRecord],
+        members: Iterable[NewRecord],
+        tenant: str,
+        reserved: int,
+        max_active: int,
+        storage_limit: int,
+    ) -> None:
+        """Write the sweep, its groups and its members (all queued) in one script, or nothing:
+        LimitExceeded when the tenant has `max_active` jobs and sweeps active, or when the
+        sweep's bytes (every member's spec and steps, counted up front) do not fit."""
+        args: list[Any] = [sweep.id, tenant, max_active, storage_limit, reserved]
+        for record in (sweep, *groups, *members):
+            args += [record.id, record.kind, len(record.fields)]
+            for name, value in record.fields.items():
+                args += [name, value]
+        script_keys = [keys.sweep_key(sweep.id), keys.sweep_events_key(sweep.id)]
+        reply = self.lua.create_sweep(keys=script_keys, args=args)
+        if reply[0] == b"limit":
+            raise LimitExceeded(
+                "max_active_jobs_per_tenant",
+                f"tenant {tenant!r} has {int(reply[1])} jobs and sweeps queued or running; "
+                f"max_active_jobs_per_tenant is {max_active} (a sweep counts as one)",
+            )
+        if reply[0] == b"storage":
+            raise LimitExceeded(
+                "tenant_storage_bytes",
+                f"tenant {tenant!r} keeps {int(reply[1])} bytes; this sweep needs {reserved} "
+                f"more (every member's spec and step records), and tenant_storage_bytes is "
+                f"{storage_limit}: delete finished jobs, sweeps or datasets",
+            )
+
+    @translate_redis_errors
+    def sweep_fields(self, sweep_id: str, tenant: str | None = None) -> dict[bytes, bytes]:
+        """The sweep's record; SweepNotFound also for another tenant's sweep."""
+        fields: dict[bytes, bytes] = self.redis.hgetall(keys.sweep_key(sweep_id))
+        if not fields or (tenant is not None and fields.get(b"tenant") != tenant.encode()):
+            raise SweepNotFound(sweep_id)
+        return fields
+
+    def member_ids(self, sweep_id: str) -> list[str]:
+        ids = self.redis.zrange(keys.sweep_members_key(sweep_id), 0, -1)
+        return [i.decode() for i in ids]
+
+    @translate_redis_errors
+    def get_sweep(self, sweep_id: str, tenant: str | None = None) -> SweepView:
+        """The sweep with every member's status, steps, last loss and final loss."""
+        return self._view(self.sweep_fields(sweep_id, tenant))
+
+    def _view(self, fields: dict[bytes, bytes]) -> SweepView:
+        sweep_id = fields[b"id"].decode()
+        values: list[dict[str, Any]] = json.loads(fields[b"values"])
+        ids = self.member_ids(sweep_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for member_id in ids:
+            pipe.hmget(keys.job_key(member_id), _MEMBER_FIELDS)
+        members, counts = [], dict.fromkeys(JobStatus, 0)
+        for index, (member_id, (status, steps, loss, result)) in enumerate(
+            zip(ids, pipe.execute(), strict=True)
+        ):
+            if status is None:
+                continue  # deleted
+            final = json.loads(result).get("full_loss") if result else None
+            member = SweepMember(
+                id=member_id,
+                values=values[index],
+                status=JobStatus(status.decode()),
+                steps_done=int(steps),
+                loss=_float(loss),
+                final_loss=final,
+            )
+            counts[member.status] += 1
+            members.append(member)
+        succeeded = [
+            m for m in members if m.status is JobStatus.SUCCEEDED and m.final_loss is not None
+        ]
+        best = min(succeeded, key=lambda m: m.final_loss or 0.0, default=None)
+        return SweepView(
+            id=sweep_id,
+            name=fields[b"name"].decode() or None,
+            status=SweepStatus(fields[b"status"].decode()),
+            spec=SweepSpec.model_validate_json(fields[b"spec"]),
+            created_at=datetime.fromisoformat(fields[b"created_at"].decode()),
+            started_at=_time(fields.get(b"started_at")),
+            finished_at=_time(fields.get(b"finished_at")),
+            counts={status: n for status, n in counts.items() if n},
+            members=members,
+            best=None
+            if best is None or best.final_loss is None
+            else SweepBest(id=best.id, values=best.values, final_loss=best.final_loss),
+        )
+
+    @translate_redis_errors
+    def list_sweeps(
+        self, tenant: str, limit: int, cursor: str | None
+    ) -> tuple[list[SweepView], str | None]:
+        """The tenant's sweeps, newest first; `cursor` is the last id of the previous page."""
+        upper = "+" if cursor is None else f"({cursor}"
+        found = self.redis.zrevrangebylex(keys.tenant_sweeps(tenant), upper, "-", 0, limit + 1)
+        ids = [i.decode() for i in found]
+        views = []
+        for sweep_id in ids[:limit]:
+            fields = self.redis.hgetall(keys.sweep_key(sweep_id))
+            if fields:
+                views.append(self._view(fields))
+        return views, (ids[limit - 1] if len(ids) > limit else None)
+
+    @translate_redis_errors
+    def list_members(
+        self, sweep_id: str, tenant: str, status: JobStatus | None, limit: int, cursor: str | None
+    ) -> tuple[list[JobSummary], str | None]:
+        """A sweep's members in member order (GET /v1/jobs?sweep=); `cursor` is the last
+        member index of the previous page."""
+        self.sweep_fields(sweep_id, tenant)
+        if cursor is not None and not cursor.isdigit():
+            return [], None  # names no member: nothing comes after it
+        start = "-inf" if cursor is None else f"({int(cursor)}"
+        found = self.redis.zrangebyscore(
+            keys.sweep_members_key(sweep_id), start, "+inf", withscores=True
+        )
+        rows = self.summaries([member_id.decode() for member_id, _ in found])
+        if status is not None:
+            rows = [row for row in rows if row.status is status]
+        indexes = {member_id.decode(): int(score) for member_id, score in found}
+        page = rows[:limit]
+        return page, (str(indexes[page[-1].id]) if len(rows) > limit else None)
+
+    @translate_redis_errors
+    def cancel_sweep(self, sweep_id: str, tenant: str) -> None:
+        """Cancel every unfinished member: queued ones at once, running ones at their group's
+        next flush. SweepFinished once the sweep has ended."""
+        self.sweep_fields(sweep_id, tenant)
+        reply = self.lua.cancel_sweep(
+            keys=[keys.sweep_key(sweep_id)], args=[sweep_id, keys.utc_now()]
+        )
+        if reply[0] == b"finished":
+            raise SweepFinished(sweep_id, reply[1].decode())
+
+    def _drop_sweep(self, sweep_id: str, force: bool) -> list[bytes]:
+        reply: list[bytes] = self.lua.delete_sweep(
+            keys=[keys.sweep_key(sweep_id)], args=[sweep_id, int(force)]
+        )
+        return reply
+
+    @translate_redis_errors
+    def delete_sweep(self, sweep_id: str, tenant: str) -> None:
+        """Delete an ended sweep of `tenant`, its members and groups; SweepActive while it runs."""
+        self.sweep_fields(sweep_id, tenant)
+        reply = self._drop_sweep(sweep_id, force=False)
+        if reply[0] == b"live":
+            raise SweepActive(sweep_id, reply[1].decode())
+        if reply[0] == b"missing":
+            raise SweepNotFound(sweep_id)
+
+    @translate_redis_errors
+    def discard_sweep(self, sweep_id: str) -> None:
+        """Remove every trace of a sweep whatever its status (one that could not be enqueued)."""
+        self._drop_sweep(sweep_id, force=True)
+
+    @translate_redis_errors
+    def group_work(self, group_id: str, member_ids: list[str]) -> GroupWork:
+        """The specs and statuses of a claimed group's members."""
+        pipe = self.redis.pipeline(transaction=False)
+        for member_id in member_ids:
+            pipe.hmget(keys.job_key(member_id), "spec", "status", "sweep")
+        rows = pipe.execute()
+        sweep_ids = {row[2] for row in rows if row[2] is not None}
+        specs, statuses, kept = [], [], []
+        for member_id, (spec, status, _) in zip(member_ids, rows, strict=True):
+            if spec is None:
+                continue  # deleted
+            kept.append(member_id)
+            specs.append(JobSpec.model_validate_json(spec))
+            statuses.append(status.decode())
+        sweep_id = next(iter(sweep_ids)).decode() if sweep_ids else ""
+        return GroupWork(sweep_id, kept, specs, statuses)
+
+    @translate_redis_errors
+    def flush_group(
+        self,
+        group_id: str,
+        attempt: int,
+        chunk: Chunk | None,
+        members: list[MemberFlush],
+        state: bytes,
+        lease_s: float,
+        *,
+        finish: bool = False,
+        worker: str | None = None,
+    ) -> GroupFlushed:
+        """Append each member's chunk (steps `chunk.first ..`, the rows of `members`), end the
+        members that end, write the group's checkpoint (`state`, after the chunk's last step)
+        and renew its lease; with `finish` end the group. One atomic script fenced by the
+        group's attempt (DESIGN §9, exactly once for every member)."""
+        common: list[Any] = []
+        if chunk is not None:
+            for name, value in chunk.fields().items():
+                if name not in (FIELD_ROWS, FIELD_COUNT):  # each member's own
+                    common += [name, value]
+        args: list[Any] = [
+            group_id,
+            attempt,
+            chunk.first if chunk else -1,
+            chunk.count if chunk else 0,
+            keys.utc_now(),
+            int(lease_s * 1000),
+            state,
+            "1" if finish else "",
+            len(common) // 2,
+            *common,
+        ]
+        for member in members:
+            args += [
+                member.member_id,
+                member.end.value if member.end else "",
+                json.dumps(member.result) if member.result is not None else "",
+                member.error or "",
+                "" if member.loss is None or not math.isfinite(member.loss) else repr(member.loss),
+                member.rows,
+                member.kept,
+            ]
+        script_keys = [*keys.job_keys(group_id)]
+        if worker is not None:
+            script_keys.append(keys.worker_key(worker))
+        reply = self.lua.flush_group(keys=script_keys, args=args)
+        outcome = reply[0].decode()
+        if outcome == "gap":
+            return GroupFlushed(outcome, {}, int(reply[1]))
+        rest = reply[1:]
+        gone = {rest[i].decode(): rest[i + 1].decode() for i in range(0, len(rest), 2)}
+        return GroupFlushed(outcome, gone)
+
+    @translate_redis_errors
+    def sweep_events(
+        self, sweep_id: str, after: int, count: int = 100
+    ) -> list[tuple[int, str, str]]:
+        """The sweep's events after sequence number `after`: (seq, type, data)."""
+        entries = self.redis.xrange(
+            keys.sweep_events_key(sweep_id), f"({keys.step_entry_id(after)}", "+", count
+        )
+        return [
+            (int(entry_id.split(b"-")[0]), f[b"type"].decode(), f[b"data"].decode())
+            for entry_id, f in entries
+        ]

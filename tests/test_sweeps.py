@@ -1,0 +1,154 @@
+"""Sweeps end to end (DESIGN §9) against the real stack: members are jobs whose records equal
+the same spec run alone, successive halving prunes at its rungs, one event stream follows the
+whole sweep, cancel and delete reach every member, and bad sweeps are 422s naming the place."""
+
+import math
+from typing import Any
+
+import httpx
+import pytest
+
+from api.client import Client, GradstreamError
+from cli.stack import Stack
+from tests.conftest import SEED_EXAMPLE
+
+SEED_SWEEP = {"name": "seed lrs", "base": SEED_EXAMPLE, "grid": {"optimizer.lr": [0.1, 0.05, 0.2]}}
+HALVING = {
+    "base": {
+        "data": {"synthetic": {"n": 200, "d": 4, "seed": 3}},
+        "optimizer": {"name": "adam"},
+        "steps": 18,
+        "device": "cpu",
+    },
+    "grid": {"optimizer.lr": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]},
+    "early_stop": {"name": "successive_halving", "min_steps": 2, "eta": 3},
+}
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12)
+
+
+def _same_record(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    flat = [
+        (a["loss"], b["loss"]),
+        *zip(a["grads"]["w"], b["grads"]["w"], strict=True),
+        *zip(a["params"]["w"], b["params"]["w"], strict=True),
+    ]
+    return a["step"] == b["step"] and all(_close(x, y) for x, y in flat)
+
+
+def test_members_are_jobs_whose_steps_equal_the_spec_run_alone(client: Client) -> None:
+    sweep = client.submit_sweep(SEED_SWEEP)
+    assert sweep["status"] == "queued" and sweep["counts"] == {"queued": 3}
+    view = client.wait_sweep(sweep["id"], timeout=60)
+    assert view["status"] == "succeeded" and view["counts"] == {"succeeded": 3}
+    lrs = [member["values"]["optimizer.lr"] for member in view["members"]]
+    assert lrs == [0.1, 0.05, 0.2]
+    assert view["best"]["values"] == {"optimizer.lr": 0.2}  # the fastest of the three
+    listed = client.http.get("/v1/jobs", params={"sweep": sweep["id"]}).json()["jobs"]
+    assert [job["id"] for job in listed] == [member["id"] for member in view["members"]]
+    for member, lr in zip(view["members"], lrs, strict=True):
+        job = client.get(member["id"])
+        assert job["sweep"] == sweep["id"] and job["spec"]["optimizer"]["lr"] == lr
+        assert job["status"] == "succeeded" and job["stop_reason"] == "ran all 10 steps"
+        steps = list(client.steps(member["id"]))
+        alone = client.submit({**SEED_EXAMPLE, "optimizer": {"name": "sgd", "lr": lr}})
+        client.wait(alone["id"], timeout=30)
+        reference = list(client.steps(alone["id"]))
+        assert len(steps) == 10
+        assert all(_same_record(a, b) for a, b in zip(steps, reference, strict=True))
+    # The tutorial's worked example, exactly, as step 0 of the lr 0.1 member.
+    first = next(client.steps(view["members"][0]["id"]))
+    assert first == {"step": 0, "loss": 1.0, "grads": {"w": [-2.0]}, "params": {"w": [1.0]}}
+
+
+def test_successive_halving_prunes_at_each_rung_by_the_loss_before_it(client: Client) -> None:
+    view = client.wait_sweep(client.submit_sweep(HALVING)["id"], timeout=60)
+    assert view["status"] == "succeeded"
+    assert view["counts"] == {"pruned": 8, "succeeded": 1}
+    # Rungs at 2 and 6 of 18 steps: 9 members -> 3 -> 1.
+    done = sorted(member["steps_done"] for member in view["members"])
+    assert done == [2] * 6 + [6] * 2 + [18]
+    assert sum(done) == 9 * 2 + 3 * 4 + 1 * 12
+    losses = {
+        member["id"]: [record["loss"] for record in client.steps(member["id"])]
+        for member in view["members"]
+    }
+    for rung in (2, 6):
+        reached = [m for m in view["members"] if m["steps_done"] >= rung]
+        went_on = {m["id"] for m in reached if m["steps_done"] > rung}
+        at_rung = sorted(reached, key=lambda m: losses[m["id"]][rung - 1])
+        assert {m["id"] for m in at_rung[: len(went_on)]} == went_on  # the best go on
+    pruned = next(m for m in view["members"] if m["status"] == "pruned")
+    reason = client.get(pruned["id"])["stop_reason"]
+    assert reason.startswith(f"pruned at rung {pruned['steps_done']} (successive halving, eta 3)")
+    assert view["best"]["id"] == next(m["id"] for m in view["members"] if m["steps_done"] == 18)
+
+
+def test_one_stream_follows_the_whole_sweep_and_resumes(client: Client) -> None:
+    sweep = client.submit_sweep({**HALVING, "grid": {"optimizer.lr": [0.01, 0.1, 1.0]}})
+    events = list(client.sweep_events(sweep["id"]))
+    kinds = [event.event for event in events]
+    assert kinds[0] == "status" and kinds[-1] == "done"
+    progress = [event for event in events if event.event == "progress"]
+    assert progress, kinds
+    final = events[-1].data
+    assert final["status"] == "succeeded" and final["id"] == sweep["id"]
+    last = {}
+    for event in progress:
+        last.update(event.data["members"])
+    assert set(last) == {member["id"] for member in final["members"]}
+    assert {update["status"] for update in last.values()} <= {"succeeded", "pruned"}
+    ids = [int(event.id) for event in events if event.id is not None]
+    assert ids == sorted(ids)
+    # Resuming after the first progress event gives what followed it, then done.
+    after = int(progress[0].id or 0)
+    resumed = list(client.sweep_events(sweep["id"], last_event_id=after))
+    assert [int(e.id) for e in resumed if e.id] == [i for i in ids if i > after]
+
+
+def test_cancel_reaches_every_member_and_delete_removes_them(client: Client) -> None:
+    spec = {
+        "base": {"data": {"synthetic": {"n": 1000, "d": 10}}, "steps": 1_000_000, "device": "cpu"},
+        "grid": {"optimizer.lr": [0.001, 0.01]},
+        "random": {"count": 2, "space": {"optimizer.momentum": {"uniform": [0.0, 0.9]}}},
+    }
+    sweep = client.submit_sweep(spec)
+    assert len(sweep["members"]) == 4
+    with pytest.raises(GradstreamError) as live:
+        client.delete_sweep(sweep["id"])
+    assert live.value.status_code == 409
+    client.cancel_sweep(sweep["id"])
+    view = client.wait_sweep(sweep["id"], timeout=30)
+    assert view["status"] == "cancelled" and view["counts"] == {"cancelled": 4}
+    with pytest.raises(GradstreamError) as again:
+        client.cancel_sweep(sweep["id"])
+    assert again.value.status_code == 409
+    client.delete_sweep(sweep["id"])
+    for path in (f"/v1/sweeps/{sweep['id']}", f"/v1/jobs/{view['members'][0]['id']}"):
+        assert client.http.get(path).status_code == 404
+
+
+def test_a_bad_sweep_is_a_422_naming_the_place(client: Client) -> None:
+    bad_lr = {**SEED_SWEEP, "grid": {"optimizer.lr": [0.1, -1.0]}}
+    detail = client.http.post("/v1/sweeps", json=bad_lr).json()["detail"]
+    assert detail[0]["loc"] == ["body", "grid", "optimizer.lr", 1]
+    unknown = {**SEED_SWEEP, "grid": {"optimizer.epochs": [1]}}
+    assert client.http.post("/v1/sweeps", json=unknown).status_code == 422
+    stop = {**SEED_SWEEP, "base": {**SEED_EXAMPLE, "stop": {"tol_loss": 1e-3}}}
+    detail = client.http.post("/v1/sweeps", json=stop).json()["detail"]
+    assert detail[0]["loc"][:3] == ["body", "base", "stop"]
+
+
+def test_another_tenants_sweep_and_members_are_404(stack: Stack, client: Client) -> None:
+    sweep = client.submit_sweep(SEED_SWEEP)
+    with httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.keys['bob']}"}
+    ) as bob:
+        assert bob.get(f"/v1/sweeps/{sweep['id']}").status_code == 404
+        assert bob.get(f"/v1/jobs/{sweep['members'][0]['id']}").status_code == 404
+        assert bob.post(f"/v1/sweeps/{sweep['id']}/cancel").status_code == 404
+        assert bob.get("/v1/jobs", params={"sweep": sweep["id"]}).status_code == 404
