@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,13 +28,13 @@ from services.schemas import JobSpec
 from services.training import Trainer, build_dataset, initial_theta
 
 # name: (data, members, batched steps, steps per single job, lr range)
-PROBLEMS = {
+PROBLEMS: dict[str, tuple[dict[str, Any], int, int, int, tuple[float, float]]] = {
     "1000x10, K=64": ({"synthetic": {"n": 1000, "d": 10}}, 64, 2000, 200, (1e-3, 0.3)),
     "scalar (tutorial), K=512": ({"x": [[1.0]], "y": [2.0]}, 512, 2000, 40, (1e-3, 0.5)),
 }
 
 
-def member_specs(data: dict[str, object], members: int, lrs: tuple[float, float]) -> list[JobSpec]:
+def member_specs(data: dict[str, Any], members: int, lrs: tuple[float, float]) -> list[JobSpec]:
     """Plain SGD, lrs spread log-uniformly, as a grid over optimizer.lr makes them."""
     low, high = lrs
     return [

@@ -299,3 +299,66 @@ class BatchedTrainer:
         self.steps_done = steps_done
         self._count.fill_(steps_done)
         self._order = None
+
+
+def supports_batched_cuda_graph(trainer: BatchedTrainer) -> bool:
+    """Whether the group's step can be captured as one CUDA graph: on a GPU, the full batch
+    (the same tensors every step; mini-batches gather new ones)."""
+    return trainer.theta.device.type == "cuda" and trainer.batches_per_epoch == 1
+
+
+class BatchedCudaGraphStep:
+    """The group's whole step (forward, backward, update with every member's numbers, the
+    records) captured once as a CUDA graph and replayed: one launch per step for all members.
+
+    UNTESTED HERE: written without a GPU (no device was lent to the session that wrote it);
+    tests/gpu/test_batched_cuda.py checks it against the eager step when bench/gpu_check.sh
+    runs on one. Replay writes the step's rows into `storage[cursor]` ((capacity, len(live),
+    width) and a device-side index it moves on), so recording needs no host work. Everything
+    a step reads that changes (the schedule's and Adam's step count included) is a device
+    tensor the graph updates in place. After `keep()` or `load_state()` the trainer holds new
+    tensors: capture a new graph.
+    """
+
+    name = "cuda-graph"
+    block = 1  # steps per replay
+
+    def __init__(self, trainer: BatchedTrainer, storage: torch.Tensor, cursor: torch.Tensor):
+        if not supports_batched_cuda_graph(trainer):
+            raise ValueError("a batched CUDA graph needs a GPU and the full batch")
+        self._trainer, self._storage, self._cursor = trainer, storage, cursor
+        self._rows = torch.empty(len(trainer.live), trainer.layout.width, device=storage.device)
+        saved = [trainer.theta.detach().clone(), trainer._count.clone(), cursor.clone()]
+        saved_state = {name: buffer.clone() for name, buffer in trainer.state.items()}
+        done = trainer.steps_done
+        try:
+            # Warm-up steps on a side stream first (torch's recipe for capturing a whole
+            # training step): autograd and cuBLAS set up their workspaces outside the capture.
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self._step()
+        finally:
+            # The warm-up steps changed the parameters, the state and the counts: undo them.
+            with torch.no_grad():
+                for tensor, value in zip(
+                    [trainer.theta, trainer._count, cursor], saved, strict=True
+                ):
+                    tensor.copy_(value)
+                for name, buffer in trainer.state.items():
+                    buffer.copy_(saved_state[name])
+            trainer.steps_done = done
+
+    def _step(self) -> None:
+        self._trainer.step(self._rows)
+        self._storage.index_copy_(0, self._cursor.view(1), self._rows.unsqueeze(0))
+        self._cursor.add_(1)
+
+    def replay(self) -> None:
+        self.graph.replay()
+        self._trainer.steps_done += 1
