@@ -105,23 +105,23 @@ class BatchedTrainer:
 
         # Every member's numbers, as (1, K) rows: float64 for the scalars torch.optim and
         # its schedulers compute in Python doubles, float32 for those applied to tensors.
-        def column(values: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        def per_member(values: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device).unsqueeze(0)
 
         options = [spec.optimizer for spec in specs]
         self._all: dict[str, torch.Tensor] = {
-            "lr": column([o.lr for o in options]),
-            "momentum": column([o.momentum for o in options], torch.float32),
-            "weight_decay": column([o.weight_decay for o in options]),
-            "beta1": column([o.betas[0] for o in options]),
-            "beta2": column([o.betas[1] for o in options]),
-            "eps": column([o.eps for o in options], torch.float32),
-            "step_size": column([o.schedule.step_size for o in options]),
-            "gamma": column([o.schedule.gamma for o in options]),
-            "eta_min": column([o.schedule.eta_min for o in options]),
+            "lr": per_member([o.lr for o in options]),
+            "momentum": per_member([o.momentum for o in options], torch.float32),
+            "weight_decay": per_member([o.weight_decay for o in options]),
+            "beta1": per_member([o.betas[0] for o in options]),
+            "beta2": per_member([o.betas[1] for o in options]),
+            "eps": per_member([o.eps for o in options], torch.float32),
+            "step_size": per_member([o.schedule.step_size for o in options]),
+            "gamma": per_member([o.schedule.gamma for o in options]),
+            "eta_min": per_member([o.schedule.eta_min for o in options]),
         }
         self.hyper = dict(self._all)
-        # A column of zeros (weight decay, momentum) is skipped: it would change nothing.
+        # A row of zeros (weight decay, momentum) is skipped: it would change nothing.
         self.decays = any(o.weight_decay for o in options)
         self.momentum = self.optimizer == "sgd" and any(o.momentum for o in options)
         self._derive()
