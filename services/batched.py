@@ -1,15 +1,19 @@
 """The tutorial's training step for K sweep members at once: one group (DESIGN §9).
 
-Member k has its own parameters theta_k = [w_k..., b_k], row k of one (K, p) tensor, and
-its own optimizer numbers, row k of (K, 1) tensors. The step is still the tutorial's four
-moves, each done for every member in one go:
+Member k has its own parameters theta_k = [w_k..., b_k], column k of one (p, K) tensor
+`theta` = [W; b], and its own optimizer numbers, column k of (1, K) rows. The step is still
+the tutorial's four moves, each done for every member in one go:
 
-    forward    y_hat = x @ W.T + b                 -- (n, K): one matmul, column k is member k's
+    forward    y_hat = x @ W + b                   -- (n, K): one matmul, column k is member k's
     loss       mean over samples of (y_hat - y)^2  -- (K,): one loss per member
     backward   loss.sum().backward()               -- member k's loss depends on theta_k alone,
                                                       so d(sum)/dtheta_k = dLoss_k/dtheta_k
-    update     theta <- theta - lr * grad          -- lr is (K, 1): each member its own
-               (or SGD with momentum, Adam, AdamW, with (K, 1) numbers)
+    update     theta <- theta - lr * grad          -- lr is (1, K): each member its own
+               (or SGD with momentum, Adam, AdamW, with (1, K) numbers)
+
+Members are columns, not rows, for the backward pass: with W stored (d, K), autograd takes
+dLoss/dW as x.T @ dLoss/dy_hat, 3.5x faster than the (K, d) layout's (dLoss/dy_hat).T @ x
+(1000x10, K = 64, MKL, one thread). Record rows and checkpoints hold one member per row.
 
 Each member's numbers equal those of the same JobSpec run alone by `Trainer` to float32
 rounding: the update uses the ops `Trainer._update_by_hand` uses, in the same order, with the
@@ -72,7 +76,8 @@ def group_problem(specs: Sequence[JobSpec]) -> str | None:
 
 class BatchedTrainer:
     """The members of one group trained together on one device; `live` are the positions (in
-    `specs` order) of those still training, and row i of every per-member tensor is live[i]."""
+    `specs` order) of those still training, and column i of every per-member tensor (row i of
+    a record) is live[i]."""
 
     def __init__(
         self,
@@ -98,30 +103,30 @@ class BatchedTrainer:
         self.steps_done = 0
         self.live = list(range(len(specs)))
 
-        # Every member's numbers, as (K, 1) columns: float64 for the scalars torch.optim and
+        # Every member's numbers, as (1, K) rows: float64 for the scalars torch.optim and
         # its schedulers compute in Python doubles, float32 for those applied to tensors.
-        def column(values: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+        def per_member(values: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device).unsqueeze(0)
 
         options = [spec.optimizer for spec in specs]
         self._all: dict[str, torch.Tensor] = {
-            "lr": column([o.lr for o in options]),
-            "momentum": column([o.momentum for o in options], torch.float32),
-            "weight_decay": column([o.weight_decay for o in options]),
-            "beta1": column([o.betas[0] for o in options]),
-            "beta2": column([o.betas[1] for o in options]),
-            "eps": column([o.eps for o in options], torch.float32),
-            "step_size": column([o.schedule.step_size for o in options]),
-            "gamma": column([o.schedule.gamma for o in options]),
-            "eta_min": column([o.schedule.eta_min for o in options]),
+            "lr": per_member([o.lr for o in options]),
+            "momentum": per_member([o.momentum for o in options], torch.float32),
+            "weight_decay": per_member([o.weight_decay for o in options]),
+            "beta1": per_member([o.betas[0] for o in options]),
+            "beta2": per_member([o.betas[1] for o in options]),
+            "eps": per_member([o.eps for o in options], torch.float32),
+            "step_size": per_member([o.schedule.step_size for o in options]),
+            "gamma": per_member([o.schedule.gamma for o in options]),
+            "eta_min": per_member([o.schedule.eta_min for o in options]),
         }
         self.hyper = dict(self._all)
-        # A column of zeros (weight decay, momentum) is skipped: it would change nothing.
+        # A row of zeros (weight decay, momentum) is skipped: it would change nothing.
         self.decays = any(o.weight_decay for o in options)
         self.momentum = self.optimizer == "sgd" and any(o.momentum for o in options)
         self._derive()
 
-        theta = torch.stack([initial_theta(spec) for spec in specs]).to(device)
+        theta = torch.stack([initial_theta(spec) for spec in specs], dim=1).to(device)
         self.theta = theta.requires_grad_()
         self.state: dict[str, torch.Tensor] = {}
         if self.momentum:
@@ -141,7 +146,7 @@ class BatchedTrainer:
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its sample order)
 
     def _derive(self) -> None:
-        """The float32 columns that do not change from step to step."""
+        """The float32 rows of numbers that do not change from step to step."""
         h = self.hyper
         self._lr32 = h["lr"].float()
         self._momentum32 = h["momentum"]
@@ -163,13 +168,13 @@ class BatchedTrainer:
 
     def forward_backward(self) -> torch.Tensor:
         """Forward and backward of every live member: the losses (K,); autograd puts each
-        member's dLoss/dtheta into its row of theta.grad."""
+        member's dLoss/dtheta into its column of theta.grad."""
         x, y = self.batch(self.steps_done)
         d, theta = self.layout.features, self.theta
         if self.layout.bias:
-            y_hat = x @ theta[:, :d].T + theta[:, d]  # (n, K)
+            y_hat = x @ theta[:d] + theta[d]  # (n, K)
         else:
-            y_hat = x @ theta.T
+            y_hat = x @ theta
         loss = ((y_hat - y) ** 2).mean(dim=0)  # (K,)
         # The members are independent, so the sum's gradient is each one's own.
         loss.sum().backward()  # type: ignore[no-untyped-call]
@@ -182,14 +187,16 @@ class BatchedTrainer:
         theta.grad = None
         loss = self.forward_backward()
         assert theta.grad is not None
-        torch.cat([loss.detach().unsqueeze(1), theta.grad, theta.detach()], dim=1, out=records)
+        # One member per row; the parameters this step's forward pass used, before the update.
+        grad, params = theta.grad.T, theta.detach().T
+        torch.cat([loss.detach().unsqueeze(1), grad, params], dim=1, out=records)
         with torch.no_grad():
             self.update(theta.grad)
         self._count += 1
         self.steps_done += 1
 
     def learning_rate(self) -> torch.Tensor:
-        """This step's lr per member (K, 1, float64), as torch.optim.lr_scheduler has it."""
+        """This step's lr per member (1, K, float64), as torch.optim.lr_scheduler has it."""
         h, t = self.hyper, self._count
         if self.schedule == "step":  # StepLR: lr * gamma^(t // step_size)
             return h["lr"] * h["gamma"] ** torch.floor(t / h["step_size"])
@@ -231,12 +238,13 @@ class BatchedTrainer:
         theta.addcdiv_(-step_size * exp_avg, denom)
 
     def params(self) -> torch.Tensor:
-        """The live members' parameters (len(live), p), after the last update, detached."""
-        return self.theta.detach()
+        """The live members' parameters (len(live), p), after the last update: a detached view
+        that the next step changes."""
+        return self.theta.detach().T
 
     def keep(self, positions: Sequence[int]) -> None:
         """Only these live members go on (pruned, cancelled or diverged ones leave): every
-        per-member tensor keeps their rows, so later steps cost less."""
+        per-member tensor keeps their columns, so later steps cost less."""
         wanted = sorted(set(positions))
         row_of = {position: row for row, position in enumerate(self.live)}
         missing = [p for p in wanted if p not in row_of]
@@ -244,20 +252,21 @@ class BatchedTrainer:
             raise ValueError(f"positions {missing} are not live (live: {self.live})")
         rows = torch.tensor([row_of[p] for p in wanted], device=self.theta.device)
         self.live = wanted
-        self.theta = self.theta.detach().index_select(0, rows).requires_grad_()
-        self.state = {name: buffer.index_select(0, rows) for name, buffer in self.state.items()}
-        self.hyper = {name: column.index_select(0, rows) for name, column in self.hyper.items()}
+        self.theta = self.theta.detach().index_select(1, rows).requires_grad_()
+        self.state = {name: buffer.index_select(1, rows) for name, buffer in self.state.items()}
+        self.hyper = {name: numbers.index_select(1, rows) for name, numbers in self.hyper.items()}
         self._derive()
 
     def state_snapshot(self) -> dict[str, Any]:
-        """The checkpoint as of now (live positions, stacked parameters, optimizer state),
-        copied so that later steps cannot change it; on a GPU without waiting for the device
-        (`serialize_state` turns it into bytes once the copies have landed)."""
+        """The checkpoint as of now (live positions, stacked parameters, optimizer state: one
+        member per row), copied so that later steps cannot change it; on a GPU without waiting
+        for the device (`serialize_state` turns it into bytes once the copies have landed)."""
         snapshot: dict[str, Any] = {
             "live": torch.tensor(self.live, dtype=torch.int64),
-            "theta": _snapshot(self.theta.detach()),
+            "theta": _snapshot(self.theta.detach().T.contiguous()),
         }
-        snapshot.update({name: _snapshot(buffer) for name, buffer in self.state.items()})
+        for name, buffer in self.state.items():
+            snapshot[name] = _snapshot(buffer.T.contiguous())
         return snapshot
 
     def state_bytes(self) -> bytes:
@@ -269,7 +278,7 @@ class BatchedTrainer:
         device = self.theta.device
         saved = torch.load(io.BytesIO(state), map_location=device, weights_only=True)
         live = [int(p) for p in saved["live"].tolist()]
-        members = len(self._all["lr"])
+        members = self._all["lr"].shape[1]
         if live != sorted(set(live)) or not all(0 <= p < members for p in live):
             raise ValueError(f"checkpoint's live positions {live} do not fit this group")
         theta = saved["theta"]
@@ -283,10 +292,73 @@ class BatchedTrainer:
             raise ValueError(f"checkpoint lacks the optimizer state {missing}")
         rows = torch.tensor(live, device=device)
         self.live = live
-        self.hyper = {name: column.index_select(0, rows) for name, column in self._all.items()}
+        self.hyper = {name: numbers.index_select(1, rows) for name, numbers in self._all.items()}
         self._derive()
-        self.theta = theta.to(torch.float32).contiguous().requires_grad_()
-        self.state = {name: saved[name].contiguous() for name in self.state}
+        self.theta = theta.to(torch.float32).T.contiguous().requires_grad_()
+        self.state = {name: saved[name].T.contiguous() for name in self.state}
         self.steps_done = steps_done
         self._count.fill_(steps_done)
         self._order = None
+
+
+def supports_batched_cuda_graph(trainer: BatchedTrainer) -> bool:
+    """Whether the group's step can be captured as one CUDA graph: on a GPU, the full batch
+    (the same tensors every step; mini-batches gather new ones)."""
+    return trainer.theta.device.type == "cuda" and trainer.batches_per_epoch == 1
+
+
+class BatchedCudaGraphStep:
+    """The group's whole step (forward, backward, update with every member's numbers, the
+    records) captured once as a CUDA graph and replayed: one launch per step for all members.
+
+    UNTESTED HERE: written without a GPU (no device was lent to the session that wrote it);
+    tests/gpu/test_batched_cuda.py checks it against the eager step when bench/gpu_check.sh
+    runs on one. Replay writes the step's rows into `storage[cursor]` ((capacity, len(live),
+    width) and a device-side index it moves on), so recording needs no host work. Everything
+    a step reads that changes (the schedule's and Adam's step count included) is a device
+    tensor the graph updates in place. After `keep()` or `load_state()` the trainer holds new
+    tensors: capture a new graph.
+    """
+
+    name = "cuda-graph"
+    block = 1  # steps per replay
+
+    def __init__(self, trainer: BatchedTrainer, storage: torch.Tensor, cursor: torch.Tensor):
+        if not supports_batched_cuda_graph(trainer):
+            raise ValueError("a batched CUDA graph needs a GPU and the full batch")
+        self._trainer, self._storage, self._cursor = trainer, storage, cursor
+        self._rows = torch.empty(len(trainer.live), trainer.layout.width, device=storage.device)
+        saved = [trainer.theta.detach().clone(), trainer._count.clone(), cursor.clone()]
+        saved_state = {name: buffer.clone() for name, buffer in trainer.state.items()}
+        done = trainer.steps_done
+        try:
+            # Warm-up steps on a side stream first (torch's recipe for capturing a whole
+            # training step): autograd and cuBLAS set up their workspaces outside the capture.
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self._step()
+        finally:
+            # The warm-up steps changed the parameters, the state and the counts: undo them.
+            with torch.no_grad():
+                for tensor, value in zip(
+                    [trainer.theta, trainer._count, cursor], saved, strict=True
+                ):
+                    tensor.copy_(value)
+                for name, buffer in trainer.state.items():
+                    buffer.copy_(saved_state[name])
+            trainer.steps_done = done
+
+    def _step(self) -> None:
+        self._trainer.step(self._rows)
+        self._storage.index_copy_(0, self._cursor.view(1), self._rows.unsqueeze(0))
+        self._cursor.add_(1)
+
+    def replay(self) -> None:
+        self.graph.replay()
+        self._trainer.steps_done += 1
