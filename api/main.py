@@ -30,6 +30,7 @@ from services.errors import (
     JobNotFound,
     LimitExceeded,
     MalformedJob,
+    MemberOfSweep,
     SpecRejected,
     StorageFull,
     StoreUnavailable,
@@ -260,7 +261,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SweepFinished)
     @app.exception_handler(SweepActive)
-    async def sweep_conflict(_: Request, exc: SweepFinished | SweepActive) -> JSONResponse:
+    @app.exception_handler(MemberOfSweep)
+    async def sweep_conflict(
+        _: Request, exc: SweepFinished | SweepActive | MemberOfSweep
+    ) -> JSONResponse:
         return JSONResponse(status_code=409, content={"detail": str(exc), "status": exc.status})
 
     @app.exception_handler(DatasetInUse)

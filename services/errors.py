@@ -136,3 +136,15 @@ class SweepActive(GradstreamError):
         super().__init__(f"sweep {sweep_id} is {status}: cancel it first")
         self.sweep_id = sweep_id
         self.status = status
+
+
+class MemberOfSweep(GradstreamError):
+    """A sweep's member is deleted with its sweep, not on its own."""
+
+    def __init__(self, job_id: str, sweep_id: str) -> None:
+        super().__init__(
+            f"job {job_id} is a member of sweep {sweep_id}: delete the sweep (DELETE /v1/sweeps/"
+            f"{sweep_id}) once it has ended"
+        )
+        self.job_id = job_id
+        self.status = "member"

@@ -127,6 +127,9 @@ def test_cancel_reaches_every_member_and_delete_removes_them(client: Client) -> 
     with pytest.raises(GradstreamError) as again:
         client.cancel_sweep(sweep["id"])
     assert again.value.status_code == 409
+    with pytest.raises(GradstreamError) as member:  # a member goes with its sweep
+        client.delete(view["members"][0]["id"])
+    assert member.value.status_code == 409 and "delete the sweep" in str(member.value)
     client.delete_sweep(sweep["id"])
     for path in (f"/v1/sweeps/{sweep['id']}", f"/v1/jobs/{view['members'][0]['id']}"):
         assert client.http.get(path).status_code == 404

@@ -7,7 +7,14 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from services.errors import JobActive, JobFinished, JobNotFound, LimitExceeded, MalformedJob
+from services.errors import (
+    JobActive,
+    JobFinished,
+    JobNotFound,
+    LimitExceeded,
+    MalformedJob,
+    MemberOfSweep,
+)
 from services.records import row_width
 from services.schemas import JobSpec, JobStatus, JobSummary, JobView
 from services.store import keys
@@ -199,6 +206,8 @@ class Jobs(RedisPart):
         reply = self._delete(job_id, force=False)
         if reply[0] == b"live":
             raise JobActive(job_id, reply[1].decode())
+        if reply[0] == b"member":
+            raise MemberOfSweep(job_id, reply[1].decode())
         if reply[0] == b"missing":
             raise JobNotFound(job_id)
 

@@ -451,6 +451,11 @@ DELETE = _script(
 local status = redis.call('HGET', JOB, 'status')
 if not status then return {'missing'} end
 if not TERMINAL[status] and ARGV[2] ~= '1' then return {'live', status} end
+-- A member goes with its sweep (DELETE /v1/sweeps/{id}): its group's checkpoint counts on it.
+local sweep = redis.call('HGET', JOB, 'sweep')
+if sweep and redis.call('HEXISTS', JOB, 'group') == 1 and ARGV[2] ~= '1' then
+  return {'member', sweep}
+end
 local tenant = redis.call('HGET', JOB, 'tenant')
 local bytes = redis.call('HGET', JOB, 'bytes')
 if tenant then
