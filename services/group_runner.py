@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from services.batched import BatchedTrainer
@@ -188,32 +189,36 @@ class _GroupAttempt:
         p = trainer.layout.params
         count = len(host)
         step = first + count  # the steps done after this chunk
-        finite = torch.isfinite(host[:, :, : 1 + p]).all(dim=2)  # (count, members)
+        # One member per row, each its chunk's rows in a row (numpy: its slices cost far less
+        # than a tensor's, and a group flushes hundreds of members many times a second).
+        by_member = host.transpose(0, 1).contiguous().numpy()  # (members, count, width)
+        finite = np.isfinite(by_member[:, :, : 1 + p]).all(axis=2)  # (members, count)
+        all_finite = finite.all(axis=1).tolist()
+        last_losses = by_member[:, count - 1, 0].tolist()
         params = trainer.params().cpu()
         members: list[MemberFlush] = []
         losses: list[float | None] = []
         survivors = []
         for i, position in enumerate(trainer.live):
-            rows = host[:, i, :]
             kept = count
             end: JobStatus | None = None
-            result: dict[str, Any] | None = None
             error = None
-            if not bool(finite[:, i].all()):
-                bad = int(torch.nonzero(~finite[:, i])[0, 0])
+            loss = last_losses[i]
+            if not all_finite[i]:
+                bad = int(np.argmin(finite[i]))  # the first step that is not finite
                 kept = bad + 1
                 end = JobStatus.DIVERGED
                 error = f"diverged at step {first + bad}: loss or gradients are not finite"
-            loss = float(rows[kept - 1, 0])
+                loss = float(by_member[i, bad, 0])
             loss_or_none = loss if math.isfinite(loss) else None
             members.append(
                 MemberFlush(
                     self.ids[position],
-                    rows[:kept].numpy().tobytes(),
+                    by_member[i, :kept].tobytes(),
                     loss_or_none,
                     kept,
                     end,
-                    result,
+                    None,
                     error,
                 )
             )
