@@ -12,9 +12,11 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from services.batched import BatchedTrainer
@@ -34,7 +36,7 @@ from services.schemas import JobStatus
 from services.store import Claim, Store
 from services.store.sweeps import GroupFlushed, MemberFlush
 from services.sweeps_math import halving_cut, halving_rungs, rank_by_loss
-from services.training import loss_and_r2
+from services.training import loss_and_r2, serialize_state
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class _GroupAttempt:
             if not JobStatus(status).finished
         ]
         if not running:  # every member was cancelled (or deleted) before the group started
-            flushed = self._flush(None, [], finish=True)
+            flushed = self._flush(None, [], None, finish=True)
             return AttemptResult(Outcome.SUCCEEDED if flushed.reply != "fenced" else Outcome.FENCED)
         first = work.specs[0]
         data = None
@@ -100,83 +102,123 @@ class _GroupAttempt:
         trainer.keep([p for p in trainer.live if work.member_ids[p] in live_ids])
         self.trainer = trainer
         self.ids = work.member_ids
+        self.positions = {member_id: p for p, member_id in enumerate(self.ids)}
         self.keeper.start()
         return self._loop(trainer, first.steps)
 
     def _loop(self, trainer: BatchedTrainer, steps: int) -> AttemptResult:
+        """Chunks of steps, each flushed by one script. A chunk's flush runs on a thread of
+        its own while the next chunk trains (its reply is read before the next flush is sent,
+        as the scripts take chunks in order); at a rung, at the last step and on a drain the
+        loop waits for the flush, as what follows depends on it. Members that end by what
+        the chunk shows (the last step, the rung's cut, divergence) leave the batched tensors
+        at once; those a cancel ended leave when the flush's reply says so."""
         early = self.spec.get("early_stop")
         rungs = halving_rungs(early["min_steps"], early["eta"], steps) if early else []
         width = trainer.layout.width
         interval = self.settings.flush_interval_s
-        while True:
-            members = len(trainer.live)
-            room = max(1, CHUNK_BUDGET_BYTES // (4 * members * width))
-            stop_at = min([steps, *(r for r in rungs if r > trainer.steps_done)])
-            count = min(room, stop_at - trainer.steps_done, self.settings.flush_max_steps)
-            records = torch.empty(count, members, width, device=trainer.x.device)
-            first, started = trainer.steps_done, time.monotonic()
-            done = 0
-            while done < count:
-                trainer.step(records[done])
-                done += 1
-                if done % 16 == 0 and (
-                    self.drain.is_set()
-                    or self.keeper.lost.is_set()
-                    or time.monotonic() - started > interval
-                ):
-                    break
-            if self.keeper.lost.is_set():
-                return AttemptResult(Outcome.FENCED)
-            host = records[:done].cpu()
-            ends_now = trainer.steps_done in rungs or trainer.steps_done >= steps
-            flushed = self._flush_rows(trainer, host, first, steps, rungs)
-            if flushed.reply == "fenced":
-                return AttemptResult(Outcome.FENCED)
-            if flushed.reply == "gap":
-                return self.hand_back("Redis lost recent steps: resuming from the checkpoint")
-            if flushed.reply == "full":
-                return self.hand_back(FULL)
-            if flushed.reply == "finished" or (ends_now and trainer.steps_done >= steps):
-                return AttemptResult(Outcome.SUCCEEDED)
-            positions = {member_id: p for p, member_id in enumerate(self.ids)}
-            gone = {positions[member_id] for member_id in flushed.gone}
-            trainer.keep([p for p in trainer.live if p not in gone])
-            if self.drain.is_set():
-                return self.hand_back("its worker is shutting down")
+        pending: Future[GroupFlushed] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix=f"flush-{self.group_id[:8]}") as flusher:
+            while True:
+                members = len(trainer.live)
+                room = max(1, CHUNK_BUDGET_BYTES // (4 * members * width))
+                stop_at = min([steps, *(r for r in rungs if r > trainer.steps_done)])
+                count = min(room, stop_at - trainer.steps_done, self.settings.flush_max_steps)
+                records = torch.empty(count, members, width, device=trainer.x.device)
+                first, started = trainer.steps_done, time.monotonic()
+                done = 0
+                while done < count:
+                    trainer.step(records[done])
+                    done += 1
+                    if done % 16 == 0 and (
+                        self.drain.is_set()
+                        or self.keeper.lost.is_set()
+                        or time.monotonic() - started > interval
+                    ):
+                        break
+                if self.keeper.lost.is_set():
+                    return AttemptResult(Outcome.FENCED)
+                host = records[:done].cpu()
+                chunk, flushes, ended = self._chunk(trainer, host, first, steps, rungs)
+                snapshot = trainer.state_snapshot()  # after this chunk, before the next
+                landed = None
+                if trainer.x.device.type == "cuda":  # the snapshot's copies are non-blocking
+                    landed = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                    landed.record()
+                # Members whose end this chunk decided train no more.
+                remaining = [p for p in trainer.live if p not in ended]
+                if remaining and ended:
+                    trainer.keep(remaining)
+                if pending is not None:
+                    outcome = self._settle(trainer, pending.result())
+                    if outcome is not None:
+                        return outcome
+                pending = flusher.submit(self._flush, chunk, flushes, snapshot, landed)
+                last = trainer.steps_done >= steps or not remaining
+                if last or trainer.steps_done in rungs or self.drain.is_set():
+                    flushed, pending = pending.result(), None
+                    outcome = self._settle(trainer, flushed)
+                    if outcome is not None:
+                        return outcome
+                    if last:
+                        return AttemptResult(Outcome.SUCCEEDED)
+                    if self.drain.is_set():
+                        return self.hand_back("its worker is shutting down")
 
-    def _flush_rows(
+    def _settle(self, trainer: BatchedTrainer, flushed: GroupFlushed) -> AttemptResult | None:
+        """What a flush's reply means: the attempt's outcome when it ends the attempt, else
+        None (and the members it says no longer train leave the batched tensors)."""
+        if flushed.reply == "fenced":
+            return AttemptResult(Outcome.FENCED)
+        if flushed.reply == "gap":
+            return self.hand_back("Redis lost recent steps: resuming from the checkpoint")
+        if flushed.reply == "full":
+            return self.hand_back(FULL)
+        if flushed.reply == "finished":
+            return AttemptResult(Outcome.SUCCEEDED)
+        gone = {self.positions[member_id] for member_id in flushed.gone}
+        if gone & set(trainer.live):
+            trainer.keep([p for p in trainer.live if p not in gone])
+        return None
+
+    def _chunk(
         self, trainer: BatchedTrainer, host: torch.Tensor, first: int, steps: int, rungs: list[int]
-    ) -> GroupFlushed:
-        """The chunk of every live member; who ends (last step, divergence, the rung's cut)."""
+    ) -> tuple[Chunk, list[MemberFlush], set[int]]:
+        """The chunk of every live member, and who ends (last step, divergence, the rung's
+        cut): the flush's chunk and members, and the positions of the members that end."""
         p = trainer.layout.params
         count = len(host)
         step = first + count  # the steps done after this chunk
-        finite = torch.isfinite(host[:, :, : 1 + p]).all(dim=2)  # (count, members)
+        # One member per row, each its chunk's rows in a row (numpy: its slices cost far less
+        # than a tensor's, and a group flushes hundreds of members many times a second).
+        by_member = host.transpose(0, 1).contiguous().numpy()  # (members, count, width)
+        finite = np.isfinite(by_member[:, :, : 1 + p]).all(axis=2)  # (members, count)
+        all_finite = finite.all(axis=1).tolist()
+        last_losses = by_member[:, count - 1, 0].tolist()
         params = trainer.params().cpu()
         members: list[MemberFlush] = []
         losses: list[float | None] = []
         survivors = []
         for i, position in enumerate(trainer.live):
-            rows = host[:, i, :]
             kept = count
             end: JobStatus | None = None
-            result: dict[str, Any] | None = None
             error = None
-            if not bool(finite[:, i].all()):
-                bad = int(torch.nonzero(~finite[:, i])[0, 0])
+            loss = last_losses[i]
+            if not all_finite[i]:
+                bad = int(np.argmin(finite[i]))  # the first step that is not finite
                 kept = bad + 1
                 end = JobStatus.DIVERGED
                 error = f"diverged at step {first + bad}: loss or gradients are not finite"
-            loss = float(rows[kept - 1, 0])
+                loss = float(by_member[i, bad, 0])
             loss_or_none = loss if math.isfinite(loss) else None
             members.append(
                 MemberFlush(
                     self.ids[position],
-                    rows[:kept].numpy().tobytes(),
+                    by_member[i, :kept].tobytes(),
                     loss_or_none,
                     kept,
                     end,
-                    result,
+                    None,
                     error,
                 )
             )
@@ -217,7 +259,8 @@ class _GroupAttempt:
             b"",
             trainer.batches_per_epoch if trainer.batches_per_epoch > 1 else 0,
         )
-        return self._flush(chunk, members, finish=False)
+        ended = {trainer.live[i] for i, member in enumerate(members) if member.end is not None}
+        return chunk, members, ended
 
     def _succeeded(
         self, member: MemberFlush, trainer: BatchedTrainer, theta: torch.Tensor, steps: int
@@ -234,10 +277,20 @@ class _GroupAttempt:
             member.member_id, member.rows, member.loss, member.kept, JobStatus.SUCCEEDED, result
         )
 
-    def _flush(self, chunk: Chunk | None, members: list[MemberFlush], finish: bool) -> GroupFlushed:
-        """The group's flush, retried while Redis is unreachable (the script recognises a
-        retry of a flush it applied); `full` when Redis refused it for memory."""
-        state = b"" if self.trainer is None else self.trainer.state_bytes()
+    def _flush(
+        self,
+        chunk: Chunk | None,
+        members: list[MemberFlush],
+        snapshot: dict[str, Any] | None,
+        landed: "torch.cuda.Event | None" = None,
+        finish: bool = False,
+    ) -> GroupFlushed:
+        """The group's flush with the checkpoint `snapshot` (`state_snapshot()` after the
+        chunk; on a GPU once `landed`), retried while Redis is unreachable (the script
+        recognises a retry of a flush it applied); `full` when Redis refused it for memory."""
+        if landed is not None:
+            landed.synchronize()
+        state = b"" if snapshot is None else serialize_state(snapshot)
         deadline, pause = time.monotonic() + STORE_OUTAGE_S, 0.05
         while True:
             try:

@@ -206,6 +206,42 @@ end_members = function(members, status, now)
   end
 end
 
+-- A sweep's group goes back to the queue (handed back, or its lease lapsed): its running
+-- members are queued with it, `reason` their route_reason, as a job would be; a member being
+-- cancelled ends cancelled now, as no attempt trains it. One progress event tells the
+-- sweep's watchers.
+local function requeue_members(members, reason, now)
+  local progress, sweep = {}, nil
+  for id in string.gmatch(members, '%S+') do
+    local saved = use_job(id)
+    local current = redis.call('HGET', JOB, 'status')
+    local new = nil
+    if current == 'running' then
+      redis.call('HSET', JOB, 'route_reason', reason)
+      set_status(id, current, 'queued')
+      new = 'queued'
+    elseif current == 'cancelling' then
+      new = 'cancelled'
+    end
+    if new then
+      sweep = redis.call('HGET', JOB, 'sweep')
+      local loss = tonumber(redis.call('HGET', JOB, 'loss') or '')
+      progress[id] = {step = tonumber(redis.call('HGET', JOB, 'steps_done') or '0') - 1,
+                      loss = loss or cjson.null, status = new}
+    end
+    restore_job(saved)
+  end
+  -- The progress event goes first: a last member's cancel ends the sweep (its `done` event).
+  if sweep then sweep_event(sweep, 'progress', cjson.encode({members = progress})) end
+  for id, update in pairs(progress) do
+    if update.status == 'cancelled' then
+      local saved = use_job(id)
+      finish(id, 'cancelling', 'cancelled', now)
+      restore_job(saved)
+    end
+  end
+end
+
 -- The attempt that the reaper requeued while it was paused is back, and no newer attempt
 -- claimed the job: it takes the job back, and its lapse does not count as a lost attempt.
 local function take_back(id)
@@ -387,6 +423,8 @@ end
 redis.call('HSET', JOB, 'route_reason', ARGV[4])
 if status ~= 'queued' then set_status(ARGV[1], status, 'queued') end
 clear_worker(ARGV[1])
+local members = redis.call('HGET', JOB, 'members')  -- a sweep's group
+if members then requeue_members(members, ARGV[4], ARGV[3]) end
 return redis.call('HGET', JOB, 'queue')
 """,
     allow_oom=True,
@@ -405,6 +443,10 @@ if redis.call('HEXISTS', JOB, 'group') == 1 then return false end
 if redis.call('EXISTS', LEASE) == 1 then return false end
 if lapse(ARGV[1], status, ARGV[3], ARGV[2]) ~= 'requeue' then return false end
 set_status(ARGV[1], status, 'queued')
+local members = redis.call('HGET', JOB, 'members')  -- a sweep's group
+if members then
+  requeue_members(members, redis.call('HGET', JOB, 'route_reason'), ARGV[2])
+end
 return redis.call('HGET', JOB, 'queue')
 """,
     allow_oom=True,
