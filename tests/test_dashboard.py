@@ -1,10 +1,11 @@
 """The dashboard in a real headless Chromium (Debian's chromium and chromedriver, driven by
 Selenium), against the session's stack: a job's page (empty state, live charts, spec, duration,
 rate, why it ended, log scale, smoothing, zoom, hover, a picker beyond ten series, a diverged
-job's numbers kept short), the jobs list (status filter, cancel, delete), the compare view and
-the workers page; the browser logs no error. One browser for the module. With
-GRADSTREAM_SCREENSHOT_DIR set, the README's screenshots are written there (docs/dashboard-job.png,
--compare.png, -jobs.png and -workers.png)."""
+job's numbers kept short), the jobs list (status filter, cancel, delete), the compare view, the
+workers page, the sweeps list and a sweep's page (curves growing live from the sweep's one
+event stream, the leaderboard, the parallel plot); the browser logs no error. One browser for
+the module. With GRADSTREAM_SCREENSHOT_DIR set, the README's screenshots are written there
+(docs/dashboard-job.png, -compare.png, -jobs.png, -workers.png and -sweep.png)."""
 
 import os
 import re
@@ -100,6 +101,15 @@ def _row(browser: webdriver.Chrome, job_id: str) -> list[WebElement]:
 
 def _row_status(browser: webdriver.Chrome, job_id: str) -> str:
     rows = _row(browser, job_id)
+    return rows[0].find_element(By.CSS_SELECTOR, ".badge").text if rows else ""
+
+
+def _sweep_row(browser: webdriver.Chrome, sweep_id: str) -> list[WebElement]:
+    return browser.find_elements(By.CSS_SELECTOR, f'#sweeps tr[data-sweep="{sweep_id}"]')
+
+
+def _sweep_row_status(browser: webdriver.Chrome, sweep_id: str) -> str:
+    rows = _sweep_row(browser, sweep_id)
     return rows[0].find_element(By.CSS_SELECTOR, ".badge").text if rows else ""
 
 
@@ -279,4 +289,216 @@ def test_the_job_page_draws_the_explain_view(
     assert rows[1][:4] == ["s", "y_hat - y", "[-1]", "[-2]"] and "ds/dy_hat = [1]" in rows[1][4]
     assert rows[2][:4] == ["loss", "s ** 2", "1", "1"] and "dloss/ds = [-2]" in rows[2][4]
     assert "dLoss/dw = [-2]" in _text(browser, "explain-chain")
+    assert _severe(browser) == []
+
+
+# A few seconds of sweep on one worker: 8 members trained together, successive halving at
+# 600 and 1 800 steps (8 -> 3 -> 1), the last one alone to 6 000 steps; the lr axis spans 300x
+# (a log axis in the parallel plot), momentum does not. Small learning rates on 40 000 rows
+# keep the curves apart (and the sweep running) for a few seconds.
+LIVE_SWEEP = {
+    "name": "lr x momentum",
+    "base": {
+        "data": {"synthetic": {"n": 40_000, "d": 10, "noise": 0.3, "seed": 1}},
+        "optimizer": {"name": "sgd"},
+        "steps": 6_000,
+        "device": "cpu",
+    },
+    "grid": {"optimizer.lr": [1e-6, 1e-5, 1e-4, 3e-4], "optimizer.momentum": [0.0, 0.9]},
+    "early_stop": {"name": "successive_halving", "min_steps": 600, "eta": 3},
+}
+
+
+def test_sweeps_list_and_a_sweep_page_fed_by_its_one_stream(
+    stack: Stack, client: Client, browser: webdriver.Chrome
+) -> None:
+    sweep = client.submit_sweep(LIVE_SWEEP)
+    browser.get(f"{stack.api_url}/#key={stack.api_key}&/sweeps")
+    _until(browser, lambda b: _sweep_row(b, sweep["id"]))
+    assert "lr x momentum" in _sweep_row(browser, sweep["id"])[0].text
+    _sweep_row(browser, sweep["id"])[0].find_element(By.CSS_SELECTOR, "a").click()
+
+    # The curves grow while the sweep runs: points drawn before its end, then more.
+    _until(browser, lambda b: _attr(b, "sweep-curves", "data-points") > 0)
+    first = _attr(browser, "sweep-curves", "data-points")
+    assert _text(browser, "sweep-status") == "running"
+    _until(browser, lambda b: _attr(b, "sweep-curves", "data-points") > first)
+    _until(browser, lambda b: _text(b, "sweep-status") == "succeeded")
+    view = client.sweep(sweep["id"])
+    assert view["status"] == "succeeded" and view["counts"] == {"pruned": 7, "succeeded": 1}
+
+    # Every progress event's points exactly once (replay, then live), one curve per member.
+    events = list(client.sweep_events(sweep["id"]))
+    points = sum(len(e.data["members"]) for e in events if e.event == "progress")
+    _until(browser, lambda b: _drawn(b, "sweep-curves", points, "log"))
+    assert _attr(browser, "sweep-curves", "data-series") == 8
+    assert (
+        browser.find_element(By.ID, "sweep-curves").get_attribute("data-best")
+        == (view["best"]["id"])
+    )
+    # Pruned members' lines end at their last step; all seven are drawn as pruned.
+    assert _attr(browser, "sweep-curves", "data-pruned") == 7
+    last_steps = browser.execute_script(
+        "return Object.fromEntries(echarts.getInstanceByDom(arguments[0]).getOption().series"
+        ".filter(s => s.type === 'line').map(s => [s.id, s.data[s.data.length - 1][0]]))",
+        browser.find_element(By.ID, "sweep-curves"),
+    )
+    assert last_steps == {m["id"]: m["steps_done"] - 1 for m in view["members"]}
+
+    # Counts as the API gives them; the leaderboard's first row is the API's best.
+    counts = {
+        c.get_attribute("data-status"): int(c.get_attribute("data-count") or 0)
+        for c in browser.find_elements(By.CSS_SELECTOR, "#sweep-counts .count")
+    }
+    assert counts == view["counts"]
+    _until(
+        browser,
+        lambda b: (
+            b.find_element(By.CSS_SELECTOR, "#leaderboard tbody tr").get_attribute("data-job")
+            == view["best"]["id"]
+        ),
+    )
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")) == 8
+    assert _text(browser, "sweep-best").startswith("#")
+
+    # The parallel plot: one line per member; lr on a log axis, momentum linear, loss log.
+    _until(browser, lambda b: _attr(b, "sweep-parallel", "data-lines") == 8)
+    axes = browser.find_element(By.ID, "sweep-parallel").get_attribute("data-axes")
+    assert axes == "log,value,log"
+
+    # Zoom (mouse wheel) and hover: the members nearest the step, with their values.
+    chart = browser.find_element(By.ID, "sweep-curves")
+    ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(chart), 0, -400).perform()
+    zoomed = "return echarts.getInstanceByDom(arguments[0]).getOption().dataZoom[0].start"
+    _until(browser, lambda b: b.execute_script(zoomed, chart) > 0)
+    reset = "echarts.getInstanceByDom(arguments[0]).dispatchAction(arguments[1])"
+    browser.execute_script(reset, chart, {"type": "dataZoom", "start": 0, "end": 100})
+    # Early in the sweep, where all eight members still ran.
+    early = -int(chart.size["width"] * 0.38)
+    ActionChains(browser).move_to_element_with_offset(chart, early, 0).perform()
+    tip = _until(browser, lambda b: b.find_element(By.CSS_SELECTOR, "#sweep-curves .tip-head"))
+    assert tip.text.startswith("step ")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#sweep-curves .tip-row")
+    assert len(rows) == 8 and all("lr " in row.text for row in rows)
+    # A leaderboard row under the pointer brings its member's line forward.
+    second = browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")[1]
+    ActionChains(browser).move_to_element(second).perform()
+    focus = second.get_attribute("data-job")
+    _until(
+        browser,
+        lambda b: b.find_element(By.ID, "sweep-curves").get_attribute("data-focus") == focus,
+    )
+    if os.environ.get("GRADSTREAM_SCREENSHOT_DIR"):
+        # The whole page: the window's height is its viewport's plus the window's frame.
+        height = browser.execute_script(
+            "return document.documentElement.scrollHeight + outerHeight - innerHeight"
+        )
+        browser.set_window_size(1440, height)
+        ActionChains(browser).move_to_element_with_offset(chart, early, 0).perform()
+        _until(browser, lambda b: b.find_element(By.CSS_SELECTOR, "#sweep-curves .tip-head"))
+        _screenshot(browser, "dashboard-sweep.png")
+        browser.set_window_size(1440, 1000)
+    assert _severe(browser) == []
+
+    # The members in the jobs list link back to their sweep. (Status filters read the tenant's
+    # status indexes, which keep sweep members out: all statuses.)
+    browser.get(f"{stack.api_url}/#/")
+    Select(_until(browser, lambda b: b.find_element(By.ID, "status-filter"))).select_by_value("")
+    best = view["best"]["id"]
+    tag = _until(
+        browser,
+        lambda b: _row(b, best) and _row(b, best)[0].find_element(By.CSS_SELECTOR, "a.sweep-tag"),
+    )
+    assert tag.get_attribute("href").endswith(f"#/sweeps/{sweep['id']}")
+
+    # The list: cancel a running sweep, then delete it (a second click).
+    doomed = client.submit_sweep(
+        {
+            **LIVE_SWEEP,
+            "name": "doomed",
+            "early_stop": None,
+            "base": {**LIVE_SWEEP["base"], "steps": 1_000_000},
+        }
+    )
+    browser.get(f"{stack.api_url}/#/sweeps")
+    _until(browser, lambda b: _sweep_row_status(b, doomed["id"]) == "running")
+    _sweep_row(browser, doomed["id"])[0].find_element(By.CSS_SELECTOR, "button.cancel").click()
+    _until(browser, lambda b: _sweep_row_status(b, doomed["id"]) == "cancelled")
+    assert client.sweep(doomed["id"])["counts"] == {"cancelled": 8}
+    delete = _sweep_row(browser, doomed["id"])[0].find_element(By.CSS_SELECTOR, "button.delete")
+    delete.click()
+    _until(browser, lambda _: delete.text == "Sure?")
+    delete.click()
+    _until(browser, lambda b: not _sweep_row(b, doomed["id"]))
+    assert client.http.get(f"/v1/sweeps/{doomed['id']}").status_code == 404
+    assert _sweep_row_status(browser, sweep["id"]) == "succeeded"
+    assert _severe(browser) == []
+
+
+# The page's event-stream reader, with fetch() cut short: each of the first three connections
+# breaks after 1500 bytes (mid-event), as a dropped network would.
+READ_WITH_DROPS = """
+const [path, finish] = arguments;
+const { followEvents } = await import("/static/sse.js");
+const realFetch = window.fetch;
+const cursors = [];
+window.fetch = async (url, options) => {
+  if (url !== path) return realFetch(url, options);  // the page's own calls
+  cursors.push(options.headers["Last-Event-ID"] ?? null);
+  const response = await realFetch(url, options);
+  if (cursors.length > 3) return response;
+  const reader = response.body.getReader();
+  let left = 1500;
+  const cut = new ReadableStream({ async pull(controller) {
+    const { value, done } = await reader.read();
+    if (done) { controller.close(); return; }
+    if (value.length >= left) {
+      controller.enqueue(value.slice(0, left));
+      reader.cancel();
+      controller.error(new TypeError("network error"));
+      return;
+    }
+    left -= value.length;
+    controller.enqueue(value);
+  } });
+  return new Response(cut, { status: response.status, headers: response.headers });
+};
+const ids = [], errors = [];
+followEvents(path, {
+  progress: (data, id) => ids.push(Number(id)),
+  done: (view, id) => {
+    window.fetch = realFetch;
+    finish({ ids, cursors, errors, done: Number(id) });
+  },
+}, (error, retrying) => errors.push([String(error.message), retrying]));
+"""
+
+
+def test_the_sweep_stream_resumes_by_last_event_id_after_a_dropped_connection(
+    stack: Stack, client: Client, browser: webdriver.Chrome
+) -> None:
+    spec = {
+        "base": {
+            "data": {"synthetic": {"n": 1000, "d": 10, "seed": 2}},
+            "optimizer": {"name": "sgd"},
+            "steps": 3000,
+            "device": "cpu",
+        },
+        "grid": {"optimizer.lr": [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1]},
+        "early_stop": {"name": "successive_halving", "min_steps": 300, "eta": 2},
+    }
+    sweep = client.wait_sweep(client.submit_sweep(spec)["id"], timeout=60)
+    events = list(client.sweep_events(sweep["id"]))
+    expected = [int(e.id or 0) for e in events if e.event == "progress"]
+    browser.get(f"{stack.api_url}/#key={stack.api_key}&/sweeps")
+    _until(browser, lambda b: b.find_element(By.ID, "sweeps"))
+    browser.set_script_timeout(30)
+    got = browser.execute_async_script(READ_WITH_DROPS, f"/v1/sweeps/{sweep['id']}/events")
+    # Every progress event once, in order, across four connections; each reconnection sent
+    # the id of the last event it had seen (none before the first).
+    assert got["ids"] == expected and got["done"] > expected[-1]
+    assert len(got["cursors"]) == 4 and got["cursors"][0] is None
+    resumed = [int(cursor) for cursor in got["cursors"][1:] if cursor is not None]
+    assert resumed and resumed == sorted(resumed) and set(resumed) <= set(expected)
+    assert [retrying for _, retrying in got["errors"]] == [True] * 3, got
     assert _severe(browser) == []

@@ -1,11 +1,13 @@
 // The gradstream dashboard: routing between its pages, and the API key.
 //   #/            the caller's jobs          #/jobs/<id>       one job, live
 //   #/compare/a,b loss curves overlaid       #/workers         workers and queues
+//   #/sweeps      the caller's sweeps        #/sweeps/<id>     one sweep, live
 // A link may carry the key in its fragment (never sent to a server): /#key=...&/jobs/<id>;
 // it is kept in this browser and dropped from the address bar.
 import { apiKey, el, setApiKey } from "./common.js";
 import { jobPage } from "./job.js";
 import { comparePage, jobsPage } from "./jobs.js";
+import { sweepPage, sweepsPage } from "./sweeps.js";
 import { workersPage } from "./workers.js";
 
 const ID = "[0-9a-f]{32}";
@@ -19,9 +21,11 @@ function route() {
   if ((match = hash.match(new RegExp(`^#/jobs/(${ID})$`)))) stopPage = jobPage(match[1]);
   else if ((match = hash.match(new RegExp(`^#/compare/(${ID}(?:,${ID})*)$`)))) {
     stopPage = comparePage(match[1].split(","));
-  } else if (hash === "#/workers") stopPage = workersPage();
+  } else if ((match = hash.match(new RegExp(`^#/sweeps/(${ID})$`)))) stopPage = sweepPage(match[1]);
+  else if (hash === "#/sweeps") stopPage = sweepsPage();
+  else if (hash === "#/workers") stopPage = workersPage();
   else stopPage = jobsPage();
-  const page = hash.startsWith("#/workers") ? "workers" : "jobs";
+  const page = hash.startsWith("#/workers") ? "workers" : hash.startsWith("#/sweeps") ? "sweeps" : "jobs";
   for (const link of document.querySelectorAll("nav a")) {
     link.classList.toggle("active", link.dataset.nav === page);
   }

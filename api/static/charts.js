@@ -186,7 +186,7 @@ function tooltip(params, xName) {
   return `<div class="tip-head">${xName} ${params[0].value[0]}</div>${rows.join("")}`;
 }
 
-function escapeHtml(text) {
+export function escapeHtml(text) {
   return String(text).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
 }
 

@@ -103,6 +103,16 @@ export function dataText(spec) {
   return "—";
 }
 
+// A destructive button asks once more: the first click arms it for three seconds, and only a
+// second click while armed returns true.
+export function secondClick(button, label = "Delete") {
+  if (button.classList.contains("armed")) return true;
+  button.classList.add("armed");
+  button.textContent = "Sure?";
+  setTimeout(() => { button.classList.remove("armed"); button.textContent = label; }, 3000);
+  return false;
+}
+
 export function statusBadge(status, attrs = {}) {
   return el("span", { ...attrs, class: `badge ${status}` }, status);
 }

@@ -2,7 +2,7 @@
 // live charts of its loss, parameters and gradients from its event stream, and its result.
 import {
   api, dataText, el, fmt, fmtDuration, fmtTime, jobRate, jobSeconds, optimizerText,
-  showError, statusBadge, whyEnded,
+  shortId, showError, statusBadge, whyEnded,
 } from "./common.js";
 import { LineChart } from "./charts.js";
 
@@ -20,6 +20,7 @@ function flatten(values) {
 
 export function jobPage(jobId) {
   const status = el("span", { id: "status-slot" });
+  const sweepSlot = el("span", { id: "sweep-slot" });  // a member's link to its sweep
   const actions = el("div", { class: "actions" });
   const facts = el("dl", { id: "job-summary", class: "facts" });
   const resultBox = el("section", { id: "result-card", class: "card", hidden: true });
@@ -30,7 +31,7 @@ export function jobPage(jobId) {
   loss.figure.classList.add("wide");
   document.getElementById("view").replaceChildren(
     el("div", { class: "page-head" },
-      el("h2", {}, "Job ", el("code", { class: "job-id" }, jobId)), status, actions),
+      el("h2", {}, "Job ", el("code", { class: "job-id" }, jobId)), status, sweepSlot, actions),
     el("section", { class: "card" }, facts),
     el("div", { class: "charts" }, loss.figure, params.figure, grads.figure),
     resultBox, explain);
@@ -67,6 +68,10 @@ export function jobPage(jobId) {
     put("created", fmtTime(view.created_at));
     put("why-ended", ended ? `${view.status}: ${whyEnded(view) || "—"}` : view.status);
     label["why-ended"].textContent = ended ? "why it ended" : "state";
+    if (view.sweep && !sweepSlot.firstChild) {
+      sweepSlot.append(el("a", { id: "sweep-link", href: `#/sweeps/${view.sweep}` },
+        `member of sweep ${shortId(view.sweep)}`));
+    }
     if (!changed) return;
     status.replaceChildren(statusBadge(view.status, { id: "status" }));
     actions.replaceChildren(ended

@@ -1,8 +1,8 @@
 // The caller's jobs (filtered by status, refreshed every second, with cancel and delete), and
 // the compare view: the loss curves of the jobs ticked in the list, overlaid on one chart.
 import {
-  api, dataText, el, fmt, fmtDuration, fmtTime, jobSeconds, optimizerText, showError,
-  shortId, statusBadge, whyEnded,
+  api, dataText, el, fmt, fmtDuration, fmtTime, jobSeconds, optimizerText, secondClick,
+  showError, shortId, statusBadge, whyEnded,
 } from "./common.js";
 import { LineChart } from "./charts.js";
 
@@ -47,7 +47,9 @@ export function jobsPage() {
     tick.checked = selected.has(job.id);
     const tr = el("tr", { "data-job": job.id },
       el("td", {}, tick),
-      el("td", { class: "id" }, el("a", { href: `#/jobs/${job.id}`, title: job.id }, shortId(job.id))),
+      el("td", { class: "id" }, el("a", { href: `#/jobs/${job.id}`, title: job.id }, shortId(job.id)),
+        job.sweep ? el("a", { class: "sweep-tag", href: `#/sweeps/${job.sweep}`,
+          title: `member of sweep ${job.sweep}` }, "sweep") : null),
       ...Array.from({ length: COLUMNS.length - 2 }, () => el("td")));
     return tr;
   }
@@ -102,12 +104,7 @@ export function jobsPage() {
 
   // Delete asks once more: the first click arms the button for three seconds.
   async function remove(button, id) {
-    if (!button.classList.contains("armed")) {
-      button.classList.add("armed");
-      button.textContent = "Sure?";
-      setTimeout(() => { button.classList.remove("armed"); button.textContent = "Delete"; }, 3000);
-      return;
-    }
+    if (!secondClick(button)) return;
     try {
       await api(`/v1/jobs/${id}`, { method: "DELETE" });
       selected.delete(id);
