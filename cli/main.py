@@ -828,11 +828,16 @@ class SweepBoard:
         self.id: str = view["id"]
         default = view["spec"]["base"].get("steps", JobSpec.model_fields["steps"].default)
         self.members = {
-            m["id"]: MemberRow(i, m["id"], m["values"], m["status"], m["steps_done"], 0)
-            for i, m in enumerate(view["members"])
+            m["id"]: MemberRow(
+                index,
+                m["id"],
+                m["values"],
+                m["status"],
+                m["steps_done"],
+                steps=int(m["values"].get("steps", default)),
+            )
+            for index, m in enumerate(view["members"])
         }
-        for row in self.members.values():
-            row.steps = int(row.values.get("steps", default))
         # The swept paths, in the order the spec gives them.
         self.paths = list(dict.fromkeys(path for m in view["members"] for path in m["values"]))
         self.update(view)

@@ -55,21 +55,32 @@ def test_sweeps_by_status_and_member_steps_move_when_a_sweep_runs(
     }
     done = client.wait_sweep(client.submit_sweep(halving)["id"], timeout=60)
     assert done["status"] == "succeeded" and done["counts"] == {"pruned": 2, "succeeded": 1}
-    parked = client.submit_sweep(
-        {"base": {**SEED_EXAMPLE, "device": "cuda"}, "grid": {"optimizer.lr": [0.1]}}
-    )  # no gpu worker: it stays queued
-    queued = _scrape(stack)
-    assert sweeps(queued, "succeeded") == sweeps(before, "succeeded") + 1
-    assert sweeps(queued, "queued") == sweeps(before, "queued") + 1
+    endless = {
+        "base": {"data": {"synthetic": {"n": 100, "d": 2}}, "steps": 1_000_000, "device": "cpu"},
+        "grid": {"optimizer.lr": [0.01]},
+    }
+    running = client.submit_sweep(endless)
+    try:
+        wait_until(
+            lambda: client.sweep(running["id"])["status"] == "running", 30, "a running sweep"
+        )
+        middle = _scrape(stack)
+    finally:
+        client.cancel_sweep(running["id"])
+    assert sweeps(middle, "succeeded") == sweeps(before, "succeeded") + 1
+    assert sweeps(middle, "running") == sweeps(before, "running") + 1
+    assert sweeps(middle, "queued") == sweeps(before, "queued")  # both left queued
     member_steps = ("gradstream_member_steps_total", ())
-    assert queued[member_steps] == before[member_steps] + 14
-    client.cancel_sweep(parked["id"])
-    assert client.wait_sweep(parked["id"], timeout=10)["status"] == "cancelled"
+    assert middle[member_steps] >= before[member_steps] + 14
+    assert client.wait_sweep(running["id"], timeout=30)["status"] == "cancelled"
     client.delete_sweep(done["id"])
     after = _scrape(stack)
-    assert sweeps(after, "queued") == sweeps(before, "queued")
+    assert sweeps(after, "running") == sweeps(before, "running")
     assert sweeps(after, "cancelled") == sweeps(before, "cancelled") + 1
     assert sweeps(after, "succeeded") == sweeps(before, "succeeded")  # deleted: not counted
+    # The halving sweep's 14, then what the cancelled one stored, each counted once.
+    stored = sum(member["steps_done"] for member in client.sweep(running["id"])["members"])
+    assert after[member_steps] == before[member_steps] + 14 + stored
 
 
 def test_sse_clients_counts_the_streams_open_now(
