@@ -960,12 +960,12 @@ def _watch_sweep(client: Client, sweep_id: str, progress: bool | None, top: int)
 
 
 def _watch_sweep_lines(client: Client, board: SweepBoard, top: int) -> None:
-    shown = None
     for event in client.sweep_events(board.id):
         board.apply(event)
-        if event.event == "status" and board.status != shown:  # the first is said twice
+        # The stream's history of statuses, in order: a connection's first `status` (no id)
+        # says only where the sweep is now, which the history replayed after it reaches too.
+        if event.event == "status" and event.id is not None:
             typer.echo(f"status: {board.status}")
-            shown = board.status
         elif event.event == "progress":
             typer.echo(board.progress_line())
         elif event.event == "done":
