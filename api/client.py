@@ -318,6 +318,19 @@ class AsyncClient:
         if response.is_error:
             raise _error(response)
 
+    async def wait_sweep(
+        self, sweep_id: str, timeout: float = 600, poll: float = 0.2
+    ) -> dict[str, Any]:
+        """Poll until the sweep ends; its final SweepView."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = await self.sweep(sweep_id)
+            if view["status"] in SWEEP_ENDED:
+                return view
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {sweep_id} still {view['status']} after {timeout} s")
+            await asyncio.sleep(poll)
+
     def sweep_events(
         self, sweep_id: str, last_event_id: int | None = None, retries: int = 5
     ) -> AsyncIterator[Event]:

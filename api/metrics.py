@@ -1,6 +1,6 @@
 """`/metrics` in Prometheus's text format: the service's state read from Redis at each scrape
-(jobs by status, queue depth, live workers, steps and flushes so far) and this API process's
-event streams (clients and their lag)."""
+(jobs and sweeps by status, queue depth, live workers, steps, member-steps and flushes so far)
+and this API process's event streams (clients and their lag)."""
 
 from collections.abc import Iterator
 
@@ -17,15 +17,19 @@ class ServiceCollector(Collector):
         self.store, self.streams = store, streams
 
     def collect(self) -> Iterator[Metric]:
-        jobs, depth, stats = self.store.service_stats((CPU_QUEUE, GPU_QUEUE))
+        stats = self.store.service_stats((CPU_QUEUE, GPU_QUEUE))
         by_status = GaugeMetricFamily("gradstream_jobs", "Jobs by status", labels=["status"])
-        for status, count in jobs.items():
-            by_status.add_metric([status], count)
+        for status, count in stats.jobs.items():
+            by_status.add_metric([status.value], count)
         yield by_status
+        sweeps = GaugeMetricFamily("gradstream_sweeps", "Sweeps by status", labels=["status"])
+        for sweep_status, count in stats.sweeps.items():
+            sweeps.add_metric([sweep_status.value], count)
+        yield sweeps
         queued = GaugeMetricFamily(
             "gradstream_queue_depth", "Messages waiting in a worker queue", labels=["queue"]
         )
-        for queue, count in depth.items():
+        for queue, count in stats.queue_depth.items():
             queued.add_metric([queue], count)
         yield queued
         live: dict[str, int] = {}
@@ -38,12 +42,17 @@ class ServiceCollector(Collector):
         yield CounterMetricFamily(
             "gradstream_steps",
             "Training steps stored (rate: steps per second)",
-            value=stats.get("steps", 0),
+            value=stats.counters.get("steps", 0),
+        )
+        yield CounterMetricFamily(
+            "gradstream_member_steps",
+            "Sweep members' steps stored by group flushes (rate: member-steps per second)",
+            value=stats.counters.get("member_steps", 0),
         )
         yield CounterMetricFamily(
             "gradstream_flushes",
             "Chunks of steps flushed by workers",
-            value=stats.get("flushes", 0),
+            value=stats.counters.get("flushes", 0),
         )
         clients, lag = self.streams.watching()
         yield GaugeMetricFamily(

@@ -25,7 +25,8 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 import yaml
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,7 +37,7 @@ from rich.progress import (
 from rich.table import Table
 from typer.core import TyperGroup
 
-from api.client import Client, GradstreamError
+from api.client import TERMINAL, Client, Event, GradstreamError
 from cli.stack import (
     FolderInUse,
     Stack,
@@ -48,6 +49,7 @@ from cli.stack import (
 from services.auth import parse_api_keys
 from services.config import get_settings
 from services.queue import Device
+from services.schemas import JobSpec, JobStatus
 
 HELP = (
     "gradstream trains linear-regression models as a service and shows every step's loss, "
@@ -156,7 +158,8 @@ def _explain_answer(exc: GradstreamError) -> tuple[list[str], int]:
             "(`gradstream up` prints its key)"
         ], USAGE
     if status == 404:
-        return [f"{text} (`gradstream jobs` lists yours)"], USAGE
+        listing = "sweeps" if text.startswith("sweep ") else "jobs"
+        return [f"{text} (`gradstream {listing}` lists yours)"], USAGE
     if status in (400, 403, 413):
         return [f"{text} (HTTP {status})"], USAGE
     return [f"{text} (HTTP {status})"], FAILED
@@ -481,8 +484,12 @@ def _client(url: str | None, api_key: str | None) -> Client:
     return Client(url, api_key)
 
 
-def _read_spec(spec_file: str) -> dict[str, Any]:
-    """A JobSpec from a JSON or YAML file (by its suffix), or stdin for `-`."""
+JOB_SPEC = "JobSpec: it must be a mapping with `data`, `steps`, …"
+SWEEP_SPEC = "SweepSpec: it must be a mapping with `base` and a `grid` or `random`"
+
+
+def _read_spec(spec_file: str, holds: str = JOB_SPEC) -> dict[str, Any]:
+    """A spec (`holds` says which) from a JSON or YAML file (by its suffix), or stdin for `-`."""
     is_yaml = spec_file.endswith((".yaml", ".yml"))
     try:
         text = sys.stdin.read() if spec_file == "-" else Path(spec_file).read_text()
@@ -499,7 +506,7 @@ def _read_spec(spec_file: str) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or "malformed"
         _fail(f"{spec_file} is not valid YAML: {problem}{where}", USAGE)
     if not isinstance(spec, dict):
-        _fail(f"{spec_file} holds no JobSpec: it must be a mapping with `data`, `steps`, …", USAGE)
+        _fail(f"{spec_file} holds no {holds}", USAGE)
     return spec
 
 
@@ -763,6 +770,352 @@ def workers(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
             device += f" ({w['device_name']})"
         queues = ",".join(w["queues"])
         table.add_row(w["name"], device, queues, w["current_job"] or "—", _age(w["heartbeat_at"]))
+    _print_table(table)
+
+
+# Sweeps (DESIGN §9): `gradstream sweep FILE` submits one (and with --watch follows it),
+# `gradstream sweeps` lists them, `gradstream sweep show|watch|cancel|delete ID` work on one.
+
+
+class SweepCommands(TyperGroup):
+    """`gradstream sweep`'s subcommands, where a first argument that names none of them is a
+    spec file: `gradstream sweep FILE` is `gradstream sweep submit FILE`."""
+
+    # ctx is click's Context, of the copy of click typer carries (typer._click, private).
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and (args[0] == "-" or args[0][:1] != "-"):
+            args = ["submit", *args]
+        return super().parse_args(ctx, args)
+
+
+sweep_app = typer.Typer(
+    cls=SweepCommands,
+    no_args_is_help=True,
+    help="Submit a sweep (`gradstream sweep FILE [--watch]`, short for `sweep submit`), or "
+    "show, watch, cancel or delete one.",
+)
+app.add_typer(sweep_app, name="sweep")
+
+TopOpt = Annotated[int, typer.Option("--top", help="members on the leaderboard", min=1)]
+LEADERBOARD = 10  # members the watch view shows
+UNKNOWN = "—"  # no value yet (a member with no step stored)
+
+
+@dataclass
+class MemberRow:
+    """A member as the CLI shows it, kept current from the sweep's events."""
+
+    index: int  # its place in the sweep: ties rank by it
+    id: str
+    values: dict[str, Any]
+    status: str
+    steps_done: int
+    steps: int  # what it runs unless it is stopped early
+    loss: float | None = None  # the last step's
+    final_loss: float | None = None  # the result's full-batch loss
+
+    def rank_key(self) -> tuple[bool, float, int]:
+        """Lower is better: the final loss, else the last step's; none last."""
+        loss = self.final_loss if self.final_loss is not None else self.loss
+        return (loss is None, loss or 0.0, self.index)
+
+
+class SweepBoard:
+    """A sweep as its watcher sees it: its members' steps, losses and statuses, updated by
+    each event of the sweep's stream."""
+
+    def __init__(self, view: dict[str, Any]) -> None:
+        self.id: str = view["id"]
+        default = view["spec"]["base"].get("steps", JobSpec.model_fields["steps"].default)
+        self.members = {
+            m["id"]: MemberRow(
+                index,
+                m["id"],
+                m["values"],
+                m["status"],
+                m["steps_done"],
+                steps=int(m["values"].get("steps", default)),
+            )
+            for index, m in enumerate(view["members"])
+        }
+        # The swept paths, in the order the spec gives them.
+        self.paths = list(dict.fromkeys(path for m in view["members"] for path in m["values"]))
+        self.update(view)
+
+    def update(self, view: dict[str, Any]) -> None:
+        """Take in a SweepView (the one `done` carries, or the one read at the start)."""
+        self.view = view
+        self.status: str = view["status"]
+        for member in view["members"]:
+            row = self.members.get(member["id"])
+            if row is not None:
+                row.status, row.steps_done = member["status"], member["steps_done"]
+                row.loss, row.final_loss = member["loss"], member["final_loss"]
+
+    def apply(self, event: Event) -> None:
+        if event.event == "status":
+            self.status = event.data["status"]
+        elif event.event == "progress":
+            for member_id, moved in event.data["members"].items():
+                row = self.members.get(member_id)
+                if row is not None:
+                    row.status, row.loss = moved["status"], moved["loss"]
+                    row.steps_done = moved["step"] + 1
+        elif event.event == "done":
+            self.update(event.data)
+
+    def member_steps(self) -> tuple[int, int]:
+        """Member-steps done, and in all: a member that ended early counts what it did."""
+        rows = self.members.values()
+        done = sum(row.steps_done for row in rows)
+        total = sum(row.steps_done if row.status in TERMINAL else row.steps for row in rows)
+        return done, total
+
+    def ranked(self) -> list[MemberRow]:
+        return sorted(self.members.values(), key=MemberRow.rank_key)
+
+    def counts(self) -> str:
+        """Members per status, in the statuses' order: `3 running, 6 pruned`."""
+        rows = self.members.values()
+        found = {status: sum(row.status == status for row in rows) for status in JobStatus}
+        return ", ".join(f"{n} {status}" for status, n in found.items() if n) or "no members"
+
+    def table(self, top: int | None = None) -> Table:
+        """The leaderboard: the best `top` members (all by default), best first."""
+        table = Table("RANK", "ID", *self.paths, "STATUS", "STEPS", "LOSS", "FINAL LOSS")
+        table.box, table.pad_edge = None, False
+        table.columns[1].no_wrap = True
+        for rank, row in enumerate(self.ranked()[:top], start=1):
+            values = [_value(row.values.get(path)) for path in self.paths]
+            table.add_row(
+                str(rank),
+                row.id,
+                *values,
+                row.status,
+                f"{row.steps_done}/{row.steps}",
+                _loss(row.loss, row.steps_done),
+                _loss(row.final_loss, 0),
+            )
+        return table
+
+    def progress_line(self) -> str:
+        """What a progress event changed, on one line: member-steps, counts, the best so far."""
+        done, total = self.member_steps()
+        line = f"member-steps {done}/{total}  {self.counts()}"
+        best = self.ranked()[0] if self.members else None
+        if best is not None and best.loss is not None:
+            line += f"  best {best.id} loss {_loss(best.loss)} ({_values(best.values)})"
+        return line
+
+    def final_line(self) -> str:
+        """The sweep's end: its status, counts and best member."""
+        line = f"{self.status}: {self.counts()}"
+        best = self.view.get("best")
+        if best is not None:
+            line += f"; best {best['id']} final loss {_loss(best['final_loss'])}"
+            line += f" ({_values(best['values'])})"
+        return line
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return UNKNOWN
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _values(values: dict[str, Any]) -> str:
+    return ", ".join(f"{path}={_value(value)}" for path, value in values.items())
+
+
+def _loss(value: float | None, steps_done: int = 1) -> str:
+    """A sweep's loss as the float32 it is (`_f32`; a progress event's carries 14 digits, the
+    result's full-batch loss more), `nan` for one that was not finite, `—` for none yet."""
+    if value is None:
+        return "nan" if steps_done else UNKNOWN
+    try:
+        return _f32(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:  # beyond float32's range
+        return f"{value:.7g}"
+
+
+def _sweep_ended(sweep_id: str) -> NoReturn:
+    _fail(
+        f"the event stream ended before sweep {sweep_id} did: "
+        f"`gradstream sweep watch {sweep_id}` resumes"
+    )
+
+
+def _watch_sweep(client: Client, sweep_id: str, progress: bool | None, top: int) -> None:
+    """Follow a sweep until it ends: a live leaderboard on a terminal, else a line per event.
+    Exit 1 unless the sweep succeeded."""
+    board = SweepBoard(client.sweep(sweep_id))
+    if progress is None:
+        progress = sys.stdout.isatty()
+    if progress:
+        _watch_sweep_live(client, board, top)
+    else:
+        _watch_sweep_lines(client, board, top)
+    if board.status != "succeeded":
+        raise typer.Exit(FAILED)
+
+
+def _watch_sweep_lines(client: Client, board: SweepBoard, top: int) -> None:
+    for event in client.sweep_events(board.id):
+        board.apply(event)
+        # The stream's history of statuses, in order: a connection's first `status` (no id)
+        # says only where the sweep is now, which the history replayed after it reaches too.
+        if event.event == "status" and event.id is not None:
+            typer.echo(f"status: {board.status}")
+        elif event.event == "progress":
+            typer.echo(board.progress_line())
+        elif event.event == "done":
+            _print_table(board.table(top))
+            typer.echo(board.final_line())
+            return
+    _sweep_ended(board.id)
+
+
+def _watch_sweep_live(client: Client, board: SweepBoard, top: int) -> None:
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("member-steps  {task.fields[counts]}  ETA"),
+        TimeRemainingColumn(),
+    ]
+    bar = Progress(*columns)
+    task = bar.add_task(board.id[:12], total=None, counts="")
+
+    def screen() -> Group:
+        done, total = board.member_steps()
+        bar.update(task, completed=done, total=total, counts=board.counts())
+        return Group(bar, board.table(top))
+
+    drawn = 0.0
+    with Live(screen(), console=Console(force_terminal=True), auto_refresh=False) as live:
+        for event in client.sweep_events(board.id):
+            board.apply(event)
+            # At most 10 frames a second: a backlog replayed on connect comes all at once.
+            if event.event == "done" or time.monotonic() - drawn > 0.1:
+                live.update(screen(), refresh=True)
+                drawn = time.monotonic()
+            if event.event == "done":
+                break
+        else:
+            _sweep_ended(board.id)
+    typer.echo(board.final_line())
+
+
+@sweep_app.command("submit")
+def sweep_submit(
+    spec_file: Annotated[
+        str, typer.Argument(help="a SweepSpec file (JSON, or YAML by its suffix), - for stdin")
+    ],
+    watch_sweep: Annotated[bool, typer.Option("--watch", help="follow it until it ends")] = False,
+    progress: ProgressOpt = None,
+    top: TopOpt = LEADERBOARD,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Submit a sweep from a spec file; print its id, then its members and groups."""
+    spec = _read_spec(spec_file, SWEEP_SPEC)
+    with _client(url, api_key) as client:
+        view = client.submit_sweep(spec)
+        typer.echo(view["id"])
+        members, groups = len(view["members"]), view["groups"]
+        typer.echo(
+            f"{members} member{'s' * (members != 1)} in {groups} group{'s' * (groups != 1)}: "
+            f"{view['status']}"
+        )
+        if watch_sweep:
+            _watch_sweep(client, view["id"], progress, top)
+
+
+@sweep_app.command("watch")
+def sweep_watch(
+    sweep_id: str,
+    progress: ProgressOpt = None,
+    top: TopOpt = LEADERBOARD,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Follow a sweep live until it ends, resuming if dropped; exit 1 unless it succeeds."""
+    with _client(url, api_key) as client:
+        _watch_sweep(client, sweep_id, progress, top)
+
+
+TIMES = (("created", "created_at"), ("started", "started_at"), ("finished", "finished_at"))
+
+
+@sweep_app.command("show")
+def sweep_show(
+    sweep_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="the API's SweepView as JSON")] = False,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Print a sweep: its status, counts, best member and every member ranked by loss."""
+    with _client(url, api_key) as client:
+        view = client.sweep(sweep_id)
+    if as_json:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    board = SweepBoard(view)
+    name = f" ({view['name']})" if view["name"] else ""
+    typer.echo(f"sweep {view['id']}{name}: {view['status']}")
+    times = [f"{what} {_time(view[field])}" for what, field in TIMES if view[field] is not None]
+    typer.echo(", ".join(times))
+    members, groups = len(view["members"]), view["groups"]
+    typer.echo(f"{members} members in {groups} group{'s' * (groups != 1)}: {board.counts()}")
+    best = view["best"]
+    if best is not None:
+        typer.echo(
+            f"best {best['id']}: final loss {_loss(best['final_loss'])} ({_values(best['values'])})"
+        )
+    typer.echo("")
+    _print_table(board.table())
+
+
+@sweep_app.command("cancel")
+def sweep_cancel(sweep_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """Cancel every unfinished member of a sweep (running ones stop at their next flush)."""
+    with _client(url, api_key) as client:
+        view = client.cancel_sweep(sweep_id)
+    typer.echo(f"{view['status']}: {SweepBoard(view).counts()}")
+
+
+@sweep_app.command("delete")
+def sweep_delete(sweep_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """Delete an ended sweep and all its members (cancel a running one first)."""
+    with _client(url, api_key) as client:
+        client.delete_sweep(sweep_id)
+    typer.echo(f"deleted {sweep_id}")
+
+
+@app.command()
+def sweeps(
+    limit: Annotated[int, typer.Option()] = 20,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """List your sweeps, newest first, as a table."""
+    with _client(url, api_key) as client:
+        listed = client.sweeps(limit)
+    table = Table(
+        "ID", "NAME", "STATUS", "MEMBERS", "COUNTS", "BEST", "CREATED", box=None, pad_edge=False
+    )
+    table.columns[0].no_wrap = True
+    for view in listed:
+        best = view["best"]
+        table.add_row(
+            view["id"],
+            view["name"] or UNKNOWN,
+            view["status"],
+            str(len(view["members"])),
+            SweepBoard(view).counts(),
+            UNKNOWN if best is None else _loss(best["final_loss"]),
+            _time(view["created_at"]),
+        )
     _print_table(table)
 
 

@@ -671,6 +671,7 @@ class SweepView(BaseModel):
     started_at: UtcTime | None
     finished_at: UtcTime | None
     counts: dict[JobStatus, int] = Field(description="members per status")
+    groups: int = Field(description="units of work: members trained together by one step")
     members: list[SweepMember]
     best: SweepBest | None
 

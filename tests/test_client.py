@@ -64,6 +64,40 @@ def test_async_client_uploads_predicts_lists_workers_and_deletes(stack: Stack) -
     asyncio.run(scenario())
 
 
+def test_async_client_submits_follows_lists_and_deletes_a_sweep(stack: Stack) -> None:
+    spec = {"base": SEED_EXAMPLE, "grid": {"optimizer.lr": [0.1, 0.2]}}
+
+    async def scenario() -> None:
+        async with AsyncClient(stack.api_url, stack.api_key) as client:
+            sweep = await client.submit_sweep(spec)
+            events = [e async for e in client.sweep_events(sweep["id"])]
+            assert events[0].event == "status" and events[-1].event == "done"
+            assert events[-1].data["status"] == "succeeded"
+            first = next(int(e.id) for e in events if e.event == "progress" and e.id)
+            resumed = [e async for e in client.sweep_events(sweep["id"], first)]
+            ids = [int(e.id) for e in events if e.id]
+            assert [int(e.id) for e in resumed if e.id] == [i for i in ids if i > first]
+            view = await client.wait_sweep(sweep["id"], 30)
+            assert view["best"]["values"] == {"optimizer.lr": 0.2}
+            assert (await client.sweep(sweep["id"]))["counts"] == {"succeeded": 2}
+            assert sweep["id"] in [s["id"] for s in await client.sweeps(100)]
+            try:
+                await client.cancel_sweep(sweep["id"])
+            except GradstreamError as exc:
+                assert exc.status_code == 409  # it has ended
+            else:
+                raise AssertionError("cancelling an ended sweep must be a 409")
+            await client.delete_sweep(sweep["id"])
+            try:
+                await client.sweep(sweep["id"])
+            except GradstreamError as exc:
+                assert exc.status_code == 404
+            else:
+                raise AssertionError("a deleted sweep must be a 404")
+
+    asyncio.run(scenario())
+
+
 def test_the_client_module_needs_neither_torch_nor_the_server() -> None:
     code = (
         "import sys, api.client; "

@@ -36,6 +36,53 @@ def test_metrics_move_when_a_job_runs(stack: Stack, client: Client) -> None:
     assert ("gradstream_queue_depth", (("queue", "gpu"),)) in after
 
 
+def test_sweeps_by_status_and_member_steps_move_when_a_sweep_runs(
+    stack: Stack, client: Client
+) -> None:
+    def sweeps(scrape: dict[tuple[str, tuple[tuple[str, str], ...]], float], status: str) -> float:
+        return scrape[("gradstream_sweeps", (("status", status),))]
+
+    before = _scrape(stack)
+    assert {"queued", "running", "succeeded", "failed", "cancelled"} <= {
+        dict(labels)["status"] for name, labels in before if name == "gradstream_sweeps"
+    }
+    # Three members of 10 steps; at the rung of 2 steps the best third goes on: 3 * 2 + 8 = 14
+    # member-steps.
+    halving = {
+        "base": {**SEED_EXAMPLE, "steps": 10},
+        "grid": {"optimizer.lr": [0.1, 0.01, 0.2]},
+        "early_stop": {"name": "successive_halving", "min_steps": 2, "eta": 3},
+    }
+    done = client.wait_sweep(client.submit_sweep(halving)["id"], timeout=60)
+    assert done["status"] == "succeeded" and done["counts"] == {"pruned": 2, "succeeded": 1}
+    endless = {
+        "base": {"data": {"synthetic": {"n": 100, "d": 2}}, "steps": 1_000_000, "device": "cpu"},
+        "grid": {"optimizer.lr": [0.01]},
+    }
+    running = client.submit_sweep(endless)
+    try:
+        wait_until(
+            lambda: client.sweep(running["id"])["status"] == "running", 30, "a running sweep"
+        )
+        middle = _scrape(stack)
+    finally:
+        client.cancel_sweep(running["id"])
+    assert sweeps(middle, "succeeded") == sweeps(before, "succeeded") + 1
+    assert sweeps(middle, "running") == sweeps(before, "running") + 1
+    assert sweeps(middle, "queued") == sweeps(before, "queued")  # both left queued
+    member_steps = ("gradstream_member_steps_total", ())
+    assert middle[member_steps] >= before[member_steps] + 14
+    assert client.wait_sweep(running["id"], timeout=30)["status"] == "cancelled"
+    client.delete_sweep(done["id"])
+    after = _scrape(stack)
+    assert sweeps(after, "running") == sweeps(before, "running")
+    assert sweeps(after, "cancelled") == sweeps(before, "cancelled") + 1
+    assert sweeps(after, "succeeded") == sweeps(before, "succeeded")  # deleted: not counted
+    # The halving sweep's 14, then what the cancelled one stored, each counted once.
+    stored = sum(member["steps_done"] for member in client.sweep(running["id"])["members"])
+    assert after[member_steps] == before[member_steps] + 14 + stored
+
+
 def test_sse_clients_counts_the_streams_open_now(
     stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -1,6 +1,6 @@
 """The README's example commands and the examples/ folder, run as a user runs them: the shell
 block under "Using it" in bash against a real stack, examples/client.py as a script, and every
-example spec through the API's own validation."""
+example spec (a job's, or a sweep's: a top-level `base`) through the API's own validation."""
 
 import json
 import os
@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from cli.stack import Stack
-from services.schemas import JobSpec
+from services.config import get_settings
+from services.schemas import JobSpec, SweepSpec
+from services.sweeps import expand
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -59,7 +61,13 @@ def test_the_client_example_runs(stack: Stack) -> None:
 @pytest.mark.parametrize(
     "path", sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in {".json", ".yaml"})
 )
-def test_every_example_spec_is_a_valid_job(path: str) -> None:
+def test_every_example_spec_is_a_valid_job_or_sweep(path: str) -> None:
     text = (EXAMPLES / path).read_text()
     spec = yaml.safe_load(text) if path.endswith(".yaml") else json.loads(text)
-    JobSpec.model_validate(spec)
+    if "base" not in spec:
+        JobSpec.model_validate(spec)
+        return
+    # A sweep: the SweepSpec, and every member a JobSpec (as the API checks them at submit).
+    sweep = SweepSpec.model_validate(spec)
+    members = expand(sweep, get_settings().max_sweep_members)
+    assert members and all(isinstance(member.spec, JobSpec) for member in members)

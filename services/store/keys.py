@@ -11,12 +11,13 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from services.schemas import JobStatus, iso_utc
+from services.schemas import JobStatus, SweepStatus, iso_utc
 
 JOBS_INDEX = "gs:jobs"
 STATUS_INDEX_PREFIX = "gs:jobs:"  # + status
 TENANT_PREFIX = "gs:tenant:"  # + tenant + ':jobs' (+ ':' + status) | ':datasets' | ':bytes'
 TENANT_JOBS = ":jobs"
+SWEEP_STATUS_PREFIX = "gs:sweeps:"  # + status: the ids of every tenant's sweeps in it (a set)
 WORKERS_INDEX = "gs:workers"
 STATS_KEY = "gs:stats"
 
@@ -84,6 +85,11 @@ def tenant_active_sweeps(tenant: str) -> str:
 
 def status_index(status: JobStatus | str) -> str:
     return STATUS_INDEX_PREFIX + str(status)
+
+
+def sweep_status_index(status: SweepStatus | str) -> str:
+    """Every tenant's sweeps in one status (a set; /metrics counts them)."""
+    return SWEEP_STATUS_PREFIX + str(status)
 
 
 def tenant_index(tenant: str, status: JobStatus | None = None) -> str:

@@ -60,6 +60,7 @@ local STATUS_INDEX = {_lua_string(keys.STATUS_INDEX_PREFIX)}
 local TENANT_PREFIX = {_lua_string(keys.TENANT_PREFIX)}
 local TENANT_JOBS = {_lua_string(keys.TENANT_JOBS)}
 local STATS = {_lua_string(keys.STATS_KEY)}
+local SWEEP_STATUS = {_lua_string(keys.SWEEP_STATUS_PREFIX)}
 local FIELD_COUNT = {_lua_string(FIELD_COUNT.decode())}
 local FIELD_ROWS = {_lua_string(FIELD_ROWS.decode())}
 local JOB, STEPS, EVENTS, LEASE, CKPT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -94,6 +95,14 @@ end
 local function sweep_event(sweep, kind, data)
   local seq = redis.call('HINCRBY', sweep_key(sweep), 'seq', 1)
   redis.call('XADD', sweep_events_key(sweep), seq .. '-1', 'type', kind, 'data', data)
+end
+
+-- A sweep's status lives in its record and in the global index of sweeps per status (which
+-- /metrics counts); `old` is nil for a new sweep.
+local function set_sweep_status(sweep, old, new)
+  redis.call('HSET', sweep_key(sweep), 'status', new)
+  if old then redis.call('SREM', SWEEP_STATUS .. old, sweep) end
+  redis.call('SADD', SWEEP_STATUS .. new, sweep)
 end
 
 -- Status changes keep the hash, the status indexes (all jobs', and the job's tenant's) and
@@ -184,7 +193,8 @@ member_ended = function(sweep, status, now)
   elseif tonumber(redis.call('HGET', record, 'n:succeeded') or '0') > 0 then
     final = 'succeeded'
   end
-  redis.call('HSET', record, 'status', final, 'finished_at', now)
+  set_sweep_status(sweep, redis.call('HGET', record, 'status'), final)
+  redis.call('HSET', record, 'finished_at', now)
   redis.call('SREM', tenant_active_sweeps(redis.call('HGET', record, 'tenant')), sweep)
   sweep_event(sweep, 'done', final)
 end
@@ -615,6 +625,7 @@ while i <= #ARGV do
   i = last + 1
   if kind == 'sweep' then
     redis.call('HSET', sweep_key(id), unpack(ARGV, first, last))
+    set_sweep_status(id, nil, redis.call('HGET', sweep_key(id), 'status'))
     redis.call('ZADD', tenant_sweeps(tenant), 0, id)
     redis.call('SADD', tenant_active_sweeps(tenant), id)
   else
@@ -670,11 +681,12 @@ end
 local sweep = redis.call('HGET', JOB, 'sweep')
 local record = sweep_key(sweep)
 if redis.call('HGET', record, 'status') == 'queued' then
-  redis.call('HSET', record, 'status', 'running', 'started_at', now)
+  set_sweep_status(sweep, 'queued', 'running')
+  redis.call('HSET', record, 'started_at', now)
   sweep_event(sweep, 'status', 'running')
 end
 local worker = redis.call('HGET', JOB, 'worker') or ''
-local gone, progress, ending, passed, moved = {}, {}, {}, 0, false
+local gone, progress, ending, passed, moved, member_steps = {}, {}, {}, 0, false, 0
 local group = use_job(ARGV[1])
 for a = 10 + 2 * n, #ARGV, 7 do
   passed = passed + 1
@@ -691,6 +703,7 @@ for a = 10 + 2 * n, #ARGV, 7 do
       redis.call('XADD', STEPS, (first + kept - 1) .. '-1', FIELD_COUNT, kept,
                  FIELD_ROWS, ARGV[a + 5], unpack(common))
       redis.call('HSET', JOB, 'steps_done', first + kept, 'loss', ARGV[a + 4])
+      member_steps = member_steps + kept
     end
     if status == 'queued' then
       if redis.call('HEXISTS', JOB, 'started_at') == 0 then
@@ -730,6 +743,7 @@ end
 restore_job(group)
 if chunk and not applied then
   redis.call('HINCRBY', STATS, 'steps', count * passed)
+  redis.call('HINCRBY', STATS, 'member_steps', member_steps)
   redis.call('HINCRBY', STATS, 'flushes', 1)
   redis.call('HSET', JOB, 'steps_done', last + 1)
   redis.call('HSET', CKPT, 'step', last + 1, 'theta', ARGV[7], 'optimizer', '', 'loss', '')
@@ -800,6 +814,7 @@ end
 redis.call('DECRBY', tenant_storage(tenant), freed)
 redis.call('ZREM', tenant_sweeps(tenant), sweep)
 redis.call('SREM', tenant_active_sweeps(tenant), sweep)
+redis.call('SREM', SWEEP_STATUS .. status, sweep)
 redis.call('DEL', KEYS[1], sweep_events_key(sweep), sweep_members_key(sweep))
 return {'deleted'}
 """,

@@ -186,6 +186,7 @@ class Sweeps(RedisPart):
             started_at=_time(fields.get(b"started_at")),
             finished_at=_time(fields.get(b"finished_at")),
             counts={status: n for status, n in counts.items() if n},
+            groups=len(fields.get(b"groups", b"").split()),
             members=members,
             best=None
             if best is None or best.final_loss is None

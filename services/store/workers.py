@@ -2,13 +2,24 @@
 service's counters. Heartbeat ages are on Redis's clock, whichever machine a worker runs on."""
 
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
-from services.schemas import JobStatus, QueueDepth, WorkerInfo
+from services.schemas import JobStatus, QueueDepth, SweepStatus, WorkerInfo
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
 
 LIVE_QUEUES_TTL_S = 1.0
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    """What /metrics reads of the whole service at a scrape."""
+
+    jobs: dict[JobStatus, int]  # jobs (members and groups included) per status
+    sweeps: dict[SweepStatus, int]  # sweeps per status
+    queue_depth: dict[str, int]  # messages waiting per worker queue
+    counters: dict[str, int]  # the flush scripts' `steps`, `flushes`, `member_steps`
 
 
 class Workers(RedisPart):
@@ -88,21 +99,24 @@ class Workers(RedisPart):
         return [QueueDepth(name=q, depth=int(n)) for q, n in zip(queues, depths, strict=True)]
 
     @translate_redis_errors
-    def service_stats(
-        self, queues: tuple[str, ...]
-    ) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-        """Jobs per status, messages waiting in each worker queue, and the service-wide
-        counters the flush script keeps (`steps`, `flushes`)."""
+    def service_stats(self, queues: tuple[str, ...]) -> ServiceStats:
+        """Jobs and sweeps per status, messages waiting in each worker queue, and the
+        service-wide counters the flush scripts keep, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for status in JobStatus:
             pipe.zcard(keys.status_index(status))
+        for sweep_status in SweepStatus:
+            pipe.scard(keys.sweep_status_index(sweep_status))
         for queue in queues:
             pipe.llen(queue)  # kombu's Redis transport keeps a queue's messages in a list
         pipe.hgetall(keys.STATS_KEY)
         *counts, stats = pipe.execute()
-        jobs = {status.value: int(n) for status, n in zip(JobStatus, counts, strict=False)}
-        depth = {queue: int(n) for queue, n in zip(queues, counts[len(JobStatus) :], strict=True)}
-        return jobs, depth, {k.decode(): int(v) for k, v in stats.items()}
+        jobs = dict(zip(JobStatus, counts, strict=False))
+        counts = counts[len(JobStatus) :]
+        sweeps = dict(zip(SweepStatus, counts, strict=False))
+        depth = dict(zip(queues, counts[len(SweepStatus) :], strict=True))
+        counters = {name.decode(): int(value) for name, value in stats.items()}
+        return ServiceStats(jobs, sweeps, depth, counters)
 
     def live_queues(self) -> set[str]:
         """Queues some live worker consumes (cached for a second: routing can be a second
