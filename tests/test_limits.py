@@ -102,6 +102,26 @@ def test_queued_and_running_jobs_per_tenant(limited: Stack, redis_client: "redis
             carol.cancel(job["id"])
 
 
+def test_a_sweep_counts_as_one_active_job_whatever_its_members(limited: Stack) -> None:
+    _wait_for_a_fresh_minute()
+    sweep = {"base": QUEUED, "grid": {"optimizer.lr": [0.1, 0.2, 0.3, 0.4, 0.5]}}
+    with _client(limited, "gina") as gina:
+        first = gina.submit_sweep(sweep)  # five queued members: one active job
+        job = gina.submit(QUEUED)
+        second = gina.submit_sweep(sweep)
+        _refused(gina.http.post("/v1/jobs", json=QUEUED), 429, "max_active_jobs_per_tenant")
+        _refused(gina.http.post("/v1/sweeps", json=sweep), 429, "max_active_jobs_per_tenant")
+        # The members are jobs all the same: listed by status, and by their sweep.
+        queued = gina.http.get("/v1/jobs", params={"status": "queued"}).json()["jobs"]
+        assert sum(row["sweep"] == first["id"] for row in queued) == 5
+        gina.cancel_sweep(first["id"])  # its members end: one slot free again
+        assert gina.sweep(first["id"])["status"] == "cancelled"
+        third = gina.submit(QUEUED)
+        for finished in (job, third):
+            gina.cancel(finished["id"])
+        gina.cancel_sweep(second["id"])
+
+
 def test_submits_per_minute_with_retry_after(limited: Stack, redis_client: "redis.Redis") -> None:
     _wait_for_a_fresh_minute()
     with _client(limited, "dave") as dave:

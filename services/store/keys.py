@@ -15,6 +15,7 @@ from services.schemas import JobStatus, SweepStatus, iso_utc
 
 JOBS_INDEX = "gs:jobs"
 STATUS_INDEX_PREFIX = "gs:jobs:"  # + status
+GROUP_STATUS_PREFIX = "gs:groups:"  # + status: a sweep's groups (units of work, not jobs)
 TENANT_PREFIX = "gs:tenant:"  # + tenant + ':jobs' (+ ':' + status) | ':datasets' | ':bytes'
 TENANT_JOBS = ":jobs"
 SWEEP_STATUS_PREFIX = "gs:sweeps:"  # + status: the ids of every tenant's sweeps in it (a set)
@@ -85,6 +86,10 @@ def tenant_active_sweeps(tenant: str) -> str:
 
 def status_index(status: JobStatus | str) -> str:
     return STATUS_INDEX_PREFIX + str(status)
+
+
+def group_status_index(status: JobStatus | str) -> str:
+    return GROUP_STATUS_PREFIX + str(status)
 
 
 def sweep_status_index(status: SweepStatus | str) -> str:

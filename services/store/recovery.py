@@ -33,9 +33,8 @@ class Recovery(RedisPart):
         """Requeue running jobs whose lease lapsed: (job id, queue) for each to send again."""
         running: list[str] = []
         for status in (JobStatus.RUNNING, JobStatus.CANCELLING):
-            running += [
-                i.decode() for i in self.redis.zrangebylex(keys.status_index(status), "-", "+")
-            ]
+            for index in (keys.status_index(status), keys.group_status_index(status)):
+                running += [i.decode() for i in self.redis.zrangebylex(index, "-", "+")]
         pipe = self.redis.pipeline(transaction=False)
         for job_id in running:
             pipe.exists(keys.lease_key(job_id))
@@ -55,7 +54,8 @@ class Recovery(RedisPart):
         their queue, whatever else waits there: (id, queue) for each to send again."""
         queued = [
             i.decode()
-            for i in self.redis.zrangebylex(keys.status_index(JobStatus.QUEUED), "-", "+")
+            for index in (keys.status_index("queued"), keys.group_status_index("queued"))
+            for i in self.redis.zrangebylex(index, "-", "+")
         ]
         pipe = self.redis.pipeline(transaction=False)
         for job_id in queued:

@@ -57,6 +57,7 @@ _HELPERS = f"""
 local TERMINAL = {{{_TERMINAL}}}
 local JOBS_INDEX = {_lua_string(keys.JOBS_INDEX)}
 local STATUS_INDEX = {_lua_string(keys.STATUS_INDEX_PREFIX)}
+local GROUP_INDEX = {_lua_string(keys.GROUP_STATUS_PREFIX)}
 local TENANT_PREFIX = {_lua_string(keys.TENANT_PREFIX)}
 local TENANT_JOBS = {_lua_string(keys.TENANT_JOBS)}
 local STATS = {_lua_string(keys.STATS_KEY)}
@@ -75,6 +76,28 @@ end
 
 local function tenant_storage(tenant)
   return TENANT_PREFIX .. tenant .. ':bytes'
+end
+
+-- A tenant's sweep members not yet ended: its active jobs count its sweeps, not their members.
+local function tenant_active_members(tenant)
+  return TENANT_PREFIX .. tenant .. ':members:active'
+end
+
+-- The jobs and sweeps of `tenant` that count against its limit of active jobs.
+local function active_jobs(tenant)
+  local active = redis.call('SCARD', tenant_active_sweeps(tenant))
+    - tonumber(redis.call('GET', tenant_active_members(tenant)) or '0')
+  for _, status in ipairs({'queued', 'running', 'cancelling'}) do
+    active = active + redis.call('ZCARD', tenant_index(tenant, status))
+  end
+  return active
+end
+
+-- Jobs and a sweep's groups are indexed by status apart: a group is a unit of work, not a
+-- job (the reaper and the orphan check read both).
+local function status_index(status)
+  if redis.call('HEXISTS', JOB, 'members') == 1 then return GROUP_INDEX .. status end
+  return STATUS_INDEX .. status
 end
 
 -- Point the job helpers below (set_status, finish, ...) at another job: a sweep's scripts
@@ -113,12 +136,10 @@ local function set_status(id, old, new)
   if new == 'queued' then
     redis.call('HSET', JOB, 'queued_at', redis.call('TIME')[1])
   end
-  redis.call('ZREM', STATUS_INDEX .. old, id)
-  redis.call('ZADD', STATUS_INDEX .. new, 0, id)
-  -- A sweep's members stay out of their tenant's status indexes: the sweep counts as one
-  -- active job, and GET /v1/jobs?sweep= lists them.
+  redis.call('ZREM', status_index(old), id)
+  redis.call('ZADD', status_index(new), 0, id)
   local tenant = redis.call('HGET', JOB, 'tenant')
-  if tenant and redis.call('HEXISTS', JOB, 'sweep') == 0 then
+  if tenant then
     redis.call('ZREM', tenant_index(tenant, old), id)
     redis.call('ZADD', tenant_index(tenant, new), 0, id)
   end
@@ -175,6 +196,7 @@ local function finish(id, old, new, now)
   end
   set_status(id, old, new)
   if redis.call('HEXISTS', JOB, 'group') == 1 then  -- a sweep's member
+    redis.call('DECR', tenant_active_members(tenant))
     member_ended(redis.call('HGET', JOB, 'sweep'), new, now)
   end
   local members = redis.call('HGET', JOB, 'members')  -- a sweep's group
@@ -300,10 +322,7 @@ if idem then
   if existing then return {existing, 0} end
 end
 local tenant = ARGV[3]
-local active = redis.call('SCARD', tenant_active_sweeps(tenant))
-for _, status in ipairs({'queued', 'running', 'cancelling'}) do
-  active = active + redis.call('ZCARD', tenant_index(tenant, status))
-end
+local active = active_jobs(tenant)
 if active >= tonumber(ARGV[4]) then return {'limit', active} end
 local used = tonumber(redis.call('GET', tenant_storage(tenant)) or '0')
 if used + tonumber(ARGV[6]) > tonumber(ARGV[5]) then return {'storage', tostring(used)} end
@@ -610,10 +629,7 @@ return 1
 CREATE_SWEEP = _script(
     """
 local sweep, tenant = ARGV[1], ARGV[2]
-local active = redis.call('SCARD', tenant_active_sweeps(tenant))
-for _, status in ipairs({'queued', 'running', 'cancelling'}) do
-  active = active + redis.call('ZCARD', tenant_index(tenant, status))
-end
+local active = active_jobs(tenant)
 if active >= tonumber(ARGV[3]) then return {'limit', active} end
 local used = tonumber(redis.call('GET', tenant_storage(tenant)) or '0')
 if used + tonumber(ARGV[5]) > tonumber(ARGV[4]) then return {'storage', tostring(used)} end
@@ -631,10 +647,14 @@ while i <= #ARGV do
   else
     redis.call('HSET', job_key(id), unpack(ARGV, first, last))
     redis.call('HSET', job_key(id), 'queued_at', now)
-    redis.call('ZADD', STATUS_INDEX .. 'queued', 0, id)
-    if kind == 'member' then
+    if kind == 'group' then
+      redis.call('ZADD', GROUP_INDEX .. 'queued', 0, id)
+    else
+      redis.call('ZADD', STATUS_INDEX .. 'queued', 0, id)
       redis.call('ZADD', JOBS_INDEX, 0, id)
       redis.call('ZADD', tenant_index(tenant), 0, id)
+      redis.call('ZADD', tenant_index(tenant, 'queued'), 0, id)
+      redis.call('INCR', tenant_active_members(tenant))
       redis.call('ZADD', sweep_members_key(sweep), redis.call('HGET', job_key(id), 'index'), id)
       redis.call('XADD', events_key(id), '*', 'status', 'queued', 'steps_done', 0)
     end
@@ -778,6 +798,13 @@ for _, id in ipairs(redis.call('ZRANGE', sweep_members_key(sweep), 0, -1)) do
   end
   restore_job(saved)
 end
+-- A group still queued has nothing left to train: it ends now (its message, when a worker
+-- takes it, finds it finished).
+for id in string.gmatch(redis.call('HGET', KEYS[1], 'groups') or '', '%S+') do
+  local saved = use_job(id)
+  if redis.call('HGET', JOB, 'status') == 'queued' then finish(id, 'queued', 'cancelled', now) end
+  restore_job(saved)
+end
 return {'ok'}
 """,
     allow_oom=True,
@@ -800,15 +827,17 @@ for _, id in ipairs(redis.call('ZRANGE', sweep_members_key(sweep), 0, -1)) do
   local member = redis.call('HMGET', job_key(id), 'status', 'bytes')
   if member[1] then
     redis.call('ZREM', tenant_index(tenant), id)
+    redis.call('ZREM', tenant_index(tenant, member[1]), id)
     redis.call('ZREM', JOBS_INDEX, id)
     redis.call('ZREM', STATUS_INDEX .. member[1], id)
+    if not TERMINAL[member[1]] then redis.call('DECR', tenant_active_members(tenant)) end
     freed = freed + tonumber(member[2] or '0')
   end
   redis.call('DEL', job_key(id), steps_key(id), events_key(id), lease_key(id), ckpt_key(id))
 end
 for id in string.gmatch(redis.call('HGET', KEYS[1], 'groups') or '', '%S+') do
   local group_status = redis.call('HGET', job_key(id), 'status')
-  if group_status then redis.call('ZREM', STATUS_INDEX .. group_status, id) end
+  if group_status then redis.call('ZREM', GROUP_INDEX .. group_status, id) end
   redis.call('DEL', job_key(id), steps_key(id), events_key(id), lease_key(id), ckpt_key(id))
 end
 redis.call('DECRBY', tenant_storage(tenant), freed)
