@@ -10,6 +10,7 @@ Redis load does not grow with the number of watchers. A watcher first reads its 
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # queue in this process.
 MAX_LAG = 10_000
 MAX_LAG_PAGES = 4
+LAG_GRACE_S = 2.0
 BACKLOG_WRITE_BYTES = 64 * 1024
 
 
@@ -107,8 +109,16 @@ class _Tail:
                     event = StreamEvent("step", record, record["step"])
                     self._send((event, self.streams.render(event)))
                 # The watchers take this page before the next is made: a wide chunk does not
-                # pile up in their queues (nor drop them for lag) within one read.
+                # pile up in their queues (nor drop them for lag) within one read. One more
+                # than two pages behind gets a moment to catch up first: a watcher that keeps
+                # reading is never dropped, however fast the job; one that stalls is, at
+                # MAX_LAG_PAGES, after LAG_GRACE_S per page.
                 await asyncio.sleep(0)
+                deadline = time.monotonic() + LAG_GRACE_S
+                while time.monotonic() < deadline and any(
+                    w.queued_bytes > 2 * page_bytes for w in self.watchers
+                ):
+                    await asyncio.sleep(0.01)
 
     async def _read(self) -> None:
         client = self.streams.client

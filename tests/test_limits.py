@@ -32,7 +32,7 @@ LIMITS = {
     "GRADSTREAM_SSE_SEND_TIMEOUT_S": "1",
     "GRADSTREAM_SSE_KEEPALIVE_S": "1",
 }
-TENANTS = ("carol", "dave", "erin", "frank", "gina")
+TENANTS = ("carol", "dave", "erin", "frank", "gina", "hank")
 QUEUED = {**SEED_EXAMPLE, "device": "cuda"}  # no gpu worker: it stays queued
 
 
@@ -105,21 +105,21 @@ def test_queued_and_running_jobs_per_tenant(limited: Stack, redis_client: "redis
 def test_a_sweep_counts_as_one_active_job_whatever_its_members(limited: Stack) -> None:
     _wait_for_a_fresh_minute()
     sweep = {"base": QUEUED, "grid": {"optimizer.lr": [0.1, 0.2, 0.3, 0.4, 0.5]}}
-    with _client(limited, "gina") as gina:
-        first = gina.submit_sweep(sweep)  # five queued members: one active job
-        job = gina.submit(QUEUED)
-        second = gina.submit_sweep(sweep)
-        _refused(gina.http.post("/v1/jobs", json=QUEUED), 429, "max_active_jobs_per_tenant")
-        _refused(gina.http.post("/v1/sweeps", json=sweep), 429, "max_active_jobs_per_tenant")
+    with _client(limited, "hank") as hank:
+        first = hank.submit_sweep(sweep)  # five queued members: one active job
+        job = hank.submit(QUEUED)
+        second = hank.submit_sweep(sweep)
+        _refused(hank.http.post("/v1/jobs", json=QUEUED), 429, "max_active_jobs_per_tenant")
+        _refused(hank.http.post("/v1/sweeps", json=sweep), 429, "max_active_jobs_per_tenant")
         # The members are jobs all the same: listed by status, and by their sweep.
-        queued = gina.http.get("/v1/jobs", params={"status": "queued"}).json()["jobs"]
+        queued = hank.http.get("/v1/jobs", params={"status": "queued"}).json()["jobs"]
         assert sum(row["sweep"] == first["id"] for row in queued) == 5
-        gina.cancel_sweep(first["id"])  # its members end: one slot free again
-        assert gina.sweep(first["id"])["status"] == "cancelled"
-        third = gina.submit(QUEUED)
+        hank.cancel_sweep(first["id"])  # its members end: one slot free again
+        assert hank.sweep(first["id"])["status"] == "cancelled"
+        third = hank.submit(QUEUED)
         for finished in (job, third):
-            gina.cancel(finished["id"])
-        gina.cancel_sweep(second["id"])
+            hank.cancel(finished["id"])
+        hank.cancel_sweep(second["id"])
 
 
 def test_submits_per_minute_with_retry_after(limited: Stack, redis_client: "redis.Redis") -> None:
