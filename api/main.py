@@ -1,5 +1,6 @@
 """The API application: `uvicorn --factory api.main:create_app`."""
 
+import asyncio
 import math
 import re
 from collections.abc import AsyncIterator
@@ -42,6 +43,7 @@ from services.errors import (
 )
 from services.events import JobStreams
 from services.store import Store
+from services.sweep_events import SweepStreams
 
 RETRY_AFTER_S = "1"
 
@@ -80,6 +82,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.sse_keepalive_s,
             render=sse_frame,
             page_bytes=settings.max_page_bytes,
+        )
+        store = app.state.store
+
+        async def final_view(sweep_id: str) -> dict[str, Any]:
+            view = await asyncio.to_thread(store.get_sweep, sweep_id)
+            rendered: dict[str, Any] = view.model_dump(mode="json")
+            return rendered
+
+        app.state.sweep_streams = SweepStreams(
+            app.state.async_redis, settings.sse_keepalive_s, render=sse_frame, final_view=final_view
         )
         app.state.stream_slots = StreamSlots(settings.max_sse_per_tenant)
         app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)

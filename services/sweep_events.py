@@ -2,12 +2,16 @@
 event per flush of any of its groups (the members that moved: step, loss, status), resumable
 by Last-Event-ID (the events' sequence numbers), then `done` with the final SweepView.
 
-One connection watches a whole sweep, whatever its number of members. Each watcher reads the
-sweep's event stream with blocking XREADs of its own; the stream holds one entry per group
-flush, not per member or step.
+One connection watches a whole sweep, whatever its number of members. Like job streams
+(services/events.py), each API process reads each watched sweep from Redis once: a
+`_SweepTail` blocks on the sweep's event stream and fans each event, rendered once, out to
+every watcher in memory; a watcher first reads its own backlog (the events after its cursor up
+to where the tail was when it joined), then follows the tail.
 """
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -15,58 +19,137 @@ import redis
 import redis.asyncio as aioredis
 
 from services.errors import StoreUnavailable, SweepNotFound
-from services.events import Render, StreamEvent
+from services.events import MAX_LAG, Render, StreamEvent
 from services.store.keys import step_entry_id, sweep_events_key, sweep_key
 
-ENDED = ("succeeded", "failed", "cancelled")
+log = logging.getLogger(__name__)
+
+FinalView = Callable[[str], Awaitable[dict[str, Any]]]  # sweep id -> its SweepView as JSON
+_GONE = object()  # the tail stopped (Redis lost): the watcher's stream ends, it resumes
 
 
-async def sweep_event_frames(
-    client: "aioredis.Redis",
-    sweep_id: str,
-    tenant: str,
-    after: int,
-    keepalive_s: float,
-    render: Render,
-    final_view: Callable[[], Awaitable[dict[str, Any]]],
-) -> AsyncGenerator[bytes, None]:
-    """The rendered events of `tenant`'s sweep after sequence number `after` (-1: all).
-    SweepNotFound (also for another tenant's sweep) or StoreUnavailable before the first
-    event; `final_view` gives the SweepView that `done` carries."""
-    try:
-        owner, status = await client.hmget(sweep_key(sweep_id), "tenant", "status")
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-    if owner != tenant.encode():
-        raise SweepNotFound(sweep_id)
-    return _follow(client, sweep_id, status.decode(), after, keepalive_s, render, final_view)
+class _SweepTail:
+    """The one reader of a sweep's event stream in this process."""
+
+    def __init__(self, streams: "SweepStreams", sweep_id: str, position: bytes) -> None:
+        self.streams, self.sweep_id = streams, sweep_id
+        self.position = position  # the last entry read
+        self.watchers: set[asyncio.Queue[Any]] = set()
+        self.task: asyncio.Task[None] | None = None
+
+    def _send(self, item: Any) -> None:
+        for queue in list(self.watchers):
+            if queue.qsize() >= MAX_LAG:  # it stopped reading: it resumes by Last-Event-ID
+                self.watchers.discard(queue)
+                queue.put_nowait(_GONE)
+            else:
+                queue.put_nowait(item)
+
+    def _render(self, seq: int, kind: str, data: Any) -> bytes:
+        return self.streams.render(StreamEvent(kind, data, seq))
+
+    async def frame(self, seq: int, kind: str, data: str) -> bytes:
+        """An event of the stream as a watcher gets it (`done` carries the SweepView)."""
+        if kind == "progress":
+            return self._render(seq, kind, json.loads(data))
+        if kind == "done":
+            return self._render(seq, kind, await self.streams.final_view(self.sweep_id))
+        return self._render(seq, kind, {"status": data})
+
+    async def run(self) -> None:
+        stream = sweep_events_key(self.sweep_id)
+        block_ms = int(self.streams.keepalive_s * 1000)
+        try:
+            while self.watchers:
+                reply = await self.streams.client.xread(
+                    {stream: self.position}, count=100, block=block_ms
+                )
+                if not reply:
+                    self._send(None)
+                    continue
+                for entry_id, fields in reply[0][1]:
+                    seq = int(entry_id.split(b"-")[0])
+                    kind = fields[b"type"].decode()
+                    frame = await self.frame(seq, kind, fields[b"data"].decode())
+                    self._send((seq, kind, frame))
+                    # Moved on only once sent: a watcher that joins meanwhile reads this entry
+                    # in its backlog or gets it here, never both.
+                    self.position = entry_id
+        except Exception:
+            log.exception("tail of sweep %s stopped", self.sweep_id)
+            self._send(_GONE)
+        finally:
+            if self.streams.tails.get(self.sweep_id) is self:
+                del self.streams.tails[self.sweep_id]
 
 
-async def _follow(
-    client: "aioredis.Redis",
-    sweep_id: str,
-    status: str,
-    after: int,
-    keepalive_s: float,
-    render: Render,
-    final_view: Callable[[], Awaitable[dict[str, Any]]],
-) -> AsyncGenerator[bytes, None]:
-    yield render(StreamEvent("status", {"status": status}))
-    cursor = step_entry_id(after) if after >= 0 else "0-0"
-    stream = sweep_events_key(sweep_id)
-    while True:
-        reply = await client.xread({stream: cursor}, count=100, block=int(keepalive_s * 1000))
-        if not reply:
-            yield render(None)
-            continue
-        for entry_id, fields in reply[0][1]:
-            cursor = entry_id
-            kind, data = fields[b"type"].decode(), fields[b"data"].decode()
-            seq = int(entry_id.split(b"-")[0])
-            if kind == "progress":
-                yield render(StreamEvent("progress", json.loads(data), seq))
-            elif kind == "status":
-                yield render(StreamEvent("status", {"status": data}, seq))
-            elif kind == "done":
-                yield render(StreamEvent("done", await final_view(), seq))
-                return
+class SweepStreams:
+    """The sweep tails of one API process (one Redis reader per watched sweep)."""
+
+    def __init__(
+        self, client: "aioredis.Redis", keepalive_s: float, render: Render, final_view: FinalView
+    ) -> None:
+        self.client, self.keepalive_s = client, keepalive_s
+        self.render, self.final_view = render, final_view
+        self.tails: dict[str, _SweepTail] = {}
+
+    async def open(self, sweep_id: str, tenant: str, after: int) -> AsyncGenerator[bytes, None]:
+        """The rendered events of `tenant`'s sweep after sequence number `after` (-1: all).
+        SweepNotFound (also for another tenant's sweep) or StoreUnavailable before the first
+        event."""
+        try:
+            owner, status = await self.client.hmget(sweep_key(sweep_id), "tenant", "status")
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        if owner != tenant.encode():
+            raise SweepNotFound(sweep_id)
+        return self._follow(sweep_id, status.decode(), after)
+
+    async def _tail(self, sweep_id: str) -> _SweepTail:
+        tail = self.tails.get(sweep_id)
+        if tail is None:
+            last = await self.client.xrevrange(sweep_events_key(sweep_id), count=1)
+            tail = self.tails.get(sweep_id)  # another watcher may have made one meanwhile
+            if tail is None:
+                tail = _SweepTail(self, sweep_id, last[0][0] if last else b"0-0")
+                self.tails[sweep_id] = tail
+        return tail
+
+    async def _follow(self, sweep_id: str, status: str, after: int) -> AsyncGenerator[bytes, None]:
+        yield self.render(StreamEvent("status", {"status": status}))
+        tail = await self._tail(sweep_id)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tail.watchers.add(queue)
+        if tail.task is None:
+            tail.task = asyncio.create_task(tail.run())
+        try:
+            # The backlog: what came after the cursor up to where the tail was at the join;
+            # the tail's queue holds everything after that.
+            cursor = step_entry_id(after) if after >= 0 else "0-0"
+            joined_at = tail.position
+            while joined_at != b"0-0":
+                entries = await self.client.xrange(
+                    sweep_events_key(sweep_id), f"({cursor}", joined_at, count=100
+                )
+                for entry_id, fields in entries:
+                    cursor = entry_id.decode()
+                    seq = int(entry_id.split(b"-")[0])
+                    kind = fields[b"type"].decode()
+                    yield await tail.frame(seq, kind, fields[b"data"].decode())
+                    if kind == "done":
+                        return
+                if len(entries) < 100:
+                    break
+            while True:
+                item = await queue.get()
+                if item is _GONE:
+                    return
+                if item is None:
+                    yield self.render(None)
+                    continue
+                _, kind, frame = item
+                yield frame
+                if kind == "done":
+                    return
+        finally:
+            tail.watchers.discard(queue)

@@ -2,13 +2,15 @@
 the same spec run alone, successive halving prunes at its rungs, one event stream follows the
 whole sweep, cancel and delete reach every member, and bad sweeps are 422s naming the place."""
 
+import asyncio
 import math
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
-from api.client import Client, GradstreamError
+from api.client import AsyncClient, Client, GradstreamError
 from cli.stack import Stack
 from tests.conftest import SEED_EXAMPLE
 
@@ -23,6 +25,15 @@ HALVING = {
     "grid": {"optimizer.lr": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]},
     "early_stop": {"name": "successive_halving", "min_steps": 2, "eta": 3},
 }
+
+
+WATCHERS = 20
+
+
+def _xreads(redis_client: "redis.Redis") -> int:
+    """XREAD calls Redis has served (the SSE tails are its only callers)."""
+    stats = redis_client.info("commandstats").get("cmdstat_xread", {})
+    return int(stats.get("calls", 0))
 
 
 def _close(a: float | None, b: float | None) -> bool:
@@ -155,3 +166,30 @@ def test_another_tenants_sweep_and_members_are_404(stack: Stack, client: Client)
         assert bob.get(f"/v1/jobs/{sweep['members'][0]['id']}").status_code == 404
         assert bob.post(f"/v1/sweeps/{sweep['id']}/cancel").status_code == 404
         assert bob.get("/v1/jobs", params={"sweep": sweep["id"]}).status_code == 404
+
+
+def test_many_watchers_of_a_sweep_share_one_redis_reader(
+    stack: Stack, client: Client, redis_client: "redis.Redis"
+) -> None:
+    spec = {
+        "base": {"data": {"synthetic": {"n": 2000, "d": 10}}, "steps": 20000, "device": "cpu"},
+        "grid": {"optimizer.lr": [0.001, 0.01, 0.03, 0.1]},
+    }
+    sweep = client.submit_sweep(spec)
+    reads_before = _xreads(redis_client)
+
+    async def watch() -> list[tuple[str | None, str]]:
+        async with AsyncClient(stack.api_url, stack.api_key) as watcher:
+            return [(e.id, e.event) async for e in watcher.sweep_events(sweep["id"])]
+
+    async def watch_all() -> list[list[tuple[str | None, str]]]:
+        return await asyncio.gather(*(watch() for _ in range(WATCHERS)))
+
+    seen = asyncio.run(watch_all())
+    reads = _xreads(redis_client) - reads_before
+    assert all(events == seen[0] for events in seen)  # every watcher saw the same stream
+    assert seen[0][-1][1] == "done"
+    progress = sum(kind == "progress" for _, kind in seen[0])
+    # One tail reads the sweep's stream (a read per few events, and a keep-alive read per
+    # second), not one per watcher: without it, reads would be WATCHERS times the events.
+    assert reads < 2 * progress + 20, (reads, progress)

@@ -1,16 +1,15 @@
 """Sweep routes (contract v2, DESIGN §9): submit, list, read, events, cancel, delete."""
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.deps import MAX_STEP, SettingsDep, StoreDep, SweepIdDep, TenantDep, problems
-from api.routes.streams import EventStreamResponse, StreamSlots, _never_null, sse_frame
+from api.routes.streams import EventStreamResponse, StreamSlots, _never_null
 from services import sweeps
 from services.schemas import SweepList, SweepSpec, SweepView
-from services.sweep_events import sweep_event_frames
+from services.sweep_events import SweepStreams
 
 router = APIRouter(
     prefix="/v1/sweeps", tags=["sweeps"], responses=problems(401, 404, 409, 413, 429, 503, 507)
@@ -80,20 +79,8 @@ async def sweep_events(
     """Stream the sweep: `status`, then a `progress` event per flush of any of its groups
     (resumable by Last-Event-ID or `after`), then `done` with the final SweepView."""
     cursor = last_event_id if last_event_id is not None else after
-
-    async def final_view() -> dict[str, Any]:
-        view = await asyncio.to_thread(store.get_sweep, sweep_id, tenant)
-        return view.model_dump(mode="json")
-
-    frames = await sweep_event_frames(
-        request.app.state.async_redis,
-        sweep_id,
-        tenant,
-        -1 if cursor is None else cursor,
-        settings.sse_keepalive_s,
-        sse_frame,
-        final_view,
-    )
+    streams: SweepStreams = request.app.state.sweep_streams
+    frames = await streams.open(sweep_id, tenant, -1 if cursor is None else cursor)
     slots: StreamSlots = request.app.state.stream_slots
     slots.take(tenant)
 
