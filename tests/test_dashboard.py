@@ -321,7 +321,9 @@ def test_sweeps_list_and_a_sweep_page_fed_by_its_one_stream(
     # The curves grow while the sweep runs: points drawn before its end, then more.
     _until(browser, lambda b: _attr(b, "sweep-curves", "data-points") > 0)
     first = _attr(browser, "sweep-curves", "data-points")
-    assert _text(browser, "sweep-status") == "running"
+    # The summary comes from GET /v1/sweeps/{id}, the curves from the stream: either may come
+    # first, so the status badge is waited for (it shows the sweep running, not yet ended).
+    _until(browser, lambda b: _text(b, "sweep-status") == "running")
     _until(browser, lambda b: _attr(b, "sweep-curves", "data-points") > first)
     _until(browser, lambda b: _text(b, "sweep-status") == "succeeded")
     view = client.sweep(sweep["id"])
