@@ -26,11 +26,12 @@ from services.records import Chunk, param_values
 from services.runner import (
     CHUNK_BUDGET_BYTES,
     FULL,
-    STORE_OUTAGE_S,
     AttemptResult,
     LeaseKeeper,
     Outcome,
     datasets_cache,
+    hand_back,
+    retry_through_outage,
 )
 from services.schemas import JobStatus
 from services.store import Claim, Store
@@ -291,10 +292,9 @@ class _GroupAttempt:
         if landed is not None:
             landed.synchronize()
         state = b"" if snapshot is None else serialize_state(snapshot)
-        deadline, pause = time.monotonic() + STORE_OUTAGE_S, 0.05
-        while True:
-            try:
-                return self.store.flush_group(
+        try:
+            return retry_through_outage(
+                lambda: self.store.flush_group(
                     self.group_id,
                     self.attempt,
                     chunk,
@@ -303,30 +303,15 @@ class _GroupAttempt:
                     self.settings.lease_s,
                     finish=finish,
                     worker=self.worker,
-                )
-            except StorageFull:
-                return GroupFlushed("full", {})
-            except StoreUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning(
-                    "group %s attempt %d: Redis unreachable, flush retried",
-                    self.group_id,
-                    self.attempt,
-                )
-                time.sleep(pause)
-                pause = min(1.0, pause * 2)
+                ),
+                f"group {self.group_id} attempt {self.attempt}",
+            )
+        except StorageFull:
+            return GroupFlushed("full", {})
 
     def hand_back(self, why: str) -> AttemptResult:
-        """Queue the group again, to resume from its checkpoint (as a job is handed back)."""
-        self.keeper.stop()
-        queue = self.store.release_job(self.group_id, self.attempt, f"requeued: {why}", self.worker)
-        log.info("group %s attempt %d handed back: %s", self.group_id, self.attempt, why)
-        if queue is None:
-            return AttemptResult(Outcome.FENCED)
-        if queue == "":
-            return AttemptResult(Outcome.CANCELLED)
-        return AttemptResult(Outcome.RELEASED, requeue_to=queue, reason=why)
+        """Queue the group again, to resume from its checkpoint, as a job is handed back."""
+        return hand_back(self.store, self.keeper, self.group_id, self.attempt, self.worker, why)
 
 
 def run_group(

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from pydantic import ValidationError
@@ -47,6 +47,8 @@ from services.training import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A chunk buffer holds at most this many bytes, so wide problems flush more often, not bigger.
 CHUNK_BUDGET_BYTES = 8 * 1024 * 1024
@@ -336,6 +338,39 @@ def warm_compiled(settings: Settings) -> list[str]:
         CompiledSteps(trainer, recorder.storage, recorder.cursor, block)
         done.append(shape)
     return done
+
+
+def retry_through_outage(write: Callable[[], T], what: str) -> T:
+    """`write()`, retried while Redis is unreachable (it restarts, say) for up to
+    STORE_OUTAGE_S: the steps it carries are not lost, only late. A flush script recognises a
+    retry of a flush it applied, so retrying is safe."""
+    deadline = time.monotonic() + STORE_OUTAGE_S
+    pause = 0.05
+    while True:
+        try:
+            return write()
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s: Redis unreachable, flush retried", what)
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+
+def hand_back(
+    store: Store, keeper: LeaseKeeper, unit_id: str, attempt: int, worker: str, why: str
+) -> AttemptResult:
+    """Queue a job (or a sweep's group) again, to resume from its checkpoint. The lease
+    keeper stops first, and the release script ends this attempt's ownership: nothing of it
+    renews, takes back or fails the job afterwards."""
+    keeper.stop()
+    queue = store.release_job(unit_id, attempt, f"requeued: {why}", worker)
+    log.info("%s attempt %d handed back: %s", unit_id, attempt, why)
+    if queue is None:
+        return AttemptResult(Outcome.FENCED)
+    if queue == "":
+        return AttemptResult(Outcome.CANCELLED)
+    return AttemptResult(Outcome.RELEASED, requeue_to=queue, reason=why)
 
 
 def run_job(
@@ -723,40 +758,21 @@ class _Attempt:
         result: dict[str, Any] | None,
         error: str | None,
     ) -> str:
-        # While Redis restarts, keep the chunk and retry; the steps are not lost, only late.
-        deadline = time.monotonic() + STORE_OUTAGE_S
-        pause = 0.05
-        while True:
-            try:
-                return self.store.flush_steps(
-                    self.job_id,
-                    self.attempt,
-                    chunk,
-                    checkpoint,
-                    self.settings.lease_s,
-                    finish=finish,
-                    result=result,
-                    error=error,
-                    worker=self.worker,
-                )
-            except StoreUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning(
-                    "job %s attempt %d: Redis unreachable, flush retried", self.job_id, self.attempt
-                )
-                time.sleep(pause)
-                pause = min(1.0, pause * 2)
+        return retry_through_outage(
+            lambda: self.store.flush_steps(
+                self.job_id,
+                self.attempt,
+                chunk,
+                checkpoint,
+                self.settings.lease_s,
+                finish=finish,
+                result=result,
+                error=error,
+                worker=self.worker,
+            ),
+            f"job {self.job_id} attempt {self.attempt}",
+        )
 
     def hand_back(self, why: str) -> AttemptResult:
-        """Queue the job again to resume from its checkpoint. The lease keeper stops first, and
-        the release script ends this attempt's ownership: nothing of it renews, takes back or
-        fails the job afterwards."""
-        self.keeper.stop()
-        queue = self.store.release_job(self.job_id, self.attempt, f"requeued: {why}", self.worker)
-        log.info("job %s attempt %d handed back: %s", self.job_id, self.attempt, why)
-        if queue is None:
-            return AttemptResult(Outcome.FENCED)
-        if queue == "":
-            return AttemptResult(Outcome.CANCELLED)
-        return AttemptResult(Outcome.RELEASED, requeue_to=queue, reason=why)
+        """Queue the job again to resume from its checkpoint (`hand_back`)."""
+        return hand_back(self.store, self.keeper, self.job_id, self.attempt, self.worker, why)
