@@ -22,7 +22,7 @@ scalars torch.optim computes in Python doubles computed here in float64 on the d
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -311,13 +311,12 @@ class BatchedCudaGraphStep:
     """The group's whole step (forward, backward, update with every member's numbers, the
     records) captured once as a CUDA graph and replayed: one launch per step for all members.
 
-    UNTESTED HERE: written without a GPU (no device was lent to the session that wrote it);
-    tests/gpu/test_batched_cuda.py checks it against the eager step when bench/gpu_check.sh
-    runs on one. Replay writes the step's rows into `storage[cursor]` ((capacity, len(live),
-    width) and a device-side index it moves on), so recording needs no host work. Everything
-    a step reads that changes (the schedule's and Adam's step count included) is a device
-    tensor the graph updates in place. After `keep()` or `load_state()` the trainer holds new
-    tensors: capture a new graph.
+    Replay writes the step's rows into `storage[cursor]` ((capacity, len(live), width) and a
+    device-side index it moves on), so recording needs no host work. Everything a step reads
+    that changes (the schedule's and Adam's step count included) is a device tensor the graph
+    updates in place. After `keep()` or `load_state()` the trainer holds new tensors: capture
+    a new graph (`live` says which members this one steps). tests/gpu/test_batched_cuda.py
+    checks it against the eager step on a GPU.
     """
 
     name = "cuda-graph"
@@ -326,6 +325,7 @@ class BatchedCudaGraphStep:
     def __init__(self, trainer: BatchedTrainer, storage: torch.Tensor, cursor: torch.Tensor):
         if not supports_batched_cuda_graph(trainer):
             raise ValueError("a batched CUDA graph needs a GPU and the full batch")
+        self.live = list(trainer.live)
         self._trainer, self._storage, self._cursor = trainer, storage, cursor
         self._rows = torch.empty(len(trainer.live), trainer.layout.width, device=storage.device)
         saved = [trainer.theta.detach().clone(), trainer._count.clone(), cursor.clone()]
@@ -362,3 +362,111 @@ class BatchedCudaGraphStep:
     def replay(self) -> None:
         self.graph.replay()
         self._trainer.steps_done += 1
+
+
+def supports_batched_compile(trainer: BatchedTrainer) -> bool:
+    """Whether the group's step can be compiled in blocks: on the CPU (a GPU captures a CUDA
+    graph), plain SGD (no momentum) at a constant lr, the full batch, two members or more (a
+    size-1 dimension would be compiled as a constant, and then again for every other size)."""
+    return (
+        trainer.theta.device.type == "cpu"
+        and trainer.optimizer == "sgd"
+        and not trainer.momentum
+        and trainer.schedule == "constant"
+        and trainer.batches_per_epoch == 1
+        and len(trainer.live) >= 2
+    )
+
+
+# Compiled blocks of group steps, by (samples, features, bias, block), for as long as the
+# process lives: the members' count is a dynamic dimension, so one compile serves every group
+# of a problem's shape however many members it has (and as many as it keeps after a cut).
+_group_blocks: dict[tuple[int, int, bool, int], Callable[..., None]] = {}
+_failed_group_blocks: set[tuple[int, int, bool, int]] = set()
+
+
+def _group_block(features: int, bias: bool, block: int) -> Callable[..., None]:
+    """`block` whole steps of every member as one compiled call: `BatchedTrainer.step`'s
+    forward, losses and backward (torch.func, traced), the rows written at the device-side
+    `cursor`, and the tutorial's update with each member's lr and weight decay."""
+
+    def losses(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Any:
+        y_hat = x @ theta[:features] + theta[features] if bias else x @ theta  # (n, K)
+        loss = ((y_hat - y) ** 2).mean(dim=0)  # (K,)
+        return loss.sum(), loss  # the sum's gradient is each member's own
+
+    grad_and_losses = torch.func.grad_and_value(losses, has_aux=True)
+
+    def steps(
+        theta: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lr: torch.Tensor,
+        weight_decay: torch.Tensor,
+        storage: torch.Tensor,
+        cursor: torch.Tensor,
+    ) -> None:
+        for _ in range(block):  # unrolled when traced
+            grad, (_, loss) = grad_and_losses(theta, x, y)
+            rows = torch.cat([loss.unsqueeze(1), grad.T, theta.T], dim=1)  # params before
+            storage.index_copy_(0, cursor.view(1), rows.unsqueeze(0))
+            cursor.add_(1)
+            theta.sub_(lr * grad.addcmul(theta, weight_decay))
+
+    compiled: Callable[..., None] = torch.compile(steps, fullgraph=True)
+    return compiled
+
+
+class BatchedCompiledSteps:
+    """Blocks of the group's whole step compiled with torch.compile (Inductor, on the CPU):
+    like `BatchedCudaGraphStep` each step's rows go to `storage[cursor]`; `replay()` runs
+    `block` steps for every live member. Compiled code rounds a little differently from the
+    eager step (each member still equals its job run alone to float32 rounding); which steps
+    run compiled depends on the spec only (`GroupSteps`), so a resumed group equals its
+    uninterrupted run bit for bit. After `keep()` or `load_state()` make a new one (the same
+    compiled code: the members' count is dynamic). Making the first of a shape compiles it
+    (seconds); a failure raises, is remembered for the shape, and the caller steps eagerly."""
+
+    name = "compiled"
+
+    def __init__(
+        self, trainer: BatchedTrainer, storage: torch.Tensor, cursor: torch.Tensor, block: int
+    ) -> None:
+        if not supports_batched_compile(trainer):
+            raise ValueError("compiled group steps need the CPU, plain SGD and the full batch")
+        self.block, self.live, self._trainer = block, list(trainer.live), trainer
+        features, bias = trainer.layout.features, trainer.layout.bias
+        key = (len(trainer.y), features, bias, block)
+        if key in _failed_group_blocks:
+            raise RuntimeError(f"compiling group blocks of shape {key} failed before")
+        theta = trainer.theta.detach()  # the trainer's parameters: updated in place
+        self._args = (
+            theta,
+            trainer.x,
+            trainer.y,
+            trainer._lr32,
+            trainer._weight_decay32,
+            storage,
+            cursor,
+        )
+        for member_dim, tensor in [(1, theta), (1, trainer._lr32), (1, trainer._weight_decay32)]:
+            torch._dynamo.mark_dynamic(tensor, member_dim)
+        torch._dynamo.mark_dynamic(storage, 1)
+        if key in _group_blocks:
+            self._steps = _group_blocks[key]
+            return
+        self._steps = _group_blocks[key] = _group_block(features, bias, block)
+        saved, start = theta.clone(), cursor.clone()
+        try:
+            self._steps(*self._args)  # compiles now, not in the first block of the loop
+        except Exception:
+            _failed_group_blocks.add(key)
+            del _group_blocks[key]
+            raise
+        finally:
+            theta.copy_(saved)  # that block changed the parameters and moved the cursor
+            cursor.copy_(start)
+
+    def replay(self) -> None:
+        self._steps(*self._args)
+        self._trainer.steps_done += self.block

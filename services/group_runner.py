@@ -7,21 +7,31 @@ differs is the flush, which appends each member's chunk and ends the members tha
 members that a cancel ended meanwhile, so that they leave the batched tensors.
 """
 
+import dataclasses
 import json
 import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from services.batched import BatchedTrainer
+from services.batched import (
+    BatchedCompiledSteps,
+    BatchedCudaGraphStep,
+    BatchedTrainer,
+    supports_batched_compile,
+    supports_batched_cuda_graph,
+)
 from services.config import Settings
 from services.errors import StorageFull, StoreUnavailable
+from services.queue import compiles
 from services.records import Chunk, param_values
 from services.runner import (
     CHUNK_BUDGET_BYTES,
@@ -33,7 +43,7 @@ from services.runner import (
     hand_back,
     retry_through_outage,
 )
-from services.schemas import JobStatus
+from services.schemas import JobSpec, JobStatus
 from services.store import Claim, Store
 from services.store.sweeps import GroupFlushed, MemberFlush
 from services.sweeps_math import halving_cut, halving_rungs, rank_by_loss
@@ -48,6 +58,69 @@ class _Member:
 
     id: str
     position: int
+
+
+class _GroupSteps:
+    """How a group's steps run and where their rows go: chunks of rows in one (capacity,
+    members, width) buffer, written by the fastest stepper the group allows -- a CUDA graph
+    on a GPU, compiled blocks on the CPU where the cost model says they repay their compile,
+    else eager steps. Which step runs how depends on the spec and the step's number only (a
+    compiled block starts at a multiple of its length and ends by the next stop: the last
+    step or a rung), never on where a chunk was cut, so a resumed group equals its
+    uninterrupted run bit for bit. Made again when the live members change: the buffer is as
+    wide as they are, and a graph holds their tensors."""
+
+    def __init__(
+        self, group_id: str, trainer: BatchedTrainer, kind: str, settings: Settings
+    ) -> None:
+        self.trainer, self.live = trainer, list(trainer.live)
+        device, members, width = trainer.x.device, len(trainer.live), trainer.layout.width
+        rows = max(1, min(CHUNK_BUDGET_BYTES // (4 * members * width), settings.flush_max_steps))
+        block = settings.compile_block_steps if kind == "compiled" else 1
+        self.capacity = max(block, rows - rows % block)
+        self.storage = torch.empty(self.capacity, members, width, device=device)
+        self.cursor = torch.zeros((), dtype=torch.int64, device=device)
+        self.fast: BatchedCudaGraphStep | BatchedCompiledSteps | None = None
+        self.failed = False
+        try:
+            if kind == "cuda-graph":
+                self.fast = BatchedCudaGraphStep(trainer, self.storage, self.cursor)
+            elif kind == "compiled" and supports_batched_compile(trainer):
+                self.fast = BatchedCompiledSteps(trainer, self.storage, self.cursor, block)
+        except Exception:  # the group still trains, by eager steps
+            log.warning("group %s: no %s step; eager steps", group_id, kind, exc_info=True)
+            self.failed = True
+        self.block = 1 if self.fast is None else self.fast.block
+
+    def count(self, first: int, stop_at: int) -> int:
+        """The steps of the chunk from step `first`: as many as fit, ending at a block's end
+        or at `stop_at`."""
+        count = min(self.capacity, stop_at - first)
+        if first + count < stop_at and self.block > 1:
+            count -= (first + count) % self.block
+        return count
+
+    def run(self, first: int, count: int, stop_at: int, cut: Callable[[], bool]) -> int:
+        """Run up to `count` steps from step `first` into the buffer's first rows; `cut()`,
+        asked every 16 steps or so, ends the chunk early. Returns the steps run."""
+        trainer, fast, block = self.trainer, self.fast, self.block
+        self.cursor.zero_()
+        done = checked = 0
+        while done < count:
+            step = first + done
+            if fast is not None and step % block == 0 and step + block <= stop_at:
+                if block > 1:
+                    self.cursor.fill_(done)  # eager steps may have run since the last block
+                fast.replay()  # writes its rows at the cursor
+                done += block
+            else:
+                trainer.step(self.storage[done])
+                done += 1
+            if done - checked >= 16:
+                checked = done
+                if cut():
+                    break
+        return done
 
 
 class _GroupAttempt:
@@ -65,6 +138,8 @@ class _GroupAttempt:
         self.spec: dict[str, Any] = json.loads(claim.spec_json)
         self.claim = claim
         self.trainer: BatchedTrainer | None = None
+        self.stepper = "eager"
+        self.flushed = False  # whether this attempt has sent a flush yet
         self.keeper = LeaseKeeper(
             store,
             group_id,
@@ -104,10 +179,38 @@ class _GroupAttempt:
         self.trainer = trainer
         self.ids = work.member_ids
         self.positions = {member_id: p for p, member_id in enumerate(self.ids)}
+        kind = self.stepper = self._stepper_kind(trainer, first, len(work.specs))
+        log.info(
+            "group %s attempt %d: %d members, steps %d..%d on %s (%s)",
+            self.group_id,
+            self.attempt,
+            len(trainer.live),
+            trainer.steps_done,
+            first.steps - 1,
+            device,
+            kind,
+        )
         self.keeper.start()
-        return self._loop(trainer, first.steps)
+        return self._loop(trainer, first.steps, kind)
 
-    def _loop(self, trainer: BatchedTrainer, steps: int) -> AttemptResult:
+    def _stepper_kind(self, trainer: BatchedTrainer, spec: JobSpec, members: int) -> str:
+        """The group's fastest stepper, chosen by the spec and the settings alone (every
+        attempt chooses alike): a CUDA graph on a GPU for groups of enough steps, compiled
+        blocks on the CPU when the cost model says the compile repays itself, else eager."""
+        settings = self.settings
+        if supports_batched_cuda_graph(trainer):
+            if settings.cuda_graphs and spec.steps >= settings.cuda_graph_min_steps:
+                return "cuda-graph"
+        elif supports_batched_compile(trainer) and compiles(spec, settings, members):
+            return "compiled"
+        return "eager"
+
+    def _cut(self, deadline: float) -> bool:
+        """Whether the chunk ends now: the worker drains, the lease is lost, or it is time to
+        flush."""
+        return self.drain.is_set() or self.keeper.lost.is_set() or time.monotonic() > deadline
+
+    def _loop(self, trainer: BatchedTrainer, steps: int, kind: str) -> AttemptResult:
         """Chunks of steps, each flushed by one script. A chunk's flush runs on a thread of
         its own while the next chunk trains (its reply is read before the next flush is sent,
         as the scripts take chunks in order); at a rung, at the last step and on a drain the
@@ -116,30 +219,21 @@ class _GroupAttempt:
         at once; those a cancel ended leave when the flush's reply says so."""
         early = self.spec.get("early_stop")
         rungs = halving_rungs(early["min_steps"], early["eta"], steps) if early else []
-        width = trainer.layout.width
-        interval = self.settings.flush_interval_s
         pending: Future[GroupFlushed] | None = None
+        chunks: _GroupSteps | None = None
         with ThreadPoolExecutor(1, thread_name_prefix=f"flush-{self.group_id[:8]}") as flusher:
             while True:
-                members = len(trainer.live)
-                room = max(1, CHUNK_BUDGET_BYTES // (4 * members * width))
+                if chunks is None or chunks.live != trainer.live:
+                    chunks = _GroupSteps(self.group_id, trainer, kind, self.settings)
+                    if chunks.failed:
+                        self.stepper = "eager"
                 stop_at = min([steps, *(r for r in rungs if r > trainer.steps_done)])
-                count = min(room, stop_at - trainer.steps_done, self.settings.flush_max_steps)
-                records = torch.empty(count, members, width, device=trainer.x.device)
                 first, started = trainer.steps_done, time.monotonic()
-                done = 0
-                while done < count:
-                    trainer.step(records[done])
-                    done += 1
-                    if done % 16 == 0 and (
-                        self.drain.is_set()
-                        or self.keeper.lost.is_set()
-                        or time.monotonic() - started > interval
-                    ):
-                        break
+                cut = partial(self._cut, started + self.settings.flush_interval_s)
+                done = chunks.run(first, chunks.count(first, stop_at), stop_at, cut)
                 if self.keeper.lost.is_set():
                     return AttemptResult(Outcome.FENCED)
-                host = records[:done].cpu()
+                host = chunks.storage[:done].cpu()  # the next chunk writes there again
                 chunk, flushes, ended = self._chunk(trainer, host, first, steps, rungs)
                 snapshot = trainer.state_snapshot()  # after this chunk, before the next
                 landed = None
@@ -292,6 +386,7 @@ class _GroupAttempt:
         if landed is not None:
             landed.synchronize()
         state = b"" if snapshot is None else serialize_state(snapshot)
+        first, self.flushed = not self.flushed, True  # flushes run one after another
         try:
             return retry_through_outage(
                 lambda: self.store.flush_group(
@@ -302,6 +397,7 @@ class _GroupAttempt:
                     state,
                     self.settings.lease_s,
                     finish=finish,
+                    first=first,
                     worker=self.worker,
                 ),
                 f"group {self.group_id} attempt {self.attempt}",
@@ -327,7 +423,7 @@ def run_group(
     (then it is checkpointed and handed back)."""
     attempt = _GroupAttempt(store, group_id, claim, worker, settings, drain or threading.Event())
     try:
-        return attempt.run(device)
+        return dataclasses.replace(attempt.run(device), stepper=attempt.stepper)
     except StoreUnavailable:
         raise  # nothing can be recorded; the lease lapses and the reaper requeues the group
     except StorageFull:

@@ -105,13 +105,14 @@ def estimated_seconds(device: str, elements: int, steps: int, settings: Settings
     return steps * (settings.gpu_step_fixed_s + per_element) + transfer
 
 
-def compiles(spec: JobSpec, settings: Settings) -> bool:
+def compiles(spec: JobSpec, settings: Settings, members: int = 1) -> bool:
     """Whether a CPU job runs compiled blocks: when the cost model says compiling repays
     itself over the whole job (the spec's steps, not an attempt's: every attempt of a job
-    chooses alike, so its records do not depend on where it was resumed)."""
+    chooses alike, so its records do not depend on where it was resumed). A sweep's group of
+    `members` costs as one job on `members` times the data."""
     if not settings.compile_steps or spec.steps < settings.compile_block_steps:
         return False
-    elements = spec.data.samples * spec.data.features
+    elements = spec.data.samples * spec.data.features * members
     eager = estimated_seconds("cpu", elements, spec.steps, settings)
     per_step = settings.cpu_compiled_step_fixed_s + settings.cpu_step_per_element_s * elements
     return settings.cpu_compile_s + spec.steps * per_step < eager

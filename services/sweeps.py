@@ -345,9 +345,16 @@ def swept_value(spec: JobSpec, path: str) -> Any:
     return list(node) if isinstance(node, tuple) else node
 
 
-def submit_sweep(store: Store, spec: SweepSpec, settings: Settings, tenant: str) -> SweepView:
+def submit_sweep(
+    store: Store,
+    spec: SweepSpec,
+    settings: Settings,
+    tenant: str,
+    enqueue: Callable[[str, str], None] = enqueue_training,
+) -> SweepView:
     """Store a new sweep of `tenant`: its members (jobs), its groups (one message each, on the
-    queue the group routes to) and the sweep itself, all at once; then enqueue the groups."""
+    queue the group routes to) and the sweep itself, all at once; then `enqueue` each group
+    (a group's id and queue: a Celery message; tests that run groups themselves send none)."""
     check_rate(store, tenant, settings)
 
     def check(job: JobSpec) -> None:
@@ -440,7 +447,7 @@ def submit_sweep(store: Store, spec: SweepSpec, settings: Settings, tenant: str)
     view = store.get_sweep(sweep_id)
     try:
         for record in group_records:
-            enqueue_training(record.id, record.fields["queue"])
+            enqueue(record.id, record.fields["queue"])
     except Exception as exc:
         log.warning("enqueue of sweep %s failed: %s", sweep_id, exc)
         store.discard_sweep(sweep_id)

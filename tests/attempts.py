@@ -8,8 +8,9 @@ import torch
 
 from services.config import Settings
 from services.runner import AttemptResult, Outcome, run_job
-from services.schemas import JobSpec
-from services.store import Store
+from services.schemas import JobSpec, SweepSpec, SweepView
+from services.store import Store, keys
+from services.sweeps import submit_sweep
 
 
 def stored_steps(store: Store, job_id: str) -> list[dict[str, Any]]:
@@ -45,3 +46,35 @@ def run_with_hand_back(
     assert first.outcome is Outcome.RELEASED, first
     second = run_job(store, job_id, "test-worker", device, settings)
     return [first, second], stored_steps(store, job_id)
+
+
+def store_sweep(store: Store, spec: dict[str, Any]) -> SweepView:
+    """A sweep stored as the API stores it, its groups sent to no worker: the caller runs
+    them (`run_groups`)."""
+    sweep = SweepSpec.model_validate(spec)
+    return submit_sweep(store, sweep, Settings(), "test", enqueue=lambda *_: None)
+
+
+def run_groups(
+    store: Store, sweep_id: str, device: torch.device, settings: Settings, drain: bool = False
+) -> list[AttemptResult]:
+    """One attempt of each of the sweep's groups; with `drain`, each is told to drain at once
+    (as on a worker's shutdown), so it checkpoints and hands its group back at its first
+    flush, and a second attempt resumes it from there."""
+    results = []
+    for group_id in store.redis.hget(keys.sweep_key(sweep_id), "groups").decode().split():
+        if drain:
+            handed_back = threading.Event()
+            handed_back.set()
+            first = run_job(store, group_id, "test-worker", device, settings, handed_back)
+            assert first.outcome is Outcome.RELEASED, first
+        results.append(run_job(store, group_id, "test-worker", device, settings))
+    return results
+
+
+def members_steps(store: Store, sweep_id: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Each member's status and stored steps, in member order."""
+    return [
+        (member.status.value, stored_steps(store, member.id))
+        for member in store.get_sweep(sweep_id).members
+    ]

@@ -1,12 +1,19 @@
 """The batched step on a GPU (bench/gpu_check.sh runs tests/gpu): eager against each member
-alone, and the captured CUDA graph against the eager batched step."""
+alone, the captured CUDA graph against the eager batched step, and a sweep's group through
+the group runner as CUDA graphs (against eager group steps; resumed bit for bit)."""
 
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
 from services.batched import BatchedCudaGraphStep, BatchedTrainer
+from services.config import Settings
 from services.schemas import JobSpec
+from services.store import Store
 from services.training import Trainer, compute_device
+from tests.attempts import members_steps, run_groups, store_sweep
 
 CUDA = compute_device("cuda")
 STEPS = 300
@@ -52,3 +59,52 @@ def test_the_graph_replays_the_eager_batched_step(name: str) -> None:
         scale = rows[:, 1:].abs().max(dim=0).values
         assert ((expected[:, k, 1:] - rows[:, 1:]).abs() <= 1e-5 * scale).all()
         assert ((expected[:, k, 0] - rows[:, 0]).abs() <= 1e-5 * rows[:, 0].abs()).all()
+
+
+# A sweep's group through the group runner on the GPU: AdamW with a cosine schedule, halved at
+# steps 50, 100 and 200 of 300 (8 -> 4 -> 2 -> 1 members, a graph captured for each).
+SWEEP = {
+    "base": {
+        "data": {"synthetic": {"n": 1000, "d": 10, "noise": 0.1}},
+        "bias": True,
+        "optimizer": {"name": "adamw", "weight_decay": 0.01, "schedule": {"name": "cosine"}},
+        "steps": STEPS,
+        "device": "cuda",
+    },
+    "grid": {
+        "optimizer.lr": [0.001, 0.003, 0.01, 0.03],
+        "optimizer.betas": [[0.9, 0.999], [0.8, 0.99]],
+    },
+    "early_stop": {"name": "successive_halving", "min_steps": 50, "eta": 2},
+}
+
+
+def _member_values(steps: list[dict[str, Any]]) -> np.ndarray:
+    rows = [[s["loss"], *s["grads"]["w"], s["grads"]["b"], *s["params"]["w"]] for s in steps]
+    return np.array(rows, dtype=np.float64)
+
+
+def test_a_group_steps_as_cuda_graphs_through_every_cut(store: Store) -> None:
+    graphed = store_sweep(store, SWEEP)
+    [ours] = run_groups(store, graphed.id, CUDA, Settings())
+    eager = store_sweep(store, SWEEP)
+    [theirs] = run_groups(store, eager.id, CUDA, Settings(cuda_graphs=False))
+    assert (ours.stepper, theirs.stepper) == ("cuda-graph", "eager")
+    got, want = members_steps(store, graphed.id), members_steps(store, eager.id)
+    assert [status for status, _ in got] == [status for status, _ in want]
+    assert sorted(len(steps) for _, steps in got) == [50] * 4 + [100] * 2 + [200, STEPS]
+    for (_, mine), (_, reference) in zip(got, want, strict=True):
+        assert [s["step"] for s in mine] == [s["step"] for s in reference]
+        np.testing.assert_allclose(
+            _member_values(mine), _member_values(reference), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_a_graphed_group_resumes_bit_for_bit(store: Store) -> None:
+    settings = Settings(flush_max_steps=64)
+    whole = store_sweep(store, SWEEP)
+    [uninterrupted] = run_groups(store, whole.id, CUDA, settings)
+    resumed = store_sweep(store, SWEEP)
+    [second] = run_groups(store, resumed.id, CUDA, settings, drain=True)
+    assert uninterrupted.stepper == second.stepper == "cuda-graph"
+    assert members_steps(store, resumed.id) == members_steps(store, whole.id)
