@@ -667,8 +667,9 @@ return {'ok'}
 )
 
 # KEYS: the group's keys, the worker's entry. ARGV: group id, attempt, first step, steps in
-# the chunk (0: none), now, lease ms, the group's checkpoint, '1' to end the group, n, then n
-# field/value pairs every member's chunk shares, then for each member still training: id,
+# the chunk (0: none), now, lease ms, the group's checkpoint, '1' to end the group, '1' for the
+# attempt's first flush (it sets the members' attempt and worker), n, then n field/value pairs
+# every member's chunk shares, then for each member still training: id,
 # what ends it now ('' to go on, or its terminal status), result JSON, error, the last step's
 # loss ('' if not finite), its chunk's rows, and how many of the chunk's steps it keeps (fewer
 # for a member that diverged: its chunk ends at its first non-finite step). One fenced write
@@ -683,8 +684,9 @@ if not owns(attempt) then return {'fenced'} end
 local group_status = redis.call('HGET', JOB, 'status')
 local done = tonumber(redis.call('HGET', JOB, 'steps_done'))
 local first, count = tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = tonumber(ARGV[9])
-local common = {unpack(ARGV, 10, 9 + 2 * n)}
+local first_of_attempt = ARGV[9] == '1'
+local n = tonumber(ARGV[10])
+local common = {unpack(ARGV, 11, 10 + 2 * n)}
 local chunk = count > 0
 local last = chunk and first + count - 1 or done - 1
 -- A retry of this very flush, whose reply was lost: it was applied already.
@@ -708,7 +710,7 @@ end
 local worker = redis.call('HGET', JOB, 'worker') or ''
 local gone, progress, ending, passed, moved, member_steps = {}, {}, {}, 0, false, 0
 local group = use_job(ARGV[1])
-for a = 10 + 2 * n, #ARGV, 7 do
+for a = 11 + 2 * n, #ARGV, 7 do
   passed = passed + 1
   local id, action, kept = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 6])
   use_job(id)
@@ -717,8 +719,8 @@ for a = 10 + 2 * n, #ARGV, 7 do
     table.insert(gone, id)
     table.insert(gone, status or 'deleted')
   else
-    -- A member's attempt and worker are its group's.
-    redis.call('HSET', JOB, 'attempt', attempt, 'worker', worker)
+    -- A member's attempt and worker are its group's (set once per attempt).
+    if first_of_attempt then redis.call('HSET', JOB, 'attempt', attempt, 'worker', worker) end
     if chunk and not applied and kept > 0 then
       redis.call('XADD', STEPS, (first + kept - 1) .. '-1', FIELD_COUNT, kept,
                  FIELD_ROWS, ARGV[a + 5], unpack(common))

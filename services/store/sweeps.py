@@ -289,6 +289,7 @@ class Sweeps(RedisPart):
         lease_s: float,
         *,
         finish: bool = False,
+        first: bool = True,
         worker: str | None = None,
     ) -> GroupFlushed:
         """Append each member's chunk (steps `chunk.first ..`, the rows of `members`), end the
@@ -309,6 +310,7 @@ class Sweeps(RedisPart):
             int(lease_s * 1000),
             state,
             "1" if finish else "",
+            "1" if first else "",
             len(common) // 2,
             *common,
         ]
