@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one call: the CUDA tests (tests/gpu) and the GPU benchmark
-# (bench/gpu_bench.py), in under 5 minutes on an H100.
+# The GPU machine's checks in one call: the CUDA tests (tests/gpu), the GPU benchmarks (single
+# jobs: bench/gpu_bench.py; sweeps' groups: bench/gpu_sweeps.py) and, on its 16 cores, the
+# scale-out benchmark (bench/scale_out.py), in under 9 minutes on an H100 machine.
 #
 #   bench/gpu_check.sh prepare   here: fetch what the GPU machine lacks into .whl and .redis
 #   bench/gpu_check.sh           there, from the repository root, with .whl and .redis carried
@@ -49,15 +50,23 @@ python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", 
 redis-server --version
 
 echo "== CUDA tests (tests/gpu)"
-timeout 300 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rA -s tests/gpu \
+timeout 200 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rA -s tests/gpu \
     2>&1 | tee "$out/gpu_tests.log"
 tests=${PIPESTATUS[0]}
 
-echo "== GPU benchmark (bench/gpu_bench.py)"
-timeout 240 python3 bench/gpu_bench.py 2>&1 | tee "$out/gpu_bench.log"
+echo "== GPU benchmark, single jobs (bench/gpu_bench.py)"
+timeout 90 python3 bench/gpu_bench.py --cases 1000x10 100000x10 2>&1 | tee "$out/gpu_bench.log"
 bench=${PIPESTATUS[0]}
 
-echo "== tests exit $tests, bench exit $bench"
+echo "== GPU benchmark, sweeps (bench/gpu_sweeps.py)"
+timeout 120 python3 bench/gpu_sweeps.py 2>&1 | tee "$out/gpu_sweeps.log"
+sweeps=${PIPESTATUS[0]}
+
+echo "== scale-out (bench/scale_out.py)"
+timeout 150 python3 bench/scale_out.py 2>&1 | tee "$out/scale_out.log"
+scale=${PIPESTATUS[0]}
+
+echo "== tests exit $tests, bench exit $bench, sweeps exit $sweeps, scale-out exit $scale"
 grep -E "passed|failed|error" "$out/gpu_tests.log" | tail -1
 grep -E "us/step|bare eager" "$out/gpu_bench.log"
-[ "$tests" = 0 ] && [ "$bench" = 0 ]
+[ "$tests" = 0 ] && [ "$bench" = 0 ] && [ "$sweeps" = 0 ] && [ "$scale" = 0 ]
