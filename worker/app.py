@@ -110,7 +110,7 @@ def init_child(**_: Any) -> None:
         # Apart from the child's start: Celery kills a child not up within a few seconds,
         # and a compile takes longer.
         threading.Thread(target=_warm_compiled, args=(settings,), daemon=True).start()
-    _child = ChildContext(Store.from_url(settings.redis_url), device, drain)
+    _child = ChildContext(Store.from_settings(settings), device, drain)
 
 
 def _warm_compiled(settings: Settings) -> None:
@@ -177,7 +177,7 @@ def start_heartbeat(**_: Any) -> None:
         "memory_bytes": memory,
         "queues": device.queue,
     }
-    store = Store.from_url(settings.redis_url)
+    store = Store.from_settings(settings)
 
     def beat() -> None:
         next_reap = 0.0
@@ -229,7 +229,7 @@ def reap(store: Store) -> None:
 def stop_heartbeat(**_: Any) -> None:
     _heartbeat_stop.set()
     try:
-        Store.from_url(get_settings().redis_url).unregister_worker(_node_name)
+        Store.from_settings(get_settings()).unregister_worker(_node_name)
     except Exception:
         log.exception("could not unregister worker %s", _node_name)
 
