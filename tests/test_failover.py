@@ -8,9 +8,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from api.client import Client
-from cli.stack import Stack, wait_until
+from cli.stack import Stack, free_port, wait_until
+from services.config import Settings
+from services.errors import StoreUnavailable
+from services.queue import celery_config
+from services.store import Store
 from services.store.keys import job_key, sweep_key
 from tests.faults import assert_invariant, long_spec, wait_for_steps, wait_through_outage
 from tests.sentinels import ReplicatedRedis
@@ -146,3 +151,38 @@ def test_a_sweep_finishes_exactly_across_a_failover_that_lost_writes(
     assert [m["result"] for m in resumed] == [m["result"] for m in reference]
     assert [m["steps"] for m in resumed] == [m["steps"] for m in reference]
     assert "Redis lost recent steps" in failover.worker_log()
+
+
+def test_a_write_to_a_demoted_primary_is_an_outage(tmp_path: Path) -> None:
+    # A client still connected to a primary that the sentinels demoted is answered READONLY:
+    # the store reports Redis unavailable (the runner retries), never an error of the job.
+    stack = Stack(tmp_path)
+    try:
+        primary, replica = free_port(), free_port()
+        stack.start_redis_server("primary", primary)
+        stack.start_redis_server("replica", replica, replicaof=f"127.0.0.1 {primary}")
+        store = Store.from_url(f"redis://127.0.0.1:{replica}/0")
+        with pytest.raises(StoreUnavailable, match="read only replica"):
+            store.renew_lease("a-job", 1, 1.0)
+        store.redis.close()
+    finally:
+        stack.stop()
+
+
+def test_sentinel_settings_reach_celery_and_refuse_a_malformed_list() -> None:
+    settings = Settings(
+        redis_url="redis://:secret@unused:6379/2",
+        redis_sentinels="10.0.0.1:26379, 10.0.0.2:26380",
+        redis_master="main",
+        redis_sentinel_password="sentinel-secret",
+    )
+    config = celery_config(settings)
+    assert config["broker_url"] == (
+        "sentinel://:secret@10.0.0.1:26379/2;sentinel://:secret@10.0.0.2:26380/2"
+    )
+    options = config["broker_transport_options"]
+    assert options["master_name"] == "main"
+    assert options["sentinel_kwargs"]["password"] == "sentinel-secret"
+    assert options["visibility_timeout"] == settings.visibility_timeout_s
+    with pytest.raises(ValidationError, match="redis_sentinels: 'sentinel' is not host:port"):
+        Settings(redis_sentinels="sentinel")
