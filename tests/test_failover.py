@@ -3,6 +3,9 @@ real worker and API configured by the sentinel settings only, and the primary SI
 mid-job. The job must finish with its steps exactly once and equal, bit for bit, to an
 uninterrupted run — also when the promoted replica had missed the primary's last writes."""
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from api.client import Client
-from cli.stack import Stack, free_port, wait_until
+from cli.stack import Stack, child_pids, free_port, wait_until
 from services.config import Settings
 from services.errors import StoreUnavailable
 from services.queue import celery_config
@@ -20,9 +23,10 @@ from services.store.keys import job_key, sweep_key
 from tests.faults import assert_invariant, long_spec, wait_for_steps, wait_through_outage
 from tests.sentinels import ReplicatedRedis
 
-# The lease outlasts a failover (a few seconds here): the running attempt rides it out.
+# A lease shorter than a failover (2.3-2.5 s here): it lapses during the outage, and the
+# reapers must leave it to its attempt to renew once Redis is back.
 FAILOVER_ENV = {
-    "GRADSTREAM_LEASE_S": "10",
+    "GRADSTREAM_LEASE_S": "2",
     "GRADSTREAM_REAPER_INTERVAL_S": "0.5",
     "GRADSTREAM_WORKER_HEARTBEAT_S": "0.5",
     "GRADSTREAM_WORKER_TTL_S": "3",
@@ -46,7 +50,7 @@ class Failover:
         self.stack.base_env.update(self.redis.env())
         self.stack.redis_url = self.redis.url
         self.stack.start_api()
-        self.stack.start_worker("cpu")
+        self.worker = self.stack.start_worker("cpu")
         self.stack.wait_for_workers({"cpu"})
 
     def worker_log(self) -> str:
@@ -77,14 +81,33 @@ def _answers(api_url: str) -> bool:
 def test_a_job_finishes_exactly_across_a_failover(failover: Failover, api: Client) -> None:
     spec = long_spec(steps=30000, seed=31)
     job = api.submit(spec)
+    # A watcher, so that the API's stream reader holds a connection to the old primary.
+    watching = api.stream(job["id"])
+    wait_until(lambda: next(watching).event == "step", 30, "a streamed step")
     wait_for_steps(api, job["id"], 2000)
-    old = failover.redis.kill_primary()
-    new = failover.redis.wait_for_failover(old)
+    # The attempt stays paused until a second after the promotion, as at the end of its
+    # longest retry pause: its lease has lapsed by then, and the reapers, running all along,
+    # must leave it to the attempt to renew.
+    (pool_process,) = child_pids(failover.worker.pid)
+    os.kill(pool_process, signal.SIGSTOP)
+    try:
+        old = failover.redis.kill_primary()
+        new = failover.redis.wait_for_failover(old)
+        time.sleep(1)
+    finally:
+        os.kill(pool_process, signal.SIGCONT)
     assert new == failover.redis.replica_port
     wait_until(lambda: _answers(failover.stack.api_url), API_BACK_WITHIN_S, "API answers")
     view = wait_through_outage(api, job["id"], timeout=120)
     assert view["status"] == "succeeded", view
     assert_invariant(api, job["id"], spec)
+    # The attempt rode the outage out: its lapsed lease was not taken for a lost worker.
+    assert view["attempt"] == 1, view
+    assert "lost its worker" not in failover.worker_log()
+    # The streams reach the new primary too: the whole job, as stored.
+    streamed = [event.data for event in api.stream(job["id"]) if event.event == "step"]
+    assert streamed == list(api.steps(job["id"]))
+    watching.close()
 
 
 def test_writes_the_failover_lost_are_recomputed_from_the_checkpoint(

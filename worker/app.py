@@ -30,6 +30,7 @@ from celery.signals import (
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 from services.config import Settings, get_settings
+from services.errors import StoreUnavailable
 from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
 from services.runner import warm_compiled
@@ -185,6 +186,13 @@ def start_heartbeat(**_: Any) -> None:
             # Apart: a heartbeat Redis refuses (it is full) must not stop recovery.
             try:
                 store.heartbeat(info, settings.worker_ttl_s)
+            except StoreUnavailable as exc:
+                # Redis is unreachable (restarting, failing over): no running attempt can
+                # renew its lease either. Reaping waits a lease once Redis is back, so that a
+                # lease that lapsed in the outage is renewed by its attempt, not taken for a
+                # lost worker (which would cost the job one of its max_attempts).
+                log.warning("worker heartbeat failed: %s", exc)
+                next_reap = time.monotonic() + settings.lease_s
             except Exception:
                 log.exception("worker heartbeat failed")
             if time.monotonic() >= next_reap:
