@@ -37,9 +37,10 @@ def direct_client(url: str) -> "redis.Redis":
 
 def redis_client(settings: Settings) -> "redis.Redis":
     """The store's (sync) client: to `redis_url`, or to the primary the sentinels name."""
-    if not settings.redis_sentinels:
+    addresses = settings.sentinel_addresses()
+    if not addresses:
         return direct_client(settings.redis_url)
-    sentinels = Sentinel(settings.sentinel_addresses(), sentinel_kwargs=_sentinel_kwargs(settings))
+    sentinels = Sentinel(addresses, sentinel_kwargs=_sentinel_kwargs(settings))
     client: redis.Redis = sentinels.master_for(
         settings.redis_master, **_primary_kwargs(settings), **STORE_OPTIONS
     )
@@ -71,12 +72,11 @@ def async_redis_client(
         "socket_connect_timeout": 5,
         "socket_timeout": socket_timeout,
     }
-    if not settings.redis_sentinels:
+    addresses = settings.sentinel_addresses()
+    if not addresses:
         pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, **options)
         return aioredis.Redis.from_pool(pool)  # closes the pool with it
-    sentinels = AsyncSentinel(
-        settings.sentinel_addresses(), sentinel_kwargs=_sentinel_kwargs(settings)
-    )
+    sentinels = AsyncSentinel(addresses, sentinel_kwargs=_sentinel_kwargs(settings))
     client: aioredis.Redis = sentinels.master_for(
         settings.redis_master,
         connection_pool_class=_BlockingSentinelPool,
