@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
@@ -42,6 +41,7 @@ from services.errors import (
     Unauthorized,
 )
 from services.events import JobStreams
+from services.redis_clients import async_redis_client, close_async_client, close_client
 from services.store import Store
 from services.sweep_events import SweepStreams
 
@@ -65,18 +65,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.store = Store.from_url(settings.redis_url)
+        app.state.store = Store.from_settings(settings)
         # Blocking XREADs wait up to the keep-alive interval: the socket must wait longer.
         # A burst of watchers waits for a connection instead of failing (redis-py's pool
         # refuses past 100 by default); each watched job's tail holds one.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=256,
-            timeout=10,
-            socket_connect_timeout=5,
-            socket_timeout=settings.sse_keepalive_s + 10,
+        app.state.async_redis = async_redis_client(
+            settings, max_connections=256, timeout=10, socket_timeout=settings.sse_keepalive_s + 10
         )
-        app.state.async_redis = aioredis.Redis.from_pool(pool)  # closes the pool with it
         app.state.job_streams = JobStreams(
             app.state.async_redis,
             settings.sse_keepalive_s,
@@ -99,8 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await app.state.async_redis.aclose()
-            app.state.store.redis.close()
+            await close_async_client(app.state.async_redis)
+            close_client(app.state.store.redis)
 
     app = FastAPI(
         title="gradstream",

@@ -107,7 +107,8 @@ class Stack:
         self.api_process: subprocess.Popen[bytes]
         self._logs: list[IO[bytes]] = []
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start a process of the stack (stopped by `stop()`), its output in `name`.log."""
         log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop())
         self._logs.append(log)
         process = subprocess.Popen(
@@ -138,9 +139,18 @@ class Stack:
         never evicting job data. Started again on the same port and folder, it comes back with
         what the AOF kept."""
         port = port or free_port()
-        data_dir = self.run_dir / "redis"
+        self.redis_process = self.start_redis_server("redis", port, maxmemory_bytes)
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        return self.redis_url
+
+    def start_redis_server(
+        self, name: str, port: int, maxmemory_bytes: int = 0, **options: str
+    ) -> subprocess.Popen[bytes]:
+        """A redis-server as `start_redis` describes, its data in the folder `name`, with
+        `options` added (`requirepass`, `replicaof`: a replica); returns once it answers."""
+        data_dir = self.run_dir / name
         data_dir.mkdir(exist_ok=True)
-        options = {
+        settings = {
             "port": str(port),
             "bind": "127.0.0.1",
             "dir": str(data_dir),
@@ -149,18 +159,20 @@ class Stack:
             "appendfsync": "everysec",
             "maxmemory": str(maxmemory_bytes or default_maxmemory()),
             "maxmemory-policy": "noeviction",
+            **{option.replace("_", "-"): value for option, value in options.items()},
         }
         argv = [redis_server_binary()]
-        for name, value in options.items():
-            argv += [f"--{name}", value]
-        self.redis_process = self._spawn("redis", argv, dict(os.environ))
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
-        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1)
+        for option, value in settings.items():
+            argv += [f"--{option}", value]
+        process = self.spawn(name, argv, dict(os.environ))
+        client = redis.Redis(
+            port=port, password=options.get("requirepass"), socket_connect_timeout=1
+        )
         try:
             wait_until(lambda: bool(client.ping()), 30, f"redis-server on port {port}")
         finally:
             client.close()
-        return self.redis_url
+        return process
 
     def kill_redis(self) -> int:
         """SIGKILL redis-server (no shutdown save); its port, to start it again on."""
@@ -175,13 +187,13 @@ class Stack:
         argv = [sys.executable, "-m", "cli.main", "worker", "--device", device]
         argv += ["--concurrency", str(concurrency)]
         name = f"worker-{device.replace(':', '')}-{len(self.processes)}"
-        return self._spawn(name, argv, self.env(**extra_env))
+        return self.spawn(name, argv, self.env(**extra_env))
 
     def start_api(self, port: int | None = None, **extra_env: str) -> str:
         """Start an API (the stack's `api_url` from now on) and wait until it is ready."""
         port = port or free_port()
         argv = [sys.executable, "-m", "cli.main", "api", "--host", "127.0.0.1", "--port", str(port)]
-        self.api_process = self._spawn(f"api-{port}", argv, self.env(**extra_env))
+        self.api_process = self.spawn(f"api-{port}", argv, self.env(**extra_env))
         self.api_url = f"http://127.0.0.1:{port}"
         wait_until(
             lambda: httpx.get(self.api_url + "/readyz", timeout=1).status_code == 200, 30, "API"

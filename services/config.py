@@ -15,6 +15,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADSTREAM_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A Redis with replicas whose primary Sentinel elects (services/redis_clients.py): the
+    # sentinels as `host:port` separated by commas, and the name they monitor the primary
+    # under. With sentinels set, every client (store, API streams, Celery's broker) asks them
+    # for the primary; `redis_url` then gives only the password and the database number.
+    redis_sentinels: str = ""
+    redis_master: str = "gradstream"
+    # The sentinels' own password (their `requirepass`), if they have one; or read from a file.
+    redis_sentinel_password: SecretStr = SecretStr("")
+    redis_sentinel_password_file: str | None = None
 
     # Who may call the API: `tenant:key` pairs separated by commas, or the path of a file of
     # them (services/auth.py). With none, the API refuses to start unless `auth_disabled` is
@@ -145,7 +154,24 @@ class Settings(BaseSettings):
             host = url.netloc.rsplit("@", 1)[-1]
             netloc = f"{url.username or ''}:{quote(password, safe='')}@{host}"
             self.redis_url = urlunsplit(url._replace(netloc=netloc))
+        if self.redis_sentinel_password_file:
+            password = Path(self.redis_sentinel_password_file).read_text().strip()
+            self.redis_sentinel_password = SecretStr(password)
+        self.sentinel_addresses()  # refuses a malformed list at start, naming the setting
         return self
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """`redis_sentinels` as (host, port) pairs; empty when Redis is reached by its URL."""
+        addresses = []
+        for item in filter(None, (part.strip() for part in self.redis_sentinels.split(","))):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"redis_sentinels: {item!r} is not host:port (GRADSTREAM_REDIS_SENTINELS "
+                    "takes sentinels as host:port separated by commas)"
+                )
+            addresses.append((host, int(port)))
+        return addresses
 
 
 @lru_cache(maxsize=1)

@@ -7,6 +7,7 @@ from typing import Any
 from celery import Celery
 
 from services.config import Settings, get_settings
+from services.redis_clients import celery_broker
 from services.schemas import JobSpec
 
 TRAIN_TASK = "gradstream.train"
@@ -16,8 +17,9 @@ GPU_QUEUE = "gpu"
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for at-least-once delivery of jobs to one-job-at-a-time workers."""
+    broker_url, transport_options = celery_broker(settings)
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
         # JSON only: a task carries a job id, never a pickled object.
         "task_serializer": "json",
@@ -30,10 +32,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # Before Celery 6 a worker that loses the broker keeps running late-ack tasks that will
-        # be delivered again elsewhere; stop them instead.
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        # A worker that loses the broker (Redis restarting, or failing over to a replica) keeps
+        # running its job: the attempt rides the outage out by retrying its flushes
+        # (services/runner.py), and a copy of its message delivered elsewhere meanwhile is
+        # skipped (the claim finds the job's live lease). Terminating it, Celery's default
+        # from 6.0, would cost the job one of its max_attempts and a lease's wait.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            **transport_options,
+        },
         "task_time_limit": settings.attempt_time_limit_s,
         # Task events, so that Flower (`celery --broker URL flower`) shows gradstream's tasks.
         "worker_send_task_events": True,

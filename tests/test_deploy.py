@@ -1,5 +1,6 @@
 """docker-compose.yml against the Compose Specification's JSON schema (no Docker engine here),
-plus what the schema cannot say: the services, healthchecks, GPU reservation and image."""
+plus what the schema cannot say: the services, healthchecks, GPU reservation, the ha
+profile's replica and sentinels, and the image."""
 
 import re
 import subprocess
@@ -13,6 +14,8 @@ from services.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK = Path(sys.executable).parent / "check-jsonschema"
+# The ha profile's services (`docker compose --env-file ha.env up`).
+HA_SERVICES = ("redis-replica", "sentinel-1", "sentinel-2", "sentinel-3")
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess[str]:
@@ -44,7 +47,7 @@ def test_schema_check_rejects_a_broken_compose_file(tmp_path: Path) -> None:
 
 def test_compose_services_commands_and_gpu_reservation() -> None:
     services = _compose()["services"]
-    assert set(services) == {"redis", "api", "worker-cpu", "worker-gpu"}
+    assert set(services) == {"redis", "api", "worker-cpu", "worker-gpu", *HA_SERVICES}
     for name, service in services.items():
         assert "healthcheck" in service, name
     assert services["api"]["command"][:2] == ["gradstream", "api"]
@@ -72,9 +75,43 @@ def test_compose_keeps_redis_private_with_a_password_and_the_api_behind_keys() -
     for name in ("api", "worker-cpu", "worker-gpu"):
         env = services[name]["environment"]
         assert env["GRADSTREAM_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
+        assert env["GRADSTREAM_REDIS_SENTINEL_PASSWORD_FILE"] == "/run/secrets/redis_password"
         assert "redis_password" in services[name]["secrets"]
+    for name in ("redis", *HA_SERVICES):
+        assert "requirepass" in " ".join(services[name]["command"]), name
+        assert "REDISCLI_AUTH" in " ".join(services[name]["healthcheck"]["test"]), name
+        assert "redis_password" in services[name]["secrets"], name
     assert services["api"]["environment"]["GRADSTREAM_API_KEYS"] == "/run/secrets/api_keys"
     assert [name for name, s in services.items() if "ports" in s] == ["api"]
+
+
+def _ha_env() -> dict[str, str]:
+    lines = (ROOT / "ha.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_the_ha_profile_adds_a_replica_and_three_sentinels_the_services_use() -> None:
+    services = _compose()["services"]
+    for name in HA_SERVICES:
+        assert services[name]["profiles"] == ["ha"], name
+    replica = " ".join(services["redis-replica"]["command"])
+    assert "--replicaof redis 6379" in replica and "--masterauth" in replica
+    # Like the primary it may become: AOF, and the same memory ceiling without eviction.
+    assert "--appendonly yes" in replica and "noeviction" in replica
+    assert "--maxmemory ${REDIS_MAXMEMORY:-2gb}" in replica
+    assert "--masterauth" in " ".join(services["redis"]["command"])
+    sentinel = " ".join(services["sentinel-1"]["command"])
+    assert "sentinel monitor gradstream redis 6379 2" in sentinel and "--sentinel" in sentinel
+    assert "down-after-milliseconds" in sentinel and "auth-pass" in sentinel
+    # ha.env turns the profile on and points every gradstream service at those sentinels.
+    ha = _ha_env()
+    assert ha["COMPOSE_PROFILES"] == "ha"
+    settings = Settings(redis_sentinels=ha["REDIS_SENTINELS"])
+    assert settings.sentinel_addresses() == [(f"sentinel-{i}", 26379) for i in (1, 2, 3)]
+    for name in ("api", "worker-cpu", "worker-gpu"):
+        env = services[name]["environment"]
+        assert env["GRADSTREAM_REDIS_SENTINELS"] == "${REDIS_SENTINELS:-}"
+        assert env["GRADSTREAM_REDIS_MASTER"] == "gradstream"
 
 
 def test_the_redis_password_file_goes_into_the_url(tmp_path: Path) -> None:

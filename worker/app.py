@@ -30,6 +30,7 @@ from celery.signals import (
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 from services.config import Settings, get_settings
+from services.errors import StoreUnavailable
 from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
 from services.runner import warm_compiled
@@ -110,7 +111,7 @@ def init_child(**_: Any) -> None:
         # Apart from the child's start: Celery kills a child not up within a few seconds,
         # and a compile takes longer.
         threading.Thread(target=_warm_compiled, args=(settings,), daemon=True).start()
-    _child = ChildContext(Store.from_url(settings.redis_url), device, drain)
+    _child = ChildContext(Store.from_settings(settings), device, drain)
 
 
 def _warm_compiled(settings: Settings) -> None:
@@ -177,7 +178,7 @@ def start_heartbeat(**_: Any) -> None:
         "memory_bytes": memory,
         "queues": device.queue,
     }
-    store = Store.from_url(settings.redis_url)
+    store = Store.from_settings(settings)
 
     def beat() -> None:
         next_reap = 0.0
@@ -185,6 +186,13 @@ def start_heartbeat(**_: Any) -> None:
             # Apart: a heartbeat Redis refuses (it is full) must not stop recovery.
             try:
                 store.heartbeat(info, settings.worker_ttl_s)
+            except StoreUnavailable as exc:
+                # Redis is unreachable (restarting, failing over): no running attempt can
+                # renew its lease either. Reaping waits a lease once Redis is back, so that a
+                # lease that lapsed in the outage is renewed by its attempt, not taken for a
+                # lost worker (which would cost the job one of its max_attempts).
+                log.warning("worker heartbeat failed: %s", exc)
+                next_reap = time.monotonic() + settings.lease_s
             except Exception:
                 log.exception("worker heartbeat failed")
             if time.monotonic() >= next_reap:
@@ -229,7 +237,7 @@ def reap(store: Store) -> None:
 def stop_heartbeat(**_: Any) -> None:
     _heartbeat_stop.set()
     try:
-        Store.from_url(get_settings().redis_url).unregister_worker(_node_name)
+        Store.from_settings(get_settings()).unregister_worker(_node_name)
     except Exception:
         log.exception("could not unregister worker %s", _node_name)
 

@@ -13,6 +13,8 @@
 
 import redis
 
+from services.config import Settings
+from services.redis_clients import direct_client, redis_client
 from services.store.attempts import Attempts, Checkpoint, Claim
 from services.store.base import LuaScripts, translate_redis_errors
 from services.store.datasets import Datasets
@@ -35,12 +37,14 @@ class Store(Jobs, Attempts, Steps, Sweeps, Datasets, Workers, Recovery):
         self._live_queues_at = -LIVE_QUEUES_TTL_S
 
     @classmethod
+    def from_settings(cls, settings: Settings) -> "Store":
+        """The store on the configured Redis (by URL, or the primary the sentinels name)."""
+        return cls(redis_client(settings))
+
+    @classmethod
     def from_url(cls, url: str) -> "Store":
-        return cls(
-            redis.Redis.from_url(
-                url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
-            )
-        )
+        """The store on the Redis at `url` (tests and benchmarks)."""
+        return cls(direct_client(url))
 
     @translate_redis_errors
     def ping(self) -> bool:

@@ -21,13 +21,17 @@ STORAGE_FULL = (
 
 
 def translate_redis_errors(method: Callable[P, R]) -> Callable[P, R]:
-    """Redis unreachable: StoreUnavailable (retry later); Redis full: StorageFull."""
+    """Redis unreachable: StoreUnavailable (retry later); Redis full: StorageFull.
+
+    A failover is an outage too: while the sentinels elect a primary, a sentinel-managed
+    client fails to connect (MasterNotFoundError, a ConnectionError), and a client still on a
+    primary that was demoted meanwhile is answered READONLY (ReadOnlyError)."""
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
             raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
         except redis.exceptions.OutOfMemoryError as exc:
             raise StorageFull(STORAGE_FULL) from exc

@@ -1,0 +1,213 @@
+"""Redis failover (README "Redis failover"): a real primary, replica and three sentinels, a
+real worker and API configured by the sentinel settings only, and the primary SIGKILLed
+mid-job. The job must finish with its steps exactly once and equal, bit for bit, to an
+uninterrupted run — also when the promoted replica had missed the primary's last writes."""
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from api.client import Client
+from cli.stack import Stack, child_pids, free_port, wait_until
+from services.config import Settings
+from services.errors import StoreUnavailable
+from services.queue import celery_config
+from services.store import Store
+from services.store.keys import ckpt_key, job_key, sweep_key
+from tests.faults import assert_invariant, long_spec, wait_for_steps, wait_through_outage
+from tests.sentinels import ReplicatedRedis
+
+# A lease shorter than a failover (2.3-2.5 s here): it lapses during the outage, and the
+# reapers must leave it to its attempt to renew once Redis is back.
+FAILOVER_ENV = {
+    "GRADSTREAM_LEASE_S": "2",
+    "GRADSTREAM_REAPER_INTERVAL_S": "0.5",
+    "GRADSTREAM_WORKER_HEARTBEAT_S": "0.5",
+    "GRADSTREAM_WORKER_TTL_S": "3",
+    "GRADSTREAM_ORPHAN_AFTER_S": "5",
+    "GRADSTREAM_SSE_KEEPALIVE_S": "1",
+}
+# Generous: failing it means broken, not slow (the README's figure is measured apart).
+API_BACK_WITHIN_S = 30
+
+
+class Failover:
+    """A Stack whose Redis is `redis` (reached through its sentinels), with an API and one
+    CPU worker."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.stack = Stack(run_dir, env=FAILOVER_ENV)
+        self.redis = ReplicatedRedis(self.stack)
+
+    def start(self) -> None:
+        self.redis.start()
+        self.stack.base_env.update(self.redis.env())
+        self.stack.redis_url = self.redis.url
+        self.stack.start_api()
+        self.worker = self.stack.start_worker("cpu")
+        self.stack.wait_for_workers({"cpu"})
+
+    def worker_log(self) -> str:
+        logs = self.stack.run_dir.glob("worker-cpu-*.log")
+        return "".join(path.read_text(errors="replace") for path in logs)
+
+
+@pytest.fixture
+def failover(tmp_path: Path) -> Iterator[Failover]:
+    local = Failover(tmp_path)
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stack.stop()
+
+
+@pytest.fixture
+def api(failover: Failover) -> Iterator[Client]:
+    with Client(failover.stack.api_url, failover.stack.api_key, timeout=10) as client:
+        yield client
+
+
+def _answers(api_url: str) -> bool:
+    return httpx.get(api_url + "/readyz", timeout=1).status_code == 200
+
+
+def test_a_job_finishes_exactly_across_a_failover(failover: Failover, api: Client) -> None:
+    spec = long_spec(steps=30000, seed=31)
+    job = api.submit(spec)
+    # A watcher, so that the API's stream reader holds a connection to the old primary.
+    watching = api.stream(job["id"])
+    wait_until(lambda: next(watching).event == "step", 30, "a streamed step")
+    wait_for_steps(api, job["id"], 2000)
+    # The attempt stays paused until a second after the promotion, as at the end of its
+    # longest retry pause: its lease has lapsed by then, and the reapers, running all along,
+    # must leave it to the attempt to renew.
+    (pool_process,) = child_pids(failover.worker.pid)
+    os.kill(pool_process, signal.SIGSTOP)
+    try:
+        old = failover.redis.kill_primary()
+        new = failover.redis.wait_for_failover(old)
+        time.sleep(1)
+    finally:
+        os.kill(pool_process, signal.SIGCONT)
+    assert new == failover.redis.replica_port
+    wait_until(lambda: _answers(failover.stack.api_url), API_BACK_WITHIN_S, "API answers")
+    view = wait_through_outage(api, job["id"], timeout=120)
+    assert view["status"] == "succeeded", view
+    assert_invariant(api, job["id"], spec)
+    # The attempt rode the outage out: its lapsed lease was not taken for a lost worker.
+    assert view["attempt"] == 1, view
+    assert "lost its worker" not in failover.worker_log()
+    # The streams reach the new primary too: the whole job, as stored.
+    streamed = [event.data for event in api.stream(job["id"]) if event.event == "step"]
+    assert streamed == list(api.steps(job["id"]))
+    watching.close()
+
+
+def test_writes_the_failover_lost_are_recomputed_from_the_checkpoint(
+    failover: Failover, api: Client
+) -> None:
+    spec = long_spec(steps=30000, seed=32)
+    job = api.submit(spec)
+    wait_for_steps(api, job["id"], 2000)
+    failover.redis.cut_replication()
+    primary = failover.redis.client(failover.redis.primary_port)
+    replica = failover.redis.client(failover.redis.replica_port)
+    kept = int(replica.hget(job_key(job["id"]), "steps_done"))
+    # The primary takes flushes the replica never sees.
+    wait_until(
+        lambda: int(primary.hget(job_key(job["id"]), "steps_done")) > kept + 1000, 30, "lost"
+    )
+    primary.close()
+    # What the replica holds is consistent: its stream ends at its checkpoint.
+    assert int(replica.hget(job_key(job["id"]), "steps_done")) == kept
+    assert int(replica.hget(ckpt_key(job["id"]), "step")) == kept
+    replica.close()
+    failover.redis.wait_for_failover(failover.redis.kill_primary())
+    view = wait_through_outage(api, job["id"], timeout=120)
+    assert view["status"] == "succeeded", view
+    assert_invariant(api, job["id"], spec)
+    # The running attempt's next flush found the stream shorter and handed the job back.
+    assert "Redis lost the attempt's latest steps" in failover.worker_log()
+    assert view["attempt"] == 2, view
+
+
+SWEEP = {
+    "name": "failover",
+    "base": {**long_spec(steps=20000, seed=33), "optimizer": {"name": "sgd"}},
+    "grid": {"optimizer.lr": [0.005, 0.01], "optimizer.momentum": [0.0, 0.9]},
+}
+
+
+def _finished_sweep(api: Client, sweep_id: str) -> list[dict[str, object]]:
+    """Once the sweep succeeded (riding out 503s): each member's view and stored steps."""
+    wait_until(lambda: api.sweep(sweep_id)["status"] == "succeeded", 120, "sweep succeeded")
+    recorded = []
+    for member in api.sweep(sweep_id)["members"]:
+        view = api.get(member["id"])
+        steps = list(api.steps(member["id"]))
+        assert [s["step"] for s in steps] == list(range(SWEEP["base"]["steps"]))
+        recorded.append({"result": view["result"], "steps": steps, "attempt": view["attempt"]})
+    return recorded
+
+
+def test_a_sweep_finishes_exactly_across_a_failover_that_lost_writes(
+    failover: Failover, api: Client
+) -> None:
+    reference = _finished_sweep(api, api.submit_sweep(SWEEP)["id"])
+    sweep_id = api.submit_sweep(SWEEP)["id"]
+    primary = failover.redis.client(failover.redis.primary_port)
+    (group,) = primary.hget(sweep_key(sweep_id), "groups").decode().split()
+    wait_until(lambda: int(primary.hget(job_key(group), "steps_done")) >= 2000, 60, "steps")
+    failover.redis.cut_replication()
+    replica = failover.redis.client(failover.redis.replica_port)
+    kept = int(replica.hget(job_key(group), "steps_done"))
+    replica.close()
+    wait_until(lambda: int(primary.hget(job_key(group), "steps_done")) > kept, 30, "lost writes")
+    primary.close()
+    failover.redis.wait_for_failover(failover.redis.kill_primary())
+    resumed = _finished_sweep(api, sweep_id)
+    assert [m["result"] for m in resumed] == [m["result"] for m in reference]
+    assert [m["steps"] for m in resumed] == [m["steps"] for m in reference]
+    assert "Redis lost recent steps" in failover.worker_log()
+
+
+def test_a_write_to_a_demoted_primary_is_an_outage(tmp_path: Path) -> None:
+    # A client still connected to a primary that the sentinels demoted is answered READONLY:
+    # the store reports Redis unavailable (the runner retries), never an error of the job.
+    stack = Stack(tmp_path)
+    try:
+        primary, replica = free_port(), free_port()
+        stack.start_redis_server("primary", primary)
+        stack.start_redis_server("replica", replica, replicaof=f"127.0.0.1 {primary}")
+        store = Store.from_url(f"redis://127.0.0.1:{replica}/0")
+        with pytest.raises(StoreUnavailable, match="read only replica"):
+            store.renew_lease("a-job", 1, 1.0)
+        store.redis.close()
+    finally:
+        stack.stop()
+
+
+def test_sentinel_settings_reach_celery_and_refuse_a_malformed_list() -> None:
+    settings = Settings(
+        redis_url="redis://:secret@unused:6379/2",
+        redis_sentinels="10.0.0.1:26379, 10.0.0.2:26380",
+        redis_master="main",
+        redis_sentinel_password="sentinel-secret",
+    )
+    config = celery_config(settings)
+    assert config["broker_url"] == (
+        "sentinel://:secret@10.0.0.1:26379/2;sentinel://:secret@10.0.0.2:26380/2"
+    )
+    options = config["broker_transport_options"]
+    assert options["master_name"] == "main"
+    assert options["sentinel_kwargs"]["password"] == "sentinel-secret"
+    assert options["visibility_timeout"] == settings.visibility_timeout_s
+    with pytest.raises(ValidationError, match="redis_sentinels: 'sentinel' is not host:port"):
+        Settings(redis_sentinels="sentinel")
