@@ -278,6 +278,14 @@ def worker(
 def api(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="API processes sharing the port; each reads a watched job from Redis once "
+            "for all of its SSE clients",
+        ),
+    ] = 1,
 ) -> None:
     """Start the HTTP API (uvicorn)."""
     settings = get_settings()
@@ -302,6 +310,8 @@ def api(
         host,
         "--port",
         str(port),
+        "--workers",
+        str(workers),
         "--no-access-log",
     ]
     os.execv(sys.executable, argv)
