@@ -13,13 +13,15 @@ that the load generator costs little beside the API); each checks that it got ev
 once, in order. Both clocks are this machine's wall clock. The load generator's CPU time over
 the stream is printed: far below one core per process, it timestamps reads as they come.
 
-For many watchers, the same job is first watched by one watcher: the ratio of the two p99s
-is what the extra watchers cost.
+For many watchers, the same job is first watched by one watcher (the floor: a delay from the
+flush of a millisecond or two). With several `--api-workers` values, the last lines are the
+ratio of the many watchers' p99 to the first value's, in the same run.
 """
 
 import argparse
 import asyncio
 import multiprocessing
+import os
 import resource
 import sys
 import time
@@ -33,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import services.runner
-from cli.stack import Stack, stop_process, temporary_stack
+from cli.stack import Stack, child_pids, stop_process, temporary_stack
 from services.config import Settings
 from services.records import Chunk
 from services.schemas import JobSpec
@@ -61,6 +63,7 @@ class _Watcher(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
+        self.group.reads += 1
         lines = (self.rest + data).split(b"\n")
         self.rest = lines.pop()
         for line in lines:
@@ -91,6 +94,7 @@ class _Watchers:
         self.count = count
         self.steps, self.times = array("q"), array("d")
         self.errors: list[str] = []
+        self.reads = 0  # data_received calls: about one per write of the API
         self.n_joined = self.n_ended = 0
         self.all_joined = asyncio.Event()
         self.all_ended = asyncio.Event()
@@ -122,10 +126,11 @@ async def _watch(url: str, key: str, job_id: str, count: int, ready: Any, go: An
     await asyncio.wait_for(group.all_joined.wait(), 120)
     ready.set()
     await asyncio.to_thread(go.wait)
-    cpu_before, wall_before = time.process_time(), time.monotonic()
+    cpu_before, wall_before, reads_before = time.process_time(), time.monotonic(), group.reads
     await asyncio.wait_for(group.all_ended.wait(), 300)
     cpu = (time.process_time() - cpu_before) / (time.monotonic() - wall_before)
-    return group.steps.tobytes(), group.times.tobytes(), group.errors[:5], cpu
+    reads = group.reads - reads_before
+    return group.steps.tobytes(), group.times.tobytes(), group.errors[:5], cpu, reads
 
 
 def _watchers_process(
@@ -134,6 +139,15 @@ def _watchers_process(
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     out.put(asyncio.run(_watch(url, key, job_id, count, ready, go)))
+
+
+def _api_cpu_s(stack: Stack) -> float:
+    """CPU seconds the API's processes (uvicorn and its workers) have used so far."""
+    total = 0
+    for pid in [stack.api_process.pid, *child_pids(stack.api_process.pid)]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Result:
@@ -211,15 +225,17 @@ def run(
             raise TimeoutError("watchers did not connect")
     client = redis.Redis.from_url(stack.redis_url)
     reads_before = client.info("commandstats").get("cmdstat_xread", {}).get("calls", 0)
+    api_cpu = _api_cpu_s(stack)
     go.set()
     services.runner.Trainer = TimedTrainer  # type: ignore[misc]
     try:
         services.runner.run_job(store, job_id, "bench", torch.device("cpu"), settings)
     finally:
         services.runner.Trainer = Trainer  # type: ignore[misc]
-    from_flush, from_step, cpu, errors = [], [], [], []
+    from_flush, from_step, cpu, errors, client_reads = [], [], [], [], 0
     for _ in processes:
-        steps_bytes, times_bytes, process_errors, process_cpu = out.get(timeout=300)
+        steps_bytes, times_bytes, process_errors, process_cpu, reads = out.get(timeout=300)
+        client_reads += reads
         arrived_steps, arrived_at = array("q"), array("d")
         arrived_steps.frombytes(steps_bytes)
         arrived_at.frombytes(times_bytes)
@@ -233,6 +249,7 @@ def run(
         cpu.append(process_cpu)
     for process, _ in processes:
         process.join(60)
+    api_cpu = _api_cpu_s(stack) - api_cpu
     reads = client.info("commandstats").get("cmdstat_xread", {}).get("calls", 0) - reads_before
     flushes = client.xlen(f"gs:{{{job_id}}}:steps")
     client.close()
@@ -243,7 +260,9 @@ def run(
     load = " ".join(f"{c:.0%}" for c in cpu)
     return result, (
         f"{watchers:>5} watcher(s) {steps:>5} steps  {result.line()}  "
-        f"XREADs/flush {reads / flushes:.2f} ({flushes} flushes)  load gen CPU {load}"
+        f"XREADs/flush {reads / flushes:.2f} ({flushes} flushes)  "
+        f"API CPU {api_cpu:.1f} s, {api_cpu / client_reads * 1e6:.0f} us per client read  "
+        f"load gen CPU {load}"
     )
 
 
@@ -267,14 +286,11 @@ def main() -> None:
                     _, line = run(stack, settings, TUTORIAL, 3000, 1, 1)
                     print(f"{head}  tutorial  {line}", flush=True)
                     continue
-                one, line = run(stack, settings, WIDE, args.steps, 1, 1)
+                _, line = run(stack, settings, WIDE, args.steps, 1, 1)
                 print(f"{head}  wide      {line}", flush=True)
                 many, line = run(stack, settings, WIDE, args.steps, watchers, args.load_processes)
                 p99s[api_workers, watchers] = many.p99
-                print(
-                    f"{head}  wide      {line}  p99 / 1 watcher's {many.p99 / one.p99:.1f}",
-                    flush=True,
-                )
+                print(f"{head}  wide      {line}", flush=True)
             stop_process(stack.api_process)
     first = args.api_workers[0]
     for (api_workers, watchers), p99 in p99s.items():
