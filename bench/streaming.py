@@ -23,9 +23,12 @@ import asyncio
 import multiprocessing
 import os
 import resource
+import statistics
+import subprocess
 import sys
 import time
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import services.runner
-from cli.stack import Stack, child_pids, stop_process, temporary_stack
+from cli.stack import Stack, child_pids, temporary_stack
 from services.config import Settings
 from services.records import Chunk
 from services.schemas import JobSpec
@@ -141,13 +144,51 @@ def _watchers_process(
     out.put(asyncio.run(_watch(url, key, job_id, count, ready, go)))
 
 
-def _api_cpu_s(stack: Stack) -> float:
-    """CPU seconds the API's processes (uvicorn and its workers) have used so far."""
-    total = 0
-    for pid in [stack.api_process.pid, *child_pids(stack.api_process.pid)]:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+@dataclass
+class Api:
+    """One `gradstream api --workers N` of the bench's stack."""
+
+    url: str
+    process: "subprocess.Popen[bytes]"
+    workers: int
+
+    def pids(self) -> list[int]:
+        return [self.process.pid, *child_pids(self.process.pid)]
+
+    def workers_pids(self) -> list[int]:
+        """The processes that serve requests: uvicorn's worker processes, or uvicorn itself."""
+        children = child_pids(self.process.pid)
+        spawned = [p for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        return spawned or [self.process.pid]
+
+    def cpu_s(self) -> float:
+        """CPU seconds its processes (uvicorn and its workers) have used so far."""
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def clients_per_process(self) -> list[int]:
+        """Established connections to its port held by each of its processes."""
+        port = int(self.url.rsplit(":", 1)[1])
+        inodes = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+                inodes.add(f"socket:[{fields[9]}]")
+        counts = []
+        for pid in self.workers_pids():
+            fds = Path(f"/proc/{pid}/fd")
+            counts.append(sum(1 for fd in fds.iterdir() if _readlink(fd) in inodes))
+        return counts
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
 
 
 class Result:
@@ -177,6 +218,7 @@ class Result:
 
 def run(
     stack: Stack,
+    api: Api,
     settings: Settings,
     fields: dict[str, Any],
     steps: int,
@@ -216,7 +258,7 @@ def run(
         ready = context.Event()
         process = context.Process(
             target=_watchers_process,
-            args=(stack.api_url, stack.api_key, job_id, share, ready, go, out),
+            args=(api.url, stack.api_key, job_id, share, ready, go, out),
         )
         process.start()
         processes.append((process, ready))
@@ -225,7 +267,8 @@ def run(
             raise TimeoutError("watchers did not connect")
     client = redis.Redis.from_url(stack.redis_url)
     reads_before = client.info("commandstats").get("cmdstat_xread", {}).get("calls", 0)
-    api_cpu = _api_cpu_s(stack)
+    split = "/".join(str(n) for n in api.clients_per_process()) if api.workers > 1 else ""
+    api_cpu = api.cpu_s()
     go.set()
     services.runner.Trainer = TimedTrainer  # type: ignore[misc]
     try:
@@ -249,20 +292,21 @@ def run(
         cpu.append(process_cpu)
     for process, _ in processes:
         process.join(60)
-    api_cpu = _api_cpu_s(stack) - api_cpu
+    api_cpu = api.cpu_s() - api_cpu
     reads = client.info("commandstats").get("cmdstat_xread", {}).get("calls", 0) - reads_before
     flushes = client.xlen(f"gs:{{{job_id}}}:steps")
     client.close()
     store.redis.close()
     if errors or len(from_flush) != watchers * steps:
         raise AssertionError(f"{len(from_flush)} of {watchers * steps} step events: {errors}")
-    result = Result(from_flush, from_step, reads / flushes)
+    readers = min(api.workers, watchers)
+    result = Result(from_flush, from_step, reads / flushes / readers)
     load = " ".join(f"{c:.0%}" for c in cpu)
     return result, (
-        f"{watchers:>5} watcher(s) {steps:>5} steps  {result.line()}  "
-        f"XREADs/flush {reads / flushes:.2f} ({flushes} flushes)  "
-        f"API CPU {api_cpu:.1f} s, {api_cpu / client_reads * 1e6:.0f} us per client read  "
-        f"load gen CPU {load}"
+        f"{watchers:>5} watcher(s){' (' + split + ')' if split else ''} {steps:>5} steps  "
+        f"{result.line()}  XREADs/flush/API process {result.xreads_per_flush:.2f} "
+        f"({flushes} flushes)  API CPU {api_cpu:.1f} s, "
+        f"{api_cpu / client_reads * 1e6:.0f} us per client read  load gen CPU {load}"
     )
 
 
@@ -272,34 +316,41 @@ def main() -> None:
     parser.add_argument("--api-workers", nargs="*", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=300, help="of the job many watch")
     parser.add_argument("--load-processes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="the APIs take turns each round")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    p99s: dict[tuple[int, int], float] = {}
+    p99s: dict[tuple[int, int], list[float]] = {}
     with temporary_stack("gradstream-bench-") as stack:
         settings = Settings(redis_url=stack.start_redis())
-        for api_workers in args.api_workers:
-            limit = str(max(args.watchers) + 10)
-            stack.start_api(workers=api_workers, GRADSTREAM_MAX_SSE_PER_TENANT=limit)
-            head = f"api workers {api_workers}"
-            for watchers in args.watchers:
-                if watchers == 1:
-                    _, line = run(stack, settings, TUTORIAL, 3000, 1, 1)
-                    print(f"{head}  tutorial  {line}", flush=True)
-                    continue
-                _, line = run(stack, settings, WIDE, args.steps, 1, 1)
-                print(f"{head}  wide      {line}", flush=True)
-                many, line = run(stack, settings, WIDE, args.steps, watchers, args.load_processes)
-                p99s[api_workers, watchers] = many.p99
-                print(f"{head}  wide      {line}", flush=True)
-            stop_process(stack.api_process)
+        limit = str(max(args.watchers) + 10)
+        apis = []
+        for workers in args.api_workers:
+            stack.start_api(workers=workers, GRADSTREAM_MAX_SSE_PER_TENANT=limit)
+            apis.append(Api(stack.api_url, stack.api_process, workers))
+        for round_ in range(1, args.rounds + 1):
+            for api in apis:
+                head = f"round {round_}  api workers {api.workers}"
+                for watchers in args.watchers:
+                    if watchers == 1:
+                        _, line = run(stack, api, settings, TUTORIAL, 3000, 1, 1)
+                        print(f"{head}  tutorial  {line}", flush=True)
+                        continue
+                    _, line = run(stack, api, settings, WIDE, args.steps, 1, 1)
+                    print(f"{head}  wide      {line}", flush=True)
+                    many, line = run(
+                        stack, api, settings, WIDE, args.steps, watchers, args.load_processes
+                    )
+                    p99s.setdefault((api.workers, watchers), []).append(many.p99)
+                    print(f"{head}  wide      {line}", flush=True)
     first = args.api_workers[0]
-    for (api_workers, watchers), p99 in p99s.items():
-        if api_workers != first:
-            ratio = p99 / p99s[first, watchers]
-            print(
-                f"{watchers} watchers, flush->client p99: api workers {api_workers} / "
-                f"{first}: {ratio:.2f}"
+    for (workers, watchers), rounds in p99s.items():
+        p99 = statistics.median(rounds)
+        line = f"{watchers} watchers, api workers {workers}: flush->client p99 median {p99:.1f} ms"
+        if workers != first:
+            line += (
+                f", {p99 / statistics.median(p99s[first, watchers]):.2f} x api workers {first}'s"
             )
+        print(line)
 
 
 if __name__ == "__main__":
