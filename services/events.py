@@ -3,9 +3,12 @@ they are flushed, status changes, and finally `done` with the final JobView.
 
 Async (redis.asyncio), so a watcher holds no thread while it waits. Each API process reads each
 watched job from Redis once: a `_Tail` blocks on the job's step and event streams with one
-XREAD and fans what it reads out to every watcher in memory, each event rendered once. So
-Redis load does not grow with the number of watchers. A watcher first reads its own backlog
-(the steps after its cursor up to where the tail was when it joined), then follows the tail.
+XREAD and fans what it reads out to every watcher in memory, each read rendered once into one
+shared Delivery. So Redis load does not grow with the number of watchers. A watcher first reads
+its own backlog (the steps after its cursor up to where the tail was when it joined), then
+follows the tail, sending whatever has queued up for it as one write: with many watchers (or a
+slow one) a write carries several flushes, and the writes, not Redis, are what the process
+spends its time on.
 """
 
 import asyncio
