@@ -279,13 +279,13 @@ def api(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     workers: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
             help="API processes sharing the port; each reads a watched job from Redis once "
-            "for all of its SSE clients",
+            "for all of its SSE clients (default: uvicorn's, $WEB_CONCURRENCY or 1)",
         ),
-    ] = 1,
+    ] = None,
 ) -> None:
     """Start the HTTP API (uvicorn)."""
     settings = get_settings()
@@ -310,10 +310,10 @@ def api(
         host,
         "--port",
         str(port),
-        "--workers",
-        str(workers),
         "--no-access-log",
     ]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
     os.execv(sys.executable, argv)
 
 
