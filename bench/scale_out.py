@@ -68,7 +68,7 @@ def trivial_rate(stack: Stack, processes: int) -> float:
         argv = [sys.executable, "-m", "celery", "-A", "bench.trivial_app", "worker"]
         argv += ["-Q", "trivial", "-c", "1", "-P", "prefork", "--without-gossip"]
         argv += ["--without-mingle", "-n", f"trivial{processes}-{index}@%h", "-l", "warning"]
-        workers.append(stack._spawn(f"trivial-{processes}-{index}", argv, stack.env()))
+        workers.append(stack.spawn(f"trivial-{processes}-{index}", argv, stack.env()))
     try:
         wait_until(lambda: client.get(counter) is not None, 120, "first trivial task", 0.001)
         started = time.perf_counter()

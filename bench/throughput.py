@@ -44,7 +44,7 @@ def trivial_tasks(stack: Stack, count: int) -> float:
         "-l",
         "warning",
     ]
-    worker = stack._spawn("trivial-worker", argv, stack.env())
+    worker = stack.spawn("trivial-worker", argv, stack.env())
     try:
         # The sending side reads the same settings as the workers: this run's Redis.
         os.environ["GRADSTREAM_REDIS_URL"] = stack.redis_url

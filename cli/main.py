@@ -278,6 +278,14 @@ def worker(
 def api(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="API processes sharing the port; each reads a watched job from Redis once "
+            "for all of its SSE clients (default: uvicorn's, $WEB_CONCURRENCY or 1)",
+        ),
+    ] = None,
 ) -> None:
     """Start the HTTP API (uvicorn)."""
     settings = get_settings()
@@ -304,6 +312,8 @@ def api(
         str(port),
         "--no-access-log",
     ]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
     os.execv(sys.executable, argv)
 
 

@@ -189,10 +189,12 @@ class Stack:
         name = f"worker-{device.replace(':', '')}-{len(self.processes)}"
         return self.spawn(name, argv, self.env(**extra_env))
 
-    def start_api(self, port: int | None = None, **extra_env: str) -> str:
-        """Start an API (the stack's `api_url` from now on) and wait until it is ready."""
+    def start_api(self, port: int | None = None, workers: int = 1, **extra_env: str) -> str:
+        """Start an API of `workers` processes (the stack's `api_url` from now on) and wait
+        until it is ready."""
         port = port or free_port()
         argv = [sys.executable, "-m", "cli.main", "api", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--workers", str(workers)]
         self.api_process = self.spawn(f"api-{port}", argv, self.env(**extra_env))
         self.api_url = f"http://127.0.0.1:{port}"
         wait_until(

@@ -3,14 +3,18 @@ they are flushed, status changes, and finally `done` with the final JobView.
 
 Async (redis.asyncio), so a watcher holds no thread while it waits. Each API process reads each
 watched job from Redis once: a `_Tail` blocks on the job's step and event streams with one
-XREAD and fans what it reads out to every watcher in memory, each event rendered once. So
-Redis load does not grow with the number of watchers. A watcher first reads its own backlog
-(the steps after its cursor up to where the tail was when it joined), then follows the tail.
+XREAD and fans what it reads out to every watcher in memory, each read rendered once into one
+shared Delivery. So Redis load does not grow with the number of watchers. A watcher first reads
+its own backlog (the steps after its cursor up to where the tail was when it joined), then
+follows the tail, sending whatever has queued up for it as one write: with many watchers (or a
+slow one) a write carries several flushes, and the writes, not Redis, are what the process
+spends its time on.
 """
 
 import asyncio
 import logging
 import time
+from array import array
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +38,10 @@ MAX_LAG = 10_000
 MAX_LAG_PAGES = 4
 LAG_GRACE_S = 2.0
 BACKLOG_WRITE_BYTES = 64 * 1024
+# A tail reads at most once per this much per watcher (80 ms for 1 000 watchers), below
+# MIN_SPACING_S not at all: see _Tail._pace.
+WRITE_SPACING_S = 80e-6
+MIN_SPACING_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -49,10 +57,41 @@ Render = Callable[["StreamEvent | None"], bytes]  # None: a keep-alive
 _OVERFLOW = object()
 
 
+@dataclass(frozen=True, eq=False)
+class Delivery:
+    """Frames rendered once and shared by every watcher of a job in this process: consecutive
+    step frames (`first`, `first + 1`, …, each starting at its offset in `starts`), or one
+    control frame (`first` None). A watcher sends what has queued up for it as one write, so
+    the more watchers share a process (the longer each waits for its turn), the more steps
+    each write carries, instead of one write per watcher per flush."""
+
+    data: bytes
+    first: int | None = None
+    starts: "array[int]" = field(default_factory=lambda: array("q"))
+    ends: bool = False  # it carries `done`
+
+    @property
+    def events(self) -> int:
+        return len(self.starts) or 1
+
+    @property
+    def last(self) -> int | None:
+        return None if self.first is None else self.first + len(self.starts) - 1
+
+    def after(self, cursor: int) -> bytes:
+        """What a watcher that has had every step up to `cursor` still needs: all of it, but
+        for a watcher whose own backlog read overlapped the tail's latest steps."""
+        if self.first is None or self.first > cursor:
+            return self.data
+        skip = cursor + 1 - self.first
+        return self.data[self.starts[skip] :] if skip < len(self.starts) else b""
+
+
 @dataclass(eq=False)  # identity: watchers live in a set
 class _Watcher:
     queue: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
-    queued_bytes: int = 0  # of the frames in `queue`
+    queued_bytes: int = 0  # of the deliveries in `queue`
+    queued_events: int = 0
 
 
 class _Tail:
@@ -68,6 +107,7 @@ class _Tail:
         self.steps_pos: bytes = last_step[0][0] if last_step else b"0-0"
         self.events_pos: bytes = last_event[0][0] if last_event else b"0-0"
         self.entries_per_read = 1  # step entries per XREAD, sized by the last entry's bytes
+        self.read_at = 0.0  # the event loop's time of the last read
         self.watchers: set[_Watcher] = set()
         self.task: asyncio.Task[None] | None = None
 
@@ -86,19 +126,30 @@ class _Tail:
             if self.task is not None:
                 self.task.cancel()
 
-    def _send(self, item: Any) -> None:
-        size = 0 if item is None or item is _OVERFLOW else len(item[1])
+    def _send(self, item: "Delivery | object") -> None:
+        """Queue `item` (a Delivery, or _OVERFLOW) for every watcher; one that lags too far
+        behind gets _OVERFLOW instead and leaves."""
+        size = len(item.data) if isinstance(item, Delivery) else 0
+        events = item.events if isinstance(item, Delivery) else 0
         max_bytes = MAX_LAG_PAGES * self.streams.page_bytes
         for watcher in list(self.watchers):
-            if watcher.queue.qsize() >= MAX_LAG or watcher.queued_bytes + size > max_bytes:
+            if watcher.queued_events >= MAX_LAG or watcher.queued_bytes + size > max_bytes:
                 watcher.queue.put_nowait(_OVERFLOW)
                 self.leave(watcher)
             else:
                 watcher.queue.put_nowait(item)
                 watcher.queued_bytes += size
+                watcher.queued_events += events
+
+    def _send_event(self, event: StreamEvent) -> None:
+        self._send(Delivery(self.streams.render(event), ends=event.event == "done"))
 
     async def _send_steps(self, entries: list[Any]) -> None:
+        """The steps of `entries`, each rendered once, to every watcher: one Delivery per page
+        of frames (one per read, unless the read is wider than a page)."""
         page_bytes = self.streams.page_bytes
+        frames: list[bytes] = []
+        starts, size, first = array("q"), 0, -1
         for entry_id, fields in entries:
             self.steps_pos = entry_id
             chunk = Chunk.from_fields(fields)
@@ -106,19 +157,43 @@ class _Tail:
             self.entries_per_read = entries_per_read(entry_json_bytes(chunk), page_bytes)
             for page in record_pages(chunk, -1, page_bytes):
                 for record in page:
-                    event = StreamEvent("step", record, record["step"])
-                    self._send((event, self.streams.render(event)))
-                # The watchers take this page before the next is made: a wide chunk does not
-                # pile up in their queues (nor drop them for lag) within one read. One more
-                # than two pages behind gets a moment to catch up first: a watcher that keeps
-                # reading is never dropped, however fast the job; one that stalls is, at
-                # MAX_LAG_PAGES, after LAG_GRACE_S per page.
-                await asyncio.sleep(0)
-                deadline = time.monotonic() + LAG_GRACE_S
-                while time.monotonic() < deadline and any(
-                    w.queued_bytes > 2 * page_bytes for w in self.watchers
-                ):
-                    await asyncio.sleep(0.01)
+                    if not frames:
+                        first = record["step"]
+                    frame = self.streams.render(StreamEvent("step", record, record["step"]))
+                    frames.append(frame)
+                    starts.append(size)
+                    size += len(frame)
+                if size >= page_bytes:
+                    self._send(Delivery(b"".join(frames), first, starts))
+                    frames, starts, size = [], array("q"), 0
+                    await self._let_watchers_catch_up()
+        if frames:
+            self._send(Delivery(b"".join(frames), first, starts))
+            await self._let_watchers_catch_up()
+
+    async def _let_watchers_catch_up(self) -> None:
+        """The watchers take a page before the next is made: a wide chunk does not pile up in
+        their queues (nor drop them for lag) within one read. One more than two pages behind
+        gets a moment to catch up first: a watcher that keeps reading is never dropped,
+        however fast the job; one that stalls is, at MAX_LAG_PAGES, after LAG_GRACE_S per
+        page."""
+        await asyncio.sleep(0)
+        deadline = time.monotonic() + LAG_GRACE_S
+        while time.monotonic() < deadline and any(
+            w.queued_bytes > 2 * self.streams.page_bytes for w in self.watchers
+        ):
+            await asyncio.sleep(0.01)
+
+    async def _pace(self) -> None:
+        """With many watchers, wait until WRITE_SPACING_S per watcher has passed since the
+        previous read: a read is a write to every watcher, so this bounds the share of the
+        process that writes take (a write costs tens of microseconds, mostly the system call)
+        and lets each write carry the flushes of that interval. Few watchers: no wait."""
+        loop = asyncio.get_running_loop()
+        spacing = len(self.watchers) * WRITE_SPACING_S
+        if spacing > MIN_SPACING_S:
+            await asyncio.sleep(self.read_at + spacing - loop.time())
+        self.read_at = loop.time()
 
     async def _read(self) -> None:
         client = self.streams.client
@@ -126,13 +201,14 @@ class _Tail:
         block_ms = int(self.streams.keepalive_s * 1000)
         try:
             while not self.status.finished:
+                await self._pace()
                 reply = await client.xread(
                     {steps: self.steps_pos, events: self.events_pos},
                     block=block_ms,
                     count=self.entries_per_read,
                 )
                 if not reply:
-                    self._send(None)
+                    self._send(Delivery(self.streams.render(None)))
                     continue
                 new = dict(reply)
                 await self._send_steps(new.get(steps, []))
@@ -147,15 +223,15 @@ class _Tail:
                             steps, b"(" + self.steps_pos, "+", count=self.entries_per_read
                         ):
                             await self._send_steps(rest)
-                    event = StreamEvent(
-                        "status", {"status": self.status.value, "steps_done": self.steps_done}
+                    self._send_event(
+                        StreamEvent(
+                            "status", {"status": self.status.value, "steps_done": self.steps_done}
+                        )
                     )
-                    self._send((event, self.streams.render(event)))
                     if self.status.finished:
                         break
             final = job_view(await client.hgetall(job_key(self.job_id)))
-            done = StreamEvent("done", final.model_dump(mode="json"))
-            self._send((done, self.streams.render(done)))
+            self._send_event(StreamEvent("done", final.model_dump(mode="json")))
         except Exception:
             # Redis lost, or a record that cannot be read: end every watcher's stream; each
             # reconnects and resumes by Last-Event-ID.
@@ -163,6 +239,14 @@ class _Tail:
             self._send(_OVERFLOW)
         finally:
             self.streams.forget(self)
+
+
+async def let_the_server_run() -> None:
+    """Between writes sent back to back: a write to a client that is gone does not suspend,
+    and the server learns of the loss in a callback. Letting it run ends the stream at the next
+    write, instead of rendering the rest of a backlog for nobody (and asyncio logging each
+    write to the dead socket)."""
+    await asyncio.sleep(0)
 
 
 def record_pages(chunk: Chunk, after: int, page_bytes: int) -> Iterator[list[dict[str, Any]]]:
@@ -206,7 +290,7 @@ class JobStreams:
         for _ in range(10):
             try:
                 watchers = [w for tail in list(self._tails.values()) for w in list(tail.watchers)]
-                return len(watchers), max((w.queue.qsize() for w in watchers), default=0)
+                return len(watchers), max((w.queued_events for w in watchers), default=0)
             except RuntimeError:  # changed size during iteration
                 continue
         return 0, 0
@@ -267,6 +351,7 @@ class JobStreams:
                     if size >= BACKLOG_WRITE_BYTES:
                         yield b"".join(pending)
                         pending, size = [], 0
+                        await let_the_server_run()
                 if pending:
                     yield b"".join(pending)
             if status.finished:
@@ -274,30 +359,25 @@ class JobStreams:
                 yield self.render(StreamEvent("done", final.model_dump(mode="json")))
                 return
             while True:
-                # Whatever has queued up goes out as one write: with many watchers, one send
-                # per watcher per flush instead of one per step.
+                # Whatever has queued up goes out as one write.
                 items = [await watcher.queue.get()]
                 while not watcher.queue.empty():
                     items.append(watcher.queue.get_nowait())
-                watcher.queued_bytes = 0
-                frames, ended = [], False
+                watcher.queued_bytes = watcher.queued_events = 0
+                parts, ended = [], False
                 for item in items:
                     if item is _OVERFLOW:
                         ended = True
                         break
-                    if item is None:
-                        frames.append(self.render(None))
-                        continue
-                    event, frame = item
-                    if event.id is not None and event.id <= cursor:
-                        continue
-                    cursor = event.id if event.id is not None else cursor
-                    frames.append(frame)
-                    if event.event == "done":
+                    parts.append(item.after(cursor))
+                    if item.last is not None:
+                        cursor = max(cursor, item.last)
+                    if item.ends:
                         ended = True
                         break
-                if frames:
-                    yield b"".join(frames)
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                if data:
+                    yield data
                 if ended:
                     return
         finally:

@@ -19,7 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from services.errors import StoreUnavailable, SweepNotFound
-from services.events import MAX_LAG, Render, StreamEvent
+from services.events import MAX_LAG, Render, StreamEvent, let_the_server_run
 from services.store.keys import step_entry_id, sweep_events_key, sweep_key
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ class SweepStreams:
                     seq = int(entry_id.split(b"-")[0])
                     kind = fields[b"type"].decode()
                     yield await tail.frame(seq, kind, fields[b"data"].decode())
+                    await let_the_server_run()
                     if kind == "done":
                         return
                 if len(entries) < 100:

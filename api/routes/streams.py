@@ -58,10 +58,17 @@ class SlowReader(OSError):
 
 
 class EventStreamResponse(StreamingResponse):
-    """A streaming response that drops a client which stops reading: a send that waits longer
-    than `send_timeout_s` for the client to take data ends the response, instead of holding
-    the connection and the events queued for it. However the response ends (done, client
-    gone, dropped, or never started), the frames are closed and `on_close` runs."""
+    """An SSE response: `retry: 1000`, then the frames, each bytes object one write.
+
+    It drops a client which stops reading: a send that waits longer than `send_timeout_s` for
+    the client to take data ends the response, instead of holding the connection and the
+    events queued for it. However the response ends (done, client gone, dropped, or never
+    started), the frames are closed and `on_close` runs.
+
+    With a thousand clients the writes are the API's main work, so a write costs no more than
+    it must: the frames are sent as they come (no wrapping generator), and the send timeout is
+    one timer per client that checks the send in progress, not a timer set and cancelled per
+    write."""
 
     def __init__(
         self,
@@ -71,18 +78,13 @@ class EventStreamResponse(StreamingResponse):
         job_id: str = "",
     ) -> None:
         super().__init__(
-            self._to_the_end(frames),
+            frames,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self.frames, self.send_timeout_s, self.on_close = frames, send_timeout_s, on_close
         self.job_id = job_id
         self.ended = False  # the frames ran out: the stream reached its end
-
-    async def _to_the_end(self, frames: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
-        async for frame in frames:
-            yield frame
-        self.ended = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         slow = False
@@ -100,19 +102,58 @@ class EventStreamResponse(StreamingResponse):
             log.warning("SSE client of job %s went away mid-stream", self.job_id)
 
     async def stream_response(self, send: Send) -> None:
-        async def timed_send(message: Message) -> None:
-            try:
-                async with asyncio.timeout(self.send_timeout_s):  # no task per send
-                    await send(message)
-                # A write to a socket that is gone does not suspend, and the server learns of
-                # the loss in a callback: let it run, so that the next send raises, instead of
-                # writing on (and asyncio logging each write) until the backlog is done.
-                await asyncio.sleep(0)
-            except TimeoutError:
-                log.warning("SSE client took nothing for %.0f s: dropped", self.send_timeout_s)
-                raise SlowReader("SSE client stopped reading") from None
+        watchdog = _SendWatchdog(self.send_timeout_s)
+        try:
+            start = {"type": "http.response.start", "status": self.status_code}
+            await watchdog.send(send, {**start, "headers": self.raw_headers})
+            await watchdog.send(send, _body(b"retry: 1000\n\n"))
+            async for frame in self.frames:
+                await watchdog.send(send, _body(frame))
+            self.ended = True
+            await watchdog.send(send, _body(b"", more=False))
+        finally:
+            watchdog.stop()
 
-        await super().stream_response(timed_send)
+
+def _body(data: bytes, more: bool = True) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+class _SendWatchdog:
+    """Ends a response whose send has waited `timeout_s` for the client (SlowReader): one
+    timer per response, due when the send in progress (if any) would time out."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.sending_since: float | None = None
+        self.fired = False
+        self.timer = self.loop.call_later(timeout_s, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if self.sending_since is not None and now - self.sending_since >= self.timeout_s:
+            self.fired = True
+            self.task.cancel()  # type: ignore[union-attr]
+            return
+        since = now if self.sending_since is None else self.sending_since
+        self.timer = self.loop.call_at(since + self.timeout_s, self._check)
+
+    async def send(self, send: Send, message: Message) -> None:
+        self.sending_since = self.loop.time()
+        try:
+            await send(message)
+        except asyncio.CancelledError:
+            if self.fired and self.task.uncancel() == 0:  # type: ignore[union-attr]
+                log.warning("SSE client took nothing for %.0f s: dropped", self.timeout_s)
+                raise SlowReader("SSE client stopped reading") from None
+            raise
+        finally:
+            self.sending_since = None
+
+    def stop(self) -> None:
+        self.timer.cancel()
 
 
 class StreamSlots:
@@ -163,16 +204,8 @@ async def job_events(
     slots: StreamSlots = request.app.state.stream_slots
     slots.take(tenant)
 
-    async def frames() -> AsyncGenerator[bytes, None]:
-        try:
-            yield b"retry: 1000\n\n"
-            async for frame in events:
-                yield frame
-        finally:
-            await events.aclose()  # the watcher leaves the job's tail now, not at GC
-
     return EventStreamResponse(
-        frames(),
+        events,
         settings.sse_send_timeout_s,
         on_close=lambda: slots.give_back(tenant),
         job_id=job_id,

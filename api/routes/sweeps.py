@@ -1,6 +1,6 @@
 """Sweep routes (contract v2, DESIGN §9): submit, list, read, events, cancel, delete."""
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -84,16 +84,8 @@ async def sweep_events(
     slots: StreamSlots = request.app.state.stream_slots
     slots.take(tenant)
 
-    async def body() -> Any:
-        try:
-            yield b"retry: 1000\n\n"
-            async for frame in frames:
-                yield frame
-        finally:
-            await frames.aclose()
-
     return EventStreamResponse(
-        body(),
+        frames,
         settings.sse_send_timeout_s,
         on_close=lambda: slots.give_back(tenant),
         job_id=sweep_id,
