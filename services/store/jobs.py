@@ -202,7 +202,7 @@ class Jobs(RedisPart):
         """Delete an ended job of `tenant`: its record, steps, checkpoint and index entries;
         its bytes no longer count against the tenant. JobActive while it is queued or
         running."""
-        self.job_fields(job_id, tenant)  # the owner never changes: checking first is safe
+        fields = self.job_fields(job_id, tenant)  # the owner never changes: checking first is safe
         reply = self._delete(job_id, force=False)
         if reply[0] == b"live":
             raise JobActive(job_id, reply[1].decode())
@@ -210,6 +210,11 @@ class Jobs(RedisPart):
             raise MemberOfSweep(job_id, reply[1].decode())
         if reply[0] == b"missing":
             raise JobNotFound(job_id)
+        if self.archive is not None:
+            # After the record: an archiver that publishes the file meanwhile finds the job
+            # gone and removes the file itself.
+            sweep = fields.get(b"sweep")
+            self.archive.remove_job(tenant, job_id, sweep.decode() if sweep else None)
 
     @translate_redis_errors
     def count_submit(self, tenant: str, window_s: int = 60) -> tuple[int, int]:
