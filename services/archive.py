@@ -298,8 +298,14 @@ class Archive:
 
     # Removing.
 
+    def _glob(self, pattern: str) -> list[str]:
+        # Another process writes and removes files here: no listing cached by this one counts.
+        self.fs.invalidate_cache()
+        found: list[str] = self.fs.glob(pattern)
+        return found
+
     def remove_temporaries(self, path: str) -> None:
-        for leftover in self.fs.glob(f"{path}.tmp-*"):
+        for leftover in self._glob(f"{path}.tmp-*"):
             self.fs.rm(leftover)
 
     def remove_job(self, tenant: str, job_id: str, sweep: str | None = None) -> None:
@@ -308,7 +314,7 @@ class Archive:
         path = self.job_path(tenant, job_id, sweep)
         self.forget(self.url(path))
         try:
-            for found in self.fs.glob(f"{path}*"):
+            for found in self._glob(f"{path}*"):
                 self.fs.rm(found)
         except OSError:
             log.exception("archive: could not remove %s (deleted job %s)", path, job_id)
@@ -321,7 +327,7 @@ class Archive:
         for url in stale:
             self.forget(url)
         try:
-            if self.fs.exists(folder):
+            if self._glob(f"{folder}/*"):
                 self.fs.rm(folder, recursive=True)
         except OSError:
             log.exception("archive: could not remove %s (deleted sweep %s)", folder, sweep_id)
