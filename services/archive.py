@@ -10,8 +10,8 @@ code that expands the stream's chunks: the JSON served from the archive cannot d
 JSON served from Redis.
 
 Files are published as object stores and data lakes do it: written under a temporary name,
-read back and checked (rows, steps, a SHA-256 of the float32 rows), then renamed. The Redis side
-(marking the job archived, dropping its stream) is services/archiver.py's.
+read back and checked (rows, steps, a SHA-256 of the float32 rows), then renamed. When each
+step runs, and marking the job archived in Redis, is services/archiver.py's.
 """
 
 import bisect
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _METADATA_KEY = b"gradstream"
-# Rows of float32 per row group: a page of /steps decodes the row group it starts in, so
-# groups stay a few MB; the cache keeps decoded groups for the pages that follow.
+# Bytes of float32 rows per row group: a page of /steps decodes the row group it starts in,
+# so groups stay a few MB; the cache keeps decoded groups for the pages that follow.
 ROW_GROUP_BYTES = 4 * 1024 * 1024
 # Archived jobs one API process keeps a file open for (each a handle and a footer).
 MAX_OPEN_FILES = 64
@@ -243,7 +243,7 @@ class Archive:
     # deleting a sweep removes one folder).
 
     def job_path(self, tenant: str, job_id: str, sweep: str | None = None) -> str:
-        folder = f"{self.root}/{tenant}" + (f"/sweeps/{sweep}" if sweep else "")
+        folder = self.sweep_folder(tenant, sweep) if sweep else f"{self.root}/{tenant}"
         return f"{folder}/{job_id}.parquet"
 
     def sweep_folder(self, tenant: str, sweep_id: str) -> str:
@@ -362,9 +362,12 @@ class Archive:
                 return opened
         fs, path = fsspec.core.url_to_fs(url, **self._options_for(url))
         opened = _OpenFile(fs, path)
+        closing = []
         with self._lock:
+            if url in self._files:  # another thread opened it meanwhile: use that one
+                closing.append(opened)
+                opened = self._files[url]
             self._files[url] = opened
-            closing = []
             while len(self._files) > MAX_OPEN_FILES:
                 closing.append(self._files.popitem(last=False)[1])
         for old in closing:

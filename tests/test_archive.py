@@ -16,13 +16,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import redis
+import torch
 
 from api.client import Client
 from cli.stack import Stack
 from services.archive import Archive, ArchivedFile
-from services.archiver import ArchiveRun, archive_job
+from services.archiver import ArchiveRun, archive_due, archive_job
+from services.config import get_settings
+from services.errors import StorageFull
+from services.runner import run_job
+from services.schemas import JobSpec
 from services.store import Store
 from services.store.keys import ARCHIVE_DUE, job_key, steps_key
+from tests.attempts import stored_steps
 from tests.conftest import SEED_EXAMPLE
 
 SPECS: dict[str, dict[str, Any]] = {
@@ -97,6 +103,7 @@ def test_an_archived_job_reads_back_byte_for_byte(
         view = client.wait(job_id, timeout=60)
         assert view["status"] == ("diverged" if name == "diverged" else "succeeded")
         before = served(stack, job_id, view["steps_done"])
+        records = list(client.steps(job_id))
         assert redis_client.zscore(ARCHIVE_DUE, job_id) is not None  # due once finished
 
         assert archive_job(archiving_store, archive, job_id) == "ok"
@@ -107,6 +114,9 @@ def test_an_archived_job_reads_back_byte_for_byte(
         assert archived.rows == view["steps_done"]
         assert served(stack, job_id, view["steps_done"]) == before, name
         assert client.get(job_id) == view
+        assert list(client.steps(job_id)) == records
+        replay = [e.data for e in client.stream(job_id, last_event_id=3) if e.event == "step"]
+        assert replay == records[4:]
 
         # The file is plain Parquet: float32 columns, the step numbers as ints.
         table = pq.read_table(archived.url.removeprefix("file://"))
@@ -198,3 +208,29 @@ def test_deleting_an_archived_job_removes_its_file_and_frees_its_bytes(
         assert not path.exists()
         assert not redis_client.exists(job_key(job_id))
         assert archiving_store.tenant_bytes("bob") == kept - job_bytes
+
+
+def test_archiving_makes_room_in_a_full_redis(tmp_path: Path) -> None:
+    """Every write of the archiver's is allowed on a Redis past its maxmemory: archiving is
+    what frees it."""
+    private = Stack(tmp_path)  # a Redis of its own: this one is made full
+    private.start_redis()
+    archive = Archive(str(tmp_path / "archive"))
+    store = Store.from_url(private.redis_url, archive)
+    try:
+        spec = JobSpec.model_validate({**SPECS["full batch, bias"], "steps": 5000})
+        job_id, _ = store.create_job(spec, "cpu", "cpu", "test")
+        run_job(store, job_id, "test-worker", torch.device("cpu"), get_settings())
+        steps = stored_steps(store, job_id)
+        store.redis.config_set("maxmemory", 1)
+        with pytest.raises(StorageFull):
+            store.create_job(spec, "cpu", "cpu", "test")
+
+        assert archive_due(store, archive, hot_retention_s=0) == [job_id]
+
+        assert not store.redis.exists(steps_key(job_id))  # room made (bench/archive.py: how much)
+        assert stored_steps(store, job_id) == steps
+    finally:
+        store.redis.close()
+        private.kill_redis()  # nothing of it is needed again: no clean shutdown to wait for
+        private.stop()

@@ -234,7 +234,11 @@ def archive_loop(settings: Settings) -> None:
     """Main process, beside the heartbeat: every worker moves the steps of jobs finished for
     the hot retention to the archive (services/archiver.py), a batch per pass. A thread of its
     own, as writing a file can take longer than a heartbeat may wait."""
-    archive = Archive.from_settings(settings)
+    try:
+        archive = Archive.from_settings(settings)
+    except (ImportError, ValueError, OSError):  # an unknown protocol, a bad option...
+        log.exception("archiver not started: GRADSTREAM_ARCHIVE_URL cannot be used")
+        return
     store = Store.from_url(settings.redis_url, archive)
     while not _heartbeat_stop.wait(settings.archive_interval_s):
         try:

@@ -44,7 +44,7 @@ class Archiving(RedisPart):
     @translate_redis_errors
     def defer_archive(self, job_id: str, seconds: float) -> None:
         """Try this job again in `seconds` (its archiving failed), if it is still due."""
-        self.redis.zadd(keys.ARCHIVE_DUE, {job_id: self.redis_time() + seconds}, xx=True)
+        self.lua.defer_archive(keys=[keys.ARCHIVE_DUE], args=[job_id, self.redis_time() + seconds])
 
     @translate_redis_errors
     def drop_due(self, job_id: str) -> None:
@@ -54,7 +54,7 @@ class Archiving(RedisPart):
     @translate_redis_errors
     def claim_archiving(self, job_id: str, ttl_s: int) -> bool:
         """Whether this caller may archive the job now (no other worker is at it)."""
-        return bool(self.redis.set(keys.archiving_key(job_id), 1, nx=True, ex=ttl_s))
+        return bool(self.lua.claim_archiving(keys=[keys.archiving_key(job_id)], args=[ttl_s]))
 
     @translate_redis_errors
     def release_archiving(self, job_id: str) -> None:

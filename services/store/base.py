@@ -58,6 +58,8 @@ class LuaScripts:
         self.cancel_sweep = client.register_script(scripts.CANCEL_SWEEP)
         self.delete_sweep = client.register_script(scripts.DELETE_SWEEP)
         self.archive = client.register_script(scripts.ARCHIVE)
+        self.claim_archiving = client.register_script(scripts.CLAIM_ARCHIVING)
+        self.defer_archive = client.register_script(scripts.DEFER_ARCHIVE)
 
 
 class RedisPart:

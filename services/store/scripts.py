@@ -888,3 +888,24 @@ return 'ok'
 """,
     allow_oom=True,
 )
+
+# KEYS: the job's archiving key. ARGV: its TTL in seconds. Takes the job's archiving for this
+# worker unless another holds it (1) or not (0). Allowed on a full Redis, like every write of
+# the archiver's: archiving is what makes room.
+CLAIM_ARCHIVING = _script(
+    """
+return redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) and 1 or 0
+""",
+    allow_oom=True,
+    helpers=False,
+)
+
+# KEYS: the due index. ARGV: job id, when to try it again (Redis seconds). A job whose
+# archiving failed waits, if it is still due. Allowed on a full Redis (it replaces a score).
+DEFER_ARCHIVE = _script(
+    """
+return redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+""",
+    allow_oom=True,
+    helpers=False,
+)
