@@ -93,6 +93,20 @@ class Layout:
         meta = {"version": FORMAT_VERSION, **self.__dict__}
         return pa.schema(fields, metadata={_METADATA_KEY: json.dumps(meta).encode()})
 
+    def encodings(self) -> dict[str, str]:
+        """Parquet encodings by column: step numbers as deltas (next to nothing), floats split
+        by byte (a trajectory's slowly changing values then compress)."""
+        floats = ["loss", "grads.list.element", "params.list.element"]
+        ints = ["step"]
+        if self.explain:
+            floats.append("explain.list.element")
+        if self.batches:
+            ints += ["epoch", "batch"]
+        return {
+            **{name: "BYTE_STREAM_SPLIT" for name in floats},
+            **{name: "DELTA_BINARY_PACKED" for name in ints},
+        }
+
     def table(self, first: int, rows: bytes) -> pa.Table:
         """Rows of float32 (as the stream packs them) from step `first` on, as columns."""
         values = np.frombuffer(rows, np.float32).reshape(-1, self.width)
@@ -158,7 +172,9 @@ def _write_parquet(handle: Any, chunks: Iterable[Chunk]) -> tuple[int, str]:
     row_bytes = 4 * layout.width
     group_bytes = row_bytes * max(1, ROW_GROUP_BYTES // row_bytes)
     digest, rows, pending = hashlib.sha256(), 0, bytearray()
-    with pq.ParquetWriter(handle, layout.schema(), use_dictionary=False) as writer:
+    with pq.ParquetWriter(
+        handle, layout.schema(), use_dictionary=False, column_encoding=layout.encodings()
+    ) as writer:
         for chunk in itertools.chain([head], stream):
             if chunk.first != rows:
                 raise ArchiveMismatch(f"the stream jumps from step {rows} to {chunk.first}")
