@@ -864,9 +864,11 @@ return {'deleted'}
 # read them before writing the file, then the `archived` value (services/archive.py's
 # ArchivedFile as JSON). Called only once the file is written, read back, verified and in
 # place: if the job is unchanged and its stream ends at its last step, marks it archived and
-# deletes its stream. Returns 'ok', 'archived' (already), 'missing' (deleted meanwhile: the
-# file is the caller's to remove) or 'changed' (nothing done; a later pass tries again).
-# Allowed on a full Redis: it frees the stream.
+# deletes its stream, and its status events too (only a live job's tail reads them; a
+# stream's first node alone takes ~5 kB, more than the rest of a finished job). Returns 'ok',
+# 'archived' (already), 'missing' (deleted meanwhile: the file is the caller's to remove) or
+# 'changed' (nothing done; a later pass tries again). Allowed on a full Redis: it frees the
+# streams.
 ARCHIVE = _script(
     """
 local record = redis.call('HMGET', JOB, 'status', 'attempt', 'steps_done', 'archived')
@@ -882,7 +884,7 @@ end
 local last = redis.call('XREVRANGE', STEPS, '+', '-', 'COUNT', 1)[1]
 if not last or last[1] ~= (tonumber(ARGV[4]) - 1) .. '-1' then return 'changed' end
 redis.call('HSET', JOB, 'archived', ARGV[5])
-redis.call('DEL', STEPS)
+redis.call('DEL', STEPS, EVENTS)
 redis.call('ZREM', ARCHIVE_DUE, ARGV[1])
 return 'ok'
 """,
