@@ -100,7 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.stream_slots = StreamSlots(settings.max_sse_per_tenant)
         app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
-        app.state.metrics = metrics_registry(app.state.store, app.state.job_streams)
+        app.state.metrics = metrics_registry(
+            app.state.store, app.state.job_streams, settings.hot_retention_s
+        )
         try:
             yield
         finally:

@@ -24,10 +24,11 @@ from services.archive import ArchivedFile
 from services.store.keys import job_key, steps_key
 from tests.conftest import TEST_ENV
 from tests.test_archive import SPECS, served
+from tests.test_metrics import _scrape
 
 BUCKET = "gradstream-archive"
 # Long enough to read a finished job from Redis first, short enough to keep the test quick.
-HOT_RETENTION_S = 3
+HOT_RETENTION_S = 4
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +86,18 @@ def test_the_worker_archives_jobs_and_sweep_members_to_s3(
         "grid": {"optimizer.lr": [0.01, 0.02]},
     }
     with Client(stack.api_url, stack.api_key, timeout=10) as client:
-        job_id = client.submit(SPECS["mini-batch"])["id"]
-        sweep = client.submit_sweep(sweep_spec)
-        members = [m["id"] for m in sweep["members"]]
-        client.wait_sweep(sweep["id"], timeout=60)
+        # Each one read as soon as it ends, from Redis (the hot window has not passed), before
+        # the next is submitted: the worker runs one at a time.
         before = {}
-        for some_id in [job_id, *members]:
-            view = client.wait(some_id, timeout=60)
-            before[some_id] = served(stack, some_id, view["steps_done"])
-            # Read from Redis: the hot window had not passed.
-            assert store.exists(steps_key(some_id)), "read too late: raise HOT_RETENTION_S"
+        job_id = client.submit(SPECS["mini-batch"])["id"]
+        view = client.wait(job_id, timeout=60)
+        before[job_id] = served(stack, job_id, view["steps_done"])
+        assert store.exists(steps_key(job_id)), "read too late: raise HOT_RETENTION_S"
+        sweep = client.submit_sweep(sweep_spec)
+        members = [m["id"] for m in client.wait_sweep(sweep["id"], timeout=60)["members"]]
+        for member in members:
+            before[member] = served(stack, member, client.get(member)["steps_done"])
+            assert store.exists(steps_key(member)), "read too late: raise HOT_RETENTION_S"
 
         for some_id in [job_id, *members]:
             archived = _archived(store, some_id)
@@ -107,6 +110,10 @@ def test_the_worker_archives_jobs_and_sweep_members_to_s3(
         assert sorted(bucket.ls(member_folder)) == sorted(
             f"{member_folder}/{m}.parquet" for m in members
         )
+
+        metrics = _scrape(stack)
+        assert metrics[("gradstream_unarchived_jobs", ())] == 0
+        assert metrics[("gradstream_archive_overdue_jobs", ())] == 0
 
         client.delete(job_id)
         client.delete_sweep(sweep["id"])

@@ -42,6 +42,16 @@ class Archiving(RedisPart):
         return [i.decode() for i in ids]
 
     @translate_redis_errors
+    def archive_backlog(self, finished_for_s: float) -> tuple[int, int]:
+        """Finished jobs whose steps are still in Redis, and how many of them have been
+        finished for `finished_for_s` or longer (due, or failing: the archivers are behind)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(keys.ARCHIVE_DUE)
+        pipe.zcount(keys.ARCHIVE_DUE, "-inf", self.redis_time() - finished_for_s)
+        in_redis, overdue = pipe.execute()
+        return int(in_redis), int(overdue)
+
+    @translate_redis_errors
     def defer_archive(self, job_id: str, seconds: float) -> None:
         """Try this job again in `seconds` (its archiving failed), if it is still due."""
         self.lua.defer_archive(keys=[keys.ARCHIVE_DUE], args=[job_id, self.redis_time() + seconds])
