@@ -27,7 +27,9 @@ COPY --from=web /build/node_modules/echarts/dist/echarts.min.js ./api/static/ven
 COPY cli ./cli
 COPY services ./services
 COPY worker ./worker
-RUN pip install . && useradd --create-home --uid 10001 gradstream
+# /data/archive is owned by the service's user, so a new `archive` volume mounted there is too.
+RUN pip install . && useradd --create-home --uid 10001 gradstream \
+    && mkdir -p /data/archive && chown gradstream /data/archive
 USER gradstream
 
 EXPOSE 8000

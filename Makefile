@@ -78,6 +78,7 @@ bench: setup
 	$(BIN)/python bench/streaming.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/worker_memory.py
+	$(BIN)/python bench/archive.py
 
 # Not part of `make test`: jobs while workers are killed at random; 0 duplicates, 0 gaps.
 soak: setup

@@ -18,6 +18,7 @@ from api.limits import BodySizeLimit, UploadSlots
 from api.metrics import registry as metrics_registry
 from api.routes import dashboard, datasets, health, jobs, metrics, streams, sweeps, workers
 from api.routes.streams import StreamSlots, sse_frame
+from services.archive import Archive
 from services.auth import KeyRing, StreamTokens, parse_api_keys
 from services.config import Settings, get_settings
 from services.datasets import DatasetInvalid
@@ -65,7 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.store = Store.from_settings(settings)
+        # Archived jobs' steps are read (and deleted) through one archive per process, whose
+        # cache the routes and the streams share.
+        archive = Archive.from_settings(settings)
+        app.state.store = Store.from_settings(settings, archive)
         # Blocking XREADs wait up to the keep-alive interval: the socket must wait longer.
         # A burst of watchers waits for a connection instead of failing (redis-py's pool
         # refuses past 100 by default); each watched job's tail holds one.
@@ -77,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.sse_keepalive_s,
             render=sse_frame,
             page_bytes=settings.max_page_bytes,
+            archive=archive,
         )
         store = app.state.store
 
@@ -90,7 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.stream_slots = StreamSlots(settings.max_sse_per_tenant)
         app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
-        app.state.metrics = metrics_registry(app.state.store, app.state.job_streams)
+        app.state.metrics = metrics_registry(
+            app.state.store, app.state.job_streams, settings.hot_retention_s
+        )
         try:
             yield
         finally:

@@ -1,5 +1,6 @@
 """`/metrics` in Prometheus's text format: the service's state read from Redis at each scrape
-(jobs and sweeps by status, queue depth, live workers, steps, member-steps and flushes so far)
+(jobs and sweeps by status, queue depth, live workers, steps, member-steps and flushes so far,
+finished jobs not archived yet)
 and this API process's event streams (clients and their lag)."""
 
 from collections.abc import Iterator
@@ -13,8 +14,9 @@ from services.store import Store
 
 
 class ServiceCollector(Collector):
-    def __init__(self, store: Store, streams: JobStreams) -> None:
+    def __init__(self, store: Store, streams: JobStreams, hot_retention_s: float) -> None:
         self.store, self.streams = store, streams
+        self.hot_retention_s = hot_retention_s
 
     def collect(self) -> Iterator[Metric]:
         stats = self.store.service_stats((CPU_QUEUE, GPU_QUEUE))
@@ -54,6 +56,18 @@ class ServiceCollector(Collector):
             "Chunks of steps flushed by workers",
             value=stats.counters.get("flushes", 0),
         )
+        in_redis, overdue = self.store.archive_backlog(self.hot_retention_s)
+        yield GaugeMetricFamily(
+            "gradstream_unarchived_jobs",
+            "Finished jobs whose steps are still in Redis (the hot window)",
+            value=in_redis,
+        )
+        yield GaugeMetricFamily(
+            "gradstream_archive_overdue_jobs",
+            "Finished jobs past the hot window not archived yet (growing: the archivers fail "
+            "or fall behind)",
+            value=overdue,
+        )
         clients, lag = self.streams.watching()
         yield GaugeMetricFamily(
             "gradstream_sse_clients", "Event-stream clients of this API process", value=clients
@@ -63,7 +77,7 @@ class ServiceCollector(Collector):
         )
 
 
-def registry(store: Store, streams: JobStreams) -> CollectorRegistry:
+def registry(store: Store, streams: JobStreams, hot_retention_s: float) -> CollectorRegistry:
     collectors = CollectorRegistry(auto_describe=False)
-    collectors.register(ServiceCollector(store, streams))
+    collectors.register(ServiceCollector(store, streams, hot_retention_s))
     return collectors

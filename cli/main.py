@@ -41,13 +41,12 @@ from api.client import TERMINAL, Client, Event, GradstreamError
 from cli.stack import (
     FolderInUse,
     Stack,
-    default_data_dir,
     lock_data_dir,
     stored_api_key,
     visible_gpus,
 )
 from services.auth import parse_api_keys
-from services.config import get_settings
+from services.config import default_data_dir, get_settings
 from services.queue import Device
 from services.schemas import JobSpec, JobStatus
 

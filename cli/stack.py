@@ -126,7 +126,14 @@ class Stack:
         env = {**os.environ, **self.base_env, "PYTHONUNBUFFERED": "1"}
         api_keys = ",".join(f"{tenant}:{key}" for tenant, key in self.keys.items())
         env.update(GRADSTREAM_REDIS_URL=self.redis_url, GRADSTREAM_API_KEYS=api_keys, **extra)
+        # Archived step history lives beside the stack's Redis data unless told otherwise.
+        env.setdefault("GRADSTREAM_ARCHIVE_URL", str(self.archive_dir))
         return env
+
+    @property
+    def archive_dir(self) -> Path:
+        """The local folder archived jobs go to (without GRADSTREAM_ARCHIVE_URL set)."""
+        return self.run_dir / "archive"
 
     def auth(self, tenant: str | None = None) -> dict[str, str]:
         """The Authorization header of `tenant` (default: the stack's own)."""
@@ -218,13 +225,6 @@ class Stack:
         for log in self._logs:
             log.close()
         self._logs.clear()
-
-
-def default_data_dir() -> Path:
-    """Where `gradstream up` keeps its data: $XDG_DATA_HOME/gradstream, else
-    ~/.local/share/gradstream (the XDG base directory default)."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "gradstream"
 
 
 class FolderInUse(RuntimeError):

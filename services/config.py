@@ -1,12 +1,21 @@
 """Settings: the only place that reads the environment (prefix GRADSTREAM_)."""
 
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """Where gradstream keeps data on this machine unless told otherwise (`gradstream up`'s
+    folder, the archive): $XDG_DATA_HOME/gradstream, else ~/.local/share/gradstream (the XDG
+    base directory default)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gradstream"
 
 
 class Settings(BaseSettings):
@@ -72,6 +81,19 @@ class Settings(BaseSettings):
     submits_per_minute: int = Field(default=600, ge=1, description="per tenant")
     # An SSE client that takes nothing for this long is dropped (it resumes by Last-Event-ID).
     sse_send_timeout_s: float = Field(default=30.0, gt=0)
+
+    # History beyond Redis memory (DESIGN §10): a job finished for `hot_retention_s` has its
+    # step stream moved to one Parquet file under `archive_url` (any fsspec URL: a local
+    # folder, `s3://bucket/prefix`, ...; `archive_options` are the file system's options as
+    # JSON, e.g. {"endpoint_url": ...} for an S3-compatible server). Every worker looks for
+    # such jobs every `archive_interval_s`; each API process keeps up to `archive_cache_bytes`
+    # of archived steps decoded, so that paging through an archived job reads each row group
+    # once.
+    archive_url: str = Field(default_factory=lambda: str(default_data_dir() / "archive"))
+    archive_options: dict[str, Any] = Field(default_factory=dict)
+    hot_retention_s: float = Field(default=3600.0, ge=0)
+    archive_interval_s: float = Field(default=30.0, gt=0)
+    archive_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
 
     # Recording: steps are flushed to Redis in chunks, by time or by count.
     flush_interval_s: float = Field(default=0.02, gt=0)

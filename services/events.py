@@ -22,6 +22,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from services.archive import Archive, archived_file
 from services.errors import JobNotFound, StoreUnavailable
 from services.records import Chunk, expand_chunk
 from services.schemas import JobStatus
@@ -267,11 +268,13 @@ class JobStreams:
         keepalive_s: float,
         render: Render,
         page_bytes: int = 8 * 1024 * 1024,
+        archive: Archive | None = None,
     ) -> None:
         self.client = client
         self.keepalive_s = keepalive_s
         self.render = render
         self.page_bytes = page_bytes  # the most step bytes one read takes from Redis
+        self.archive = archive  # where archived jobs' steps are read from
         self._tails: dict[str, _Tail] = {}
 
     @property
@@ -343,7 +346,10 @@ class JobStreams:
                 # The backlog goes out in writes of about BACKLOG_WRITE_BYTES, not one per step.
                 pending: list[bytes] = []
                 size = 0
-                async for event in self._stored_steps(tail.job_id, after, until):
+                backlog = self._stored_steps(tail.job_id, after, until)
+                if status.finished:
+                    backlog = self._with_archived(backlog, tail.job_id, after, steps_done)
+                async for event in backlog:
                     cursor = event.id if event.id is not None else cursor
                     frame = self.render(event)
                     pending.append(frame)
@@ -402,3 +408,24 @@ class JobStreams:
             if len(entries) < count:
                 return
             count = entries_per_read(entry_json_bytes(chunk), self.page_bytes)
+
+    async def _with_archived(
+        self, stored: AsyncIterator[StreamEvent], job_id: str, after: int, steps_done: int
+    ) -> AsyncIterator[StreamEvent]:
+        """A finished job's stored steps: those its stream holds, then, when the stream ends
+        short of its last step (it was archived, before this read or during it), the rest from
+        its archived file, a row group at a time off the event loop."""
+        async for event in stored:
+            after = event.id if event.id is not None else after
+            yield event
+        if after >= steps_done - 1:
+            return
+        archived = await self.client.hget(job_key(job_id), "archived")
+        if archived is None:
+            return
+        archive, location = archived_file(self.archive, archived)
+        while chunk := await asyncio.to_thread(archive.chunk_after, location, after):
+            for page in record_pages(chunk, after, self.page_bytes):
+                for record in page:
+                    yield StreamEvent("step", record, record["step"])
+            after = chunk.last

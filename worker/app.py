@@ -29,6 +29,8 @@ from celery.signals import (
 )
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+from services.archive import Archive
+from services.archiver import archive_due
 from services.config import Settings, get_settings
 from services.errors import StoreUnavailable
 from services.logs import configure_logging
@@ -205,6 +207,9 @@ def start_heartbeat(**_: Any) -> None:
                 return
 
     threading.Thread(target=beat, name="gradstream-heartbeat", daemon=True).start()
+    threading.Thread(
+        target=archive_loop, args=(settings,), name="gradstream-archiver", daemon=True
+    ).start()
     log.info("worker %s registered on queue %s (%s)", _node_name, device.queue, device_name)
     if settings.worker_metrics_port is not None:
         _serve_metrics(settings.worker_metrics_port)
@@ -231,6 +236,24 @@ def reap(store: Store) -> None:
     for job_id, queue in store.orphaned_jobs(settings.orphan_after_s):
         log.warning("job %s queued with no message on %s: sent again", job_id, queue)
         enqueue_training(job_id, queue)
+
+
+def archive_loop(settings: Settings) -> None:
+    """Main process, beside the heartbeat: every worker moves the steps of jobs finished for
+    the hot retention to the archive (services/archiver.py), a batch per pass. A thread of its
+    own, as writing a file can take longer than a heartbeat may wait."""
+    try:
+        archive = Archive.from_settings(settings)
+    except (ImportError, ValueError, OSError):  # an unknown protocol, a bad option...
+        log.exception("archiver not started: GRADSTREAM_ARCHIVE_URL cannot be used")
+        return
+    store = Store.from_settings(settings, archive)
+    while not _heartbeat_stop.wait(settings.archive_interval_s):
+        try:
+            for job_id in archive_due(store, archive, settings.hot_retention_s):
+                log.info("job %s: steps archived", job_id)
+        except Exception:
+            log.exception("archiver failed")
 
 
 @worker_shutdown.connect

@@ -8,13 +8,16 @@
 - datasets.py  uploaded datasets and the tenants' references to them
 - workers.py   the worker registry and the service's counters
 - recovery.py  the reaper: lapsed leases and lost messages
+- archiving.py finished jobs due for the archive, and the script that marks one archived
 - sweeps.py    sweeps, their members (jobs) and groups (units of work), a group's flush
 """
 
 import redis
 
+from services.archive import Archive
 from services.config import Settings
 from services.redis_clients import direct_client, redis_client
+from services.store.archiving import Archiving
 from services.store.attempts import Attempts, Checkpoint, Claim
 from services.store.base import LuaScripts, translate_redis_errors
 from services.store.datasets import Datasets
@@ -27,24 +30,27 @@ from services.store.workers import LIVE_QUEUES_TTL_S, Workers
 __all__ = ["Checkpoint", "Claim", "Store", "job_view"]
 
 
-class Store(Jobs, Attempts, Steps, Sweeps, Datasets, Workers, Recovery):
-    """The store on one Redis (sync; used by the API's routes and by workers)."""
+class Store(Jobs, Attempts, Steps, Sweeps, Datasets, Workers, Recovery, Archiving):
+    """The store on one Redis (sync; used by the API's routes and by workers), and the archive
+    that holds archived jobs' steps (the API's and the archiver's stores have one: reading or
+    deleting an archived job needs it)."""
 
-    def __init__(self, client: "redis.Redis") -> None:
+    def __init__(self, client: "redis.Redis", archive: Archive | None = None) -> None:
         self.redis = client
+        self.archive = archive
         self.lua = LuaScripts(client)
         self._live_queues = set()
         self._live_queues_at = -LIVE_QUEUES_TTL_S
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Store":
+    def from_settings(cls, settings: Settings, archive: Archive | None = None) -> "Store":
         """The store on the configured Redis (by URL, or the primary the sentinels name)."""
-        return cls(redis_client(settings))
+        return cls(redis_client(settings), archive)
 
     @classmethod
-    def from_url(cls, url: str) -> "Store":
+    def from_url(cls, url: str, archive: Archive | None = None) -> "Store":
         """The store on the Redis at `url` (tests and benchmarks)."""
-        return cls(direct_client(url))
+        return cls(direct_client(url), archive)
 
     @translate_redis_errors
     def ping(self) -> bool:

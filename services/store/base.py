@@ -7,6 +7,7 @@ from typing import ParamSpec, TypeVar
 
 import redis
 
+from services.archive import Archive
 from services.errors import StorageFull, StoreUnavailable
 from services.schemas import JobSummary
 from services.store import scripts
@@ -60,6 +61,9 @@ class LuaScripts:
         self.flush_group = client.register_script(scripts.FLUSH_GROUP)
         self.cancel_sweep = client.register_script(scripts.CANCEL_SWEEP)
         self.delete_sweep = client.register_script(scripts.DELETE_SWEEP)
+        self.archive = client.register_script(scripts.ARCHIVE)
+        self.claim_archiving = client.register_script(scripts.CLAIM_ARCHIVING)
+        self.defer_archive = client.register_script(scripts.DEFER_ARCHIVE)
 
 
 class RedisPart:
@@ -68,6 +72,7 @@ class RedisPart:
 
     redis: "redis.Redis"
     lua: LuaScripts
+    archive: Archive | None
 
     def redis_time(self) -> float:
         """Redis's clock, in seconds: ages compared with times Redis wrote (its TIME) must

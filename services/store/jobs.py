@@ -199,9 +199,9 @@ class Jobs(RedisPart):
 
     @translate_redis_errors
     def delete_job(self, job_id: str, tenant: str) -> None:
-        """Delete an ended job of `tenant`: its record, steps, checkpoint and index entries;
-        its bytes no longer count against the tenant. JobActive while it is queued or
-        running."""
+        """Delete an ended job of `tenant`: its record, steps (in Redis or archived),
+        checkpoint and index entries; its bytes no longer count against the tenant. JobActive
+        while it is queued or running."""
         self.job_fields(job_id, tenant)  # the owner never changes: checking first is safe
         reply = self._delete(job_id, force=False)
         if reply[0] == b"live":
@@ -210,6 +210,10 @@ class Jobs(RedisPart):
             raise MemberOfSweep(job_id, reply[1].decode())
         if reply[0] == b"missing":
             raise JobNotFound(job_id)
+        if self.archive is not None:
+            # After the record: an archiver that publishes the file meanwhile finds the job
+            # gone and removes the file itself. (A sweep's members go with their sweep.)
+            self.archive.remove_job(tenant, job_id)
 
     @translate_redis_errors
     def count_submit(self, tenant: str, window_s: int = 60) -> tuple[int, int]:

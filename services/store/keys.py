@@ -21,6 +21,9 @@ TENANT_JOBS = ":jobs"
 SWEEP_STATUS_PREFIX = "gs:sweeps:"  # + status: the ids of every tenant's sweeps in it (a set)
 WORKERS_INDEX = "gs:workers"
 STATS_KEY = "gs:stats"
+# Finished jobs whose steps are still in Redis, scored by when they finished (Redis seconds):
+# the workers' archiver moves each one's stream to the archive once it is old enough.
+ARCHIVE_DUE = "gs:archive:due"
 
 
 def job_key(job_id: str) -> str:
@@ -46,6 +49,11 @@ def lease_key(job_id: str) -> str:
 def ckpt_key(job_id: str) -> str:
     """The state after the last stored step: parameters, optimizer state, step, last loss."""
     return f"gs:{{{job_id}}}:ckpt"
+
+
+def archiving_key(job_id: str) -> str:
+    """Held (with a TTL) by the worker archiving the job, so that two do not do the work twice."""
+    return f"gs:{{{job_id}}}:archiving"
 
 
 def job_keys(job_id: str) -> list[str]:

@@ -61,6 +61,7 @@ local GROUP_INDEX = {_lua_string(keys.GROUP_STATUS_PREFIX)}
 local TENANT_PREFIX = {_lua_string(keys.TENANT_PREFIX)}
 local TENANT_JOBS = {_lua_string(keys.TENANT_JOBS)}
 local STATS = {_lua_string(keys.STATS_KEY)}
+local ARCHIVE_DUE = {_lua_string(keys.ARCHIVE_DUE)}
 local SWEEP_STATUS = {_lua_string(keys.SWEEP_STATUS_PREFIX)}
 local FIELD_COUNT = {_lua_string(FIELD_COUNT.decode())}
 local FIELD_ROWS = {_lua_string(FIELD_ROWS.decode())}
@@ -195,6 +196,12 @@ local function finish(id, old, new, now)
     redis.call('HSET', JOB, 'bytes', kept)
   end
   set_status(id, old, new)
+  -- Its steps go to the archive once it has been finished for the hot retention (a group
+  -- stores no steps of its own: its members do).
+  if redis.call('HEXISTS', JOB, 'members') == 0
+     and tonumber(redis.call('HGET', JOB, 'steps_done') or '0') > 0 then
+    redis.call('ZADD', ARCHIVE_DUE, redis.call('TIME')[1], id)
+  end
   if redis.call('HEXISTS', JOB, 'group') == 1 then  -- a sweep's member
     redis.call('DECR', tenant_active_members(tenant))
     member_ended(redis.call('HGET', JOB, 'sweep'), new, now)
@@ -536,6 +543,7 @@ if tenant then
 end
 redis.call('ZREM', JOBS_INDEX, ARGV[1])
 redis.call('ZREM', STATUS_INDEX .. status, ARGV[1])
+redis.call('ZREM', ARCHIVE_DUE, ARGV[1])
 local idem = redis.call('HGET', JOB, 'idempotency')
 if idem and redis.call('GET', idem) == ARGV[1] then redis.call('DEL', idem) end
 redis.call('DEL', JOB, STEPS, EVENTS, LEASE, CKPT)
@@ -833,6 +841,7 @@ for _, id in ipairs(redis.call('ZRANGE', sweep_members_key(sweep), 0, -1)) do
     redis.call('ZREM', JOBS_INDEX, id)
     redis.call('ZREM', STATUS_INDEX .. member[1], id)
     if not TERMINAL[member[1]] then redis.call('DECR', tenant_active_members(tenant)) end
+    redis.call('ZREM', ARCHIVE_DUE, id)
     freed = freed + tonumber(member[2] or '0')
   end
   redis.call('DEL', job_key(id), steps_key(id), events_key(id), lease_key(id), ckpt_key(id))
@@ -850,4 +859,57 @@ redis.call('DEL', KEYS[1], sweep_events_key(sweep), sweep_members_key(sweep))
 return {'deleted'}
 """,
     allow_oom=True,
+)
+
+
+# KEYS: the job's keys. ARGV: job id, then its status, attempt and steps_done as the archiver
+# read them before writing the file, then the `archived` value (services/archive.py's
+# ArchivedFile as JSON). Called only once the file is written, read back, verified and in
+# place: if the job is unchanged and its stream ends at its last step, marks it archived and
+# deletes its stream, and its status events too (only a live job's tail reads them; a
+# stream's first node alone takes ~5 kB, more than the rest of a finished job). Returns 'ok',
+# 'archived' (already), 'missing' (deleted meanwhile: the file is the caller's to remove) or
+# 'changed' (nothing done; a later pass tries again). Allowed on a full Redis: it frees the
+# streams.
+ARCHIVE = _script(
+    """
+local record = redis.call('HMGET', JOB, 'status', 'attempt', 'steps_done', 'archived')
+if not record[1] or record[4] then
+  redis.call('ZREM', ARCHIVE_DUE, ARGV[1])
+  if record[4] then return 'archived' end
+  return 'missing'
+end
+if not TERMINAL[record[1]] or record[1] ~= ARGV[2] or record[2] ~= ARGV[3]
+   or record[3] ~= ARGV[4] then
+  return 'changed'
+end
+local last = redis.call('XREVRANGE', STEPS, '+', '-', 'COUNT', 1)[1]
+if not last or last[1] ~= (tonumber(ARGV[4]) - 1) .. '-1' then return 'changed' end
+redis.call('HSET', JOB, 'archived', ARGV[5])
+redis.call('DEL', STEPS, EVENTS)
+redis.call('ZREM', ARCHIVE_DUE, ARGV[1])
+return 'ok'
+""",
+    allow_oom=True,
+)
+
+# KEYS: the job's archiving key. ARGV: its TTL in seconds. Takes the job's archiving for this
+# worker unless another holds it (1) or not (0). Allowed on a full Redis, like every write of
+# the archiver's: archiving is what makes room.
+CLAIM_ARCHIVING = _script(
+    """
+return redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) and 1 or 0
+""",
+    allow_oom=True,
+    helpers=False,
+)
+
+# KEYS: the due index. ARGV: job id, when to try it again (Redis seconds). A job whose
+# archiving failed waits, if it is still due. Allowed on a full Redis (it replaces a score).
+DEFER_ARCHIVE = _script(
+    """
+return redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+""",
+    allow_oom=True,
+    helpers=False,
 )

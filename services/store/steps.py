@@ -4,6 +4,7 @@ only the rows it returns."""
 
 from typing import Any
 
+from services.archive import archived_file
 from services.records import Chunk, expand_chunk, record_json_bytes
 from services.schemas import JobStatus
 from services.store import keys
@@ -43,10 +44,29 @@ class Steps(RedisPart):
         max_bytes: int = 8 * 1024 * 1024,
     ) -> tuple[list[dict[str, Any]], int | None]:
         """Stored steps with `step > after`, in order, at most `limit` of them and about
-        `max_bytes` of JSON (at least one step), and the `after` of the next page or None."""
+        `max_bytes` of JSON (at least one step), and the `after` of the next page or None.
+
+        Steps come from the stream, and from the archive for an archived job: a stream that
+        ends short of a finished job's last step was archived, before this read or during it.
+        """
         fields = self.job_fields(job_id, tenant)
         finished = JobStatus(fields[b"status"].decode()).finished
         steps_done = int(fields[b"steps_done"])
+        records, limit = self._stream_page(job_id, after, limit, max_bytes)
+        last = records[-1]["step"] if records else after
+        if finished and len(records) < limit and last < steps_done - 1:
+            archived = fields.get(b"archived") or self.redis.hget(keys.job_key(job_id), "archived")
+            if archived is not None:
+                records += self._archive_page(archived, last, limit - len(records), max_bytes)
+        last = records[-1]["step"] if records else after
+        more = last < steps_done - 1 or not finished
+        return records, (last if more else None)
+
+    def _stream_page(
+        self, job_id: str, after: int, limit: int, max_bytes: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The page's steps that the stream holds, and the page's limit in steps (lowered to
+        fit `max_bytes` once a record's size is known)."""
         records: list[dict[str, Any]] = []
         # The entry holding step after+1 has an id >= after+1 (ids are a chunk's last step).
         start = keys.step_entry_id(after + 1) if after >= 0 else "-"
@@ -65,6 +85,20 @@ class Steps(RedisPart):
                     break
             if len(entries) < asked:
                 break  # the end of the stream
-        last = records[-1]["step"] if records else after
-        more = last < steps_done - 1 or not finished
-        return records, (last if more else None)
+        return records, limit
+
+    def _archive_page(
+        self, archived: bytes, after: int, limit: int, max_bytes: int
+    ) -> list[dict[str, Any]]:
+        """Up to `limit` steps after `after` from the job's archived file (row groups decoded
+        once, through the archive's cache), within `max_bytes` of JSON."""
+        archive, location = archived_file(self.archive, archived)
+        records: list[dict[str, Any]] = []
+        while len(records) < limit:
+            chunk = archive.chunk_after(location, after)
+            if chunk is None:
+                break
+            limit = min(limit, page_steps(chunk, limit, max_bytes))
+            records.extend(expand_chunk(chunk, after, limit - len(records)))
+            after = records[-1]["step"]
+        return records

@@ -254,6 +254,8 @@ class Sweeps(RedisPart):
             raise SweepActive(sweep_id, reply[1].decode())
         if reply[0] == b"missing":
             raise SweepNotFound(sweep_id)
+        if self.archive is not None:
+            self.archive.remove_sweep(tenant, sweep_id)
 
     @translate_redis_errors
     def discard_sweep(self, sweep_id: str) -> None:

@@ -1,0 +1,417 @@
+"""Step history beyond Redis memory (DESIGN §10): a finished job's step stream as one Parquet
+file per job under GRADSTREAM_ARCHIVE_URL (any fsspec URL), and the cached readers that serve
+it again.
+
+A file holds one row per step: `step` (int64), `loss` (float32), `grads` and `params` (fixed-
+size lists of float32, the record's `[w..., b]`), `explain` (float32, an explained job's graph)
+and `epoch`, `batch` (int64, a mini-batch job's). Its schema's metadata keeps the job's row
+layout, so that a row group becomes a `Chunk` again and is expanded into records by the very
+code that expands the stream's chunks: the JSON served from the archive cannot differ from the
+JSON served from Redis.
+
+Files are published as object stores and data lakes do it: written under a temporary name,
+read back and checked (rows, steps, a SHA-256 of the float32 rows), then renamed. When each
+step runs, and marking the job archived in Redis, is services/archiver.py's.
+"""
+
+import bisect
+import hashlib
+import itertools
+import json
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from services.config import Settings
+from services.errors import StoreUnavailable
+from services.records import Chunk, row_width
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_METADATA_KEY = b"gradstream"
+# Bytes of float32 rows per row group: a page of /steps decodes the row group it starts in,
+# so groups stay a few MB; the cache keeps decoded groups for the pages that follow.
+ROW_GROUP_BYTES = 4 * 1024 * 1024
+# Archived jobs one API process keeps a file open for (each a handle and a footer).
+MAX_OPEN_FILES = 64
+
+
+class ArchiveMismatch(Exception):
+    """A file read back does not hold what was written (or what the job's record says)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The row layout of one job's steps (services/records.py): [loss, grads, params, graph]."""
+
+    features: int
+    bias: bool
+    batches: int
+    explain: int
+
+    @classmethod
+    def of(cls, chunk: Chunk) -> "Layout":
+        return cls(chunk.features, chunk.bias, chunk.batches, chunk.explain)
+
+    @classmethod
+    def from_schema(cls, schema: pa.Schema) -> "Layout":
+        meta = json.loads((schema.metadata or {}).get(_METADATA_KEY, b"{}"))
+        if meta.get("version") != FORMAT_VERSION:
+            raise ArchiveMismatch(f"not a gradstream archive of version {FORMAT_VERSION}")
+        return cls(meta["features"], meta["bias"], meta["batches"], meta["explain"])
+
+    @property
+    def params(self) -> int:
+        return self.features + int(self.bias)
+
+    @property
+    def width(self) -> int:
+        return row_width(self.features, self.bias, self.explain)
+
+    def schema(self) -> pa.Schema:
+        p = self.params
+        fields = [
+            pa.field("step", pa.int64(), nullable=False),
+            pa.field("loss", pa.float32()),
+            pa.field("grads", pa.list_(pa.float32(), p)),
+            pa.field("params", pa.list_(pa.float32(), p)),
+        ]
+        if self.explain:
+            fields.append(pa.field("explain", pa.list_(pa.float32(), self.width - 1 - 2 * p)))
+        if self.batches:
+            fields += [pa.field("epoch", pa.int64()), pa.field("batch", pa.int64())]
+        meta = {"version": FORMAT_VERSION, **self.__dict__}
+        return pa.schema(fields, metadata={_METADATA_KEY: json.dumps(meta).encode()})
+
+    def encodings(self) -> dict[str, str]:
+        """Parquet encodings by column: step numbers as deltas (next to nothing), floats split
+        by byte (a trajectory's slowly changing values then compress)."""
+        floats = ["loss", "grads.list.element", "params.list.element"]
+        ints = ["step"]
+        if self.explain:
+            floats.append("explain.list.element")
+        if self.batches:
+            ints += ["epoch", "batch"]
+        return {
+            **{name: "BYTE_STREAM_SPLIT" for name in floats},
+            **{name: "DELTA_BINARY_PACKED" for name in ints},
+        }
+
+    def table(self, first: int, rows: bytes) -> pa.Table:
+        """Rows of float32 (as the stream packs them) from step `first` on, as columns."""
+        values = np.frombuffer(rows, np.float32).reshape(-1, self.width)
+        steps = np.arange(first, first + len(values), dtype=np.int64)
+        p = self.params
+
+        def lists(begin: int, end: int) -> pa.Array:
+            return pa.FixedSizeListArray.from_arrays(
+                pa.array(values[:, begin:end].ravel()), end - begin
+            )
+
+        columns = [
+            pa.array(steps),
+            pa.array(values[:, 0]),
+            lists(1, 1 + p),
+            lists(1 + p, 1 + 2 * p),
+        ]
+        if self.explain:
+            columns.append(lists(1 + 2 * p, self.width))
+        if self.batches:
+            epochs, batches = np.divmod(steps, self.batches)
+            columns += [pa.array(epochs), pa.array(batches)]
+        return pa.Table.from_arrays(columns, schema=self.schema())
+
+    def rows(self, table: pa.Table) -> bytes:
+        """The float32 rows of a table `table()` made (a row group read back)."""
+        p = self.params
+        out = np.empty((table.num_rows, self.width), np.float32)
+        out[:, 0] = table.column("loss").to_numpy()
+        parts = [("grads", 1, 1 + p), ("params", 1 + p, 1 + 2 * p)]
+        if self.explain:
+            parts.append(("explain", 1 + 2 * p, self.width))
+        for name, begin, end in parts:
+            flat = table.column(name).combine_chunks().flatten().to_numpy()
+            out[:, begin:end] = flat.reshape(table.num_rows, end - begin)
+        return out.tobytes()
+
+
+@dataclass(frozen=True)
+class ArchivedFile:
+    """Where a job's steps went, as its record keeps it (the `archived` field)."""
+
+    url: str
+    rows: int
+    sha256: str
+
+    def to_json(self) -> str:
+        return json.dumps({"url": self.url, "rows": self.rows, "sha256": self.sha256})
+
+    @classmethod
+    def from_json(cls, value: bytes | str) -> "ArchivedFile":
+        return cls(**json.loads(value))
+
+
+def _write_parquet(handle: Any, chunks: Iterable[Chunk]) -> tuple[int, str]:
+    """Write consecutive chunks from step 0 as Parquet row groups of about ROW_GROUP_BYTES:
+    the rows written and the SHA-256 of their float32 bytes."""
+    stream = iter(chunks)
+    head = next(stream, None)
+    if head is None:
+        raise ArchiveMismatch("the job has no stored steps")
+    layout = Layout.of(head)
+    row_bytes = 4 * layout.width
+    group_bytes = row_bytes * max(1, ROW_GROUP_BYTES // row_bytes)
+    digest, rows, pending = hashlib.sha256(), 0, bytearray()
+    with pq.ParquetWriter(
+        handle, layout.schema(), use_dictionary=False, column_encoding=layout.encodings()
+    ) as writer:
+        for chunk in itertools.chain([head], stream):
+            if chunk.first != rows:
+                raise ArchiveMismatch(f"the stream jumps from step {rows} to {chunk.first}")
+            digest.update(chunk.rows)
+            pending += chunk.rows
+            rows += chunk.count
+            while len(pending) >= group_bytes:
+                first = rows - len(pending) // row_bytes
+                writer.write_table(layout.table(first, bytes(pending[:group_bytes])))
+                del pending[:group_bytes]
+        if pending:
+            writer.write_table(layout.table(rows - len(pending) // row_bytes, bytes(pending)))
+    return rows, digest.hexdigest()
+
+
+def archived_file(archive: "Archive | None", archived: bytes) -> tuple["Archive", ArchivedFile]:
+    """The archive, and the file an archived job's record (its `archived` field) names."""
+    if archive is None:
+        raise StoreUnavailable("this job's steps are archived, and no archive is configured")
+    return archive, ArchivedFile.from_json(archived)
+
+
+class _OpenFile:
+    """One archived job's Parquet file, open: where each row group starts, and a lock (a file
+    handle is read by one thread at a time)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        self.handle = fs.open(path, "rb")
+        self.parquet = pq.ParquetFile(self.handle)
+        self.layout = Layout.from_schema(self.parquet.schema_arrow)
+        metadata = self.parquet.metadata
+        self.starts = [0]
+        for i in range(metadata.num_row_groups):
+            self.starts.append(self.starts[-1] + metadata.row_group(i).num_rows)
+        self.lock = threading.Lock()
+
+    def group_of(self, step: int) -> int | None:
+        """The row group holding `step`, or None past the last step."""
+        if step < 0 or step >= self.starts[-1]:
+            return None
+        return bisect.bisect_right(self.starts, step) - 1
+
+    def read_group(self, group: int) -> Chunk:
+        with self.lock:
+            table = self.parquet.read_row_group(group)
+        layout = self.layout
+        return Chunk(
+            first=self.starts[group],
+            count=table.num_rows,
+            features=layout.features,
+            bias=layout.bias,
+            rows=layout.rows(table),
+            batches=layout.batches,
+            explain=layout.explain,
+        )
+
+    def close(self) -> None:
+        with self.lock:
+            self.handle.close()
+
+
+class Archive:
+    """The archive's file system, and this process's cache of archived steps: open files (at
+    most MAX_OPEN_FILES) and decoded row groups (at most `cache_bytes`), least recently used
+    first out."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None, cache_bytes: int = 0):
+        self.options = options or {}
+        self.fs, self.root = fsspec.core.url_to_fs(url, **self.options)
+        self.root = self.root.rstrip("/")
+        self.cache_bytes = cache_bytes
+        self._lock = threading.Lock()
+        self._files: OrderedDict[str, _OpenFile] = OrderedDict()
+        self._groups: OrderedDict[tuple[str, int], Chunk] = OrderedDict()
+        self._cached_bytes = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Archive":
+        return cls(settings.archive_url, settings.archive_options, settings.archive_cache_bytes)
+
+    # Where files go: a tenant's jobs in its folder, a sweep's members in the sweep's (so that
+    # deleting a sweep removes one folder).
+
+    def job_path(self, tenant: str, job_id: str, sweep: str | None = None) -> str:
+        folder = self.sweep_folder(tenant, sweep) if sweep else f"{self.root}/{tenant}"
+        return f"{folder}/{job_id}.parquet"
+
+    def sweep_folder(self, tenant: str, sweep_id: str) -> str:
+        return f"{self.root}/{tenant}/sweeps/{sweep_id}"
+
+    def url(self, path: str) -> str:
+        """The URL the job's record keeps (with the file system's protocol)."""
+        return str(self.fs.unstrip_protocol(path))
+
+    # Writing: temporary file, read back, rename.
+
+    def write(self, path: str, chunks: Iterable[Chunk]) -> tuple[str, int, str]:
+        """Write a job's consecutive chunks (from step 0) to a new temporary file beside `path`:
+        its path, the rows written and the SHA-256 of their float32 bytes. Temporary files an
+        earlier, interrupted write left for this job are removed first."""
+        self.remove_temporaries(path)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        temporary = f"{path}.tmp-{secrets.token_hex(6)}"
+        try:
+            with self.fs.open(temporary, "wb") as handle:
+                rows, sha256 = _write_parquet(handle, chunks)
+        except BaseException:
+            if self.fs.exists(temporary):
+                self.fs.rm(temporary)
+            raise
+        return temporary, rows, sha256
+
+    def verify(self, path: str, rows: int, sha256: str) -> None:
+        """Read the file back: ArchiveMismatch unless it holds steps 0 .. rows-1, in order,
+        whose float32 rows hash to `sha256`."""
+        with self.fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            layout = Layout.from_schema(parquet.schema_arrow)
+            digest, expected = hashlib.sha256(), 0
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group)
+                steps = table.column("step").to_numpy()
+                if not np.array_equal(steps, np.arange(expected, expected + len(steps))):
+                    raise ArchiveMismatch(f"{path}: steps out of order in row group {group}")
+                digest.update(layout.rows(table))
+                expected += len(steps)
+        if expected != rows or digest.hexdigest() != sha256:
+            raise ArchiveMismatch(
+                f"{path} holds {expected} rows hashing to {digest.hexdigest()}; "
+                f"written: {rows} rows hashing to {sha256}"
+            )
+
+    def publish(self, temporary: str, path: str) -> None:
+        """Rename the verified file to its place (atomic on a local disk; on an object store a
+        copy then a delete, each object whole)."""
+        self.fs.mv(temporary, path)
+
+    # Removing.
+
+    def _glob(self, pattern: str) -> list[str]:
+        # Another process writes and removes files here: no listing cached by this one counts.
+        self.fs.invalidate_cache()
+        found: list[str] = self.fs.glob(pattern)
+        return found
+
+    def remove_temporaries(self, path: str) -> None:
+        for leftover in self._glob(f"{path}.tmp-*"):
+            self.fs.rm(leftover)
+
+    def remove_job(self, tenant: str, job_id: str, sweep: str | None = None) -> None:
+        """Remove a deleted job's file and any temporary one an interrupted archiving left.
+        A file system that fails leaves the file behind (logged): the job is gone either way."""
+        path = self.job_path(tenant, job_id, sweep)
+        self.forget(self.url(path))
+        try:
+            for found in self._glob(f"{path}*"):
+                self.fs.rm(found)
+        except OSError:
+            log.exception("archive: could not remove %s (deleted job %s)", path, job_id)
+
+    def remove_sweep(self, tenant: str, sweep_id: str) -> None:
+        """Remove the files of all of a deleted sweep's members (one folder)."""
+        folder = self.sweep_folder(tenant, sweep_id)
+        with self._lock:
+            stale = [url for url in self._files if f"/sweeps/{sweep_id}/" in url]
+        for url in stale:
+            self.forget(url)
+        try:
+            if self._glob(f"{folder}/*"):
+                self.fs.rm(folder, recursive=True)
+        except OSError:
+            log.exception("archive: could not remove %s (deleted sweep %s)", folder, sweep_id)
+
+    # Reading, through the cache.
+
+    def chunk_after(self, archived: ArchivedFile, after: int) -> Chunk | None:
+        """The row group holding step `after + 1` as a Chunk, or None past the job's last step.
+        StoreUnavailable when the file cannot be read."""
+        try:
+            opened = self._open(archived.url)
+            group = opened.group_of(after + 1)
+            if group is None:
+                return None
+            key = (archived.url, group)
+            with self._lock:
+                chunk = self._groups.get(key)
+                if chunk is not None:
+                    self._groups.move_to_end(key)
+                    return chunk
+            chunk = opened.read_group(group)
+        except (OSError, ArchiveMismatch, pa.ArrowException) as exc:
+            raise StoreUnavailable(f"archived steps unavailable ({archived.url}): {exc}") from exc
+        self._keep(key, chunk)
+        return chunk
+
+    def _open(self, url: str) -> _OpenFile:
+        with self._lock:
+            opened = self._files.get(url)
+            if opened is not None:
+                self._files.move_to_end(url)
+                return opened
+        fs, path = fsspec.core.url_to_fs(url, **self._options_for(url))
+        opened = _OpenFile(fs, path)
+        closing = []
+        with self._lock:
+            if url in self._files:  # another thread opened it meanwhile: use that one
+                closing.append(opened)
+                opened = self._files[url]
+            self._files[url] = opened
+            while len(self._files) > MAX_OPEN_FILES:
+                closing.append(self._files.popitem(last=False)[1])
+        for old in closing:
+            old.close()
+        return opened
+
+    def _options_for(self, url: str) -> dict[str, Any]:
+        # A file of the configured file system is read with its options (an S3 endpoint...).
+        return self.options if url.startswith(self.url(self.root)) else {}
+
+    def _keep(self, key: tuple[str, int], chunk: Chunk) -> None:
+        size = len(chunk.rows)
+        if size > self.cache_bytes:
+            return
+        with self._lock:
+            if key in self._groups:
+                return
+            self._groups[key] = chunk
+            self._cached_bytes += size
+            while self._cached_bytes > self.cache_bytes:
+                _, old = self._groups.popitem(last=False)
+                self._cached_bytes -= len(old.rows)
+
+    def forget(self, url: str) -> None:
+        """Drop a file from the cache (it is being deleted)."""
+        with self._lock:
+            opened = self._files.pop(url, None)
+            for key in [k for k in self._groups if k[0] == url]:
+                self._cached_bytes -= len(self._groups.pop(key).rows)
+        if opened is not None:
+            opened.close()
