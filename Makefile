@@ -66,9 +66,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# pytest exits 5 when it collected no tests: that is a failure here, not a pass.
+# pytest exits 5 when it collected no tests: that is a failure here, not a pass. The test files
+# run on PYTEST_WORKERS processes (pytest-xdist), a file's tests on one of them, as its module
+# fixtures (stacks of its own) expect; each process starts its own session stack. Most tests
+# wait on other processes (workers, Redis, uvicorn), so two halve the suite's time on 2 cores.
+PYTEST_WORKERS ?= 2
 pytest: $(STAMP) redis-server
-	$(BIN)/pytest; status=$$?; \
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
 
