@@ -4,6 +4,7 @@ checks of the step loop itself on any device, CPU here and CUDA in tests/gpu."""
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
 from services.config import Settings
@@ -78,3 +79,20 @@ def members_steps(store: Store, sweep_id: str) -> list[tuple[str, list[dict[str,
         (member.status.value, stored_steps(store, member.id))
         for member in store.get_sweep(sweep_id).members
     ]
+
+
+def step_values(steps: list[dict[str, Any]]) -> np.ndarray:
+    """loss, dLoss/dw, dLoss/db and w of every step (a job with a bias), as float64."""
+    rows = [[s["loss"], *s["grads"]["w"], s["grads"]["b"], *s["params"]["w"]] for s in steps]
+    return np.array(rows, dtype=np.float64)
+
+
+def assert_members_agree(
+    got: list[tuple[str, list[dict[str, Any]]]], want: list[tuple[str, list[dict[str, Any]]]]
+) -> None:
+    """Two runs of a sweep (`members_steps`) ended alike: each member's status and steps, its
+    values to float32 rounding (another stepper rounds a little differently)."""
+    assert [status for status, _ in got] == [status for status, _ in want]
+    for (_, mine), (_, reference) in zip(got, want, strict=True):
+        assert [s["step"] for s in mine] == [s["step"] for s in reference]
+        np.testing.assert_allclose(step_values(mine), step_values(reference), rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ from services.runner import warm_compiled
 from services.schemas import JobSpec
 from services.store import Store
 from services.training import graphs_compiled
-from tests.attempts import run_once, run_with_hand_back
+from tests.attempts import run_once, run_with_hand_back, step_values
 
 CPU = torch.device("cpu")
 COMPILED_SHAPE = {"synthetic": {"n": 16384, "d": 8, "noise": 0.1, "seed": 3}}
@@ -38,11 +38,6 @@ def compiled_spec(steps: int, **optimizer: Any) -> JobSpec:
     )
 
 
-def _values(steps: list[dict[str, Any]]) -> np.ndarray:
-    rows = [[s["loss"], *s["grads"]["w"], s["grads"]["b"], *s["params"]["w"]] for s in steps]
-    return np.array(rows, dtype=np.float64)
-
-
 def test_compiled_blocks_agree_with_eager_steps(store: Store) -> None:
     # 1 003 steps: 62 blocks of 16, then 11 eager steps; weight decay through the tensors.
     spec = compiled_spec(1003, weight_decay=0.01)
@@ -53,7 +48,7 @@ def test_compiled_blocks_agree_with_eager_steps(store: Store) -> None:
     # To float32 rounding: each value within 1e-5 of its quantity's scale over the run (a
     # gradient is a sum over 16 384 samples; summed in another order, a small one moves by
     # more than 1e-5 of itself, never by more than 1e-5 of the sum's terms).
-    ours, theirs = _values(compiled_steps), _values(eager_steps)
+    ours, theirs = step_values(compiled_steps), step_values(eager_steps)
     scale = np.abs(theirs).max(axis=0)
     assert np.all(np.abs(ours - theirs) <= 1e-5 * scale), np.abs(ours - theirs).max(axis=0)
 
