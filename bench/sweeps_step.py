@@ -6,6 +6,8 @@ worker end to end).
 
 Per problem, member-steps per second of
   - BatchedTrainer: all K members in one step, every row recorded (as a worker does);
+  - BatchedCompiledSteps: the same step compiled in blocks of 16 (what a worker runs for long
+    plain-SGD groups; its compile, seconds, is not timed);
   - Trainer: the same K specs as K single jobs, one after another, every row recorded;
   - the tutorial's loop for one job, written by hand (`w -= lr * w.grad`), nothing recorded;
 and the batched rate over each of the other two. Each side runs `repeat` times, interleaved;
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.batched import BatchedTrainer
+from services.batched import BatchedCompiledSteps, BatchedTrainer
 from services.schemas import JobSpec
 from services.training import Trainer, build_dataset, initial_theta
 
@@ -59,6 +61,19 @@ def batched_rate(specs: list[JobSpec], steps: int) -> float:
     for i in range(1, steps):
         trainer.step(records[i])
     return len(specs) * (steps - 1) / (time.perf_counter() - started)
+
+
+def compiled_rate(specs: list[JobSpec], steps: int) -> float:
+    """The group's step as compiled blocks (compiled before the clock starts)."""
+    trainer = BatchedTrainer(specs, torch.device("cpu"))
+    block = 16
+    storage = torch.empty(steps + block, len(specs), trainer.layout.width)
+    cursor = torch.zeros((), dtype=torch.int64)
+    compiled = BatchedCompiledSteps(trainer, storage, cursor, block)
+    started = time.perf_counter()
+    for _ in range(steps // block):
+        compiled.replay()
+    return len(specs) * (steps // block) * block / (time.perf_counter() - started)
 
 
 def single_jobs_rate(specs: list[JobSpec], steps: int) -> float:
@@ -98,16 +113,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread; member-steps per second, medians of {args.repeat}")
     for name, (data, members, steps, single_steps, lrs) in PROBLEMS.items():
         specs = member_specs(data, members, lrs)
-        rates: dict[str, list[float]] = {"batched": [], "single": [], "hand": []}
+        rates: dict[str, list[float]] = {"batched": [], "compiled": [], "single": [], "hand": []}
         for _ in range(args.repeat):
             rates["batched"].append(batched_rate(specs, steps))
+            rates["compiled"].append(compiled_rate(specs, steps))
             rates["single"].append(single_jobs_rate(specs, single_steps))
             rates["hand"].append(hand_loop_rate(specs[members // 2], members * single_steps))
-        batched, single, hand = (statistics.median(rates[key]) for key in rates)
+        batched, compiled, single, hand = (statistics.median(rates[key]) for key in rates)
         print(
-            f"{name}: batched {batched:,.0f}/s, {members} single jobs (Trainer) {single:,.0f}/s, "
-            f"hand-written loop {hand:,.0f}/s; batched / single jobs {batched / single:.1f}x, "
-            f"batched / hand-written loop {batched / hand:.1f}x"
+            f"{name}: batched {batched:,.0f}/s, compiled {compiled:,.0f}/s, {members} single "
+            f"jobs (Trainer) {single:,.0f}/s, hand-written loop {hand:,.0f}/s; batched / single "
+            f"jobs {batched / single:.1f}x, compiled / single jobs {compiled / single:.1f}x, "
+            f"batched / hand-written loop {batched / hand:.1f}x, compiled / batched "
+            f"{compiled / batched:.2f}x"
         )
 
 
