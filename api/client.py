@@ -34,6 +34,11 @@ class GradstreamError(Exception):
         self.detail = detail
 
 
+class ServiceUnavailable(GradstreamError):
+    """HTTP 503: the API cannot reach Redis just now (a restart, a failover); try again. The
+    event streams do, resuming after the last event they gave."""
+
+
 class SSEParser:
     """Server-Sent Events from the lines of a text/event-stream body, one line at a time;
     comments (keep-alives) are skipped."""
@@ -75,7 +80,8 @@ def _error(response: httpx.Response) -> GradstreamError:
         detail = response.json().get("detail")
     except ValueError:
         detail = response.text
-    return GradstreamError(response.status_code, detail)
+    kind = ServiceUnavailable if response.status_code == 503 else GradstreamError
+    return kind(response.status_code, detail)
 
 
 def _auth(api_key: str | None) -> dict[str, str]:
@@ -83,9 +89,14 @@ def _auth(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-# A dropped stream is retried after this many seconds, doubling up to 2 s.
+# A dropped stream (or one the API cannot serve for now: a 503) is retried after this many
+# seconds, doubling up to 2 s: the default 10 retries ride out about 17 s without an event.
 def _backoff(failures: int) -> float:
     return min(2.0, 0.2 * 2.0**failures)
+
+
+# What a stream retries: the connection dropped or refused, or the API's Redis out of reach.
+_RETRIED = (httpx.TransportError, ServiceUnavailable)
 
 
 _STREAM_TIMEOUT = httpx.Timeout(30, read=60)  # keep-alives come every 15 s
@@ -180,7 +191,7 @@ class Client:
             time.sleep(poll)
 
     def sweep_events(
-        self, sweep_id: str, last_event_id: int | None = None, retries: int = 5
+        self, sweep_id: str, last_event_id: int | None = None, retries: int = 10
     ) -> Iterator[Event]:
         """The sweep's events until `done`; a dropped connection resumes after the last one."""
         return self._events(f"/v1/sweeps/{sweep_id}/events", last_event_id, retries)
@@ -208,7 +219,7 @@ class Client:
             time.sleep(poll)
 
     def stream(
-        self, job_id: str, last_event_id: int | None = None, retries: int = 5
+        self, job_id: str, last_event_id: int | None = None, retries: int = 10
     ) -> Iterator[Event]:
         """Live events of a job until `done`; a dropped connection resumes after the last step."""
         return self._events(f"/v1/jobs/{job_id}/events", last_event_id, retries)
@@ -231,7 +242,7 @@ class Client:
                         yield event
                         if event.event == "done":
                             return
-            except httpx.TransportError:  # RemoteProtocolError (peer closed mid-stream) included
+            except _RETRIED:  # RemoteProtocolError (peer closed mid-stream) included
                 failures += 1
                 if failures > retries:
                     raise
@@ -332,7 +343,7 @@ class AsyncClient:
             await asyncio.sleep(poll)
 
     def sweep_events(
-        self, sweep_id: str, last_event_id: int | None = None, retries: int = 5
+        self, sweep_id: str, last_event_id: int | None = None, retries: int = 10
     ) -> AsyncIterator[Event]:
         """The sweep's events until `done`; a dropped connection resumes after the last one."""
         return self._events(f"/v1/sweeps/{sweep_id}/events", last_event_id, retries)
@@ -362,7 +373,7 @@ class AsyncClient:
             await asyncio.sleep(poll)
 
     def stream(
-        self, job_id: str, last_event_id: int | None = None, retries: int = 5
+        self, job_id: str, last_event_id: int | None = None, retries: int = 10
     ) -> AsyncIterator[Event]:
         """Live events of a job until `done`; a dropped connection resumes after the last step."""
         return self._events(f"/v1/jobs/{job_id}/events", last_event_id, retries)
@@ -391,7 +402,7 @@ class AsyncClient:
                         yield event
                         if event.event == "done":
                             return
-            except httpx.TransportError:  # RemoteProtocolError (peer closed mid-stream) included
+            except _RETRIED:  # RemoteProtocolError (peer closed mid-stream) included
                 failures += 1
                 if failures > retries:
                     raise

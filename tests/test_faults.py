@@ -5,6 +5,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -188,6 +189,22 @@ def test_redis_killed_with_aof_and_restarted_mid_job(
     workers.start()
     spec = long_spec(steps=16000, seed=6)
     job = api.submit(spec)
+    # A client watching the job's stream across the outage: its reconnects meet refused
+    # connections and 503s (the API cannot reach Redis) until Redis is back, then resume.
+    watched: list[int] = []
+    failed: list[BaseException] = []
+
+    def watch() -> None:
+        try:
+            with Client(stack.api_url, stack.api_key, timeout=10) as watcher:
+                for event in watcher.stream(job["id"]):
+                    if event.event == "step":
+                        watched.append(event.data["step"])
+        except BaseException as exc:  # reported by the test below
+            failed.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     wait_for_steps(api, job["id"], 2000)
     port = stack.kill_redis()
     time.sleep(0.5)
@@ -195,6 +212,9 @@ def test_redis_killed_with_aof_and_restarted_mid_job(
     view = wait_through_outage(api, job["id"], timeout=120)
     assert view["status"] == "succeeded", view
     assert_invariant(api, job["id"], spec)
+    watcher.join(60)
+    assert not watcher.is_alive() and not failed, failed
+    assert watched == list(range(spec["steps"]))
 
 
 def test_redis_down_at_submit_is_503_and_writes_nothing(stack: Stack, api: Client) -> None:
