@@ -17,6 +17,9 @@ PACKAGES='fastapi|starlette|pydantic|pydantic_core|pydantic-settings|python-dote
 PACKAGES+='|annotated-types|uvicorn|celery|kombu|billiard|vine|amqp|click-didyoumean'
 PACKAGES+='|click-plugins|click-repl|prompt_toolkit|wcwidth|redis|typing_extensions|typer|click|tzlocal'
 PACKAGES+='|opentelemetry-api|importlib_metadata|zipp|annotated-doc'
+# The API opens the archive (services/archive.py) through fsspec at start; pyarrow, loaded
+# only to archive or read archived steps, is left out (55 MB: over what the GPU machine takes).
+PACKAGES+='|fsspec'
 
 if [ "${1:-}" = prepare ]; then
     set -e

@@ -14,8 +14,11 @@ read back and checked (rows, steps, a SHA-256 of the float32 rows), then renamed
 step runs, and marking the job archived in Redis, is services/archiver.py's.
 """
 
+from __future__ import annotations
+
 import bisect
 import hashlib
+import importlib
 import itertools
 import json
 import logging
@@ -24,16 +27,35 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from services.config import Settings
 from services.errors import StoreUnavailable
 from services.records import Chunk, row_width
+
+
+class _ImportedOnUse:
+    """A module imported when first used: the store imports this module everywhere, but only
+    archiving and reading archived jobs need pyarrow (and fsspec), so a worker that never gets
+    that far (a GPU node's minimal environment, a pool process) does not load them."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+if TYPE_CHECKING:
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+else:
+    fsspec = _ImportedOnUse("fsspec")
+    pa = _ImportedOnUse("pyarrow")
+    pq = _ImportedOnUse("pyarrow.parquet")
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +82,11 @@ class Layout:
     explain: int
 
     @classmethod
-    def of(cls, chunk: Chunk) -> "Layout":
+    def of(cls, chunk: Chunk) -> Layout:
         return cls(chunk.features, chunk.bias, chunk.batches, chunk.explain)
 
     @classmethod
-    def from_schema(cls, schema: pa.Schema) -> "Layout":
+    def from_schema(cls, schema: pa.Schema) -> Layout:
         meta = json.loads((schema.metadata or {}).get(_METADATA_KEY, b"{}"))
         if meta.get("version") != FORMAT_VERSION:
             raise ArchiveMismatch(f"not a gradstream archive of version {FORMAT_VERSION}")
@@ -157,7 +179,7 @@ class ArchivedFile:
         return json.dumps({"url": self.url, "rows": self.rows, "sha256": self.sha256})
 
     @classmethod
-    def from_json(cls, value: bytes | str) -> "ArchivedFile":
+    def from_json(cls, value: bytes | str) -> ArchivedFile:
         return cls(**json.loads(value))
 
 
@@ -190,7 +212,7 @@ def _write_parquet(handle: Any, chunks: Iterable[Chunk]) -> tuple[int, str]:
     return rows, digest.hexdigest()
 
 
-def archived_file(archive: "Archive | None", archived: bytes) -> tuple["Archive", ArchivedFile]:
+def archived_file(archive: Archive | None, archived: bytes) -> tuple[Archive, ArchivedFile]:
     """The archive, and the file an archived job's record (its `archived` field) names."""
     if archive is None:
         raise StoreUnavailable("this job's steps are archived, and no archive is configured")
@@ -252,7 +274,7 @@ class Archive:
         self._cached_bytes = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Archive":
+    def from_settings(cls, settings: Settings) -> Archive:
         return cls(settings.archive_url, settings.archive_options, settings.archive_cache_bytes)
 
     # Where files go: a tenant's jobs in its folder, a sweep's members in the sweep's (so that
