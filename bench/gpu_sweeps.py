@@ -13,17 +13,16 @@ storing is the limit).
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import redis
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.group_flush import bare_xadds
 from cli.stack import temporary_stack
 from services.config import Settings
 from services.runner import CHUNK_BUDGET_BYTES, Outcome, run_job
@@ -68,19 +67,7 @@ def redis_rate(url: str, members: int, steps: int, width: int) -> float:
     """Member-steps per second Redis ingests as bare XADDs of the group's entry size (one
     entry per member per chunk, a chunk's worth of members per round trip)."""
     rows = max(1, CHUNK_BUDGET_BYTES // (4 * members * width))
-    blob = os.urandom(rows * width * 4)
-    client = redis.Redis.from_url(url)
-    chunks = -(-steps // rows)
-    started = time.perf_counter()
-    for chunk in range(chunks):
-        pipe = client.pipeline(transaction=False)
-        for member in range(members):
-            pipe.xadd(f"bench:xadd:{member}", {"rows": blob, "count": rows}, id=f"{chunk + 1}-1")
-        pipe.execute()
-    elapsed = time.perf_counter() - started
-    client.delete(*(f"bench:xadd:{member}" for member in range(members)))
-    client.close()
-    return chunks * rows * members / elapsed
+    return bare_xadds(url, members, -(-steps // rows), rows, width)
 
 
 def main() -> None:

@@ -58,10 +58,11 @@ def group_flushes(store: Store, members: int, flushes: int, rows: int) -> tuple[
     return members * rows * flushes / elapsed, usec / flushes
 
 
-def bare_xadds(url: str, members: int, flushes: int, rows: int) -> float:
-    """Member-steps per second of pipelined XADDs of the same entries, K per round trip."""
+def bare_xadds(url: str, members: int, flushes: int, rows: int, width: int = WIDTH) -> float:
+    """Member-steps per second of pipelined XADDs of a group's entries (`rows` rows of `width`
+    float32 each), K per round trip, `flushes` times (also bench/gpu_sweeps.py's baseline)."""
     client = redis.Redis.from_url(url)
-    blob = os.urandom(rows * WIDTH * 4)
+    blob = os.urandom(rows * width * 4)
     started = time.perf_counter()
     for i in range(flushes):
         pipe = client.pipeline(transaction=False)

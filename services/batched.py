@@ -33,6 +33,7 @@ from services.training import (
     _snapshot,
     batch_order,
     build_dataset,
+    capture_whole_step,
     initial_theta,
     serialize_state,
 )
@@ -331,20 +332,8 @@ class BatchedCudaGraphStep:
         saved = [trainer.theta.detach().clone(), trainer._count.clone(), cursor.clone()]
         saved_state = {name: buffer.clone() for name, buffer in trainer.state.items()}
         done = trainer.steps_done
-        try:
-            # Warm-up steps on a side stream first (torch's recipe for capturing a whole
-            # training step): autograd and cuBLAS set up their workspaces outside the capture.
-            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self._step()
-        finally:
-            # The warm-up steps changed the parameters, the state and the counts: undo them.
+
+        def undo() -> None:  # the warm-up steps changed the parameters, state and counts
             with torch.no_grad():
                 for tensor, value in zip(
                     [trainer.theta, trainer._count, cursor], saved, strict=True
@@ -353,6 +342,8 @@ class BatchedCudaGraphStep:
                 for name, buffer in trainer.state.items():
                     buffer.copy_(saved_state[name])
             trainer.steps_done = done
+
+        self.graph = capture_whole_step(self._step, undo)
 
     def _step(self) -> None:
         self._trainer.step(self._rows)

@@ -473,6 +473,27 @@ def step_at_cursor(
     cursor.add_(1)
 
 
+def capture_whole_step(step: Callable[[], None], undo: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """`step` captured as a CUDA graph, by torch's recipe for a whole training step: warm-up
+    steps on a side stream first (autograd and cuBLAS set up their workspaces outside the
+    capture), then the capture, which records the kernels and runs nothing (other threads may
+    use the GPU meanwhile). `undo` then reverts what the warm-up steps changed, also when the
+    capture fails."""
+    try:
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            step()
+        return graph
+    finally:
+        undo()
+
+
 class CudaGraphStep:
     """The trainer's whole step (forward, backward, SGD update, writing the record row) captured
     once in a CUDA graph and replayed: one launch per step instead of about twenty.
@@ -491,25 +512,14 @@ class CudaGraphStep:
         self._row = torch.empty(trainer.layout.width, device=storage.device)
         theta = trainer.theta
         saved, start, done = theta.detach().clone(), cursor.clone(), trainer.steps_done
-        try:
-            # Warm-up steps on a side stream first (torch's recipe for capturing a whole
-            # training step): autograd and cuBLAS set up their workspaces outside the capture.
-            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # Records the kernels, runs nothing; other threads may use the GPU meanwhile.
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self._step()
-        finally:
-            # The warm-up steps changed the parameters and moved the cursor: undo them.
+
+        def undo() -> None:  # the warm-up steps changed the parameters and moved the cursor
             with torch.no_grad():
                 theta.copy_(saved)
                 cursor.copy_(start)
             trainer.steps_done = done
+
+        self.graph = capture_whole_step(self._step, undo)
 
     def _step(self) -> None:
         step_at_cursor(self._trainer, self._row, self._storage, self._cursor)
