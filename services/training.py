@@ -14,6 +14,7 @@ host sync.
 
 import io
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -783,6 +784,20 @@ def supports_compiled_steps(trainer: Trainer) -> bool:
         and trainer.batches_per_epoch == 1
         and trainer.layout.explain_samples == 0
     )
+
+
+def inductor_cache_dir(base: str = "") -> str:
+    """The folder for Inductor's on-disk caches: `base` (else torch's own choice) with a
+    subfolder per CPU instruction set. Inductor's cache keys leave ATEN_CPU_CAPABILITY out, so
+    workers of two instruction sets sharing one folder would find each other's code: built for
+    AVX2, it fails to build under `default` (the worker then runs eager steps)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    root = base or cache_dir()
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    if os.path.basename(os.path.normpath(root)) == capability:
+        return root  # set up already (a pool process started again)
+    return os.path.join(root, capability)
 
 
 def inductor_cache_counts() -> tuple[int, int]:
