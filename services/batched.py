@@ -75,6 +75,8 @@ def group_problem(specs: Sequence[JobSpec]) -> str | None:
             )
         if spec.data is not first.data and spec.data != first.data:
             return f"member {i} trains on other data than member 0"
+        if spec.eval != first.eval:
+            return f"member {i} is evaluated otherwise than member 0"
     return None
 
 
