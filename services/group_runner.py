@@ -368,8 +368,6 @@ class _GroupAttempt:
             )
             values = param_values(params[i].tolist(), trainer.layout.features, trainer.layout.bias)
             result = {"params": values, "loss": members[i].loss, "stopped": reason}
-            if members[i].val_loss is not None:
-                result["val_loss"] = members[i].val_loss
             members[i] = dataclasses.replace(members[i], end=JobStatus.PRUNED, result=result)
         return members
 

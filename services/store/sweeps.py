@@ -182,7 +182,7 @@ class Sweeps(RedisPart):
                 loss=_float(loss),
                 final_loss=outcome.get("full_loss"),
                 val_loss=_float(val_loss),
-                final_val_loss=outcome.get("val_loss") if "metrics" in outcome else None,
+                final_val_loss=outcome.get("val_loss"),
             )
             counts[member.status] += 1
             members.append(member)
