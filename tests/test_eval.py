@@ -216,6 +216,11 @@ def test_weight_decay_sweep_ranked_by_the_metric_the_user_names(
         best = members[survivor]
         assert view["best"]["final_val_loss"] == best["final_val_loss"] is not None
         assert best["val_loss"] == steps[best["id"]][-1]["val_loss"]
+        # The sweep's progress events carry each member's last evaluated val_loss.
+        progress = [e.data for e in client.sweep_events(view["id"]) if e.event == "progress"]
+        at_rung = [p["members"][best["id"]] for p in progress if best["id"] in p["members"]]
+        rung = next(update for update in at_rung if update["step"] == 299)
+        assert math.isclose(rung["val_loss"], steps[best["id"]][299]["val_loss"], rel_tol=1e-9)
     else:
         # Ranked by the training loss, weight decay 0 "wins": it fits the noise best.
         assert members[0.0]["steps_done"] == 900
