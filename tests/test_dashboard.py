@@ -95,6 +95,16 @@ def _screenshot(browser: webdriver.Chrome, name: str) -> None:
         browser.save_screenshot(str(Path(target) / name))
 
 
+def _y_labels(browser: webdriver.Chrome, element_id: str) -> list[str]:
+    """The labels a chart's y axis shows now."""
+    labels: list[str] = browser.execute_script(
+        "return echarts.getInstanceByDom(arguments[0]).getModel().getComponent('yAxis')"
+        ".axis.getViewLabels().map(l => l.formattedLabel)",
+        browser.find_element(By.ID, element_id),
+    )
+    return labels
+
+
 def _row(browser: webdriver.Chrome, job_id: str) -> list[WebElement]:
     return browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{job_id}"]')
 
@@ -265,12 +275,13 @@ def test_more_than_ten_series_get_a_picker_and_huge_numbers_stay_short(
     boxes[11].click()
     _until(browser, lambda _: picker.find_element(By.TAG_NAME, "summary").text == "11 of 12 series")
     assert job["status"] == "diverged" and _text(browser, "status") == "diverged"
-    labels = browser.execute_script(
-        "return echarts.getInstanceByDom(arguments[0]).getModel().getComponent('yAxis')"
-        ".axis.getViewLabels().map(l => l.formattedLabel)",
-        browser.find_element(By.ID, "loss-chart"),
-    )
-    assert max(len(label) for label in labels) <= 8, labels
+    # On a linear scale, and on a log one.
+    stored = job["steps_done"]
+    _until(browser, lambda b: _drawn(b, "loss-chart", stored, "linear"))
+    assert max(len(label) for label in _y_labels(browser, "loss-chart")) <= 8
+    browser.find_element(By.ID, "loss-chart-log").click()
+    _until(browser, lambda b: _drawn(b, "loss-chart", stored, "log"))
+    assert max(len(label) for label in _y_labels(browser, "loss-chart")) <= 8
     assert _severe(browser) == []
 
 
@@ -367,6 +378,8 @@ def test_sweeps_list_and_a_sweep_page_fed_by_its_one_stream(
     _until(browser, lambda b: _attr(b, "sweep-parallel", "data-lines") == 8)
     axes = browser.find_element(By.ID, "sweep-parallel").get_attribute("data-axes")
     assert axes == "log,value,log"
+    # The curves' log axis keeps its short labels (0.01, 1e-5: not 0.00001).
+    assert max(len(label) for label in _y_labels(browser, "sweep-curves")) <= 6
 
     # Zoom (mouse wheel) and hover: the members nearest the step, with their values.
     chart = browser.find_element(By.ID, "sweep-curves")

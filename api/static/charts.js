@@ -134,7 +134,7 @@ export class LineChart {
     }
     this.chart.setOption({
       legend: { data: drawn },
-      yAxis: { type: this.log ? "log" : "value" },
+      yAxis: this.yAxis(),
       series,
     }, { replaceMerge: ["series"] });
     // What the chart shows now (the tests wait on these): points drawn and the y scale.
@@ -142,9 +142,17 @@ export class LineChart {
     this.box.dataset.scale = this.log ? "log" : "linear";
   }
 
+  // The whole y axis each time: ECharts rebuilds an axis whose type changes (linear, log)
+  // from the option given with the change, and would drop the label formatter.
+  yAxis() {
+    return { ...baseOption(this.xName).yAxis, type: this.log ? "log" : "value" };
+  }
+
   start() {
     this.chart = echarts.init(this.box, null, { renderer: "canvas" });
-    this.chart.setOption(baseOption(this.xName));
+    const option = baseOption(this.xName);
+    option.yAxis = this.yAxis();
+    this.chart.setOption(option);
     this.resizer = new ResizeObserver(() => this.chart.resize());
     this.resizer.observe(this.box);
   }

@@ -421,6 +421,13 @@ class SweepCurves {
       el("div", { class: "chart-wrap" }, this.box, this.emptyNote));
   }
 
+  // The whole y axis each time: ECharts rebuilds an axis whose type changes (linear, log)
+  // from the option given with the change, and would drop the label formatter.
+  yAxis() {
+    return { ...baseOption("step").yAxis, type: this.log ? "log" : "value", name: "loss",
+      nameTextStyle: { color: "#64748b", fontSize: 11 } };
+  }
+
   // What the chart holds (the tests wait on these): points, and members with a point.
   counted(members) {
     this.box.dataset.points = String(this.points);
@@ -468,8 +475,7 @@ class SweepCurves {
     });
     series.push({ type: "scatter", id: "pruned-ends", name: "pruned at", data: ends,
       symbolSize: 6, z: 3, silent: true, itemStyle: { color: "#fff", borderWidth: 1.5 } });
-    this.chart.setOption({ yAxis: { type: this.log ? "log" : "value" }, series },
-      { replaceMerge: ["series"] });
+    this.chart.setOption({ yAxis: this.yAxis(), series }, { replaceMerge: ["series"] });
     this.maxStep = Math.max(0, ...drawn.map((m) => m.points[m.points.length - 1][0]));
     this.box.dataset.drawn = String(drawn.reduce((n, m) => n + m.points.length, 0));
     this.box.dataset.scale = this.log ? "log" : "linear";
@@ -484,7 +490,7 @@ class SweepCurves {
     option.legend = { show: false };
     option.grid = { ...option.grid, top: 16, right: 78 };
     option.xAxis = { ...option.xAxis, min: 0 };  // points are at flushes: the first is not step 0
-    option.yAxis = { ...option.yAxis, name: "loss", nameTextStyle: { color: "#64748b", fontSize: 11 } };
+    option.yAxis = this.yAxis();
     option.tooltip = { ...option.tooltip, formatter: (params) => this.tooltip(params) };
     this.chart.setOption(option);
     this.resizer = new ResizeObserver(() => this.chart.resize());
