@@ -4,9 +4,10 @@ rate, why it ended, log scale, smoothing, zoom, hover, a picker beyond ten serie
 job's numbers kept short; with eval, loss and val_loss on one chart and the result's metrics),
 the jobs list (status filter, cancel, delete, val loss), the compare view, the workers page,
 the sweeps list and a sweep's page (curves growing live from the sweep's one event stream, the
-leaderboard, the parallel plot); the browser logs no error. One browser for the module. With
-GRADSTREAM_SCREENSHOT_DIR set, the README's screenshots are written there
-(docs/dashboard-job.png, -job-eval.png, -compare.png, -jobs.png, -workers.png and -sweep.png)."""
+leaderboard, the parallel plot; ranked and coloured by the sweep's metric); the browser logs
+no error. One browser for the module. With GRADSTREAM_SCREENSHOT_DIR set, the README's
+screenshots are written there (docs/dashboard-job.png, -job-eval.png, -compare.png,
+-jobs.png, -workers.png and -sweep.png)."""
 
 import os
 import re
@@ -30,7 +31,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from api.client import Client
 from api.routes import dashboard
 from cli.stack import Stack
-from tests.conftest import SEED_EXAMPLE
+from tests.conftest import HELD_OUT_SWEEP, SEED_EXAMPLE
 from tests.faults import long_spec
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -538,6 +539,57 @@ def test_sweeps_list_and_a_sweep_page_fed_by_its_one_stream(
     _until(browser, lambda b: not _sweep_row(b, doomed["id"]))
     assert client.http.get(f"/v1/sweeps/{doomed['id']}").status_code == 404
     assert _sweep_row_status(browser, sweep["id"]) == "succeeded"
+    assert _severe(browser) == []
+
+
+def test_a_sweep_page_ranks_and_colours_by_the_sweeps_metric(
+    stack: Stack, client: Client, browser: webdriver.Chrome
+) -> None:
+    view = client.wait_sweep(client.submit_sweep(HELD_OUT_SWEEP)["id"], timeout=60)
+    assert view["status"] == "succeeded" and view["spec"]["metric"] == "val_loss"
+    lr_01, lr_0001, lr_001 = view["members"]
+    by_val = [lr_0001["id"], lr_001["id"], lr_01["id"]]
+    assert sorted(view["members"], key=lambda m: m["final_val_loss"]) == [lr_0001, lr_001, lr_01]
+    assert sorted(view["members"], key=lambda m: m["final_loss"]) == [lr_01, lr_001, lr_0001]
+    assert view["best"]["id"] == lr_0001["id"]
+
+    browser.get(f"{stack.api_url}/#key={stack.api_key}&/sweeps/{view['id']}")
+    rows = "#leaderboard tbody tr"
+    _until(
+        browser,
+        lambda b: (
+            [r.get_attribute("data-job") for r in b.find_elements(By.CSS_SELECTOR, rows)] == by_val
+        ),
+    )
+    assert browser.find_element(By.ID, "sweep-metric").get_attribute("data-metric") == "val_loss"
+    assert _text(browser, "sweep-metric").startswith("val_loss: the validation loss (")
+    best_value = browser.find_element(By.CSS_SELECTOR, f"{rows} td.final-val").text
+    assert _text(browser, "sweep-best").endswith(f" → val_loss {best_value}")
+    headers = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#leaderboard th")]
+    assert headers[-5:] == ["LOSS", "VAL LOSS", "FINAL LOSS", "FINAL VAL LOSS", "JOB"]
+    ranked = browser.find_elements(By.CSS_SELECTOR, "#leaderboard th.ranked")
+    assert [th.text for th in ranked] == ["FINAL VAL LOSS"]
+    assert browser.find_element(By.CSS_SELECTOR, rows).get_attribute("class") == "best"
+
+    # The parallel plot: the metric's final value last, and each line coloured by it.
+    _until(browser, lambda b: _attr(b, "sweep-parallel", "data-lines") == 3)
+    plot = browser.find_element(By.ID, "sweep-parallel")
+    assert plot.get_attribute("data-metric") == "val_loss"
+    option = browser.execute_script(
+        "return echarts.getInstanceByDom(arguments[0]).getOption()", plot
+    )
+    assert option["parallelAxis"][-1]["name"] == "final val_loss"
+    (colours,) = option["visualMap"]
+    assert colours["dimension"] == 2  # lr, the metric, then the colour's (log) value
+    # The curves' log axis keeps its short labels (1e-5, not 0.00001).
+    _until(browser, lambda b: _attr(b, "sweep-curves", "data-drawn") == 3)
+    assert max(len(label) for label in _y_labels(browser, "sweep-curves")) <= 6
+
+    # The list names each sweep's best by its metric.
+    browser.get(f"{stack.api_url}/#/sweeps")
+    _until(browser, lambda b: _sweep_row(b, view["id"]))
+    best = _sweep_row(browser, view["id"])[0].find_elements(By.TAG_NAME, "td")[4].text
+    assert best.startswith("val_loss ")
     assert _severe(browser) == []
 
 
