@@ -450,11 +450,20 @@ def _f32_head(values: list[float | None]) -> str:
     return f"[{shown}, … {more} more]" if more > 0 else f"[{shown}]"
 
 
-def _format_step(step: dict[str, Any]) -> str:
-    """One line per step, however wide the model: loss, gradient norm, the first values."""
+VAL_LOSS_WIDTH = len("  val_loss ") + 12
+
+
+def _format_step(step: dict[str, Any], evaluated: bool = False) -> str:
+    """One line per step, however wide the model: loss, gradient norm, the first values. A job
+    with eval (`evaluated`) has a val_loss column, blank at the steps it was not evaluated."""
     grads, params = step["grads"], step["params"]
+    val_loss = ""
+    if "val_loss" in step:
+        val_loss = f"  val_loss {_f32(step['val_loss']):<12}"
+    elif evaluated:
+        val_loss = " " * VAL_LOSS_WIDTH
     text = (
-        f"step {step['step']:>4}  loss {_f32(step['loss']):<12}  |grad| {_norm(step):<10}"
+        f"step {step['step']:>4}  loss {_f32(step['loss']):<12}{val_loss}  |grad| {_norm(step):<10}"
         f"  dLoss/dw {_f32_head(grads['w'])}  w {_f32_head(params['w'])}"
     )
     if "b" in grads:
@@ -572,23 +581,40 @@ def submit(
 
 
 def _watch(client: Client, job_id: str, progress: bool | None = None) -> None:
-    """Follow a job's events until `done`: a progress bar with the loss and the gradient norm,
-    or a line per step. Exit 1 unless the job succeeded."""
+    """Follow a job's events until `done`: a progress bar with the loss (and val_loss, for a
+    job with eval) and the gradient norm, or a line per step. Exit 1 unless the job
+    succeeded."""
     if progress is None:
         progress = sys.stdout.isatty()
-    view = _watch_with_bar(client, job_id) if progress else _watch_lines(client, job_id)
+    spec = client.get(job_id)["spec"]
+    view = _watch_with_bar(client, job_id, spec) if progress else _watch_lines(client, job_id, spec)
     if view["status"] != "succeeded":
         raise typer.Exit(FAILED)
+
+
+def _evaluated(spec: dict[str, Any]) -> bool:
+    """Whether a job's records carry val_loss (at its evaluated steps): it has eval."""
+    return spec.get("eval") is not None
+
+
+def _result_val_loss(view: dict[str, Any]) -> str:
+    """`; val_loss X` for a finished job with eval (its validation loss at the final
+    parameters), else nothing."""
+    result = view.get("result") or {}
+    if result.get("val_loss") is None:
+        return ""
+    return f"; val_loss {_loss(result['val_loss'])}"
 
 
 def _stream_ended(job_id: str) -> NoReturn:
     _fail(f"the event stream ended before job {job_id} did: `gradstream watch {job_id}` resumes")
 
 
-def _watch_lines(client: Client, job_id: str) -> dict[str, Any]:
+def _watch_lines(client: Client, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    evaluated = _evaluated(spec)
     for event in client.stream(job_id):
         if event.event == "step":
-            typer.echo(_format_step(event.data))
+            typer.echo(_format_step(event.data, evaluated))
         elif event.event == "status":
             typer.echo(f"status: {event.data['status']}")
         elif event.event == "done":
@@ -598,31 +624,37 @@ def _watch_lines(client: Client, job_id: str) -> dict[str, Any]:
     _stream_ended(job_id)
 
 
-def _watch_with_bar(client: Client, job_id: str) -> dict[str, Any]:
-    total = client.get(job_id)["spec"]["steps"]
+def _watch_with_bar(client: Client, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    # A job with eval: the last evaluated step's val_loss beside the loss.
+    val_loss = "  val_loss {task.fields[val_loss]}" if _evaluated(spec) else ""
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
-        TextColumn("loss {task.fields[loss]}  |grad| {task.fields[grad]}  ETA"),
+        TextColumn(f"loss {{task.fields[loss]}}{val_loss}  |grad| {{task.fields[grad]}}  ETA"),
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=Console(force_terminal=True)) as bar:
-        task = bar.add_task(job_id[:12], total=total, status="", loss="-", grad="-")
+        task = bar.add_task(
+            job_id[:12], total=spec["steps"], status="", loss="-", val_loss="-", grad="-"
+        )
         for event in client.stream(job_id):
             if event.event == "step":
                 step = event.data
                 bar.update(
                     task, completed=step["step"] + 1, loss=_f32(step["loss"]), grad=_norm(step)
                 )
+                if "val_loss" in step:
+                    bar.update(task, val_loss=_f32(step["val_loss"]))
             elif event.event == "status":
                 bar.update(task, status=event.data["status"])
             elif event.event == "done":
                 view: dict[str, Any] = event.data
                 bar.update(task, status=view["status"], completed=view["steps_done"])
                 bar.stop()
-                typer.echo(f"{view['status']}: {view.get('stop_reason') or ''}")
+                ended = view.get("stop_reason") or ""
+                typer.echo(f"{view['status']}: {ended}{_result_val_loss(view)}")
                 return view
     _stream_ended(job_id)
 
@@ -692,15 +724,37 @@ def jobs(
     with _client(url, api_key) as client:
         listed = client.jobs(status, limit)
     table = Table(
-        "ID", "STATUS", "DEVICE", "STEPS", "CREATED", "WHY IT ENDED", box=None, pad_edge=False
+        "ID",
+        "STATUS",
+        "DEVICE",
+        "STEPS",
+        "FINAL LOSS",
+        "VAL LOSS",
+        "CREATED",
+        "WHY IT ENDED",
+        box=None,
+        pad_edge=False,
     )
     table.columns[0].no_wrap = True
     for job in listed:
         steps = f"{job['steps_done']}/{job['spec']['steps']}"
         ended = job.get("stop_reason") or ""
         created = _time(job["created_at"])
-        table.add_row(job["id"], job["status"], job["device"], steps, created, ended)
+        final, val = _final_losses(job)
+        table.add_row(job["id"], job["status"], job["device"], steps, final, val, created, ended)
     _print_table(table)
+
+
+def _final_losses(job: dict[str, Any]) -> tuple[str, str]:
+    """A finished job's loss at its final parameters (on the training rows; the last step's
+    where the worker did not compute it) and, with eval, its validation loss; `—` for none."""
+    result = job.get("result")
+    if result is None:
+        return UNKNOWN, UNKNOWN
+    final = result.get("full_loss")
+    final = result["loss"] if final is None else final
+    val = _loss(result["val_loss"]) if result.get("val_loss") is not None else UNKNOWN
+    return _loss(final), val
 
 
 @app.command()
@@ -723,24 +777,32 @@ class StepsFormat(StrEnum):
     csv = "csv"
 
 
-def csv_header(record: dict[str, Any]) -> list[str]:
+def csv_header(record: dict[str, Any], evaluated: bool = False) -> list[str]:
     """The CSV columns of a job whose first step is `record`: w_0…, b, grad_w_0…, grad_b,
-    loss, step, epoch, batch (b and grad_b only with a bias)."""
+    loss, step, epoch, batch (b and grad_b only with a bias), then val_loss for a job with
+    eval (`evaluated`). val_loss comes last so that every other column keeps its place
+    whether or not a job has eval."""
     weights = [f"w_{i}" for i in range(len(record["params"]["w"]))]
     bias = ["b"] if "b" in record["params"] else []
     params = weights + bias
-    return [*params, *(f"grad_{name}" for name in params), "loss", "step", "epoch", "batch"]
+    columns = [*params, *(f"grad_{name}" for name in params), "loss", "step", "epoch", "batch"]
+    return [*columns, "val_loss"] if evaluated else columns
 
 
-def csv_row(record: dict[str, Any]) -> list[Any]:
+def csv_row(record: dict[str, Any], evaluated: bool = False) -> list[Any]:
     """A step's values in csv_header's order. A full-batch step is one epoch of one batch;
-    a value that was not finite (null in the API's JSON) is written `nan`."""
+    a value that was not finite (null in the API's JSON) is written `nan`; val_loss is empty
+    at a step that was not evaluated."""
     params, grads = record["params"], record["grads"]
     values = [*params["w"], *([params["b"]] if "b" in params else [])]
     values += [*grads["w"], *([grads["b"]] if "b" in grads else [])]
     values.append(record["loss"])
     floats = ["nan" if v is None else v for v in values]
-    return [*floats, record["step"], record.get("epoch", record["step"]), record.get("batch", 0)]
+    row = [*floats, record["step"], record.get("epoch", record["step"]), record.get("batch", 0)]
+    if evaluated:
+        val_loss = record.get("val_loss", "")
+        row.append("nan" if val_loss is None else val_loss)
+    return row
 
 
 @app.command()
@@ -752,18 +814,19 @@ def steps(
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """Export a job's stored steps: a JSON record a line, or CSV with a column per value."""
+    """Export a job's stored steps: a JSON record a line, or CSV with a column per value (and
+    val_loss last, empty where not evaluated, for a job with eval)."""
     with _client(url, api_key) as client:
-        records = client.steps(job_id)
         if format is StepsFormat.jsonl:
-            for record in records:
+            for record in client.steps(job_id):
                 typer.echo(json.dumps(record))
             return
+        evaluated = _evaluated(client.get(job_id)["spec"])
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        for i, record in enumerate(records):
+        for i, record in enumerate(client.steps(job_id)):
             if i == 0:
-                writer.writerow(csv_header(record))
-            writer.writerow(csv_row(record))
+                writer.writerow(csv_header(record, evaluated))
+            writer.writerow(csv_row(record, evaluated))
 
 
 @app.command()
