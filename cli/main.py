@@ -35,6 +35,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from api.client import TERMINAL, Client, Event, GradstreamError
@@ -885,20 +886,34 @@ class MemberRow:
     steps: int  # what it runs unless it is stopped early
     loss: float | None = None  # the last step's
     final_loss: float | None = None  # the result's full-batch loss
+    val_loss: float | None = None  # the last evaluated step's (a sweep with eval)
+    final_val_loss: float | None = None  # the result's
 
-    def rank_key(self) -> tuple[bool, float, int]:
-        """Lower is better: the final loss, else the last step's; none last."""
-        loss = self.final_loss if self.final_loss is not None else self.loss
-        return (loss is None, loss or 0.0, self.index)
+    def rank_key(self, metric: str = "loss") -> tuple[bool, float, int]:
+        """Lower is better: the metric's final value, else its last one; none last."""
+        if metric == "val_loss":
+            final, last = self.final_val_loss, self.val_loss
+        else:
+            final, last = self.final_loss, self.loss
+        value = final if final is not None else last
+        return (value is None, value or 0.0, self.index)
 
 
 class SweepBoard:
     """A sweep as its watcher sees it: its members' steps, losses and statuses, updated by
-    each event of the sweep's stream."""
+    each event of the sweep's stream, ranked by the sweep's metric (DESIGN §11): `loss`, or
+    `val_loss` (with val_loss columns, as for any sweep whose base has eval).
+
+    The API's `best` counts values within GRADSTREAM_RANK_RTOL of each other as ties (member
+    order decides); this board sorts the values as they are, so two members that near-tie may
+    stand in the other order here."""
 
     def __init__(self, view: dict[str, Any]) -> None:
         self.id: str = view["id"]
-        default = view["spec"]["base"].get("steps", JobSpec.model_fields["steps"].default)
+        spec = view["spec"]
+        self.metric: str = spec.get("metric") or "loss"
+        self.evaluated = spec["base"].get("eval") is not None
+        default = spec["base"].get("steps", JobSpec.model_fields["steps"].default)
         self.members = {
             m["id"]: MemberRow(
                 index,
@@ -923,6 +938,8 @@ class SweepBoard:
             if row is not None:
                 row.status, row.steps_done = member["status"], member["steps_done"]
                 row.loss, row.final_loss = member["loss"], member["final_loss"]
+                row.val_loss = member.get("val_loss")
+                row.final_val_loss = member.get("final_val_loss")
 
     def apply(self, event: Event) -> None:
         if event.event == "status":
@@ -933,6 +950,8 @@ class SweepBoard:
                 if row is not None:
                     row.status, row.loss = moved["status"], moved["loss"]
                     row.steps_done = moved["step"] + 1
+                    if "val_loss" in moved:  # the flush had an evaluated step
+                        row.val_loss = moved["val_loss"]
         elif event.event == "done":
             self.update(event.data)
 
@@ -944,7 +963,12 @@ class SweepBoard:
         return done, total
 
     def ranked(self) -> list[MemberRow]:
-        return sorted(self.members.values(), key=MemberRow.rank_key)
+        return sorted(self.members.values(), key=lambda row: row.rank_key(self.metric))
+
+    def ranked_by(self) -> str:
+        """What the leaderboard is ordered by, in words."""
+        last = "last evaluated" if self.metric == "val_loss" else "last"
+        return f"ranked by final {self.metric} (else the {last} {self.metric})"
 
     def counts(self) -> str:
         """Members per status, in the statuses' order: `3 running, 6 pruned`."""
@@ -953,40 +977,62 @@ class SweepBoard:
         return ", ".join(f"{n} {status}" for status, n in found.items() if n) or "no members"
 
     def table(self, top: int | None = None) -> Table:
-        """The leaderboard: the best `top` members (all by default), best first."""
-        table = Table("RANK", "ID", *self.paths, "STATUS", "STEPS", "LOSS", "FINAL LOSS")
+        """The leaderboard: the best `top` members (all by default), best first (ranked_by()
+        says by what: a line printed under it)."""
+        losses = ["LOSS", "VAL LOSS", "FINAL LOSS", "FINAL VAL LOSS"]
+        if not self.evaluated:
+            losses = ["LOSS", "FINAL LOSS"]
+        table = Table("RANK", "ID", *self.paths, "STATUS", "STEPS", *losses)
         table.box, table.pad_edge = None, False
         table.columns[1].no_wrap = True
         for rank, row in enumerate(self.ranked()[:top], start=1):
             values = [_value(row.values.get(path)) for path in self.paths]
+            last = [_loss(row.loss, row.steps_done)]
+            final = [_loss(row.final_loss, 0)]
+            if self.evaluated:
+                last.append(_loss(row.val_loss, row.steps_done))
+                final.append(_loss(row.final_val_loss, 0))
             table.add_row(
                 str(rank),
                 row.id,
                 *values,
                 row.status,
                 f"{row.steps_done}/{row.steps}",
-                _loss(row.loss, row.steps_done),
-                _loss(row.final_loss, 0),
+                *last,
+                *final,
             )
         return table
 
     def progress_line(self) -> str:
-        """What a progress event changed, on one line: member-steps, counts, the best so far."""
+        """What a progress event changed, on one line: member-steps, counts, the best so far
+        by the sweep's metric."""
         done, total = self.member_steps()
         line = f"member-steps {done}/{total}  {self.counts()}"
         best = self.ranked()[0] if self.members else None
-        if best is not None and best.loss is not None:
-            line += f"  best {best.id} loss {_loss(best.loss)} ({_values(best.values)})"
+        value = None if best is None else best.val_loss if self.metric == "val_loss" else best.loss
+        if best is not None and value is not None:
+            line += f"  best {best.id} {self.metric} {_loss(value)} ({_values(best.values)})"
         return line
+
+    def best_final(self) -> float | None:
+        """The API's best member's final value of the metric (None: no best yet)."""
+        best = self.view.get("best")
+        if best is None:
+            return None
+        value: float | None = best["final_val_loss" if self.metric == "val_loss" else "final_loss"]
+        return value
+
+    def best_text(self) -> str:
+        """What the API's best member scored and what it swept: `final loss X (lr=0.1)`, or
+        `final val_loss X (…)` for a val_loss sweep."""
+        values = _values(self.view["best"]["values"])
+        return f"final {self.metric} {_loss(self.best_final())} ({values})"
 
     def final_line(self) -> str:
         """The sweep's end: its status, counts and best member."""
         line = f"{self.status}: {self.counts()}"
         best = self.view.get("best")
-        if best is not None:
-            line += f"; best {best['id']} final loss {_loss(best['final_loss'])}"
-            line += f" ({_values(best['values'])})"
-        return line
+        return line if best is None else f"{line}; best {best['id']} {self.best_text()}"
 
 
 def _value(value: Any) -> str:
@@ -1042,6 +1088,7 @@ def _watch_sweep_lines(client: Client, board: SweepBoard, top: int) -> None:
             typer.echo(board.progress_line())
         elif event.event == "done":
             _print_table(board.table(top))
+            typer.echo(board.ranked_by())
             typer.echo(board.final_line())
             return
     _sweep_ended(board.id)
@@ -1061,7 +1108,7 @@ def _watch_sweep_live(client: Client, board: SweepBoard, top: int) -> None:
     def screen() -> Group:
         done, total = board.member_steps()
         bar.update(task, completed=done, total=total, counts=board.counts())
-        return Group(bar, board.table(top))
+        return Group(bar, board.table(top), Text(board.ranked_by()))
 
     drawn = 0.0
     with Live(screen(), console=Console(force_terminal=True), auto_refresh=False) as live:
@@ -1126,7 +1173,7 @@ def sweep_show(
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """Print a sweep: its status, counts, best member and every member ranked by loss."""
+    """Print a sweep: its status, counts, best member and every member ranked by its metric."""
     with _client(url, api_key) as client:
         view = client.sweep(sweep_id)
     if as_json:
@@ -1139,13 +1186,11 @@ def sweep_show(
     typer.echo(", ".join(times))
     members, groups = len(view["members"]), view["groups"]
     typer.echo(f"{members} members in {groups} group{'s' * (groups != 1)}: {board.counts()}")
-    best = view["best"]
-    if best is not None:
-        typer.echo(
-            f"best {best['id']}: final loss {_loss(best['final_loss'])} ({_values(best['values'])})"
-        )
+    if view["best"] is not None:
+        typer.echo(f"best {view['best']['id']}: {board.best_text()}")
     typer.echo("")
     _print_table(board.table())
+    typer.echo(board.ranked_by())
 
 
 @sweep_app.command("cancel")
@@ -1174,18 +1219,29 @@ def sweeps(
     with _client(url, api_key) as client:
         listed = client.sweeps(limit)
     table = Table(
-        "ID", "NAME", "STATUS", "MEMBERS", "COUNTS", "BEST", "CREATED", box=None, pad_edge=False
+        "ID",
+        "NAME",
+        "STATUS",
+        "MEMBERS",
+        "COUNTS",
+        "METRIC",
+        "BEST",
+        "CREATED",
+        box=None,
+        pad_edge=False,
     )
     table.columns[0].no_wrap = True
     for view in listed:
-        best = view["best"]
+        board = SweepBoard(view)
+        best = board.best_final() if view["best"] is not None else None
         table.add_row(
             view["id"],
             view["name"] or UNKNOWN,
             view["status"],
             str(len(view["members"])),
-            SweepBoard(view).counts(),
-            UNKNOWN if best is None else _loss(best["final_loss"]),
+            board.counts(),
+            board.metric,
+            UNKNOWN if best is None else _loss(best),
             _time(view["created_at"]),
         )
     _print_table(table)
