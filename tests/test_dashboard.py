@@ -123,6 +123,14 @@ def _y_labels(browser: webdriver.Chrome, element_id: str) -> list[str]:
     return labels
 
 
+def _sweep_counts(browser: webdriver.Chrome) -> dict[str, int]:
+    """A sweep page's members per status."""
+    return {
+        c.get_attribute("data-status") or "": int(c.get_attribute("data-count") or 0)
+        for c in browser.find_elements(By.CSS_SELECTOR, "#sweep-counts .count")
+    }
+
+
 def _row(browser: webdriver.Chrome, job_id: str) -> list[WebElement]:
     return browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{job_id}"]')
 
@@ -458,12 +466,9 @@ def test_sweeps_list_and_a_sweep_page_fed_by_its_one_stream(
     )
     assert last_steps == {m["id"]: m["steps_done"] - 1 for m in view["members"]}
 
-    # Counts as the API gives them; the leaderboard's first row is the API's best.
-    counts = {
-        c.get_attribute("data-status"): int(c.get_attribute("data-count") or 0)
-        for c in browser.find_elements(By.CSS_SELECTOR, "#sweep-counts .count")
-    }
-    assert counts == view["counts"]
+    # Counts as the API gives them (each redraw replaces them: read them until they hold
+    # still); the leaderboard's first row is the API's best.
+    _until(browser, lambda b: _sweep_counts(b) == view["counts"])
     _until(
         browser,
         lambda b: (
