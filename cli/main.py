@@ -35,6 +35,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from api.client import TERMINAL, Client, Event, GradstreamError
@@ -450,11 +451,20 @@ def _f32_head(values: list[float | None]) -> str:
     return f"[{shown}, … {more} more]" if more > 0 else f"[{shown}]"
 
 
-def _format_step(step: dict[str, Any]) -> str:
-    """One line per step, however wide the model: loss, gradient norm, the first values."""
+VAL_LOSS_WIDTH = len("  val_loss ") + 12
+
+
+def _format_step(step: dict[str, Any], evaluated: bool = False) -> str:
+    """One line per step, however wide the model: loss, gradient norm, the first values. A job
+    with eval (`evaluated`) has a val_loss column, blank at the steps it was not evaluated."""
     grads, params = step["grads"], step["params"]
+    val_loss = ""
+    if "val_loss" in step:
+        val_loss = f"  val_loss {_f32(step['val_loss']):<12}"
+    elif evaluated:
+        val_loss = " " * VAL_LOSS_WIDTH
     text = (
-        f"step {step['step']:>4}  loss {_f32(step['loss']):<12}  |grad| {_norm(step):<10}"
+        f"step {step['step']:>4}  loss {_f32(step['loss']):<12}{val_loss}  |grad| {_norm(step):<10}"
         f"  dLoss/dw {_f32_head(grads['w'])}  w {_f32_head(params['w'])}"
     )
     if "b" in grads:
@@ -572,23 +582,40 @@ def submit(
 
 
 def _watch(client: Client, job_id: str, progress: bool | None = None) -> None:
-    """Follow a job's events until `done`: a progress bar with the loss and the gradient norm,
-    or a line per step. Exit 1 unless the job succeeded."""
+    """Follow a job's events until `done`: a progress bar with the loss (and val_loss, for a
+    job with eval) and the gradient norm, or a line per step. Exit 1 unless the job
+    succeeded."""
     if progress is None:
         progress = sys.stdout.isatty()
-    view = _watch_with_bar(client, job_id) if progress else _watch_lines(client, job_id)
+    spec = client.get(job_id)["spec"]
+    view = _watch_with_bar(client, job_id, spec) if progress else _watch_lines(client, job_id, spec)
     if view["status"] != "succeeded":
         raise typer.Exit(FAILED)
+
+
+def _evaluated(spec: dict[str, Any]) -> bool:
+    """Whether a job's records carry val_loss (at its evaluated steps): it has eval."""
+    return spec.get("eval") is not None
+
+
+def _result_val_loss(view: dict[str, Any]) -> str:
+    """`; val_loss X` for a finished job with eval (its validation loss at the final
+    parameters), else nothing."""
+    result = view.get("result") or {}
+    if result.get("val_loss") is None:
+        return ""
+    return f"; val_loss {_loss(result['val_loss'])}"
 
 
 def _stream_ended(job_id: str) -> NoReturn:
     _fail(f"the event stream ended before job {job_id} did: `gradstream watch {job_id}` resumes")
 
 
-def _watch_lines(client: Client, job_id: str) -> dict[str, Any]:
+def _watch_lines(client: Client, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    evaluated = _evaluated(spec)
     for event in client.stream(job_id):
         if event.event == "step":
-            typer.echo(_format_step(event.data))
+            typer.echo(_format_step(event.data, evaluated))
         elif event.event == "status":
             typer.echo(f"status: {event.data['status']}")
         elif event.event == "done":
@@ -598,31 +625,37 @@ def _watch_lines(client: Client, job_id: str) -> dict[str, Any]:
     _stream_ended(job_id)
 
 
-def _watch_with_bar(client: Client, job_id: str) -> dict[str, Any]:
-    total = client.get(job_id)["spec"]["steps"]
+def _watch_with_bar(client: Client, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    # A job with eval: the last evaluated step's val_loss beside the loss.
+    val_loss = "  val_loss {task.fields[val_loss]}" if _evaluated(spec) else ""
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
-        TextColumn("loss {task.fields[loss]}  |grad| {task.fields[grad]}  ETA"),
+        TextColumn(f"loss {{task.fields[loss]}}{val_loss}  |grad| {{task.fields[grad]}}  ETA"),
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=Console(force_terminal=True)) as bar:
-        task = bar.add_task(job_id[:12], total=total, status="", loss="-", grad="-")
+        task = bar.add_task(
+            job_id[:12], total=spec["steps"], status="", loss="-", val_loss="-", grad="-"
+        )
         for event in client.stream(job_id):
             if event.event == "step":
                 step = event.data
                 bar.update(
                     task, completed=step["step"] + 1, loss=_f32(step["loss"]), grad=_norm(step)
                 )
+                if "val_loss" in step:
+                    bar.update(task, val_loss=_f32(step["val_loss"]))
             elif event.event == "status":
                 bar.update(task, status=event.data["status"])
             elif event.event == "done":
                 view: dict[str, Any] = event.data
                 bar.update(task, status=view["status"], completed=view["steps_done"])
                 bar.stop()
-                typer.echo(f"{view['status']}: {view.get('stop_reason') or ''}")
+                ended = view.get("stop_reason") or ""
+                typer.echo(f"{view['status']}: {ended}{_result_val_loss(view)}")
                 return view
     _stream_ended(job_id)
 
@@ -692,15 +725,37 @@ def jobs(
     with _client(url, api_key) as client:
         listed = client.jobs(status, limit)
     table = Table(
-        "ID", "STATUS", "DEVICE", "STEPS", "CREATED", "WHY IT ENDED", box=None, pad_edge=False
+        "ID",
+        "STATUS",
+        "DEVICE",
+        "STEPS",
+        "FINAL LOSS",
+        "VAL LOSS",
+        "CREATED",
+        "WHY IT ENDED",
+        box=None,
+        pad_edge=False,
     )
     table.columns[0].no_wrap = True
     for job in listed:
         steps = f"{job['steps_done']}/{job['spec']['steps']}"
         ended = job.get("stop_reason") or ""
         created = _time(job["created_at"])
-        table.add_row(job["id"], job["status"], job["device"], steps, created, ended)
+        final, val = _final_losses(job)
+        table.add_row(job["id"], job["status"], job["device"], steps, final, val, created, ended)
     _print_table(table)
+
+
+def _final_losses(job: dict[str, Any]) -> tuple[str, str]:
+    """A finished job's loss at its final parameters (on the training rows; the last step's
+    where the worker did not compute it) and, with eval, its validation loss; `—` for none."""
+    result = job.get("result")
+    if result is None:
+        return UNKNOWN, UNKNOWN
+    final = result.get("full_loss")
+    final = result["loss"] if final is None else final
+    val = _loss(result["val_loss"]) if result.get("val_loss") is not None else UNKNOWN
+    return _loss(final), val
 
 
 @app.command()
@@ -723,24 +778,32 @@ class StepsFormat(StrEnum):
     csv = "csv"
 
 
-def csv_header(record: dict[str, Any]) -> list[str]:
+def csv_header(record: dict[str, Any], evaluated: bool = False) -> list[str]:
     """The CSV columns of a job whose first step is `record`: w_0…, b, grad_w_0…, grad_b,
-    loss, step, epoch, batch (b and grad_b only with a bias)."""
+    loss, step, epoch, batch (b and grad_b only with a bias), then val_loss for a job with
+    eval (`evaluated`). val_loss comes last so that every other column keeps its place
+    whether or not a job has eval."""
     weights = [f"w_{i}" for i in range(len(record["params"]["w"]))]
     bias = ["b"] if "b" in record["params"] else []
     params = weights + bias
-    return [*params, *(f"grad_{name}" for name in params), "loss", "step", "epoch", "batch"]
+    columns = [*params, *(f"grad_{name}" for name in params), "loss", "step", "epoch", "batch"]
+    return [*columns, "val_loss"] if evaluated else columns
 
 
-def csv_row(record: dict[str, Any]) -> list[Any]:
+def csv_row(record: dict[str, Any], evaluated: bool = False) -> list[Any]:
     """A step's values in csv_header's order. A full-batch step is one epoch of one batch;
-    a value that was not finite (null in the API's JSON) is written `nan`."""
+    a value that was not finite (null in the API's JSON) is written `nan`; val_loss is empty
+    at a step that was not evaluated."""
     params, grads = record["params"], record["grads"]
     values = [*params["w"], *([params["b"]] if "b" in params else [])]
     values += [*grads["w"], *([grads["b"]] if "b" in grads else [])]
     values.append(record["loss"])
     floats = ["nan" if v is None else v for v in values]
-    return [*floats, record["step"], record.get("epoch", record["step"]), record.get("batch", 0)]
+    row = [*floats, record["step"], record.get("epoch", record["step"]), record.get("batch", 0)]
+    if evaluated:
+        val_loss = record.get("val_loss", "")
+        row.append("nan" if val_loss is None else val_loss)
+    return row
 
 
 @app.command()
@@ -752,18 +815,19 @@ def steps(
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """Export a job's stored steps: a JSON record a line, or CSV with a column per value."""
+    """Export a job's stored steps: a JSON record a line, or CSV with a column per value (and
+    val_loss last, empty where not evaluated, for a job with eval)."""
     with _client(url, api_key) as client:
-        records = client.steps(job_id)
         if format is StepsFormat.jsonl:
-            for record in records:
+            for record in client.steps(job_id):
                 typer.echo(json.dumps(record))
             return
+        evaluated = _evaluated(client.get(job_id)["spec"])
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        for i, record in enumerate(records):
+        for i, record in enumerate(client.steps(job_id)):
             if i == 0:
-                writer.writerow(csv_header(record))
-            writer.writerow(csv_row(record))
+                writer.writerow(csv_header(record, evaluated))
+            writer.writerow(csv_row(record, evaluated))
 
 
 @app.command()
@@ -822,20 +886,34 @@ class MemberRow:
     steps: int  # what it runs unless it is stopped early
     loss: float | None = None  # the last step's
     final_loss: float | None = None  # the result's full-batch loss
+    val_loss: float | None = None  # the last evaluated step's (a sweep with eval)
+    final_val_loss: float | None = None  # the result's
 
-    def rank_key(self) -> tuple[bool, float, int]:
-        """Lower is better: the final loss, else the last step's; none last."""
-        loss = self.final_loss if self.final_loss is not None else self.loss
-        return (loss is None, loss or 0.0, self.index)
+    def rank_key(self, metric: str = "loss") -> tuple[bool, float, int]:
+        """Lower is better: the metric's final value, else its last one; none last."""
+        if metric == "val_loss":
+            final, last = self.final_val_loss, self.val_loss
+        else:
+            final, last = self.final_loss, self.loss
+        value = final if final is not None else last
+        return (value is None, value or 0.0, self.index)
 
 
 class SweepBoard:
     """A sweep as its watcher sees it: its members' steps, losses and statuses, updated by
-    each event of the sweep's stream."""
+    each event of the sweep's stream, ranked by the sweep's metric (DESIGN §11): `loss`, or
+    `val_loss` (with val_loss columns, as for any sweep whose base has eval).
+
+    The API's `best` counts values within GRADSTREAM_RANK_RTOL of each other as ties (member
+    order decides); this board sorts the values as they are, so two members that near-tie may
+    stand in the other order here."""
 
     def __init__(self, view: dict[str, Any]) -> None:
         self.id: str = view["id"]
-        default = view["spec"]["base"].get("steps", JobSpec.model_fields["steps"].default)
+        spec = view["spec"]
+        self.metric: str = spec.get("metric") or "loss"
+        self.evaluated = spec["base"].get("eval") is not None
+        default = spec["base"].get("steps", JobSpec.model_fields["steps"].default)
         self.members = {
             m["id"]: MemberRow(
                 index,
@@ -860,6 +938,8 @@ class SweepBoard:
             if row is not None:
                 row.status, row.steps_done = member["status"], member["steps_done"]
                 row.loss, row.final_loss = member["loss"], member["final_loss"]
+                row.val_loss = member.get("val_loss")
+                row.final_val_loss = member.get("final_val_loss")
 
     def apply(self, event: Event) -> None:
         if event.event == "status":
@@ -870,6 +950,8 @@ class SweepBoard:
                 if row is not None:
                     row.status, row.loss = moved["status"], moved["loss"]
                     row.steps_done = moved["step"] + 1
+                    if "val_loss" in moved:  # the flush had an evaluated step
+                        row.val_loss = moved["val_loss"]
         elif event.event == "done":
             self.update(event.data)
 
@@ -881,7 +963,12 @@ class SweepBoard:
         return done, total
 
     def ranked(self) -> list[MemberRow]:
-        return sorted(self.members.values(), key=MemberRow.rank_key)
+        return sorted(self.members.values(), key=lambda row: row.rank_key(self.metric))
+
+    def ranked_by(self) -> str:
+        """What the leaderboard is ordered by, in words."""
+        last = "last evaluated" if self.metric == "val_loss" else "last"
+        return f"ranked by final {self.metric} (else the {last} {self.metric})"
 
     def counts(self) -> str:
         """Members per status, in the statuses' order: `3 running, 6 pruned`."""
@@ -890,40 +977,62 @@ class SweepBoard:
         return ", ".join(f"{n} {status}" for status, n in found.items() if n) or "no members"
 
     def table(self, top: int | None = None) -> Table:
-        """The leaderboard: the best `top` members (all by default), best first."""
-        table = Table("RANK", "ID", *self.paths, "STATUS", "STEPS", "LOSS", "FINAL LOSS")
+        """The leaderboard: the best `top` members (all by default), best first (ranked_by()
+        says by what: a line printed under it)."""
+        losses = ["LOSS", "VAL LOSS", "FINAL LOSS", "FINAL VAL LOSS"]
+        if not self.evaluated:
+            losses = ["LOSS", "FINAL LOSS"]
+        table = Table("RANK", "ID", *self.paths, "STATUS", "STEPS", *losses)
         table.box, table.pad_edge = None, False
         table.columns[1].no_wrap = True
         for rank, row in enumerate(self.ranked()[:top], start=1):
             values = [_value(row.values.get(path)) for path in self.paths]
+            last = [_loss(row.loss, row.steps_done)]
+            final = [_loss(row.final_loss, 0)]
+            if self.evaluated:
+                last.append(_loss(row.val_loss, row.steps_done))
+                final.append(_loss(row.final_val_loss, 0))
             table.add_row(
                 str(rank),
                 row.id,
                 *values,
                 row.status,
                 f"{row.steps_done}/{row.steps}",
-                _loss(row.loss, row.steps_done),
-                _loss(row.final_loss, 0),
+                *last,
+                *final,
             )
         return table
 
     def progress_line(self) -> str:
-        """What a progress event changed, on one line: member-steps, counts, the best so far."""
+        """What a progress event changed, on one line: member-steps, counts, the best so far
+        by the sweep's metric."""
         done, total = self.member_steps()
         line = f"member-steps {done}/{total}  {self.counts()}"
         best = self.ranked()[0] if self.members else None
-        if best is not None and best.loss is not None:
-            line += f"  best {best.id} loss {_loss(best.loss)} ({_values(best.values)})"
+        value = None if best is None else best.val_loss if self.metric == "val_loss" else best.loss
+        if best is not None and value is not None:
+            line += f"  best {best.id} {self.metric} {_loss(value)} ({_values(best.values)})"
         return line
+
+    def best_final(self) -> float | None:
+        """The API's best member's final value of the metric (None: no best yet)."""
+        best = self.view.get("best")
+        if best is None:
+            return None
+        value: float | None = best["final_val_loss" if self.metric == "val_loss" else "final_loss"]
+        return value
+
+    def best_text(self) -> str:
+        """What the API's best member scored and what it swept: `final loss X (lr=0.1)`, or
+        `final val_loss X (…)` for a val_loss sweep."""
+        values = _values(self.view["best"]["values"])
+        return f"final {self.metric} {_loss(self.best_final())} ({values})"
 
     def final_line(self) -> str:
         """The sweep's end: its status, counts and best member."""
         line = f"{self.status}: {self.counts()}"
         best = self.view.get("best")
-        if best is not None:
-            line += f"; best {best['id']} final loss {_loss(best['final_loss'])}"
-            line += f" ({_values(best['values'])})"
-        return line
+        return line if best is None else f"{line}; best {best['id']} {self.best_text()}"
 
 
 def _value(value: Any) -> str:
@@ -979,6 +1088,7 @@ def _watch_sweep_lines(client: Client, board: SweepBoard, top: int) -> None:
             typer.echo(board.progress_line())
         elif event.event == "done":
             _print_table(board.table(top))
+            typer.echo(board.ranked_by())
             typer.echo(board.final_line())
             return
     _sweep_ended(board.id)
@@ -998,7 +1108,7 @@ def _watch_sweep_live(client: Client, board: SweepBoard, top: int) -> None:
     def screen() -> Group:
         done, total = board.member_steps()
         bar.update(task, completed=done, total=total, counts=board.counts())
-        return Group(bar, board.table(top))
+        return Group(bar, board.table(top), Text(board.ranked_by()))
 
     drawn = 0.0
     with Live(screen(), console=Console(force_terminal=True), auto_refresh=False) as live:
@@ -1063,7 +1173,7 @@ def sweep_show(
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """Print a sweep: its status, counts, best member and every member ranked by loss."""
+    """Print a sweep: its status, counts, best member and every member ranked by its metric."""
     with _client(url, api_key) as client:
         view = client.sweep(sweep_id)
     if as_json:
@@ -1076,13 +1186,11 @@ def sweep_show(
     typer.echo(", ".join(times))
     members, groups = len(view["members"]), view["groups"]
     typer.echo(f"{members} members in {groups} group{'s' * (groups != 1)}: {board.counts()}")
-    best = view["best"]
-    if best is not None:
-        typer.echo(
-            f"best {best['id']}: final loss {_loss(best['final_loss'])} ({_values(best['values'])})"
-        )
+    if view["best"] is not None:
+        typer.echo(f"best {view['best']['id']}: {board.best_text()}")
     typer.echo("")
     _print_table(board.table())
+    typer.echo(board.ranked_by())
 
 
 @sweep_app.command("cancel")
@@ -1111,18 +1219,29 @@ def sweeps(
     with _client(url, api_key) as client:
         listed = client.sweeps(limit)
     table = Table(
-        "ID", "NAME", "STATUS", "MEMBERS", "COUNTS", "BEST", "CREATED", box=None, pad_edge=False
+        "ID",
+        "NAME",
+        "STATUS",
+        "MEMBERS",
+        "COUNTS",
+        "METRIC",
+        "BEST",
+        "CREATED",
+        box=None,
+        pad_edge=False,
     )
     table.columns[0].no_wrap = True
     for view in listed:
-        best = view["best"]
+        board = SweepBoard(view)
+        best = board.best_final() if view["best"] is not None else None
         table.add_row(
             view["id"],
             view["name"] or UNKNOWN,
             view["status"],
             str(len(view["members"])),
-            SweepBoard(view).counts(),
-            UNKNOWN if best is None else _loss(best["final_loss"]),
+            board.counts(),
+            board.metric,
+            UNKNOWN if best is None else _loss(best),
             _time(view["created_at"]),
         )
     _print_table(table)

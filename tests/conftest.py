@@ -20,6 +20,23 @@ from services.training import inductor_cache_dir
 
 __all__ = ["SEED_EXAMPLE"]
 
+# The seed's kind of problem, y = 2x on x = 1, 2, held out against a validation set that says
+# y = 0: the better a member fits the training rows, the worse its validation loss. After 10
+# steps from w = 0: lr 0.1 has w ≈ 2 (loss ≈ 0, val_loss ≈ 4), lr 0.01 w ≈ 0.8 (3.6, 0.64),
+# lr 0.001 w ≈ 0.1 (9, 0.01): ranked by val_loss (the metric of a sweep whose base has eval)
+# the order is the reverse of the loss's, every gap orders of magnitude wider than rounding.
+HELD_OUT_SWEEP = {
+    "name": "held out",
+    "base": {
+        "data": {"x": [[1.0], [2.0]], "y": [2.0, 4.0]},
+        "init": {"w": [0.0]},
+        "steps": 10,
+        "device": "cpu",
+        "eval": {"data": {"x": [[1.0]], "y": [0.0]}, "every": 5},
+    },
+    "grid": {"optimizer.lr": [0.1, 0.001, 0.01]},
+}
+
 # One torch thread, as workers run: steps computed here (references, attempts run in this
 # process) are the workers' numbers, compiled code included (Inductor's code depends on it).
 torch.set_num_threads(1)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from api.client import Client
+from cli.main import _f32, _loss
 from cli.stack import Stack
 from tests.conftest import SEED_EXAMPLE
 
@@ -82,6 +83,58 @@ def test_submit_from_flags_then_show_steps_and_jobs(stack: Stack) -> None:
     assert row[9:] == ["7", "7", "0"]  # a full-batch step is one epoch of one batch
     listed = _run(stack, "jobs", "--limit", "50").stdout
     assert job_id in listed and "succeeded" in listed
+
+
+# 40 of 50 rows for training, 10 held out; val_loss at steps 0, 5, 10 and the last, 11.
+EVAL_SPEC = {
+    "data": {"synthetic": {"n": 50, "d": 2, "seed": 3}},
+    "steps": 12,
+    "eval": {"holdout": 0.2, "every": 5},
+    "device": "cpu",
+}
+EVALUATED = [0, 5, 10, 11]
+
+
+def test_a_job_with_eval_shows_val_loss_in_watch_steps_show_and_jobs(
+    stack: Stack, client: Client
+) -> None:
+    job = client.wait(client.submit(EVAL_SPEC)["id"], timeout=60)
+    assert job["status"] == "succeeded"
+    job_id, result = job["id"], job["result"]
+    records = list(client.steps(job_id))
+    assert [r["step"] for r in records if "val_loss" in r] == EVALUATED
+
+    # A line per step: val_loss where evaluated, blank (the same width) where not.
+    lines = _run(stack, "watch", job_id, "--lines").stdout.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 12 and len({line.index("|grad|") for line in steps}) == 1
+    for line, record in zip(steps, records, strict=True):
+        if "val_loss" in record:
+            assert f"  val_loss {_f32(record['val_loss'])} " in line
+        else:
+            assert "val_loss" not in line
+    assert lines[-1].startswith("succeeded: ") and '"val_loss": ' in lines[-1]
+    bar = _run(stack, "watch", job_id, "--progress").stdout
+    assert f"val_loss {_f32(records[-1]['val_loss'])}" in bar
+    assert bar.rstrip().endswith(
+        f"succeeded: ran all 12 steps; val_loss {_loss(result['val_loss'])}"
+    )
+
+    # CSV: val_loss after every other column, empty at the steps that were not evaluated.
+    csv_out = _run(stack, "steps", job_id, "--format", "csv").stdout.splitlines()
+    assert csv_out[0] == "w_0,w_1,grad_w_0,grad_w_1,loss,step,epoch,batch,val_loss"
+    for line, record in zip(csv_out[1:], records, strict=True):
+        cells = line.split(",")
+        assert cells[5] == str(record["step"]) and float(cells[4]) == record["loss"]
+        assert cells[-1] == (repr(record["val_loss"]) if "val_loss" in record else "")
+
+    shown = json.loads(_run(stack, "show", job_id).stdout)["result"]
+    assert shown["val_loss"] == result["val_loss"] == result["metrics"]["val"]["mse"]
+    assert set(shown["metrics"]) == {"train", "val"}
+    listed = _run(stack, "jobs", "--limit", "100").stdout.splitlines()
+    assert listed[0].split()[4:8] == ["FINAL", "LOSS", "VAL", "LOSS"]
+    row = next(line for line in listed if line.startswith(job_id)).split()
+    assert row[4:6] == [_loss(result["full_loss"]), _loss(result["val_loss"])]
 
 
 def test_watch_exits_non_zero_on_a_diverged_job(stack: Stack, client: Client) -> None:

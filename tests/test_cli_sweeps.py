@@ -1,6 +1,6 @@
 """`gradstream sweep …` and `gradstream sweeps` against the real stack, through the CLI's own
 process: submit and watch (a line per event off a terminal, a live leaderboard on one), the
-list, show, cancel and delete, and errors as one line each."""
+list, show, cancel and delete, a sweep ranked by val_loss, and errors as one line each."""
 
 import json
 import queue
@@ -17,7 +17,7 @@ import yaml
 from api.client import Client
 from cli.main import _loss
 from cli.stack import Stack, stop_process
-from tests.conftest import SEED_EXAMPLE
+from tests.conftest import HELD_OUT_SWEEP, SEED_EXAMPLE
 from tests.test_cli import _run
 
 # The tutorial's problem at three learning rates: loss_k = (1 - 2 lr)^(2k), so at the rung of
@@ -86,7 +86,8 @@ def test_sweep_file_watch_prints_a_line_per_event_then_the_leaderboard(
     assert _row(table[3]) == ["3", lr_001, "0.01", "pruned", "2/10", loss_001, "—"]
     assert (loss_01, loss_001) == ("0.6399999", "0.96040004")  # (1 - 2 lr)^2, float32
     assert table[4:] == [
-        f"succeeded: 1 succeeded, 2 pruned; best {lr_02} final loss {final} (optimizer.lr=0.2)"
+        "ranked by final loss (else the last loss)",
+        f"succeeded: 1 succeeded, 2 pruned; best {lr_02} final loss {final} (optimizer.lr=0.2)",
     ]
     assert out.stderr == ""
 
@@ -108,8 +109,8 @@ def test_sweep_watch_exits_1_when_no_member_succeeds(stack: Stack, tmp_path: Pat
     out = _run(stack, "sweep", "submit", str(_spec_file(tmp_path, diverging)), "--watch", "--lines")
     assert out.returncode == 1, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[-1] == "failed: 2 diverged"
-    assert [_row(line)[3:] for line in lines[-3:-1]] == [["diverged", "2/10", "nan", "—"]] * 2
+    assert lines[-2:] == ["ranked by final loss (else the last loss)", "failed: 2 diverged"]
+    assert [_row(line)[3:] for line in lines[-4:-2]] == [["diverged", "2/10", "nan", "—"]] * 2
     assert out.stderr == ""
 
 
@@ -120,7 +121,16 @@ def test_sweeps_lists_them_and_sweep_show_ranks_the_members(stack: Stack, client
     listed = _run(stack, "sweeps", "--limit", "100")
     assert listed.returncode == 0, listed.stderr
     rows = listed.stdout.splitlines()
-    assert _row(rows[0]) == ["ID", "NAME", "STATUS", "MEMBERS", "COUNTS", "BEST", "CREATED"]
+    assert _row(rows[0]) == [
+        "ID",
+        "NAME",
+        "STATUS",
+        "MEMBERS",
+        "COUNTS",
+        "METRIC",
+        "BEST",
+        "CREATED",
+    ]
     row = next(line for line in rows if line.startswith(view["id"]))
     created = view["created_at"][:19] + "Z"  # to the second, in UTC
     assert _row(row) == [
@@ -133,6 +143,7 @@ def test_sweeps_lists_them_and_sweep_show_ranks_the_members(stack: Stack, client
         "succeeded,",
         "2",
         "pruned",
+        "loss",
         final,
         created,
     ]
@@ -146,13 +157,70 @@ def test_sweeps_lists_them_and_sweep_show_ranks_the_members(stack: Stack, client
         f"best {lr_02}: final loss {final} (optimizer.lr=0.2)",
         "",
     ]
-    assert [_row(line)[:5] for line in lines[6:]] == [
+    assert [_row(line)[:5] for line in lines[6:9]] == [
         ["1", lr_02, "0.2", "succeeded", "10/10"],
         ["2", lr_01, "0.1", "pruned", "2/10"],
         ["3", lr_001, "0.01", "pruned", "2/10"],
     ]
+    assert lines[9:] == ["ranked by final loss (else the last loss)"]
     as_json = json.loads(_run(stack, "sweep", "show", view["id"], "--json").stdout)
     assert as_json["id"] == view["id"] and as_json["groups"] == 1
+
+
+def test_a_sweep_with_eval_is_ranked_by_val_loss_with_its_columns(
+    stack: Stack, client: Client, tmp_path: Path
+) -> None:
+    out = _run(stack, "sweep", str(_spec_file(tmp_path, HELD_OUT_SWEEP)), "--watch", "--lines")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    view = client.sweep(lines[0])
+    assert view["spec"]["metric"] == "val_loss"
+    lr_01, lr_0001, lr_001 = view["members"]
+    assert view["best"]["id"] == lr_0001["id"]
+    # By construction the training loss orders them the other way round.
+    assert lr_01["final_loss"] < lr_001["final_loss"] < lr_0001["final_loss"]
+    final_val = _loss(view["best"]["final_val_loss"])
+
+    progress = [line for line in lines if line.startswith("member-steps")]
+    assert progress[-1].startswith(
+        f"member-steps 30/30  3 succeeded  best {lr_0001['id']} val_loss "
+    ), progress[-1]
+    table = lines[lines.index(progress[-1]) + 1 :]
+    assert _row(table[0]) == [
+        "RANK",
+        "ID",
+        "optimizer.lr",
+        "STATUS",
+        "STEPS",
+        *("LOSS", "VAL", "LOSS", "FINAL", "LOSS", "FINAL", "VAL", "LOSS"),
+    ]
+    rows = [_row(line) for line in table[1:4]]
+    assert [(row[1], row[2]) for row in rows] == [
+        (lr_0001["id"], "0.001"),
+        (lr_001["id"], "0.01"),
+        (lr_01["id"], "0.1"),
+    ]
+    for row, member in zip(rows, (lr_0001, lr_001, lr_01), strict=True):
+        assert row[3:] == [
+            "succeeded",
+            "10/10",
+            _loss(member["loss"]),
+            _loss(member["val_loss"]),
+            _loss(member["final_loss"]),
+            _loss(member["final_val_loss"]),
+        ]
+    assert table[4:] == [
+        "ranked by final val_loss (else the last evaluated val_loss)",
+        f"succeeded: 3 succeeded; best {lr_0001['id']} final val_loss {final_val} "
+        "(optimizer.lr=0.001)",
+    ]
+
+    shown = _run(stack, "sweep", "show", view["id"]).stdout.splitlines()
+    assert shown[3] == f"best {lr_0001['id']}: final val_loss {final_val} (optimizer.lr=0.001)"
+    assert [_row(line)[1] for line in shown[6:9]] == [row[1] for row in rows]
+    listed = _run(stack, "sweeps", "--limit", "100").stdout.splitlines()
+    row = _row(next(line for line in listed if line.startswith(view["id"])))
+    assert row[-3:-1] == ["val_loss", final_val]
 
 
 def test_sweep_cancel_and_delete(stack: Stack, client: Client, tmp_path: Path) -> None:

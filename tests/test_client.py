@@ -4,7 +4,7 @@ import asyncio
 import subprocess
 import sys
 
-from api.client import AsyncClient, GradstreamError
+from api.client import AsyncClient, Client, GradstreamError
 from cli.stack import Stack
 from tests.conftest import SEED_EXAMPLE
 
@@ -108,3 +108,30 @@ def test_the_client_module_needs_neither_torch_nor_the_server() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_both_clients_carry_val_loss_and_the_metrics_of_a_job_with_eval(stack: Stack) -> None:
+    spec = {
+        "data": {"synthetic": {"n": 50, "d": 2, "seed": 4}},
+        "steps": 7,
+        "eval": {"holdout": 0.2, "every": 3},
+        "device": "cpu",
+    }
+
+    async def scenario() -> None:
+        async with AsyncClient(stack.api_url, stack.api_key) as client:
+            job = await client.wait((await client.submit(spec))["id"], 60)
+            streamed = [e.data async for e in client.stream(job["id"]) if e.event == "step"]
+            stored = [s async for s in client.steps(job["id"])]
+        with Client(stack.api_url, stack.api_key) as sync:
+            assert list(sync.steps(job["id"])) == stored == streamed
+            assert sync.get(job["id"])["result"] == job["result"]
+        # val_loss at the evaluated steps (every 3rd and the last), absent from the others.
+        assert [s["step"] for s in stored if "val_loss" in s] == [0, 3, 6]
+        assert all(isinstance(s["val_loss"], float) for s in stored if "val_loss" in s)
+        result = job["result"]
+        assert set(result["metrics"]) == {"train", "val"}
+        assert set(result["metrics"]["val"]) == {"mse", "rmse", "mae", "r2"}
+        assert result["val_loss"] == result["metrics"]["val"]["mse"]
+
+    asyncio.run(scenario())

@@ -1,11 +1,13 @@
 """The dashboard in a real headless Chromium (Debian's chromium and chromedriver, driven by
 Selenium), against the session's stack: a job's page (empty state, live charts, spec, duration,
 rate, why it ended, log scale, smoothing, zoom, hover, a picker beyond ten series, a diverged
-job's numbers kept short), the jobs list (status filter, cancel, delete), the compare view, the
-workers page, the sweeps list and a sweep's page (curves growing live from the sweep's one
-event stream, the leaderboard, the parallel plot); the browser logs no error. One browser for
-the module. With GRADSTREAM_SCREENSHOT_DIR set, the README's screenshots are written there
-(docs/dashboard-job.png, -compare.png, -jobs.png, -workers.png and -sweep.png)."""
+job's numbers kept short; with eval, loss and val_loss on one chart and the result's metrics),
+the jobs list (status filter, cancel, delete, val loss), the compare view, the workers page,
+the sweeps list and a sweep's page (curves growing live from the sweep's one event stream, the
+leaderboard, the parallel plot; ranked and coloured by the sweep's metric); the browser logs
+no error. One browser for the module. With GRADSTREAM_SCREENSHOT_DIR set, the README's
+screenshots are written there (docs/dashboard-job.png, -job-eval.png, -compare.png,
+-jobs.png, -workers.png and -sweep.png)."""
 
 import os
 import re
@@ -29,7 +31,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from api.client import Client
 from api.routes import dashboard
 from cli.stack import Stack
-from tests.conftest import SEED_EXAMPLE
+from tests.conftest import HELD_OUT_SWEEP, SEED_EXAMPLE
 from tests.faults import long_spec
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -93,6 +95,40 @@ def _severe(browser: webdriver.Chrome) -> list[dict[str, Any]]:
 def _screenshot(browser: webdriver.Chrome, name: str) -> None:
     if target := os.environ.get("GRADSTREAM_SCREENSHOT_DIR"):
         browser.save_screenshot(str(Path(target) / name))
+
+
+def _full_page_screenshot(
+    browser: webdriver.Chrome, name: str, chart: WebElement, hover_x: int
+) -> None:
+    """The whole page, with the pointer `hover_x` px right of `chart`'s centre (its tooltip)."""
+    # The window's height is its viewport's plus the window's frame.
+    height = browser.execute_script(
+        "return document.documentElement.scrollHeight + outerHeight - innerHeight"
+    )
+    browser.set_window_size(1440, height)
+    ActionChains(browser).move_to_element_with_offset(chart, hover_x, 0).perform()
+    chart_id = chart.get_attribute("id")
+    _until(browser, lambda b: b.find_element(By.CSS_SELECTOR, f"#{chart_id} .tip-head"))
+    _screenshot(browser, name)
+    browser.set_window_size(1440, 1000)
+
+
+def _y_labels(browser: webdriver.Chrome, element_id: str) -> list[str]:
+    """The labels a chart's y axis shows now."""
+    labels: list[str] = browser.execute_script(
+        "return echarts.getInstanceByDom(arguments[0]).getModel().getComponent('yAxis')"
+        ".axis.getViewLabels().map(l => l.formattedLabel)",
+        browser.find_element(By.ID, element_id),
+    )
+    return labels
+
+
+def _sweep_counts(browser: webdriver.Chrome) -> dict[str, int]:
+    """A sweep page's members per status."""
+    return {
+        c.get_attribute("data-status") or "": int(c.get_attribute("data-count") or 0)
+        for c in browser.find_elements(By.CSS_SELECTOR, "#sweep-counts .count")
+    }
 
 
 def _row(browser: webdriver.Chrome, job_id: str) -> list[WebElement]:
@@ -169,9 +205,11 @@ def test_job_page_jobs_list_and_compare(
     assert re.fullmatch(r"[\d.]+ (ms|s)|\d+ min \d+ s", _text(browser, "duration"))
     assert _text(browser, "worker").startswith("cpu-")
 
-    # Log scale, smoothing, zoom (mouse wheel) and hover draw without a browser error.
+    # Log scale (on from the start), smoothing, zoom (mouse wheel) and hover draw without a
+    # browser error.
     chart = browser.find_element(By.ID, "loss-chart")
-    browser.find_element(By.ID, "loss-chart-log").click()
+    assert browser.find_element(By.ID, "loss-chart-log").is_selected()
+    assert _attr(browser, "loss-chart", "data-series") == 1  # no eval: no val_loss
     browser.find_element(By.ID, "loss-chart-smooth").click()
     ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(chart), 0, -400).perform()
     zoomed = "return echarts.getInstanceByDom(arguments[0]).getOption().dataZoom[0].start"
@@ -220,7 +258,6 @@ def test_job_page_jobs_list_and_compare(
     _until(browser, lambda b: _attr(b, "compare-chart", "data-points") == 22_000)
     assert _attr(browser, "compare-chart", "data-series") == 2
     assert len(browser.find_elements(By.CSS_SELECTOR, "#compare-jobs tbody tr")) == 2
-    browser.find_element(By.ID, "compare-chart-log").click()
     _until(browser, lambda b: _drawn(b, "compare-chart", 22_000, "log"))
     _screenshot(browser, "dashboard-compare.png")
     browser.get(f"{stack.api_url}/#/")
@@ -265,12 +302,13 @@ def test_more_than_ten_series_get_a_picker_and_huge_numbers_stay_short(
     boxes[11].click()
     _until(browser, lambda _: picker.find_element(By.TAG_NAME, "summary").text == "11 of 12 series")
     assert job["status"] == "diverged" and _text(browser, "status") == "diverged"
-    labels = browser.execute_script(
-        "return echarts.getInstanceByDom(arguments[0]).getModel().getComponent('yAxis')"
-        ".axis.getViewLabels().map(l => l.formattedLabel)",
-        browser.find_element(By.ID, "loss-chart"),
-    )
-    assert max(len(label) for label in labels) <= 8, labels
+    # On the log scale the loss chart starts with, and on the linear one.
+    stored = job["steps_done"]
+    _until(browser, lambda b: _drawn(b, "loss-chart", stored, "log"))
+    assert max(len(label) for label in _y_labels(browser, "loss-chart")) <= 8
+    browser.find_element(By.ID, "loss-chart-log").click()
+    _until(browser, lambda b: _drawn(b, "loss-chart", stored, "linear"))
+    assert max(len(label) for label in _y_labels(browser, "loss-chart")) <= 8
     assert _severe(browser) == []
 
 
@@ -289,6 +327,87 @@ def test_the_job_page_draws_the_explain_view(
     assert rows[1][:4] == ["s", "y_hat - y", "[-1]", "[-2]"] and "ds/dy_hat = [1]" in rows[1][4]
     assert rows[2][:4] == ["loss", "s ** 2", "1", "1"] and "dloss/ds = [-2]" in rows[2][4]
     assert "dLoss/dw = [-2]" in _text(browser, "explain-chain")
+    assert _severe(browser) == []
+
+
+# 32 rows for training, 8 held out; val_loss at steps 0, 10, …, 290 and the last, 299.
+EVAL_JOB = {
+    "data": {"synthetic": {"n": 40, "d": 10, "noise": 0.5, "seed": 6}},
+    "optimizer": {"name": "sgd", "lr": 0.05},
+    "steps": 300,
+    "eval": {"holdout": 0.2, "every": 10},
+    "device": "cpu",
+}
+SERIES = "return echarts.getInstanceByDom(arguments[0]).getOption().series"
+
+
+def test_a_job_with_eval_draws_loss_and_val_loss_on_one_chart_and_shows_its_metrics(
+    stack: Stack, client: Client, browser: webdriver.Chrome
+) -> None:
+    job = client.wait(client.submit(EVAL_JOB)["id"], timeout=60)
+    plain = client.wait(client.submit(SEED_EXAMPLE)["id"], timeout=60)
+    assert job["status"] == plain["status"] == "succeeded"
+    evaluated = [[r["step"], r["val_loss"]] for r in client.steps(job["id"]) if "val_loss" in r]
+    assert [step for step, _ in evaluated] == [*range(0, 300, 10), 299]
+
+    browser.get(f"{stack.api_url}/#key={stack.api_key}&/jobs/{job['id']}")
+    # Both series on one chart, log scale from the start; val_loss only where evaluated, its
+    # points joined (no zeros or gaps between evaluated steps).
+    _until(browser, lambda b: _drawn(b, "loss-chart", 300 + len(evaluated), "log"))
+    assert _attr(browser, "loss-chart", "data-series") == 2
+    chart = browser.find_element(By.ID, "loss-chart")
+    series = {s["id"]: s for s in browser.execute_script(SERIES, chart)}
+    assert set(series) == {"loss", "val_loss"}
+    assert series["val_loss"]["data"] == evaluated and not series["val_loss"]["connectNulls"]
+    assert len(series["loss"]["data"]) == 300
+    assert _text(browser, "spec-eval") == "holdout 20% (seed 0), every 10 steps"
+
+    # The result: the validation loss, and the metrics of both sides of the split.
+    _until(browser, lambda b: b.find_element(By.ID, "result-card").is_displayed())
+    metrics = job["result"]["metrics"]
+    cells = {
+        (row.get_attribute("data-split"), cell.get_attribute("data-metric")): cell.text
+        for row in browser.find_elements(By.CSS_SELECTOR, "#result-metrics tbody tr")
+        for cell in row.find_elements(By.TAG_NAME, "td")
+    }
+    assert set(cells) == {(split, m) for split in ("train", "val") for m in metrics["train"]}
+    for (split, name), text in cells.items():
+        assert float(text) == pytest.approx(metrics[split][name], rel=1e-3), (split, name)
+    assert metrics["val"]["mse"] == job["result"]["val_loss"]
+    assert _text(browser, "result-val-loss") == cells[("val", "mse")]
+
+    # Hover anywhere: the tooltip has val_loss too (between evaluated steps, the last one
+    # before the pointer, with its step). Linear scale on request.
+    ActionChains(browser).move_to_element_with_offset(chart, -150, 0).perform()
+    tip = _until(browser, lambda b: b.find_element(By.CSS_SELECTOR, "#loss-chart .tip-head"))
+    assert "val_loss" in tip.find_element(By.XPATH, "..").text
+    if os.environ.get("GRADSTREAM_SCREENSHOT_DIR"):
+        _full_page_screenshot(browser, "dashboard-job-eval.png", chart, -150)
+    browser.find_element(By.ID, "loss-chart-log").click()
+    _until(browser, lambda b: _drawn(b, "loss-chart", 300 + len(evaluated), "linear"))
+
+    # The jobs list shows each finished job's final loss, and val loss where it has one.
+    browser.get(f"{stack.api_url}/#/")
+    Select(_until(browser, lambda b: b.find_element(By.ID, "status-filter"))).select_by_value("")
+    _until(browser, lambda b: _row(b, job["id"]) and _row(b, plain["id"]))
+    val_loss = cells[("val", "mse")]
+    assert _row(browser, job["id"])[0].find_element(By.CSS_SELECTOR, ".val-loss").text == val_loss
+    assert _row(browser, plain["id"])[0].find_element(By.CSS_SELECTOR, ".val-loss").text == ""
+    for shown in (job, plain):
+        final = _row(browser, shown["id"])[0].find_element(By.CSS_SELECTOR, ".final-loss").text
+        assert float(final) == pytest.approx(shown["result"]["full_loss"], rel=1e-3, abs=1e-12)
+
+    # Compare: the eval job's val_loss dashed in its loss's colour; its row shows it.
+    browser.get(f"{stack.api_url}/#/compare/{job['id']},{plain['id']}")
+    _until(browser, lambda b: _drawn(b, "compare-chart", 300 + len(evaluated) + 10, "log"))
+    assert _attr(browser, "compare-chart", "data-series") == 3
+    drawn = browser.execute_script(SERIES, browser.find_element(By.ID, "compare-chart"))
+    loss_line, val_line, plain_line = drawn
+    assert val_line["name"].endswith(" val_loss") and val_line["data"] == evaluated
+    assert val_line["lineStyle"]["type"] == "dashed" and val_line["color"] == loss_line["color"]
+    assert plain_line["color"] != loss_line["color"]
+    compared = browser.find_element(By.CSS_SELECTOR, f'#compare-jobs tr[data-job="{job["id"]}"]')
+    _until(browser, lambda _: compared.find_element(By.CSS_SELECTOR, ".val-loss").text == val_loss)
     assert _severe(browser) == []
 
 
@@ -347,12 +466,9 @@ def test_sweeps_list_and_a_sweep_page_fed_by_its_one_stream(
     )
     assert last_steps == {m["id"]: m["steps_done"] - 1 for m in view["members"]}
 
-    # Counts as the API gives them; the leaderboard's first row is the API's best.
-    counts = {
-        c.get_attribute("data-status"): int(c.get_attribute("data-count") or 0)
-        for c in browser.find_elements(By.CSS_SELECTOR, "#sweep-counts .count")
-    }
-    assert counts == view["counts"]
+    # Counts as the API gives them (each redraw replaces them: read them until they hold
+    # still); the leaderboard's first row is the API's best.
+    _until(browser, lambda b: _sweep_counts(b) == view["counts"])
     _until(
         browser,
         lambda b: (
@@ -367,6 +483,8 @@ def test_sweeps_list_and_a_sweep_page_fed_by_its_one_stream(
     _until(browser, lambda b: _attr(b, "sweep-parallel", "data-lines") == 8)
     axes = browser.find_element(By.ID, "sweep-parallel").get_attribute("data-axes")
     assert axes == "log,value,log"
+    # The curves' log axis keeps its short labels (0.01, 1e-5: not 0.00001).
+    assert max(len(label) for label in _y_labels(browser, "sweep-curves")) <= 6
 
     # Zoom (mouse wheel) and hover: the members nearest the step, with their values.
     chart = browser.find_element(By.ID, "sweep-curves")
@@ -391,15 +509,7 @@ def test_sweeps_list_and_a_sweep_page_fed_by_its_one_stream(
         lambda b: b.find_element(By.ID, "sweep-curves").get_attribute("data-focus") == focus,
     )
     if os.environ.get("GRADSTREAM_SCREENSHOT_DIR"):
-        # The whole page: the window's height is its viewport's plus the window's frame.
-        height = browser.execute_script(
-            "return document.documentElement.scrollHeight + outerHeight - innerHeight"
-        )
-        browser.set_window_size(1440, height)
-        ActionChains(browser).move_to_element_with_offset(chart, early, 0).perform()
-        _until(browser, lambda b: b.find_element(By.CSS_SELECTOR, "#sweep-curves .tip-head"))
-        _screenshot(browser, "dashboard-sweep.png")
-        browser.set_window_size(1440, 1000)
+        _full_page_screenshot(browser, "dashboard-sweep.png", chart, early)
     assert _severe(browser) == []
 
     # The members in the jobs list link back to their sweep. (Status filters read the tenant's
@@ -434,6 +544,57 @@ def test_sweeps_list_and_a_sweep_page_fed_by_its_one_stream(
     _until(browser, lambda b: not _sweep_row(b, doomed["id"]))
     assert client.http.get(f"/v1/sweeps/{doomed['id']}").status_code == 404
     assert _sweep_row_status(browser, sweep["id"]) == "succeeded"
+    assert _severe(browser) == []
+
+
+def test_a_sweep_page_ranks_and_colours_by_the_sweeps_metric(
+    stack: Stack, client: Client, browser: webdriver.Chrome
+) -> None:
+    view = client.wait_sweep(client.submit_sweep(HELD_OUT_SWEEP)["id"], timeout=60)
+    assert view["status"] == "succeeded" and view["spec"]["metric"] == "val_loss"
+    lr_01, lr_0001, lr_001 = view["members"]
+    by_val = [lr_0001["id"], lr_001["id"], lr_01["id"]]
+    assert sorted(view["members"], key=lambda m: m["final_val_loss"]) == [lr_0001, lr_001, lr_01]
+    assert sorted(view["members"], key=lambda m: m["final_loss"]) == [lr_01, lr_001, lr_0001]
+    assert view["best"]["id"] == lr_0001["id"]
+
+    browser.get(f"{stack.api_url}/#key={stack.api_key}&/sweeps/{view['id']}")
+    rows = "#leaderboard tbody tr"
+    _until(
+        browser,
+        lambda b: (
+            [r.get_attribute("data-job") for r in b.find_elements(By.CSS_SELECTOR, rows)] == by_val
+        ),
+    )
+    assert browser.find_element(By.ID, "sweep-metric").get_attribute("data-metric") == "val_loss"
+    assert _text(browser, "sweep-metric").startswith("val_loss: the validation loss (")
+    best_value = browser.find_element(By.CSS_SELECTOR, f"{rows} td.final-val").text
+    assert _text(browser, "sweep-best").endswith(f" → val_loss {best_value}")
+    headers = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#leaderboard th")]
+    assert headers[-5:] == ["LOSS", "VAL LOSS", "FINAL LOSS", "FINAL VAL LOSS", "JOB"]
+    ranked = browser.find_elements(By.CSS_SELECTOR, "#leaderboard th.ranked")
+    assert [th.text for th in ranked] == ["FINAL VAL LOSS"]
+    assert browser.find_element(By.CSS_SELECTOR, rows).get_attribute("class") == "best"
+
+    # The parallel plot: the metric's final value last, and each line coloured by it.
+    _until(browser, lambda b: _attr(b, "sweep-parallel", "data-lines") == 3)
+    plot = browser.find_element(By.ID, "sweep-parallel")
+    assert plot.get_attribute("data-metric") == "val_loss"
+    option = browser.execute_script(
+        "return echarts.getInstanceByDom(arguments[0]).getOption()", plot
+    )
+    assert option["parallelAxis"][-1]["name"] == "final val_loss"
+    (colours,) = option["visualMap"]
+    assert colours["dimension"] == 2  # lr, the metric, then the colour's (log) value
+    # The curves' log axis keeps its short labels (1e-5, not 0.00001).
+    _until(browser, lambda b: _attr(b, "sweep-curves", "data-drawn") == 3)
+    assert max(len(label) for label in _y_labels(browser, "sweep-curves")) <= 6
+
+    # The list names each sweep's best by its metric.
+    browser.get(f"{stack.api_url}/#/sweeps")
+    _until(browser, lambda b: _sweep_row(b, view["id"]))
+    best = _sweep_row(browser, view["id"])[0].find_elements(By.TAG_NAME, "td")[4].text
+    assert best.startswith("val_loss ")
     assert _severe(browser) == []
 
 

@@ -28,14 +28,16 @@ export function smooth(points, weight) {
 export class LineChart {
   // id: the chart element's id (it carries data-points and data-series, what it holds, and
   // data-drawn and data-scale, what it shows);
-  // log / smoothing: offer those toggles; empty: what shows before the first point.
-  constructor({ id, title, log = false, smoothing = false, xName = "step",
+  // log / smoothing: offer those toggles (logScale: the log scale on from the start);
+  // empty: what shows before the first point.
+  constructor({ id, title, log = false, logScale = false, smoothing = false, xName = "step",
     empty = "Waiting for the first step…" }) {
     this.id = id;
     this.xName = xName;
     this.series = new Map();  // name -> [[x, y], ...] (y null where it was not finite)
+    this.styles = new Map();  // name -> { color, dashed }, for series declared with a style
     this.shown = new Set();  // the names drawn when there are more than MAX_SHOWN
-    this.log = false;
+    this.log = log && logScale;
     this.weight = 0;  // smoothing; 0 is off
     this.points = 0;
     this.timer = null;
@@ -45,7 +47,7 @@ export class LineChart {
     const controls = el("div", { class: "controls" });
     if (log) {
       controls.append(el("label", {}, el("input", {
-        type: "checkbox", id: `${id}-log`,
+        type: "checkbox", id: `${id}-log`, checked: this.log,
         onchange: (event) => { this.log = event.target.checked; this.redraw(); },
       }), " log scale"));
     }
@@ -71,17 +73,22 @@ export class LineChart {
       el("div", { class: "chart-wrap" }, this.box, this.emptyNote));
   }
 
-  // A series, before its first point: series keep the order (and colour) they are declared in.
-  declare(name) {
+  // A series, before its first point: series keep the order (and colour) they are declared
+  // in, unless `style` gives a colour; style.dashed draws it dashed. A series may have points
+  // at some steps only (val_loss at evaluated steps): its line joins the points it has.
+  declare(name, style = null) {
     if (this.series.has(name)) return this.series.get(name);
     const points = [];
     this.series.set(name, points);
+    if (style) this.styles.set(name, style);
     if (this.shown.size < MAX_SHOWN) this.shown.add(name);
     this.pickerStale = true;
     return points;
   }
 
   colour(name) {
+    const style = this.styles.get(name);
+    if (style && style.color) return style.color;
     return PALETTE[[...this.series.keys()].indexOf(name) % PALETTE.length];
   }
 
@@ -122,19 +129,20 @@ export class LineChart {
     const drawn = names.length > MAX_SHOWN ? names.filter((name) => this.shown.has(name)) : names;
     const series = [];
     for (const name of drawn) {
-      const color = PALETTE[names.indexOf(name) % PALETTE.length];
+      const color = this.colour(name);
+      const dashed = Boolean((this.styles.get(name) || {}).dashed);
       let points = this.series.get(name);
       if (this.log) points = points.map(([x, y]) => [x, y !== null && y > 0 ? y : null]);
       if (this.weight > 0) {
-        series.push(line(`${name}:raw`, `${name} (raw)`, points, color, 0.25));
-        series.push(line(name, name, smooth(points, this.weight), color, 1));
+        series.push(line(`${name}:raw`, `${name} (raw)`, points, color, 0.25, dashed));
+        series.push(line(name, name, smooth(points, this.weight), color, 1, dashed));
       } else {
-        series.push(line(name, name, points, color, 1));
+        series.push(line(name, name, points, color, 1, dashed));
       }
     }
     this.chart.setOption({
       legend: { data: drawn },
-      yAxis: { type: this.log ? "log" : "value" },
+      yAxis: this.yAxis(),
       series,
     }, { replaceMerge: ["series"] });
     // What the chart shows now (the tests wait on these): points drawn and the y scale.
@@ -142,11 +150,50 @@ export class LineChart {
     this.box.dataset.scale = this.log ? "log" : "linear";
   }
 
+  // The whole y axis each time: ECharts rebuilds an axis whose type changes (linear, log)
+  // from the option given with the change, and would drop the label formatter.
+  yAxis() {
+    return { ...baseOption(this.xName).yAxis, type: this.log ? "log" : "value" };
+  }
+
   start() {
     this.chart = echarts.init(this.box, null, { renderer: "canvas" });
-    this.chart.setOption(baseOption(this.xName));
+    const option = baseOption(this.xName);
+    option.tooltip.formatter = (params) => this.tooltip(params);
+    option.yAxis = this.yAxis();
+    this.chart.setOption(option);
     this.resizer = new ResizeObserver(() => this.chart.resize());
     this.resizer.observe(this.box);
+  }
+
+  // The axis tooltip has the series with a point at the pointer's step; a series with points
+  // at some steps only (val_loss) adds its last point before it, labelled with its step.
+  tooltip(params) {
+    const text = tooltip(params, this.xName);
+    if (!text) return text;
+    const x = params[0].value[0];
+    const here = new Set(params.map((p) => p.seriesId));
+    const rows = [];
+    for (const name of this.series.keys()) {
+      if (here.has(name) || (this.series.size > MAX_SHOWN && !this.shown.has(name))) continue;
+      const point = this.before(name, x);
+      if (!point || point[1] === null) continue;
+      rows.push(`<div class="tip-row">${echarts.format.getTooltipMarker(this.colour(name))}` +
+        `<span>${escapeHtml(name)} <i>at ${this.xName} ${point[0]}</i></span>` +
+        `<b>${fmt(point[1])}</b></div>`);
+    }
+    return text + rows.join("");
+  }
+
+  // The last point of a series at or before x; null if none.
+  before(name, x) {
+    const points = this.series.get(name) || [];
+    let low = 0, high = points.length;  // points are in step order: the first past x
+    while (low < high) {
+      const mid = (low + high) >> 1;
+      if (points[mid][0] <= x) low = mid + 1; else high = mid;
+    }
+    return low ? points[low - 1] : null;
   }
 
   // More than MAX_SHOWN series: a checkbox per series in a drop-down.
@@ -168,12 +215,12 @@ export class LineChart {
   }
 }
 
-function line(id, name, data, color, opacity) {
+function line(id, name, data, color, opacity, dashed = false) {
   return {
     type: "line", id, name, data, color,
     showSymbol: false, symbol: "none", sampling: "lttb", connectNulls: false,
-    lineStyle: { width: 1.6, opacity }, emphasis: { disabled: true },
-    z: opacity < 1 ? 1 : 2,
+    lineStyle: { width: 1.6, opacity, type: dashed ? "dashed" : "solid" },
+    emphasis: { disabled: true }, z: opacity < 1 ? 1 : 2,
   };
 }
 

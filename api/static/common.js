@@ -103,6 +103,19 @@ export function dataText(spec) {
   return "—";
 }
 
+// How a job is evaluated (DESIGN §11): "holdout 20% (seed 0), every 10 steps", "validation
+// set inline 50×3, every step", or "none".
+export function evalText(spec) {
+  const evaluation = spec.eval;
+  if (!evaluation) return "none";
+  const every = (evaluation.every || 1) === 1 ? "every step" : `every ${evaluation.every} steps`;
+  if (evaluation.holdout != null) {
+    const percent = Number((evaluation.holdout * 100).toPrecision(4));
+    return `holdout ${percent}% (seed ${evaluation.seed || 0}), ${every}`;
+  }
+  return `validation set ${dataText({ data: evaluation.data })}, ${every}`;
+}
+
 // A destructive button asks once more: the first click arms it for three seconds, and only a
 // second click while armed returns true.
 export function secondClick(button, label = "Delete") {

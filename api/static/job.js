@@ -1,7 +1,8 @@
 // One job: what it is and how it went (spec, device, worker, duration, rate, why it ended),
-// live charts of its loss, parameters and gradients from its event stream, and its result.
+// live charts of its loss (and validation loss, for a job with eval), parameters and
+// gradients from its event stream, and its result with the fit's metrics.
 import {
-  api, dataText, el, fmt, fmtDuration, fmtTime, jobRate, jobSeconds, optimizerText,
+  api, dataText, el, evalText, fmt, fmtDuration, fmtTime, jobRate, jobSeconds, optimizerText,
   shortId, showError, statusBadge, whyEnded,
 } from "./common.js";
 import { LineChart } from "./charts.js";
@@ -25,7 +26,11 @@ export function jobPage(jobId) {
   const facts = el("dl", { id: "job-summary", class: "facts" });
   const resultBox = el("section", { id: "result-card", class: "card", hidden: true });
   const explain = el("div", { id: "explain" });
-  const loss = new LineChart({ id: "loss-chart", title: "Loss", log: true, smoothing: true });
+  // The training loss at every step and, with eval, val_loss at the evaluated steps (DESIGN
+  // §11): one chart, one y axis, log scale first (losses fall by orders of magnitude).
+  const loss = new LineChart({ id: "loss-chart", title: "Loss", log: true, logScale: true,
+    smoothing: true });
+  loss.declare("loss");
   const params = new LineChart({ id: "params-chart", title: "Parameters" });
   const grads = new LineChart({ id: "grads-chart", title: "Gradients" });
   loss.figure.classList.add("wide");
@@ -39,7 +44,7 @@ export function jobPage(jobId) {
 
   // The facts are built once and their text set in place on each refresh.
   const FACTS = [["optimizer", "spec-optimizer"], ["data", "spec-data"], ["steps", "spec-steps"],
-    ["device", "device"], ["worker", "worker"], ["duration", "duration"], ["rate", "rate"],
+    ["evaluation", "spec-eval"], ["device", "device"], ["worker", "worker"], ["duration", "duration"], ["rate", "rate"],
     ["created", "created"], ["state", "why-ended"]];
   const cell = {}, label = {};
   for (const [text, id] of FACTS) {
@@ -60,6 +65,8 @@ export function jobPage(jobId) {
     put("spec-data", dataText(spec) + (spec.bias ? " + bias" : "") +
       (spec.batch_size ? `, batch ${spec.batch_size}` : ", full batch"));
     put("spec-steps", `${view.steps_done.toLocaleString()} / ${spec.steps.toLocaleString()}`);
+    put("spec-eval", evalText(spec));
+    if (spec.eval) loss.declare("val_loss");
     put("device", view.device);
     cell.device.title = view.route_reason;
     put("worker", view.worker || "—");
@@ -102,15 +109,19 @@ export function jobPage(jobId) {
       }
       return;
     }
-    const row = (text, value) => [el("div", { class: "fact" }, el("dt", {}, text), el("dd", {}, value))];
+    const row = (text, value, id) => [el("div", { class: "fact" }, el("dt", {}, text), el("dd", { id }, value))];
     const values = (params) => flatten(params).map(([name, v]) => `${name} = ${fmt(v)}`).join(", ");
+    const evaluated = Boolean(view.spec.eval);
     resultBox.replaceChildren(el("h3", {}, "Result"), el("dl", { id: "result", class: "facts" },
       ...row("final loss", fmt(result.loss)),
-      ...row("loss on all data", fmt(result.full_loss)),
-      ...row("R²", fmt(result.r2)),
+      // With eval, full_loss and R² are the training rows' (the validation rows are held out).
+      ...row(evaluated ? "loss on the training rows" : "loss on all data", fmt(result.full_loss)),
+      ...(evaluated ? row("validation loss", fmt(result.val_loss), "result-val-loss") : []),
+      ...row(evaluated ? "R² (training rows)" : "R²", fmt(result.r2)),
       ...row("gap to least squares", fmt(result.lstsq_gap)),
       ...row("stepper", result.stepper || "—"),
-      ...row("final parameters", values(result.params))));
+      ...row("final parameters", values(result.params))),
+    result.metrics ? metricsTable(result.metrics) : null);
     resultBox.hidden = false;
     if (loss.points === 0) {
       for (const chart of [loss, params, grads]) chart.emptyNote.textContent = "No steps were recorded.";
@@ -134,6 +145,7 @@ export function jobPage(jobId) {
       const step = JSON.parse(message.data);
       lastStep = step.step;
       loss.add("loss", step.step, step.loss);
+      if ("val_loss" in step) loss.add("val_loss", step.step, step.val_loss);
       for (const [name, value] of flatten(step.params)) params.add(name, step.step, value);
       for (const [name, value] of flatten(step.grads)) grads.add(name, step.step, value);
       loss.update(); params.update(); grads.update();
@@ -164,6 +176,21 @@ export function jobPage(jobId) {
     if (source) source.close();
     for (const chart of [loss, params, grads]) chart.dispose();
   };
+}
+
+// The fit at the final parameters, computed by the worker in float64: a row per side of the
+// split (`train`, and `val` for a job with eval), a column per metric.
+const METRICS = [["mse", "MSE"], ["rmse", "RMSE"], ["mae", "MAE"], ["r2", "R²"]];
+const SPLITS = [["train", "training rows"], ["val", "validation rows"]];
+
+function metricsTable(metrics) {
+  const rows = SPLITS.filter(([split]) => metrics[split]).map(([split, text]) =>
+    el("tr", { "data-split": split }, el("th", {}, text),
+      ...METRICS.map(([name]) => el("td", { class: "num", "data-metric": name }, fmt(metrics[split][name])))));
+  return el("table", { id: "result-metrics", class: "grid metrics" },
+    el("thead", {}, el("tr", {}, el("th", {}, "at the final parameters"),
+      ...METRICS.map(([, text]) => el("th", { class: "num" }, text)))),
+    el("tbody", {}, ...rows));
 }
 
 // The tutorial's view of one step (jobs run with record.explain): each node of the graph

@@ -1,15 +1,28 @@
 // The caller's jobs (filtered by status, refreshed every second, with cancel and delete), and
-// the compare view: the loss curves of the jobs ticked in the list, overlaid on one chart.
+// the compare view: the loss curves of the jobs ticked in the list, overlaid on one chart (a
+// job with eval adds its val_loss, dashed, in its colour).
 import {
   api, dataText, el, fmt, fmtDuration, fmtTime, jobSeconds, optimizerText, secondClick,
   showError, shortId, statusBadge, whyEnded,
 } from "./common.js";
-import { LineChart } from "./charts.js";
+import { LineChart, PALETTE } from "./charts.js";
 
 const STATUSES = ["queued", "running", "cancelling", "succeeded", "failed", "diverged", "cancelled", "pruned"];
 const ENDED = new Set(["succeeded", "failed", "diverged", "cancelled", "pruned"]);
-const COLUMNS = ["", "job", "status", "optimizer", "data", "steps", "device", "duration",
-  "why it ended", "created", ""];
+const COLUMNS = ["", "job", "status", "optimizer", "data", "steps", "final loss", "val loss",
+  "device", "duration", "why it ended", "created", ""];
+const ACTION = COLUMNS.length - 1;  // the cancel or delete button's cell
+
+// A finished job's loss at its final parameters (on all the data, or the training rows of a
+// job with eval; the last step's where the worker did not compute it), and its validation
+// loss (jobs with eval); "—" while it runs.
+export function finalLoss(job) {
+  return job.result ? job.result.full_loss ?? job.result.loss : null;
+}
+
+export function finalValLoss(job) {
+  return job.result ? job.result.val_loss ?? null : null;
+}
 const selected = new Set();  // ticked jobs, kept while the page is left and come back to
 let statusFilter = "";
 
@@ -63,7 +76,7 @@ export function jobsPage() {
     if (tr.dataset.status !== job.status) {
       tr.dataset.status = job.status;
       cells[2].replaceChildren(statusBadge(job.status));
-      cells[10].replaceChildren(ENDED.has(job.status)
+      cells[ACTION].replaceChildren(ENDED.has(job.status)
         ? el("button", { class: "delete danger small", onclick: (e) => remove(e.target, job.id) }, "Delete")
         : el("button", { class: "cancel small", onclick: () => cancel(job.id),
           disabled: job.status === "cancelling" }, "Cancel"));
@@ -71,11 +84,13 @@ export function jobsPage() {
     set(3, optimizerText(job.spec));
     set(4, dataText(job.spec));
     set(5, `${job.steps_done.toLocaleString()} / ${job.spec.steps.toLocaleString()}`, "num");
-    set(6, job.device);
-    set(7, fmtDuration(jobSeconds(job)), "num");
-    set(8, whyEnded(job), "why");
-    cells[8].title = whyEnded(job);
-    set(9, fmtTime(job.created_at));
+    set(6, fmt(finalLoss(job)), "num final-loss");
+    set(7, job.spec.eval ? fmt(finalValLoss(job)) : "", "num val-loss");
+    set(8, job.device);
+    set(9, fmtDuration(jobSeconds(job)), "num");
+    set(10, whyEnded(job), "why");
+    cells[10].title = whyEnded(job);
+    set(11, fmtTime(job.created_at));
   }
 
   async function refresh() {
@@ -122,10 +137,10 @@ export function jobsPage() {
 // ---- compare -----------------------------------------------------------------------------
 
 // Each job's stored steps, page by page (following `next`), then its new steps every second
-// until it ends; all loss curves on one chart.
+// until it ends; all loss curves on one chart, a job's val_loss dashed in its loss's colour.
 export function comparePage(ids) {
-  const chart = new LineChart({ id: "compare-chart", title: "Loss", log: true, smoothing: true,
-    empty: "Waiting for the first step…" });
+  const chart = new LineChart({ id: "compare-chart", title: "Loss", log: true, logScale: true,
+    smoothing: true, empty: "Waiting for the first step…" });
   chart.figure.classList.add("wide", "tall");
   const body = el("tbody");
   document.getElementById("view").replaceChildren(
@@ -134,22 +149,29 @@ export function comparePage(ids) {
     chart.figure,
     el("section", { class: "card flush" }, el("table", { id: "compare-jobs", class: "grid" },
       el("thead", {}, el("tr", {}, ...["series", "job", "status", "optimizer", "data", "steps",
-        "final loss", "duration"].map((name) => el("th", {}, name)))), body)));
+        "final loss", "val loss", "duration"].map((name) => el("th", {}, name)))), body)));
   let closed = false;
 
   // Each job's series and row first, in the order ticked; then their steps.
-  async function load(job) {
+  async function load(job, index) {
     const id = job.id;
     const name = `${shortId(id)} ${optimizerText(job.spec)}`;
-    chart.declare(name);
-    const cells = Array.from({ length: 6 }, () => el("td"));
+    const color = PALETTE[index % PALETTE.length];
+    chart.declare(name, { color });
+    const valName = `${name} val_loss`;
+    if (job.spec.eval) chart.declare(valName, { color, dashed: true });
+    const cells = Array.from({ length: 7 }, () => el("td"));
     body.append(el("tr", { "data-job": id },
       el("td", {}, el("span", { class: "swatch", style: `background: ${chart.colour(name)}` }), name),
       el("td", { class: "id" }, el("a", { href: `#/jobs/${id}` }, shortId(id))), ...cells));
-    let after = -1, last = null;
+    let after = -1, last = null, lastVal = null;
     for (;;) {
       const page = await api(`/v1/jobs/${id}/steps?after=${after}&limit=5000`);
-      for (const step of page.steps) { chart.add(name, step.step, step.loss); last = step.loss; }
+      for (const step of page.steps) {
+        chart.add(name, step.step, step.loss);
+        last = step.loss;
+        if ("val_loss" in step) { chart.add(valName, step.step, step.val_loss); lastVal = step.val_loss; }
+      }
       if (page.steps.length) chart.update();
       if (page.next !== null) { after = page.next; continue; }
       if (page.steps.length) after = page.steps[page.steps.length - 1].step;
@@ -157,8 +179,11 @@ export function comparePage(ids) {
       cells[1].textContent = optimizerText(job.spec);
       cells[2].textContent = dataText(job.spec);
       cells[3].textContent = `${job.steps_done.toLocaleString()} / ${job.spec.steps.toLocaleString()}`;
-      cells[4].textContent = fmt(job.result ? job.result.loss : last);
-      cells[5].textContent = fmtDuration(jobSeconds(job));
+      cells[4].textContent = fmt(job.result ? finalLoss(job) : last);
+      cells[4].className = "num final-loss";
+      cells[5].textContent = job.spec.eval ? fmt(job.result ? finalValLoss(job) : lastVal) : "";
+      cells[5].className = "num val-loss";
+      cells[6].textContent = fmtDuration(jobSeconds(job));
       if (ENDED.has(job.status) || closed) return;
       await new Promise((resolve) => setTimeout(resolve, 1000));
       if (closed) return;

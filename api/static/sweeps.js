@@ -1,11 +1,17 @@
 // Sweeps: the caller's sweeps (#/sweeps), and one sweep (#/sweeps/<id>) with every member's
 // loss curve on one chart, a parallel-coordinates plot of the swept values against the final
-// loss, and a leaderboard. The sweep page is fed by the sweep's ONE event stream (a progress
-// event per group flush: a (step, loss) point for each member that moved), replayed from its
+// value of the sweep's metric, and a leaderboard. The sweep page is fed by the sweep's ONE
+// event stream (a progress event per group flush: a (step, loss) point for each member that
+// moved, and its last val_loss where the flush had an evaluated step), replayed from its
 // start and then followed live; the SweepView adds what the stream does not carry (values,
 // final losses, the best).
+//
+// A sweep ranks by its `metric` (DESIGN §11): `loss`, the training loss (final_loss, the
+// result's), or `val_loss`, the validation loss (final_val_loss). The leaderboard's order,
+// the best, and the parallel plot's last axis and colours all follow it.
 import {
-  api, dataText, el, fmt, fmtDuration, fmtTime, secondClick, shortId, showError, statusBadge,
+  api, dataText, el, evalText, fmt, fmtDuration, fmtTime, secondClick, shortId, showError,
+  statusBadge,
 } from "./common.js";
 import { PALETTE, baseOption, escapeHtml } from "./charts.js";
 import { followEvents } from "./sse.js";
@@ -37,8 +43,16 @@ function sweepEnded(sweep) { return SWEEP_ENDED.has(sweep.status); }
 
 // ---- the list -----------------------------------------------------------------------------
 
-const COLUMNS = ["sweep", "status", "members", "members by status", "best final loss",
+const COLUMNS = ["sweep", "status", "members", "members by status", "best (by its metric)",
   "created", ""];
+
+// The metric a sweep ranks by, as the API resolved it (a sweep stored before metrics: loss).
+function metricOf(sweep) { return sweep.spec.metric || "loss"; }
+
+// A member's (or the best's) final value of the metric: the result's.
+function finalMetric(member, metric) {
+  return metric === "val_loss" ? member.final_val_loss : member.final_loss;
+}
 
 export function sweepsPage() {
   const body = el("tbody");
@@ -64,7 +78,7 @@ export function sweepsPage() {
     }
     cells[2].textContent = String(sweep.members.length);
     cells[3].replaceChildren(countsList(sweep.counts));
-    cells[4].textContent = best ? fmt(best.final_loss) : "—";
+    cells[4].textContent = best ? `${metricOf(sweep)} ${fmt(finalMetric(best, metricOf(sweep)))}` : "—";
     cells[4].title = best ? valuesText(best.values, shortNames(Object.keys(best.values))) : "";
     cells[5].textContent = fmtTime(sweep.created_at);
   }
@@ -126,9 +140,11 @@ function valuesText(values, names) {
     .join(" · ");
 }
 
-// The leaderboard's order: members still in the race or done (by final loss, else current
-// loss), then pruned ones (their loss is from an earlier step, so not comparable), then queued,
-// then the failed, diverged and cancelled; ties by member order.
+// The leaderboard's order: members still in the race or done (by the metric's final value,
+// else its current one), then pruned ones (their value is from an earlier step, so not
+// comparable), then queued, then the failed, diverged and cancelled; ties by member order.
+// (The API's best counts values within GRADSTREAM_RANK_RTOL as ties; a near-tie may order
+// differently here, and the best's row is marked whatever its rank.)
 function tier(member) {
   if (member.status === "succeeded" || member.status === "running" || member.status === "cancelling") return 0;
   if (member.status === "pruned") return 1;
@@ -136,14 +152,22 @@ function tier(member) {
   return 3;
 }
 
-function score(member) {
-  const value = member.final ?? member.loss;
+// A member's value of the metric as the page knows it: the final one, else the current one.
+function metricValue(member, metric) {
+  return metric === "val_loss" ? member.finalVal ?? member.val : member.final ?? member.loss;
+}
+
+function score(member, metric) {
+  const value = metricValue(member, metric);
   return value === null || value === undefined || !Number.isFinite(value) ? Infinity : value;
 }
 
-function ranked(members) {
-  return [...members].sort((a, b) => tier(a) - tier(b) || score(a) - score(b) || a.index - b.index);
+function ranked(members, metric) {
+  return [...members].sort((a, b) => tier(a) - tier(b) || score(a, metric) - score(b, metric) ||
+    a.index - b.index);
 }
+
+const METRIC_NAMES = { loss: "loss", val_loss: "val_loss" };
 
 // A log axis where every value is positive and they span more than `span` times (learning
 // rates, epsilons: 100x; losses, read as ratios: 10x); a linear one otherwise.
@@ -164,6 +188,7 @@ export function sweepPage(sweepId) {
   const parallel = new ParallelPlot();
   const board = el("tbody");
   const boardHead = el("tr");
+  const boardHint = el("span", { class: "muted hint", id: "leaderboard-metric" });
   const more = el("button", { id: "leaderboard-all", class: "small", hidden: true, onclick: () => {
     showAll = true; more.hidden = true; schedule();
   } });
@@ -173,12 +198,11 @@ export function sweepPage(sweepId) {
     el("section", { class: "card" }, facts),
     el("div", { class: "charts" }, curves.figure, parallel.figure),
     el("section", { class: "card flush" },
-      el("h3", {}, "Leaderboard ", el("span", { class: "muted hint" },
-        "by final loss (running members by their current loss); pruned members after the rest")),
+      el("h3", {}, "Leaderboard ", boardHint),
       el("table", { id: "leaderboard", class: "grid" }, el("thead", {}, boardHead), board), more));
 
   const FACTS = [["members", "members"], ["by status", "counts"], ["best", "best"],
-    ["data", "data"], ["steps", "steps"], ["early stop", "early-stop"], ["created", "created"],
+    ["ranked by", "metric"], ["data", "data"], ["steps", "steps"], ["early stop", "early-stop"], ["created", "created"],
     ["duration", "duration"]];
   const cell = {};
   for (const [text, id] of FACTS) {
@@ -187,14 +211,16 @@ export function sweepPage(sweepId) {
   }
 
   let sweep = null, names = {}, paths = [], closed = false, showAll = false, viewTimer = null;
-  let refreshing = null, refreshAgain = false;
-  const members = new Map();  // id -> { index, id, label, values, status, steps, loss, final, points }
+  let refreshing = null, refreshAgain = false, metric = "loss", evaluated = false;
+  // id -> { index, id, label, values, status, steps, loss, final, val, finalVal, points }
+  const members = new Map();
 
   function member(id) {
     let m = members.get(id);
     if (!m) {  // a member the view has not shown yet: the next refresh fills it in
       m = { index: members.size, id, label: `#${members.size + 1}`, values: {}, status: "queued",
-        steps: 0, loss: null, final: null, points: [], colour: PALETTE[members.size % PALETTE.length] };
+        steps: 0, loss: null, final: null, val: null, finalVal: null, points: [],
+        colour: PALETTE[members.size % PALETTE.length] };
       members.set(id, m);
     }
     return m;
@@ -207,8 +233,19 @@ export function sweepPage(sweepId) {
     if (first) {
       paths = [...Object.keys(view.spec.grid || {}), ...Object.keys((view.spec.random || {}).space || {})];
       names = shortNames(paths);
-      boardHead.replaceChildren(...["rank", "member", ...paths.map((p) => names[p]), "status",
-        "steps", "loss", "final loss", "job"].map((name) => el("th", {}, name)));
+      metric = metricOf(view);
+      evaluated = Boolean(view.spec.base && view.spec.base.eval);
+      // The metric's final column is the one the rows are ranked by.
+      const ranking = metric === "val_loss" ? "final val loss" : "final loss";
+      const columns = ["rank", "member", ...paths.map((p) => names[p]), "status", "steps", "loss",
+        ...(evaluated ? ["val loss"] : []), "final loss", ...(evaluated ? ["final val loss"] : []), "job"];
+      boardHead.replaceChildren(...columns.map((name) => el("th",
+        name === ranking ? { class: "ranked", title: "ranked by this" } : {}, name)));
+      boardHint.textContent = `by final ${METRIC_NAMES[metric]} (running members by their ` +
+        `${metric === "val_loss" ? "last evaluated" : "current"} ${METRIC_NAMES[metric]}); ` +
+        "pruned members after the rest";
+      parallel.metric = metric;
+      curves.setTitle(evaluated ? "Training loss per member" : "Loss per member");
       title.textContent = view.name || "";
     }
     view.members.forEach((vm, index) => {
@@ -218,8 +255,13 @@ export function sweepPage(sweepId) {
       m.colour = PALETTE[index % PALETTE.length];
       m.values = vm.values;
       m.final = vm.final_loss;
+      m.finalVal = vm.final_val_loss ?? null;
       if (MEMBER_ENDED.has(vm.status) || !MEMBER_ENDED.has(m.status)) m.status = vm.status;
-      if (vm.steps_done >= m.steps) { m.steps = vm.steps_done; m.loss = vm.loss; }
+      if (vm.steps_done >= m.steps) {
+        m.steps = vm.steps_done;
+        m.loss = vm.loss;
+        m.val = vm.val_loss ?? m.val;
+      }
     });
     for (const id of [...members.keys()]) {
       if (!view.members.some((vm) => vm.id === id)) members.delete(id);  // deleted meanwhile
@@ -241,6 +283,9 @@ export function sweepPage(sweepId) {
         : el("button", { id: "cancel", onclick: cancel }, "Cancel"));
     }
     cell.members.textContent = String(members.size);
+    cell.metric.textContent = metric === "val_loss"
+      ? `val_loss: the validation loss (${evalText(sweep.spec.base)})` : "loss: the training loss";
+    cell.metric.dataset.metric = metric;
     cell.data.textContent = base.data ? dataText(base) : "—";
     cell.steps.textContent = base.steps ? base.steps.toLocaleString() : "—";
     cell["early-stop"].textContent = stop
@@ -252,7 +297,8 @@ export function sweepPage(sweepId) {
     if (best) {
       const m = members.get(best.id);
       cell.best.replaceChildren(el("a", { href: `#/jobs/${best.id}`, id: "best-link" },
-        m ? m.label : shortId(best.id)), ` ${valuesText(best.values, names)} → ${fmt(best.final_loss)}`);
+        m ? m.label : shortId(best.id)),
+      ` ${valuesText(best.values, names)} → ${METRIC_NAMES[metric]} ${fmt(finalMetric(best, metric))}`);
     } else {
       cell.best.textContent = ended ? "none succeeded" : "— (when a member succeeds)";
     }
@@ -265,7 +311,11 @@ export function sweepPage(sweepId) {
       const loss = update.loss;
       m.points.push([update.step, loss === null || !Number.isFinite(loss) ? null : loss]);
       curves.points++;
-      if (update.step + 1 >= m.steps) { m.steps = update.step + 1; m.loss = loss; }
+      if (update.step + 1 >= m.steps) {
+        m.steps = update.step + 1;
+        m.loss = loss;
+        if ("val_loss" in update) m.val = update.val_loss;
+      }
       const was = m.status;
       if (!MEMBER_ENDED.has(m.status) && !(update.status === "running" && m.status === "cancelling")) {
         m.status = update.status;
@@ -314,8 +364,9 @@ export function sweepPage(sweepId) {
 
   function draw() {
     if (!sweep) return;
-    const order = ranked(members.values());
-    const best = sweep.best ? members.get(sweep.best.id) : order.find((m) => tier(m) === 0 && m.loss !== null);
+    const order = ranked(members.values(), metric);
+    const best = sweep.best ? members.get(sweep.best.id)
+      : order.find((m) => tier(m) === 0 && metricValue(m, metric) != null);
     const counts = {};
     for (const m of members.values()) counts[m.status] = (counts[m.status] || 0) + 1;
     cell.counts.replaceChildren(countsList(counts, { id: "sweep-counts" }));
@@ -335,7 +386,7 @@ export function sweepPage(sweepId) {
       seen.add(m.id);
       let row = rows.get(m.id);
       if (!row) {
-        const cells = Array.from({ length: paths.length + 7 }, () => el("td"));
+        const cells = Array.from({ length: boardHead.children.length }, () => el("td"));
         const tr = el("tr", { "data-job": m.id,
           onmouseenter: () => { curves.highlight(m.id, true); parallel.highlight(m.id, true); },
           onmouseleave: () => { curves.highlight(m.id, false); parallel.highlight(m.id, false); } },
@@ -363,11 +414,15 @@ export function sweepPage(sweepId) {
         cells[at].replaceChildren(statusBadge(m.status));
       }
       put(at + 1, m.steps.toLocaleString(), "num");
-      put(at + 2, fmt(m.loss), "num");
-      put(at + 3, fmt(m.final), "num final");
-      if (!cells[at + 4].firstChild) {
-        cells[at + 4].className = "id";
-        cells[at + 4].append(el("a", { href: `#/jobs/${m.id}`, title: m.id }, shortId(m.id)));
+      const shown = [["loss", m.loss], ...(evaluated ? [["val", m.val]] : []), ["final", m.final],
+        ...(evaluated ? [["final-val", m.finalVal]] : [])];
+      const ranking = metric === "val_loss" ? "final-val" : "final";
+      shown.forEach(([name, value], i) => put(at + 2 + i, fmt(value),
+        `num ${name}${name === ranking ? " ranked" : ""}`));
+      const link = cells[at + 2 + shown.length];
+      if (!link.firstChild) {
+        link.className = "id";
+        link.append(el("a", { href: `#/jobs/${m.id}`, title: m.id }, shortId(m.id)));
       }
       if (board.children[rank] !== tr) board.insertBefore(tr, board.children[rank] || null);
     });
@@ -416,9 +471,19 @@ class SweepCurves {
       type: "checkbox", id: "sweep-curves-log", checked: true,
       onchange: (event) => { this.log = event.target.checked; this.redraw(); },
     }), " log scale"));
+    this.title = el("h3", {}, "Loss per member");
     this.figure = el("figure", { class: "card chart-card wide tall" },
-      el("figcaption", {}, el("h3", {}, "Loss per member"), this.note, controls),
+      el("figcaption", {}, this.title, this.note, controls),
       el("div", { class: "chart-wrap" }, this.box, this.emptyNote));
+  }
+
+  setTitle(text) { this.title.textContent = text; }
+
+  // The whole y axis each time: ECharts rebuilds an axis whose type changes (linear, log)
+  // from the option given with the change, and would drop the label formatter.
+  yAxis() {
+    return { ...baseOption("step").yAxis, type: this.log ? "log" : "value", name: "loss",
+      nameTextStyle: { color: "#64748b", fontSize: 11 } };
   }
 
   // What the chart holds (the tests wait on these): points, and members with a point.
@@ -451,7 +516,8 @@ class SweepCurves {
       const data = this.log ? m.points.map(([x, y]) => [x, y !== null && y > 0 ? y : null]) : m.points;
       return {
         type: "line", id: m.id, name: m.label, data, color: m.colour,
-        showSymbol: false, sampling: "lttb", connectNulls: false,
+        // A member with one flush so far has one point: a dot, as a line it would not show.
+        showSymbol: m.points.length === 1, sampling: "lttb", connectNulls: false,
         lineStyle: { width: top || focused ? 3 : pruned ? 1.2 : 1.6,
           opacity: fade * (top || focused ? 1 : pruned ? PRUNED_OPACITY : 0.85) },
         z: focused ? 6 : top ? 5 : pruned ? 1 : 2,
@@ -468,8 +534,7 @@ class SweepCurves {
     });
     series.push({ type: "scatter", id: "pruned-ends", name: "pruned at", data: ends,
       symbolSize: 6, z: 3, silent: true, itemStyle: { color: "#fff", borderWidth: 1.5 } });
-    this.chart.setOption({ yAxis: { type: this.log ? "log" : "value" }, series },
-      { replaceMerge: ["series"] });
+    this.chart.setOption({ yAxis: this.yAxis(), series }, { replaceMerge: ["series"] });
     this.maxStep = Math.max(0, ...drawn.map((m) => m.points[m.points.length - 1][0]));
     this.box.dataset.drawn = String(drawn.reduce((n, m) => n + m.points.length, 0));
     this.box.dataset.scale = this.log ? "log" : "linear";
@@ -484,7 +549,7 @@ class SweepCurves {
     option.legend = { show: false };
     option.grid = { ...option.grid, top: 16, right: 78 };
     option.xAxis = { ...option.xAxis, min: 0 };  // points are at flushes: the first is not step 0
-    option.yAxis = { ...option.yAxis, name: "loss", nameTextStyle: { color: "#64748b", fontSize: 11 } };
+    option.yAxis = this.yAxis();
     option.tooltip = { ...option.tooltip, formatter: (params) => this.tooltip(params) };
     this.chart.setOption(option);
     this.resizer = new ResizeObserver(() => this.chart.resize());
@@ -521,23 +586,34 @@ class SweepCurves {
 }
 
 // Parallel coordinates: an axis per swept path (log for a positive range over 100x,
-// categories for strings and booleans), and the loss last (the final loss; a member without
-// one yet, running or pruned, at its last step's loss). One line per member with a loss.
+// categories for strings and booleans), and the sweep's metric last (its final value; a
+// member without one yet, running or pruned, at its last value). One line per member with a
+// value, coloured by that value (a visualMap: the colour bar at the right; on a log axis, by
+// the value's logarithm), the best thick, pruned members faint.
+const METRIC_COLOURS = ["#1e40af", "#2563eb", "#0891b2", "#65a30d", "#d97706", "#dc2626"];
+
 class ParallelPlot {
   constructor() {
     this.chart = null;
+    this.metric = "loss";
     this.box = el("div", { id: "sweep-parallel", class: "chart", "data-lines": "0" });
     this.emptyNote = el("div", { class: "empty", id: "sweep-parallel-empty" }, "Waiting for the first loss…");
+    this.title = el("h3", {}, "Swept values against the final loss");
+    this.hint = el("span", { class: "muted hint" }, "pruned and running members at their last loss");
     this.figure = el("figure", { class: "card chart-card wide" },
-      el("figcaption", {}, el("h3", {}, "Swept values against the final loss"),
-        el("span", { class: "muted hint" }, "pruned and running members at their last loss")),
+      el("figcaption", {}, this.title, this.hint),
       el("div", { class: "chart-wrap" }, this.box, this.emptyNote));
   }
 
   draw(members, best, paths, names) {
-    const lossOf = (m) => (m.final ?? m.loss);
-    const shown = members.filter((m) => Number.isFinite(lossOf(m))).sort((a, b) => a.index - b.index);
+    const metric = this.metric;
+    const name = METRIC_NAMES[metric];
+    this.title.textContent = `Swept values against the final ${name}`;
+    this.hint.textContent = `pruned and running members at their last ${name}; colour: the ${name}`;
+    const valueOf = (m) => metricValue(m, metric);
+    const shown = members.filter((m) => Number.isFinite(valueOf(m))).sort((a, b) => a.index - b.index);
     this.box.dataset.lines = String(shown.length);
+    this.box.dataset.metric = metric;
     if (!shown.length || !this.box.isConnected) return;
     this.emptyNote.hidden = true;
     if (!this.chart) this.start();
@@ -552,10 +628,14 @@ class ParallelPlot {
       const categories = [...new Set(values.map(valueText))];
       return { dim, name, type: "category", data: categories, axisLabel: axisText };
     });
-    const losses = shown.map(lossOf);
-    axes.push({ dim: paths.length, name: "final loss", type: numberAxisType(losses, 10), scale: true,
-      axisLabel: { ...axisText, formatter: (v) => fmt(v) },
+    const scores = shown.map(valueOf);
+    const logScale = numberAxisType(scores, 10) === "log";
+    axes.push({ dim: paths.length, name: `final ${name}`, type: logScale ? "log" : "value",
+      scale: true, axisLabel: { ...axisText, formatter: (v) => fmt(v) },
       nameTextStyle: { color: "#0f172a", fontSize: 12, fontWeight: 600 } });
+    // The colour's dimension: the metric, or its log10 on a log axis (not an axis of its own).
+    const colourOf = (v) => (logScale ? Math.log10(v) : v);
+    const low = Math.min(...scores.map(colourOf)), high = Math.max(...scores.map(colourOf));
     this.index = new Map(shown.map((m, i) => [m.id, i]));
     this.members = shown;
     this.names = names;
@@ -564,19 +644,24 @@ class ParallelPlot {
       const top = m === best;
       const value = paths.map((path, dim) => (axes[dim].type === "category"
         ? valueText(m.values[path]) : m.values[path]));
-      value.push(lossOf(m));
+      value.push(valueOf(m), colourOf(valueOf(m)));
       return { name: m.label, value, lineStyle: {
-        color: m.colour, width: top ? 3.5 : pruned ? 1.2 : 1.8,
-        opacity: top ? 1 : pruned ? PRUNED_OPACITY : 0.85 } };
+        width: top ? 3.5 : pruned ? 1.2 : 1.8, opacity: top ? 1 : pruned ? PRUNED_OPACITY : 0.85 } };
     });
     // Best on top: ECharts draws the data in order.
     if (best && this.index.has(best.id)) data.push(data.splice(this.index.get(best.id), 1)[0]);
     this.order = data.map((d) => d.name);
     this.chart.setOption({
       parallelAxis: axes,
+      visualMap: [{ type: "continuous", id: "metric", seriesIndex: 0, dimension: paths.length + 1,
+        min: low, max: high > low ? high : low + 1, inRange: { color: METRIC_COLOURS },
+        calculable: false, realtime: false, orient: "vertical", right: 8, top: "middle",
+        itemWidth: 10, itemHeight: 110, text: [`worse`, `better`],
+        textStyle: { color: "#64748b", fontSize: 11 },
+        formatter: (v) => fmt(logScale ? 10 ** v : v) }],
       series: [{ type: "parallel", id: "members", data, smooth: false, inactiveOpacity: 0.1,
         activeOpacity: 1, emphasis: { lineStyle: { width: 4, opacity: 1 } } }],
-    }, { replaceMerge: ["parallelAxis", "series"] });
+    }, { replaceMerge: ["parallelAxis", "visualMap", "series"] });
     this.box.dataset.axes = axes.map((axis) => axis.type).join(",");
   }
 
@@ -585,7 +670,7 @@ class ParallelPlot {
     this.chart.setOption({
       animation: false,
       textStyle: { fontFamily: "Inter, system-ui, sans-serif" },
-      parallel: { left: 50, right: 90, top: 36, bottom: 24,
+      parallel: { left: 50, right: 150, top: 36, bottom: 24,
         parallelAxisDefault: { nameLocation: "end", nameGap: 12,
           nameTextStyle: { color: "#334155", fontSize: 12, fontWeight: 600 },
           axisLine: { lineStyle: { color: "#94a3b8" } }, axisTick: { lineStyle: { color: "#94a3b8" } },
@@ -601,7 +686,8 @@ class ParallelPlot {
     if (!m) return "";
     return `<div class="tip-head">${escapeHtml(m.label)} <i>${escapeHtml(m.status)}</i></div>` +
       `<div>${escapeHtml(valuesText(m.values, this.names))}</div>` +
-      `<div class="tip-row"><span>loss</span><b>${fmt(p.value[p.value.length - 1])}</b></div>`;
+      `<div class="tip-row"><span>${METRIC_NAMES[this.metric]}</span>` +
+      `<b>${fmt(p.value[p.value.length - 2])}</b></div>`;
   }
 
   highlight(id, on) {
