@@ -1,7 +1,13 @@
-"""What an attempt runs on (DESIGN §11 "What bit for bit means")."""
+"""What an attempt runs on (DESIGN §11 "What bit for bit means"): the conditions under which a
+resumed job's records equal its uninterrupted run's bit for bit. Each attempt records them
+with its first flush; the JobView compares them (services/store/jobs.py)."""
 
 import functools
 import platform
+
+import torch
+
+from services.schemas import AttemptEnvironment
 
 
 @functools.cache
@@ -16,3 +22,20 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def attempt_environment(
+    attempt: int, device: torch.device, stepper: str, worker: str
+) -> AttemptEnvironment:
+    """This process's conditions for `attempt` on `device`, running its steps by `stepper`."""
+    on_gpu = device.type == "cuda"
+    return AttemptEnvironment(
+        attempt=attempt,
+        device="cuda" if on_gpu else "cpu",
+        device_name=torch.cuda.get_device_name(device) if on_gpu else cpu_model(),
+        torch=torch.__version__,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        threads=torch.get_num_threads(),
+        stepper=stepper,
+        worker=worker,
+    )
