@@ -565,8 +565,11 @@ class _Attempt:
         a job's final flush comes long before the lease needs renewing, and one that takes
         longer after all is safe anyway (if the reaper requeued it, its flush takes it back)."""
         settings = self.settings
-        compiling = device.type == "cpu" and (recorded == "compiled" or compiles(spec, settings))
-        if spec.data.dataset_id is None and not compiling:
+        # The dataset test first: a dataset's shape, which the cost model reads, is known only
+        # once it is loaded.
+        if spec.data.dataset_id is None and not (
+            device.type == "cpu" and (recorded == "compiled" or compiles(spec, settings))
+        ):
             kind = "cpu" if device.type == "cpu" else "cuda"
             elements = spec.data.samples * spec.data.features
             if estimated_seconds(kind, elements, spec.steps, settings) < settings.lease_s / 3:
@@ -600,8 +603,8 @@ class _Attempt:
     def _fast_steps(
         self, kind: str, spec: JobSpec, trainer: Trainer, recorder: StepRecorder, steps: int
     ) -> tuple[CudaGraphStep | CompiledSteps | None, str]:
-        """What runs the `steps` left as `kind` (None: eager steps), and the stepper that
-        makes the attempt: eager, with a warning, where `kind` cannot run here or its capture
+        """What runs the `steps` left as `kind` (None: eager steps), and the stepper the
+        attempt then runs: eager, with a warning, where `kind` cannot run here or its capture
         or compile fails. A compiled job with less than a block left runs its eager tail as
         an uninterrupted one does, compiling nothing."""
         if kind == "eager":
