@@ -114,8 +114,9 @@ def test_a_resume_on_another_cpu_instruction_set_says_so(store: Store) -> None:
     here = torch.backends.cpu.get_cpu_capability()
     there = "AVX512" if here != "AVX512" else "AVX2"
     recorded = store.redis.hget(keys.job_key(job_id), environment_field(1))
-    elsewhere = AttemptEnvironment.model_validate_json(recorded)
-    elsewhere.cpu_capability = there
+    elsewhere = AttemptEnvironment.model_validate_json(recorded).model_copy(
+        update={"cpu_capability": there}
+    )
     store.redis.hset(keys.job_key(job_id), environment_field(1), elsewhere.model_dump_json())
     assert run_job(store, job_id, "test-worker", CPU, settings).outcome is Outcome.SUCCEEDED
     view = store.get_job(job_id)
