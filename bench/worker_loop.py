@@ -11,6 +11,11 @@ torch thread, building the data as the job does:
 - tutorial: the tutorial's update, `w.sub_(lr * w.grad)`, then `w.grad.zero_()`;
 - torch.optim: `torch.optim.SGD`'s `step()` and `zero_grad()`.
 
+Cases named `... eval` hold out 0.2 of the rows and evaluate every 10 steps (DESIGN §11); their
+hand-written loops do the same (the validation loss every 10 steps, under no_grad), and a last
+line per such case gives evaluation's cost: the job's rate over the same case's job without
+eval, run right after it in each round (target: at most 10 % slower, i.e. >= 0.90).
+
 Prints one line per case: the rates (medians over `repeat` rounds; each round runs tutorial,
 job, torch.optim, tutorial), the job's rate over the tutorial loop's (the median of the
 rounds' ratios, each against the mean of its two tutorial runs), how the job's steps ran
@@ -33,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from api.client import Client
 from cli.stack import temporary_stack
 from services.schemas import JobSpec
-from services.training import build_dataset, initial_theta
+from services.training import build_dataset, initial_theta, split_holdout
 
 CASES = {
     "seed 1x1 (tutorial)": (
@@ -52,18 +57,31 @@ CASES = {
         100_000,
     ),
 }
+EVAL = {"holdout": 0.2, "seed": 0, "every": 10}
+for _name in ("1000x10", "1000x10 long"):
+    _fields, _steps = CASES[_name]
+    CASES[f"{_name} eval"] = ({**_fields, "eval": EVAL}, _steps)
 
 
 def tutorial_loop(spec: JobSpec) -> float:
-    """The tutorial's loop as its reader writes it: steps per second."""
+    """The tutorial's loop as its reader writes it (with eval, the validation loss every
+    `every` steps): steps per second."""
     started = time.perf_counter()
     x, y = build_dataset(spec)
+    if spec.eval is None:
+        x_val = y_val = None
+    else:
+        assert spec.eval.holdout is not None
+        x, y, x_val, y_val = split_holdout(x, y, spec.eval.holdout, spec.eval.seed)
+    every = spec.eval.every if spec.eval is not None else 0
     w = initial_theta(spec).requires_grad_()
     lr = spec.optimizer.lr
-    for _ in range(spec.steps):
+    for step in range(spec.steps):
         loss = ((x @ w - y) ** 2).mean()
         loss.backward()
         with torch.no_grad():
+            if every and step % every == 0:
+                val_loss = ((x_val @ w - y_val) ** 2).mean()  # noqa: F841 (as a user logs it)
             w.sub_(lr * w.grad)
         w.grad.zero_()  # type: ignore[union-attr]
     return spec.steps / (time.perf_counter() - started)
@@ -112,7 +130,7 @@ def main() -> None:
                 # The first job of a shape warms the worker (and compiles, for a long one):
                 # its rate is shown apart.
                 first, _ = worker_job(api, spec)
-                tutorial, optim, jobs, ratios = [], [], [], []
+                tutorial, optim, jobs, ratios, costs = [], [], [], [], []
                 how = ""
                 for _ in range(args.repeat):
                     before = tutorial_loop(spec)
@@ -122,6 +140,9 @@ def main() -> None:
                     tutorial += [before, after]
                     jobs.append(job)
                     ratios.append(job / ((before + after) / 2))
+                    if spec.eval is not None:  # the same job without eval, in the same round
+                        plain, _ = worker_job(api, spec.model_copy(update={"eval": None}))
+                        costs.append(job / plain)
                 print(
                     f"{name:<20} steps {steps:>6}  tutorial {statistics.median(tutorial):>7.0f}"
                     f"  torch.optim {statistics.median(optim):>7.0f}"
@@ -129,6 +150,9 @@ def main() -> None:
                     f"  job/tutorial {statistics.median(ratios):.2f}  ({how}; first job"
                     f" {first:.0f} steps/s)"
                 )
+                if costs:
+                    cost = statistics.median(costs)
+                    print(f"{'':<20} eval's cost: job with eval / job without {cost:.2f}")
 
 
 if __name__ == "__main__":

@@ -74,23 +74,26 @@ class ArchiveMismatch(Exception):
 
 @dataclass(frozen=True)
 class Layout:
-    """The row layout of one job's steps (services/records.py): [loss, grads, params, graph]."""
+    """The row layout of one job's steps (services/records.py): [loss, grads, params, graph,
+    validation loss]."""
 
     features: int
     bias: bool
     batches: int
     explain: int
+    evaluated: bool = False
 
     @classmethod
     def of(cls, chunk: Chunk) -> Layout:
-        return cls(chunk.features, chunk.bias, chunk.batches, chunk.explain)
+        return cls(chunk.features, chunk.bias, chunk.batches, chunk.explain, chunk.evaluated)
 
     @classmethod
     def from_schema(cls, schema: pa.Schema) -> Layout:
         meta = json.loads((schema.metadata or {}).get(_METADATA_KEY, b"{}"))
         if meta.get("version") != FORMAT_VERSION:
             raise ArchiveMismatch(f"not a gradstream archive of version {FORMAT_VERSION}")
-        return cls(meta["features"], meta["bias"], meta["batches"], meta["explain"])
+        evaluated = meta.get("evaluated", False)  # files from before eval have no such key
+        return cls(meta["features"], meta["bias"], meta["batches"], meta["explain"], evaluated)
 
     @property
     def params(self) -> int:
@@ -98,7 +101,12 @@ class Layout:
 
     @property
     def width(self) -> int:
-        return row_width(self.features, self.bias, self.explain)
+        return row_width(self.features, self.bias, self.explain, self.evaluated)
+
+    @property
+    def graph_end(self) -> int:
+        """Where an explained row's graph ends (the validation loss may follow)."""
+        return self.width - int(self.evaluated)
 
     def schema(self) -> pa.Schema:
         p = self.params
@@ -109,7 +117,10 @@ class Layout:
             pa.field("params", pa.list_(pa.float32(), p)),
         ]
         if self.explain:
-            fields.append(pa.field("explain", pa.list_(pa.float32(), self.width - 1 - 2 * p)))
+            fields.append(pa.field("explain", pa.list_(pa.float32(), self.graph_end - 1 - 2 * p)))
+        if self.evaluated:
+            # As the rows hold it: NaN where a step was not evaluated (records.NOT_EVALUATED).
+            fields.append(pa.field("val_loss", pa.float32()))
         if self.batches:
             fields += [pa.field("epoch", pa.int64()), pa.field("batch", pa.int64())]
         meta = {"version": FORMAT_VERSION, **self.__dict__}
@@ -122,6 +133,8 @@ class Layout:
         ints = ["step"]
         if self.explain:
             floats.append("explain.list.element")
+        if self.evaluated:
+            floats.append("val_loss")
         if self.batches:
             ints += ["epoch", "batch"]
         return {
@@ -147,7 +160,9 @@ class Layout:
             lists(1 + p, 1 + 2 * p),
         ]
         if self.explain:
-            columns.append(lists(1 + 2 * p, self.width))
+            columns.append(lists(1 + 2 * p, self.graph_end))
+        if self.evaluated:
+            columns.append(pa.array(values[:, -1]))
         if self.batches:
             epochs, batches = np.divmod(steps, self.batches)
             columns += [pa.array(epochs), pa.array(batches)]
@@ -160,10 +175,12 @@ class Layout:
         out[:, 0] = table.column("loss").to_numpy()
         parts = [("grads", 1, 1 + p), ("params", 1 + p, 1 + 2 * p)]
         if self.explain:
-            parts.append(("explain", 1 + 2 * p, self.width))
+            parts.append(("explain", 1 + 2 * p, self.graph_end))
         for name, begin, end in parts:
             flat = table.column(name).combine_chunks().flatten().to_numpy()
             out[:, begin:end] = flat.reshape(table.num_rows, end - begin)
+        if self.evaluated:
+            out[:, -1] = table.column("val_loss").to_numpy()
         return out.tobytes()
 
 
@@ -251,6 +268,7 @@ class _OpenFile:
             rows=layout.rows(table),
             batches=layout.batches,
             explain=layout.explain,
+            evaluated=layout.evaluated,
         )
 
     def close(self) -> None:

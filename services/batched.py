@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from services.records import is_evaluated
 from services.schemas import JobSpec
 from services.training import (
     Layout,
@@ -35,7 +36,9 @@ from services.training import (
     build_dataset,
     capture_whole_step,
     initial_theta,
+    mse,
     serialize_state,
+    training_and_validation,
 )
 
 
@@ -72,6 +75,8 @@ def group_problem(specs: Sequence[JobSpec]) -> str | None:
             )
         if spec.data is not first.data and spec.data != first.data:
             return f"member {i} trains on other data than member 0"
+        if spec.eval != first.eval:
+            return f"member {i} is evaluated otherwise than member 0"
     return None
 
 
@@ -85,18 +90,28 @@ class BatchedTrainer:
         specs: Sequence[JobSpec],
         device: torch.device,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rungs: Sequence[int] = (),
     ) -> None:
-        """`data`: the (x, y) of an uploaded dataset (on `device` already, from the cache)."""
+        """`data`: the (x, y) of an uploaded dataset (on `device` already, from the cache);
+        `validation`: an uploaded validation set's, likewise; `rungs`: the steps successive
+        halving ranks at (the step before each is evaluated)."""
         if (problem := group_problem(specs)) is not None:
             raise ValueError(problem)
         first = specs[0]
         if data is not None:
             for spec in specs:
                 spec.data.resolve(*data[0].shape)
-        self.layout = Layout(first.data.features, first.bias)
+        self.layout = Layout(first.data.features, first.bias, evaluated=first.eval is not None)
         x, y = build_dataset(first) if data is None else data
-        self.x = x.to(device)
-        self.y = y.to(device).unsqueeze(1)  # (n, 1): broadcasts against y_hat's (n, K)
+        x, y, val = training_and_validation(first, x, y, validation, device)
+        self.x = x
+        self.y = y.unsqueeze(1)  # (n, 1): broadcasts against y_hat's (n, K)
+        self.val = None if val is None else (val[0], val[1].unsqueeze(1))
+        self.eval_every = first.eval.every if first.eval is not None else 0
+        self.rungs = frozenset(rungs)
+        # A CUDA graph or a compiled block evaluates every step (see Trainer.always_evaluate).
+        self.always_evaluate = False
         self.optimizer = first.optimizer.name
         self.nesterov = first.optimizer.nesterov
         self.schedule = first.optimizer.schedule.name
@@ -190,11 +205,20 @@ class BatchedTrainer:
         assert theta.grad is not None
         # One member per row; the parameters this step's forward pass used, before the update.
         grad, params = theta.grad.T, theta.detach().T
-        torch.cat([loss.detach().unsqueeze(1), grad, params], dim=1, out=records)
+        p = self.layout.params
+        rows = records if self.val is None else records[:, : 1 + 2 * p]
+        torch.cat([loss.detach().unsqueeze(1), grad, params], dim=1, out=rows)
+        if self.val is not None and (self.always_evaluate or self.evaluates(self.steps_done)):
+            with torch.no_grad():  # each member's validation loss, before the update
+                records[:, -1] = mse(*self.val, theta, self.layout.features, self.layout.bias)
         with torch.no_grad():
             self.update(theta.grad)
         self._count += 1
         self.steps_done += 1
+
+    def evaluates(self, step: int) -> bool:
+        """Whether `step`'s records carry the validation loss (records.is_evaluated)."""
+        return is_evaluated(step, self.eval_every, self.total_steps - 1, self.rungs)
 
     def learning_rate(self) -> torch.Tensor:
         """This step's lr per member (1, K, float64), as torch.optim.lr_scheduler has it."""
@@ -343,7 +367,12 @@ class BatchedCudaGraphStep:
                     buffer.copy_(saved_state[name])
             trainer.steps_done = done
 
-        self.graph = capture_whole_step(self._step, undo)
+        trainer.always_evaluate = True  # a graph replays the path its capture took
+        try:
+            self.graph = capture_whole_step(self._step, undo)
+        except Exception:
+            trainer.always_evaluate = False
+            raise
 
     def _step(self) -> None:
         self._trainer.step(self._rows)
@@ -372,14 +401,16 @@ def supports_batched_compile(trainer: BatchedTrainer) -> bool:
 # Compiled blocks of group steps, by (samples, features, bias, block), for as long as the
 # process lives: the members' count is a dynamic dimension, so one compile serves every group
 # of a problem's shape however many members it has (and as many as it keeps after a cut).
-_group_blocks: dict[tuple[int, int, bool, int], Callable[..., None]] = {}
-_failed_group_blocks: set[tuple[int, int, bool, int]] = set()
+GroupBlockShape = tuple[int, int, bool, int, int]  # samples, features, bias, block, val rows
+_group_blocks: dict[GroupBlockShape, Callable[..., None]] = {}
+_failed_group_blocks: set[GroupBlockShape] = set()
 
 
-def _group_block(features: int, bias: bool, block: int) -> Callable[..., None]:
+def _group_block(features: int, bias: bool, block: int, evaluated: bool) -> Callable[..., None]:
     """`block` whole steps of every member as one compiled call: `BatchedTrainer.step`'s
     forward, losses and backward (torch.func, traced), the rows written at the device-side
-    `cursor`, and the tutorial's update with each member's lr and weight decay."""
+    `cursor`, and the tutorial's update with each member's lr and weight decay. With
+    `evaluated` every step's rows end with each member's validation loss."""
 
     def losses(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Any:
         y_hat = x @ theta[:features] + theta[features] if bias else x @ theta  # (n, K)
@@ -396,10 +427,16 @@ def _group_block(features: int, bias: bool, block: int) -> Callable[..., None]:
         weight_decay: torch.Tensor,
         storage: torch.Tensor,
         cursor: torch.Tensor,
+        x_val: torch.Tensor | None = None,
+        y_val: torch.Tensor | None = None,
     ) -> None:
         for _ in range(block):  # unrolled when traced
             grad, (_, loss) = grad_and_losses(theta, x, y)
-            rows = torch.cat([loss.unsqueeze(1), grad.T, theta.T], dim=1)  # params before
+            parts = [loss.unsqueeze(1), grad.T, theta.T]  # the parameters before the update
+            if evaluated:
+                assert x_val is not None and y_val is not None
+                parts.append(mse(x_val, y_val, theta, features, bias).unsqueeze(1))
+            rows = torch.cat(parts, dim=1)
             storage.index_copy_(0, cursor.view(1), rows.unsqueeze(0))
             cursor.add_(1)
             theta.sub_(lr * grad.addcmul(theta, weight_decay))
@@ -427,7 +464,8 @@ class BatchedCompiledSteps:
             raise ValueError("compiled group steps need the CPU, plain SGD and the full batch")
         self.block, self.live, self._trainer = block, list(trainer.live), trainer
         features, bias = trainer.layout.features, trainer.layout.bias
-        key = (len(trainer.y), features, bias, block)
+        validation = trainer.val or ()
+        key = (len(trainer.y), features, bias, block, len(validation[1]) if validation else 0)
         if key in _failed_group_blocks:
             raise RuntimeError(f"compiling group blocks of shape {key} failed before")
         theta = trainer.theta.detach()  # the trainer's parameters: updated in place
@@ -439,6 +477,7 @@ class BatchedCompiledSteps:
             trainer._weight_decay32,
             storage,
             cursor,
+            *validation,
         )
         for member_dim, tensor in [(1, theta), (1, trainer._lr32), (1, trainer._weight_decay32)]:
             torch._dynamo.mark_dynamic(tensor, member_dim)
@@ -446,7 +485,7 @@ class BatchedCompiledSteps:
         if key in _group_blocks:
             self._steps = _group_blocks[key]
             return
-        self._steps = _group_blocks[key] = _group_block(features, bias, block)
+        self._steps = _group_blocks[key] = _group_block(features, bias, block, bool(validation))
         saved, start = theta.clone(), cursor.clone()
         try:
             self._steps(*self._args)  # compiles now, not in the first block of the loop

@@ -9,6 +9,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.sweeps_math import DEFAULT_RANK_RTOL
+
 
 def default_data_dir() -> Path:
     """Where gradstream keeps data on this machine unless told otherwise (`gradstream up`'s
@@ -55,6 +57,10 @@ class Settings(BaseSettings):
     # (one batched step on one worker; a bigger group is split).
     max_sweep_members: int = Field(default=4096, ge=1)
     max_group_members: int = Field(default=1024, ge=1)
+    # Two values of a sweep's metric within this relative tolerance rank as equal, and member
+    # order decides between them (DESIGN §11): steppers and CPUs that agree to float32
+    # rounding then keep and pick the same members.
+    rank_rtol: float = Field(default=DEFAULT_RANK_RTOL, ge=0)
     # A /steps page, and each read of an SSE backlog, holds at most about this much JSON.
     max_page_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # What one tenant keeps: specs, step records (counted up front as steps x record width)

@@ -33,22 +33,22 @@ from services.config import Settings
 from services.environment import attempt_environment
 from services.errors import StorageFull, StoreUnavailable
 from services.queue import compiles
-from services.records import Chunk, param_values
+from services.records import Chunk, param_values, settle_validation
 from services.runner import (
     CHUNK_BUDGET_BYTES,
     FULL,
     AttemptResult,
     LeaseKeeper,
     Outcome,
-    datasets_cache,
     hand_back,
     retry_through_outage,
+    uploaded_data,
 )
 from services.schemas import AttemptEnvironment, JobSpec, JobStatus
 from services.store import Claim, Store
 from services.store.sweeps import GroupFlushed, MemberFlush
 from services.sweeps_math import halving_cut, halving_rungs, rank_by_loss
-from services.training import loss_and_r2, serialize_state
+from services.training import fit_metrics, loss_and_r2, serialize_state
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +168,10 @@ class _GroupAttempt:
             flushed = self._flush(None, [], None, finish=True)
             return AttemptResult(Outcome.SUCCEEDED if flushed.reply != "fenced" else Outcome.FENCED)
         first = work.specs[0]
-        data = None
-        if first.data.dataset_id is not None:
-            dataset_id = first.data.dataset_id
-            cache = datasets_cache(self.settings)
-            data = cache.get(dataset_id, device, lambda: self.store.load_dataset(dataset_id))
-        trainer = BatchedTrainer(work.specs, device, data)
+        data, validation = uploaded_data(self.store, first, device, self.settings)
+        early = self.spec.get("early_stop")
+        rungs = halving_rungs(early["min_steps"], early["eta"], first.steps) if early else []
+        trainer = BatchedTrainer(work.specs, device, data, validation, rungs)
         checkpoint = self.claim.checkpoint
         if checkpoint is not None:
             trainer.load_state(checkpoint.theta, checkpoint.step)
@@ -197,7 +195,7 @@ class _GroupAttempt:
             kind,
         )
         self.keeper.start()
-        return self._loop(trainer, first.steps, kind)
+        return self._loop(trainer, first.steps, kind, rungs)
 
     def _stepper_kind(self, trainer: BatchedTrainer, spec: JobSpec, members: int) -> str:
         """The group's fastest stepper, for a group no attempt has recorded one for: a CUDA
@@ -216,15 +214,15 @@ class _GroupAttempt:
         flush."""
         return self.drain.is_set() or self.keeper.lost.is_set() or time.monotonic() > deadline
 
-    def _loop(self, trainer: BatchedTrainer, steps: int, kind: str) -> AttemptResult:
+    def _loop(
+        self, trainer: BatchedTrainer, steps: int, kind: str, rungs: list[int]
+    ) -> AttemptResult:
         """Chunks of steps, each flushed by one script. A chunk's flush runs on a thread of
         its own while the next chunk trains (its reply is read before the next flush is sent,
         as the scripts take chunks in order); at a rung, at the last step and on a drain the
         loop waits for the flush, as what follows depends on it. Members that end by what
         the chunk shows (the last step, the rung's cut, divergence) leave the batched tensors
         at once; those a cancel ended leave when the flush's reply says so."""
-        early = self.spec.get("early_stop")
-        rungs = halving_rungs(early["min_steps"], early["eta"], steps) if early else []
         pending: Future[GroupFlushed] | None = None
         chunks: _GroupSteps | None = None
         with ThreadPoolExecutor(1, thread_name_prefix=f"flush-{self.group_id[:8]}") as flusher:
@@ -296,12 +294,16 @@ class _GroupAttempt:
         # One member per row, each its chunk's rows in a row (numpy: its slices cost far less
         # than a tensor's, and a group flushes hundreds of members many times a second).
         by_member = host.transpose(0, 1).contiguous().numpy()  # (members, count, width)
+        evaluated = trainer.layout.evaluated
+        if evaluated:
+            settle_validation(by_member[:, :, -1], first, trainer.eval_every, steps - 1, rungs)
         finite = np.isfinite(by_member[:, :, : 1 + p]).all(axis=2)  # (members, count)
         all_finite = finite.all(axis=1).tolist()
         last_losses = by_member[:, count - 1, 0].tolist()
         params = trainer.params().cpu()
+        metric = self.spec.get("metric") or "loss"
         members: list[MemberFlush] = []
-        losses: list[float | None] = []
+        metrics: list[float | None] = []  # the survivors' metric at the chunk's last step
         survivors = []
         for i, position in enumerate(trainer.live):
             kept = count
@@ -315,6 +317,7 @@ class _GroupAttempt:
                 error = f"diverged at step {first + bad}: loss or gradients are not finite"
                 loss = float(by_member[i, bad, 0])
             loss_or_none = loss if math.isfinite(loss) else None
+            val_loss = _last_evaluated(by_member[i, :kept, -1]) if evaluated else None
             members.append(
                 MemberFlush(
                     self.ids[position],
@@ -324,37 +327,17 @@ class _GroupAttempt:
                     end,
                     None,
                     error,
+                    val_loss,
                 )
             )
             if end is None:
-                losses.append(loss_or_none)
+                metrics.append(val_loss if metric == "val_loss" else loss_or_none)
                 survivors.append(i)
         if step >= steps:
             for i in survivors:
                 members[i] = self._succeeded(members[i], trainer, params[i], steps)
         elif step in rungs and self.spec.get("early_stop"):
-            eta = self.spec["early_stop"]["eta"]
-            going_on, cutoff = halving_cut(losses, eta)
-            for rank, k in enumerate(rank_by_loss(losses), start=1):
-                if k in going_on:
-                    continue
-                i = survivors[k]
-                reason = (
-                    f"pruned at rung {step} (successive halving, eta {eta}): rank {rank} of "
-                    f"{len(survivors)} by the loss of step {step - 1}, cut-off "
-                    f"{'not finite' if cutoff is None else f'{cutoff:.6g}'}"
-                )
-                values = param_values(
-                    params[i].tolist(), trainer.layout.features, trainer.layout.bias
-                )
-                members[i] = MemberFlush(
-                    members[i].member_id,
-                    members[i].rows,
-                    members[i].loss,
-                    members[i].kept,
-                    JobStatus.PRUNED,
-                    {"params": values, "loss": members[i].loss, "stopped": reason},
-                )
+            members = self._prune(members, metrics, survivors, trainer, params, step)
         chunk = Chunk(
             first,
             count,
@@ -362,24 +345,58 @@ class _GroupAttempt:
             trainer.layout.bias,
             b"",
             trainer.batches_per_epoch if trainer.batches_per_epoch > 1 else 0,
+            evaluated=evaluated,
         )
         ended = {trainer.live[i] for i, member in enumerate(members) if member.end is not None}
         return chunk, members, ended
+
+    def _prune(
+        self,
+        members: list[MemberFlush],
+        metrics: list[float | None],
+        survivors: list[int],
+        trainer: BatchedTrainer,
+        params: torch.Tensor,
+        rung: int,
+    ) -> list[MemberFlush]:
+        """Successive halving at `rung`: the survivors ranked by the sweep's metric at step
+        rung - 1 (equal within the rank tolerance: member order decides); those cut end
+        pruned."""
+        eta, metric = self.spec["early_stop"]["eta"], self.spec.get("metric") or "loss"
+        rtol = self.settings.rank_rtol
+        going_on, cutoff = halving_cut(metrics, eta, rtol)
+        members = list(members)
+        for rank, k in enumerate(rank_by_loss(metrics, rtol), start=1):
+            if k in going_on:
+                continue
+            i = survivors[k]
+            reason = (
+                f"pruned at rung {rung} (successive halving, eta {eta}): rank {rank} of "
+                f"{len(survivors)} by the {metric} of step {rung - 1}, cut-off "
+                f"{'not finite' if cutoff is None else f'{cutoff:.6g}'}"
+            )
+            values = param_values(params[i].tolist(), trainer.layout.features, trainer.layout.bias)
+            result = {"params": values, "loss": members[i].loss, "stopped": reason}
+            members[i] = dataclasses.replace(members[i], end=JobStatus.PRUNED, result=result)
+        return members
 
     def _succeeded(
         self, member: MemberFlush, trainer: BatchedTrainer, theta: torch.Tensor, steps: int
     ) -> MemberFlush:
         layout = trainer.layout
-        quality = loss_and_r2(trainer.x.cpu(), trainer.y.cpu().squeeze(1), theta, layout.bias)
+        x, y = trainer.x.cpu(), trainer.y.cpu().squeeze(1)
+        quality = loss_and_r2(x, y, theta, layout.bias)
+        validation = None
+        if trainer.val is not None:
+            validation = (trainer.val[0].cpu(), trainer.val[1].cpu().squeeze(1))
         result = {
             "params": param_values(theta.tolist(), layout.features, layout.bias),
             "loss": member.loss,
             "stopped": f"ran all {steps} steps",
             **quality,
+            **fit_metrics((x, y), validation, theta, layout.bias),
         }
-        return MemberFlush(
-            member.member_id, member.rows, member.loss, member.kept, JobStatus.SUCCEEDED, result
-        )
+        return dataclasses.replace(member, end=JobStatus.SUCCEEDED, result=result)
 
     def _flush(
         self,
@@ -425,6 +442,16 @@ class _GroupAttempt:
     def hand_back(self, why: str) -> AttemptResult:
         """Queue the group again, to resume from its checkpoint, as a job is handed back."""
         return hand_back(self.store, self.keeper, self.group_id, self.attempt, self.worker, why)
+
+
+def _last_evaluated(column: "np.ndarray[Any, Any]") -> float | None:
+    """The last validation loss in a member's settled column (None: no step evaluated, or
+    its value is not finite)."""
+    evaluated = np.flatnonzero(~np.isnan(column))
+    if not len(evaluated):
+        return None
+    value = float(column[evaluated[-1]])
+    return value if math.isfinite(value) else None
 
 
 def run_group(

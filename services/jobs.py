@@ -12,7 +12,7 @@ from services.errors import (
 )
 from services.queue import enqueue_training, route_job
 from services.records import finite_or_none
-from services.schemas import JobSpec, JobStatus, JobView
+from services.schemas import DataSpec, JobSpec, JobStatus, JobView
 from services.store import Store
 
 log = logging.getLogger(__name__)
@@ -35,21 +35,36 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
             ("data",),
             f"data has {elements} samples x features; the limit is {settings.max_elements}",
         )
+    validation = spec.eval.data if spec.eval is not None else None
+    if validation is not None and validation.known:
+        elements = validation.samples * validation.features
+        if elements > settings.max_elements:
+            raise SpecRejected(
+                ("eval", "data"),
+                f"the validation set has {elements} samples x features; the limit is "
+                f"{settings.max_elements}",
+            )
 
 
 def resolve_dataset(store: Store, spec: JobSpec, tenant: str) -> None:
-    """Look up the job's uploaded dataset (one of the tenant's), give the spec its shape, and
-    check what depends on the shape; each problem a SpecRejected naming the field."""
-    assert spec.data.dataset_id is not None
-    try:
-        info = store.dataset_info(tenant, spec.data.dataset_id)
-    except DatasetNotFound as exc:
-        raise SpecRejected(
-            ("data", "dataset_id"), f"{exc}: upload it with POST /v1/datasets"
-        ) from exc
-    spec.data.resolve(info.samples, info.features)
-    for field, problem in spec.fit_problems():
-        raise SpecRejected((field,), problem)
+    """Look up the job's uploaded datasets (the tenant's: the training data, and an explicit
+    validation set), give the spec their shapes, and check what depends on the shapes; each
+    problem a SpecRejected naming the field."""
+    sources: list[tuple[tuple[str, ...], DataSpec]] = [(("data",), spec.data)]
+    if spec.eval is not None and spec.eval.data is not None:
+        sources.append((("eval", "data"), spec.eval.data))
+    for field, data in sources:
+        if data.dataset_id is None or data.known:
+            continue
+        try:
+            info = store.dataset_info(tenant, data.dataset_id)
+        except DatasetNotFound as exc:
+            raise SpecRejected(
+                (*field, "dataset_id"), f"{exc}: upload it with POST /v1/datasets"
+            ) from exc
+        data.resolve(info.samples, info.features)
+    for field_name, problem in spec.fit_problems():
+        raise SpecRejected(tuple(field_name.split(".")), problem)
 
 
 def check_rate(store: Store, tenant: str, settings: Settings) -> None:
@@ -74,7 +89,7 @@ def submit_job(
     """Store a new job of `tenant` and enqueue it on the queue its device routes to; a retried
     submit with the same idempotency key returns the job the first one made."""
     check_rate(store, tenant, settings)
-    if spec.data.dataset_id is not None:
+    if not spec.data.known or (spec.eval is not None and spec.eval.data is not None):
         resolve_dataset(store, spec, tenant)
     check_limits(spec, settings)
     route = route_job(spec, store.live_queues(), settings)

@@ -1,14 +1,18 @@
 """The wire format of step chunks in Redis, and its expansion into StepRecords (no torch).
 
 The worker packs a chunk of consecutive steps as one stream entry: the rows
-[loss, grads..., params...] as native float32 bytes. Packing bytes keeps JSON encoding out of
+[loss, grads..., params...] (then an explained job's graph, then a job with eval's validation
+loss) as native float32 bytes. Packing bytes keeps JSON encoding out of
 the training process; the API expands a chunk into per-step records when it serves them.
 """
 
 import math
 from array import array
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 FIELD_FIRST = b"first"
 FIELD_COUNT = b"n"
@@ -17,6 +21,12 @@ FIELD_BIAS = b"b"
 FIELD_ROWS = b"rows"
 FIELD_BATCHES = b"e"  # batches per epoch, for mini-batch jobs only
 FIELD_EXPLAIN = b"x"  # samples of an explained job's graph, for explained jobs only
+FIELD_EVALUATED = b"v"  # 1: each row ends with the validation loss (jobs with eval only)
+
+# In a row's validation-loss column: NaN where the step was not evaluated. An evaluated step
+# whose validation loss is not finite holds +inf (a mean of squares is never -inf or, at finite
+# parameters, NaN), so the two never mix up; both are null in JSON.
+NOT_EVALUATED = math.nan
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,7 @@ class Chunk:
     rows: bytes
     batches: int = 0  # batches per epoch of a mini-batch job (0: full batch)
     explain: int = 0  # samples in each row's graph (0: not an explained job)
+    evaluated: bool = False  # each row ends with the validation loss
 
     @property
     def last(self) -> int:
@@ -47,6 +58,8 @@ class Chunk:
             fields[FIELD_BATCHES] = self.batches
         if self.explain:
             fields[FIELD_EXPLAIN] = self.explain
+        if self.evaluated:
+            fields[FIELD_EVALUATED] = 1
         return fields
 
     @classmethod
@@ -59,15 +72,17 @@ class Chunk:
             rows=fields[FIELD_ROWS],
             batches=int(fields.get(FIELD_BATCHES, 0)),
             explain=int(fields.get(FIELD_EXPLAIN, 0)),
+            evaluated=fields.get(FIELD_EVALUATED) == b"1",
         )
 
 
-def row_width(features: int, bias: bool, explain_samples: int = 0) -> int:
+def row_width(features: int, bias: bool, explain_samples: int = 0, evaluated: bool = False) -> int:
     """float32 values in one step's row: [loss, grads (p), params (p)], then for an explained
-    job of n samples its graph (6n + n x p values; training.Layout says which)."""
+    job of n samples its graph (6n + n x p values; training.Layout says which), then for a job
+    with eval the validation loss."""
     p = features + int(bias)
     n = explain_samples
-    return 1 + 2 * p + 6 * n + n * p
+    return 1 + 2 * p + 6 * n + n * p + int(evaluated)
 
 
 # The most characters one float takes in a record's JSON, with its separator: a float32 as
@@ -75,12 +90,36 @@ def row_width(features: int, bias: bool, explain_samples: int = 0) -> int:
 _FLOAT_JSON_CHARS = 25
 
 
-def record_json_bytes(features: int, bias: bool, explain_samples: int = 0) -> int:
+def record_json_bytes(
+    features: int, bias: bool, explain_samples: int = 0, evaluated: bool = False
+) -> int:
     """An upper bound on one StepRecord's size as JSON, to size pages in bytes before any
     record is rendered."""
     # Field names, brackets, the step and epoch numbers, and the explain view's words.
-    fixed = 120 + (800 if explain_samples else 0)
-    return fixed + _FLOAT_JSON_CHARS * row_width(features, bias, explain_samples)
+    fixed = 120 + (800 if explain_samples else 0) + (12 if evaluated else 0)
+    return fixed + _FLOAT_JSON_CHARS * row_width(features, bias, explain_samples, evaluated)
+
+
+def is_evaluated(step: int, every: int, last: int, rungs: "Collection[int]" = ()) -> bool:
+    """Whether a job with eval (`every` > 0) computes the validation loss at `step`: steps
+    divisible by `every`, the last step (`last`), and in a sweep the step before each rung
+    (successive halving ranks by it)."""
+    return every > 0 and (step % every == 0 or step == last or step + 1 in rungs)
+
+
+def settle_validation(
+    column: "np.ndarray[Any, Any]", first: int, every: int, last: int, rungs: "Collection[int]" = ()
+) -> None:
+    """Mark a chunk's validation-loss column (steps `first`, `first + 1`, ... along the last
+    axis) in place: NOT_EVALUATED where the step was not evaluated (an eager step left whatever
+    was there; a compiled block or a CUDA graph evaluates every step), +inf where an evaluated
+    value is not finite."""
+    steps = range(first, first + column.shape[-1])
+    evaluated = np.array([is_evaluated(step, every, last, rungs) for step in steps], dtype=bool)
+    column[..., evaluated] = np.where(
+        np.isnan(column[..., evaluated]), np.inf, column[..., evaluated]
+    )
+    column[..., ~evaluated] = NOT_EVALUATED
 
 
 def finite_or_none(value: float) -> float | None:
@@ -156,7 +195,7 @@ def expand_chunk(chunk: Chunk, after: int = -1, limit: int | None = None) -> lis
     Python floats."""
     p = chunk.features + int(chunk.bias)
     n = chunk.explain
-    width = row_width(chunk.features, chunk.bias, n)
+    width = row_width(chunk.features, chunk.bias, n, chunk.evaluated)
     begin = max(0, after + 1 - chunk.first)
     end = chunk.count if limit is None else min(chunk.count, begin + limit)
     values = array("f")
@@ -170,9 +209,12 @@ def expand_chunk(chunk: Chunk, after: int = -1, limit: int | None = None) -> lis
             "grads": param_values(row[1 : 1 + p], chunk.features, chunk.bias),
             "params": param_values(row[1 + p :], chunk.features, chunk.bias),
         }
+        if chunk.evaluated and not math.isnan(row[-1]):
+            record["val_loss"] = finite_or_none(row[-1])
         if chunk.batches:
             record["epoch"], record["batch"] = divmod(chunk.first + i, chunk.batches)
         if n:
-            record["explain"] = explain_view(row[1 + 2 * p :], n, chunk.features, chunk.bias)
+            graph = row[1 + 2 * p : width - int(chunk.evaluated)]
+            record["explain"] = explain_view(graph, n, chunk.features, chunk.bias)
         records.append(record)
     return records

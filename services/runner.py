@@ -30,7 +30,7 @@ from services.environment import attempt_environment
 from services.errors import StorageFull, StoreUnavailable
 from services.logs import attempt_context
 from services.queue import compiles, estimated_seconds
-from services.records import Chunk, param_values
+from services.records import Chunk, param_values, settle_validation
 from services.schemas import AttemptEnvironment, JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Claim, Store
 from services.store.sweeps import GROUP_SPEC_PREFIX
@@ -40,6 +40,7 @@ from services.training import (
     DatasetCache,
     Layout,
     Trainer,
+    fit_metrics,
     fit_quality,
     inductor_cache_counts,
     serialize_state,
@@ -50,6 +51,7 @@ from services.training import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Dataset = tuple[torch.Tensor, torch.Tensor]
 
 # A chunk buffer holds at most this many bytes, so wide problems flush more often, not bigger.
 CHUNK_BUDGET_BYTES = 8 * 1024 * 1024
@@ -182,10 +184,16 @@ class Packed:
     last_loss: float
 
 
-def pack(recorded: Recorded, layout: Layout, batches: int = 1) -> Packed:
-    """The rows as one chunk, cut after the first non-finite step; `batches` per epoch."""
+def pack(
+    recorded: Recorded, layout: Layout, batches: int = 1, evaluation: tuple[int, int] = (0, 0)
+) -> Packed:
+    """The rows as one chunk, cut after the first non-finite step; `batches` per epoch;
+    `evaluation` (every, last step) for a job with eval, whose rows end with the validation
+    loss."""
     recorded.wait()
     host = recorded.rows
+    if layout.evaluated:
+        settle_validation(host[:, -1].numpy(), recorded.first, *evaluation)
     finite = torch.isfinite(host[:, : 1 + layout.params]).all(dim=1)
     diverged_at = None
     rows = len(host)
@@ -202,6 +210,7 @@ def pack(recorded: Recorded, layout: Layout, batches: int = 1) -> Packed:
         rows_bytes,
         epochs,
         layout.explain_samples,
+        layout.evaluated,
     )
     return Packed(chunk, diverged_at, float(host[rows - 1, 0]))
 
@@ -216,6 +225,22 @@ def datasets_cache(settings: Settings) -> DatasetCache:
     if _datasets is None:
         _datasets = DatasetCache(settings.dataset_cache_bytes)
     return _datasets
+
+
+def uploaded_data(
+    store: Store, spec: JobSpec, device: torch.device, settings: Settings
+) -> tuple[Dataset | None, Dataset | None]:
+    """The (x, y) on `device` of the spec's uploaded training data and validation set, each
+    None where the spec gives no dataset id (from this process's cache, else from Redis)."""
+    cache = datasets_cache(settings)
+
+    def load(dataset_id: str | None) -> Dataset | None:
+        if dataset_id is None:
+            return None
+        return cache.get(dataset_id, device, lambda: store.load_dataset(dataset_id))
+
+    validation = spec.eval.data if spec.eval is not None else None
+    return load(spec.data.dataset_id), load(validation.dataset_id if validation else None)
 
 
 class StopRule:
@@ -516,18 +541,15 @@ class _Attempt:
             self.store.fail_job(self.job_id, self.attempt, error, self.worker)
             return AttemptResult(Outcome.FAILED, reason=error)
         self._keep_lease(spec, device, recorded)
-        data = None
-        if spec.data.dataset_id is not None:
-            dataset_id = spec.data.dataset_id
-            cache = datasets_cache(self.settings)
-            data = cache.get(dataset_id, device, lambda: self.store.load_dataset(dataset_id))
-        trainer = Trainer(spec, device, data)
+        data, validation = uploaded_data(self.store, spec, device, self.settings)
+        trainer = Trainer(spec, device, data, validation)
         start = 0
         if checkpoint is not None:
             trainer.load_state(checkpoint.theta, checkpoint.optimizer, checkpoint.step)
             start = checkpoint.step
             self.last_loss = checkpoint.loss
         self.layout, self.batches = trainer.layout, trainer.batches_per_epoch
+        self.evaluation = (trainer.eval_every, trainer.last_step)
         # The stepper the job's first attempt recorded is every later attempt's, whatever
         # this worker's cost model says: a resumed job then rounds as its first attempt did.
         kind = recorded or self._stepper_kind(spec, trainer, spec.steps - start)
@@ -707,6 +729,8 @@ class _Attempt:
         params = trainer.params().cpu().tolist()
         started = time.perf_counter()
         quality = fit_quality(trainer, spec)
+        theta = trainer.params()
+        quality.update(fit_metrics((trainer.x, trainer.y), trainer.val, theta, spec.bias))
         self.result_s = time.perf_counter() - started
         result = {
             "params": param_values(params, trainer.layout.features, spec.bias),
@@ -765,7 +789,7 @@ class _Attempt:
             return Flushed("fenced")
         chunk, checkpoint, status, error = None, None, None, None
         if recorded is not None:
-            packed = pack(recorded, self.layout, self.batches)
+            packed = pack(recorded, self.layout, self.batches, self.evaluation)
             chunk = packed.chunk
             self.last_loss = packed.last_loss
             checkpoint = dataclasses.replace(recorded.checkpoint, loss=packed.last_loss)

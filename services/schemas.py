@@ -276,6 +276,64 @@ class StopSpec(StrictModel):
     )
 
 
+def holdout_size(samples: int, fraction: float) -> int:
+    """Validation rows of a holdout split: round(fraction x samples), Python's rounding (half to
+    even)."""
+    return round(fraction * samples)
+
+
+class EvalSpec(StrictModel):
+    """Held-out evaluation (DESIGN §11): a seeded `holdout` fraction of the data, or an
+    explicit validation set `data`; the validation loss is computed at every step divisible by
+    `every` and at the last step."""
+
+    holdout: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description=(
+            "the rows of torch.randperm(n, generator=torch.Generator().manual_seed(seed)) at "
+            "positions 0 .. round(holdout * n) - 1 are the validation rows, the others (in "
+            "their order) the training rows"
+        ),
+    )
+    seed: int = Field(default=0, ge=0, description="the holdout split's seed")
+    data: DataSpec | None = Field(
+        default=None, description="an explicit validation set: inline x and y, or a dataset_id"
+    )
+    every: int = Field(default=1, ge=1, description="evaluate at steps divisible by every")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.holdout is None) == (self.data is None):
+            raise ValueError("eval takes one of: holdout (a fraction of the data) or data")
+        if self.data is not None and self.data.synthetic is not None:
+            raise ValueError("eval.data takes inline x and y, or a dataset_id")
+        return self
+
+
+def eval_problem(evaluation: "EvalSpec", data: DataSpec) -> tuple[str, str] | None:
+    """(field, problem) where the validation set does not fit the training data, or None."""
+    if evaluation.holdout is not None:
+        samples = data.samples
+        held = holdout_size(samples, evaluation.holdout)
+        if held < 1 or held > samples - 1:
+            return (
+                "eval.holdout",
+                f"eval.holdout: a holdout of {evaluation.holdout} of {samples} samples leaves "
+                f"{held} validation and {samples - held} training rows; each side needs >= 1",
+            )
+        return None
+    assert evaluation.data is not None
+    if evaluation.data.known and evaluation.data.features != data.features:
+        return (
+            "eval.data",
+            f"eval.data: the validation set has {evaluation.data.features} feature(s) but the "
+            f"data has {data.features}",
+        )
+    return None
+
+
 DeviceRequest = Literal["cpu", "cuda", "auto"]
 
 
@@ -294,6 +352,9 @@ class JobSpec(StrictModel):
     shuffle_seed: int = Field(default=0, ge=0, description="the mini-batch order's seed")
     stop: StopSpec | None = None
     record: RecordSpec = Field(default_factory=RecordSpec)
+    eval: EvalSpec | None = Field(
+        default=None, description="held-out evaluation: val_loss in the records and the result"
+    )
 
     @field_validator("init")
     @classmethod
@@ -317,6 +378,24 @@ class JobSpec(StrictModel):
                 raise ValueError(problem)
         return record
 
+    @field_validator("eval")
+    @classmethod
+    def _eval_fits_data(cls, evaluation: EvalSpec | None, info: ValidationInfo) -> EvalSpec | None:
+        data: DataSpec | None = info.data.get("data")
+        if evaluation is not None and data is not None and data.known:
+            problem = eval_problem(evaluation, data)
+            if problem:
+                raise ValueError(problem[1])
+        return evaluation
+
+    @property
+    def train_samples(self) -> int:
+        """The samples the job trains on: all of them, less a holdout's validation rows."""
+        samples = self.data.samples
+        if self.eval is not None and self.eval.holdout is not None:
+            return samples - holdout_size(samples, self.eval.holdout)
+        return samples
+
     def fit_problems(self) -> list[tuple[str, str]]:
         """(field, problem) for what does not fit the data's shape: for a dataset, checked
         once its shape is resolved (inline and synthetic data are checked on validation)."""
@@ -327,6 +406,8 @@ class JobSpec(StrictModel):
             problems.append(("init", problem))
         if problem := explain_problem(self.record, self.data, self.batch_size):
             problems.append(("record", problem))
+        if self.eval is not None and (fit := eval_problem(self.eval, self.data)):
+            problems.append(fit)
         return problems
 
 
@@ -437,6 +518,24 @@ class SweepSpec(StrictModel):
     )
     random: RandomSearch | None = None
     early_stop: EarlyStop | None = None
+    metric: Literal["loss", "val_loss"] | None = Field(
+        default=None,
+        validate_default=True,
+        description=(
+            "what halving and `best` rank by (lower first): the training loss, or the "
+            "validation loss (the base needs eval); default val_loss when the base has eval"
+        ),
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_is_measured(cls, metric: str | None, info: ValidationInfo) -> str:
+        evaluated = (info.data.get("base") or {}).get("eval") is not None
+        if metric is None:
+            return "val_loss" if evaluated else "loss"
+        if metric == "val_loss" and not evaluated:
+            raise ValueError("metric val_loss needs held-out data: give the base an eval")
+        return metric
 
     @field_validator("random")
     @classmethod
@@ -499,6 +598,10 @@ class StepRecord(BaseModel):
     loss: float | None
     grads: ParamValues
     params: ParamValues
+    val_loss: float | None = Field(
+        default=None,
+        description="the validation loss at `params` (evaluated steps of jobs with eval only)",
+    )
     epoch: int | None = Field(default=None, description="mini-batch jobs only")
     batch: int | None = Field(default=None, description="mini-batch jobs only")
     explain: dict[str, Any] | None = Field(
@@ -522,6 +625,16 @@ class JobResult(BaseModel):
     stepper: str | None = Field(
         default=None,
         description="how the last attempt ran its steps: eager, compiled (CPU) or cuda-graph",
+    )
+    val_loss: float | None = Field(
+        default=None, description="the validation loss at the final parameters (jobs with eval)"
+    )
+    metrics: dict[str, dict[str, float | None]] | None = Field(
+        default=None,
+        description=(
+            "mse, rmse, mae and r2 at the final parameters in float64: `train` on the training "
+            "rows, `val` on the validation rows (jobs with eval)"
+        ),
     )
 
 
@@ -668,7 +781,8 @@ class SweepStatus(StrEnum):
 
 class SweepMember(BaseModel):
     """A member as its sweep shows it: its swept values by path, the last step's loss and the
-    result's full-batch loss."""
+    result's full-batch loss; with eval, the last evaluated step's validation loss and the
+    result's."""
 
     id: str
     values: dict[str, Any]
@@ -676,14 +790,18 @@ class SweepMember(BaseModel):
     steps_done: int
     loss: float | None
     final_loss: float | None
+    val_loss: float | None = None
+    final_val_loss: float | None = None
 
 
 class SweepBest(BaseModel):
-    """The succeeded member with the lowest final_loss."""
+    """The succeeded member with the lowest final metric (final_loss, or final_val_loss for
+    metric val_loss; equal within GRADSTREAM_RANK_RTOL: the first member)."""
 
     id: str
     values: dict[str, Any]
     final_loss: float
+    final_val_loss: float | None = None
 
 
 class SweepView(BaseModel):

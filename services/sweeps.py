@@ -358,7 +358,8 @@ def submit_sweep(
     check_rate(store, tenant, settings)
 
     def check(job: JobSpec) -> None:
-        if job.data.dataset_id is not None and not job.data.known:
+        unresolved_eval = job.eval is not None and job.eval.data is not None
+        if not job.data.known or unresolved_eval:
             resolve_dataset(store, job, tenant)  # members share one DataSpec: resolved once
         check_limits(job, settings)
         if job.stop is not None:
@@ -391,7 +392,7 @@ def submit_sweep(
         }
         fields = {
             "id": group_id,
-            "spec": group_spec(group_id, sweep_id, ids, early_stop),
+            "spec": group_spec(group_id, sweep_id, ids, early_stop, spec.metric or "loss"),
             "members": " ".join(ids),
             **shared,
         }

@@ -13,6 +13,8 @@ host sync.
 """
 
 import io
+import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +27,8 @@ import torch
 # first job does not pay it. An import runs no torch op, so forking after it stays safe.
 import torch._dynamo
 
-from services.records import finite_or_none, param_values, row_width
-from services.schemas import JobSpec
+from services.records import finite_or_none, is_evaluated, param_values, row_width
+from services.schemas import JobSpec, holdout_size
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Layout:
     features: int
     bias: bool
     explain_samples: int = 0
+    evaluated: bool = False  # the row ends with the validation loss
 
     @property
     def params(self) -> int:
@@ -46,7 +49,7 @@ class Layout:
 
     @property
     def width(self) -> int:
-        return row_width(self.features, self.bias, self.explain_samples)
+        return row_width(self.features, self.bias, self.explain_samples, self.evaluated)
 
 
 def compute_device(device: str, cuda_fallback_cpu: bool = False) -> torch.device:
@@ -85,6 +88,39 @@ def build_dataset(spec: JobSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def split_holdout(
+    x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, y) of the training rows and of the validation rows (DESIGN §11): the rows of
+    randperm(n) seeded by `seed` at positions 0 .. round(fraction * n) - 1 validate (in that
+    order), the others train in their original order. Made on the CPU, so every device and
+    every attempt splits alike."""
+    samples = len(y)
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
+    held = order[: holdout_size(samples, fraction)].to(x.device)
+    train = torch.ones(samples, dtype=torch.bool, device=x.device)
+    train[held] = False
+    return x[train], y[train], x[held], y[held]
+
+
+def validation_set(spec: JobSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An explicit, inline validation set's (x, y) as float32 on the CPU; None otherwise (no
+    eval, a holdout, or an uploaded dataset, which the worker loads)."""
+    evaluation = spec.eval
+    if evaluation is None or evaluation.data is None or evaluation.data.x is None:
+        return None
+    assert evaluation.data.y is not None
+    x = torch.tensor(evaluation.data.x, dtype=torch.float32)
+    return x, torch.tensor(evaluation.data.y, dtype=torch.float32)
+
+
+def mse(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, features: int, bias: bool) -> Any:
+    """The tutorial's loss, mean((x @ w (+ b) - y)^2), at the parameters `theta`; theta may hold
+    one member per column ((p, K): then y is (n, 1) and the loss one per member)."""
+    y_hat = x @ theta[:features] + theta[features] if bias else x @ theta
+    return ((y_hat - y) ** 2).mean(dim=0)
+
+
 def initial_theta(spec: JobSpec) -> torch.Tensor:
     """The flat parameter vector [w..., b] before step 0 (zeros unless `init` says otherwise)."""
     layout = Layout(spec.data.features, spec.bias)
@@ -95,6 +131,26 @@ def initial_theta(spec: JobSpec) -> torch.Tensor:
         if spec.init.b is not None:
             theta[layout.features] = spec.init.b
     return theta
+
+
+def training_and_validation(
+    spec: JobSpec,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    validation: tuple[torch.Tensor, torch.Tensor] | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The training rows' (x, y) and the validation rows' (or None: no eval) on `device`."""
+    evaluation = spec.eval
+    if evaluation is not None and evaluation.holdout is not None:
+        x, y, x_val, y_val = split_holdout(x, y, evaluation.holdout, evaluation.seed)
+        validation = (x_val, y_val)
+    elif evaluation is not None and validation is None:
+        validation = validation_set(spec)
+        assert validation is not None, "an uploaded validation set must be given"
+    if validation is not None:
+        validation = (validation[0].to(device), validation[1].to(device))
+    return x.to(device), y.to(device), validation
 
 
 class DatasetCache:
@@ -176,15 +232,21 @@ class Trainer:
         spec: JobSpec,
         device: torch.device,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """`data`: the (x, y) of an uploaded dataset (on `device` already, from the cache)."""
+        """`data`: the (x, y) of an uploaded dataset (on `device` already, from the cache);
+        `validation`: an uploaded validation set's, likewise."""
         if data is not None:
             spec.data.resolve(*data[0].shape)
-        explained = spec.data.samples if spec.record.explain else 0
-        self.layout = Layout(spec.data.features, spec.bias, explained)
+        explained = spec.train_samples if spec.record.explain else 0
+        self.layout = Layout(spec.data.features, spec.bias, explained, spec.eval is not None)
         x, y = build_dataset(spec) if data is None else data
-        self.x = x.to(device)
-        self.y = y.to(device)
+        self.x, self.y, self.val = training_and_validation(spec, x, y, validation, device)
+        # Which steps evaluate (the records say so); a CUDA graph bakes one path in, so it
+        # evaluates every step and the records keep the evaluated ones (`always_evaluate`).
+        self.eval_every = spec.eval.every if spec.eval is not None else 0
+        self.last_step = spec.steps - 1
+        self.always_evaluate = False
         self.theta = initial_theta(spec).to(device).requires_grad_()
         self.optimizer, self.scheduler = build_optimizer(spec, self.theta)
         # Plain SGD at a constant lr takes the tutorial's update itself (`update`); the
@@ -214,12 +276,8 @@ class Trainer:
         """Forward and backward of the next step: the loss; autograd puts dLoss/dtheta into
         theta.grad. With `explain` (a row slice), the step's graph is written there too."""
         x, y = self.batch(self.steps_done)
-        d, theta = self.layout.features, self.theta
         # The views are taken each step, after the previous in-place update.
-        if self.layout.bias:
-            y_hat = x @ theta[:d] + theta[d]
-        else:
-            y_hat = x @ theta
+        y_hat = self._forward(x, self.theta)
         s = y_hat - y
         loss = (s**2).mean()
         if explain is None:
@@ -227,6 +285,11 @@ class Trainer:
         else:
             self._backward_explained(explain, y_hat, s, loss)
         return loss
+
+    def _forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """y_hat = x @ w (+ b)."""
+        d = self.layout.features
+        return x @ theta[:d] + theta[d] if self.layout.bias else x @ theta
 
     def _backward_explained(
         self, out: torch.Tensor, y_hat: torch.Tensor, s: torch.Tensor, loss: torch.Tensor
@@ -333,18 +396,30 @@ class Trainer:
         theta.addcdiv_(exp_avg, denom, value=-step_size)
 
     def step(self, record: torch.Tensor) -> None:
-        """Run one step and write its [loss, grads, params] into `record` (a row on the device)."""
+        """Run one step and write its [loss, grads, params] into `record` (a row on the device),
+        and where the job evaluates, the validation loss into its last value."""
         p = self.layout.params
         theta = self.theta
         # Backward then writes a fresh gradient: no zeroing and no accumulating.
         theta.grad = None
-        explain = record[1 + 2 * p :] if self.layout.explain_samples else None
+        explain = None
+        if self.layout.explain_samples:
+            explain = record[1 + 2 * p : self.layout.width - int(self.layout.evaluated)]
         loss = self.forward_backward(explain)
         assert theta.grad is not None
         # Recorded before the update, which changes theta in place: the row holds the
         # parameters this step's forward pass used. One device-side copy, no .item() sync.
-        row = record if explain is None else record[: 1 + 2 * p]
+        plain_row = explain is None and self.val is None
+        row = record if plain_row else record[: 1 + 2 * p]
         torch.cat([loss.detach().view(1), theta.grad, theta.detach()], out=row)
+        if self.val is not None and (
+            self.always_evaluate or is_evaluated(self.steps_done, self.eval_every, self.last_step)
+        ):
+            # The validation loss at the same parameters, before the update (no graph).
+            with torch.no_grad():
+                x_val, y_val = self.val
+                residual = self._forward(x_val, theta) - y_val
+                torch.mean(residual**2, dim=0, keepdim=True, out=record[-1:])
         # Update: e.g. SGD's w <- w - lr * dLoss/dw.
         self.update()
 
@@ -452,6 +527,40 @@ def fit_quality(trainer: Trainer, spec: JobSpec) -> dict[str, Any]:
     return quality
 
 
+def regression_metrics(
+    x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, bias: bool
+) -> dict[str, float | None]:
+    """mse, rmse, mae and r2 of the model `theta` on (x, y), in float64 (on x's device)."""
+    d = x.shape[1]
+    theta = theta.double().to(x.device)
+    x64, y64 = x.double(), y.double()
+    residual = (x64 @ theta[:d] + theta[d] if bias else x64 @ theta) - y64
+    mse_value = float(residual.square().mean())
+    total = float((y64 - y64.mean()).square().mean())
+    return {
+        "mse": finite_or_none(mse_value),
+        "rmse": finite_or_none(math.sqrt(mse_value)) if math.isfinite(mse_value) else None,
+        "mae": finite_or_none(float(residual.abs().mean())),
+        "r2": finite_or_none(1 - mse_value / total) if total else None,
+    }
+
+
+def fit_metrics(
+    train: tuple[torch.Tensor, torch.Tensor],
+    validation: tuple[torch.Tensor, torch.Tensor] | None,
+    theta: torch.Tensor,
+    bias: bool,
+) -> dict[str, Any]:
+    """A finished job's `metrics` at its final parameters `theta` (float64) on the training
+    rows and, with eval, on the validation rows; and `val_loss`, the latter's mse."""
+    with torch.no_grad():
+        metrics = {"train": regression_metrics(*train, theta, bias)}
+        if validation is None:
+            return {"metrics": metrics}
+        metrics["val"] = regression_metrics(*validation, theta, bias)
+    return {"metrics": metrics, "val_loss": metrics["val"]["mse"]}
+
+
 def loss_and_r2(
     x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, bias: bool
 ) -> dict[str, Any]:
@@ -519,7 +628,14 @@ class CudaGraphStep:
                 cursor.copy_(start)
             trainer.steps_done = done
 
-        self.graph = capture_whole_step(self._step, undo)
+        # A graph replays the path its capture took: every step evaluates (the runner keeps
+        # the values of the steps that the records show).
+        trainer.always_evaluate = True
+        try:
+            self.graph = capture_whole_step(self._step, undo)
+        except Exception:
+            trainer.always_evaluate = False
+            raise
 
     def _step(self) -> None:
         step_at_cursor(self._trainer, self._row, self._storage, self._cursor)
@@ -548,18 +664,22 @@ def supports_cuda_graph(trainer: Trainer) -> bool:
 # Compiled blocks, by (samples, features, bias, block), for as long as the process lives: a
 # worker's pool process compiles each shape once, and Inductor's on-disk caches make the next
 # process's compile of it a cache hit.
-_compiled_blocks: dict[tuple[int, int, bool, int], Callable[..., None]] = {}
-_failed_blocks: set[tuple[int, int, bool, int]] = set()
+BlockShape = tuple[int, int, bool, int, int]  # samples, features, bias, block, validation rows
+_compiled_blocks: dict[BlockShape, Callable[..., None]] = {}
+_failed_blocks: set[BlockShape] = set()
 
 
-def _block_of_steps(features: int, bias: bool, block: int) -> Callable[..., None]:
+def _block_of_steps(features: int, bias: bool, block: int, evaluated: bool) -> Callable[..., None]:
     """`block` whole steps as one compiled call: forward, the gradient from autograd
     (torch.func.grad_and_value, traced), the record row written at the device-side `cursor`,
-    and the tutorial's update. One call's fixed cost (Dynamo's guards) is paid once per block."""
+    and the tutorial's update. One call's fixed cost (Dynamo's guards) is paid once per block.
+    With `evaluated`, each row also gets the validation loss at the step's parameters: a
+    branch per step would break the block up, so every step evaluates (the runner keeps the
+    values of the steps that the records show)."""
 
     def loss_of(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y_hat = x @ theta[:features] + theta[features] if bias else x @ theta
-        return ((y_hat - y) ** 2).mean()
+        loss: torch.Tensor = mse(x, y, theta, features, bias)
+        return loss
 
     grad_and_loss = torch.func.grad_and_value(loss_of)
 
@@ -571,10 +691,16 @@ def _block_of_steps(features: int, bias: bool, block: int) -> Callable[..., None
         weight_decay: torch.Tensor,
         storage: torch.Tensor,
         cursor: torch.Tensor,
+        x_val: torch.Tensor | None = None,
+        y_val: torch.Tensor | None = None,
     ) -> None:
         for _ in range(block):  # unrolled when traced
             grad, loss = grad_and_loss(theta, x, y)
-            row = torch.cat([loss.view(1), grad, theta])  # the parameters before the update
+            parts = [loss.view(1), grad, theta]  # the parameters before the update
+            if evaluated:
+                assert x_val is not None and y_val is not None
+                parts.append(mse(x_val, y_val, theta, features, bias).view(1))
+            row = torch.cat(parts)
             storage.index_copy_(0, cursor.view(1), row.view(1, -1))
             cursor.add_(1)
             theta.sub_((grad + weight_decay * theta) * lr)
@@ -609,7 +735,8 @@ class CompiledSteps:
         self.block = block
         self._trainer = trainer
         features, bias = trainer.layout.features, trainer.layout.bias
-        key = (len(trainer.y), features, bias, block)
+        validation = trainer.val or ()
+        key = (len(trainer.y), features, bias, block, len(validation[1]) if validation else 0)
         if key in _failed_blocks:  # one failed compile of a shape is enough
             raise RuntimeError(f"compiling blocks of shape {key} failed before in this process")
         if key not in _compiled_blocks:
@@ -618,7 +745,7 @@ class CompiledSteps:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, 1024)
             config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
-            _compiled_blocks[key] = _block_of_steps(features, bias, block)
+            _compiled_blocks[key] = _block_of_steps(features, bias, block, bool(validation))
         self._steps = _compiled_blocks[key]
         lr, weight_decay = trainer.plain_sgd or (0.0, 0.0)
         theta = trainer.theta.detach()  # the trainer's parameters: updated in place
@@ -630,6 +757,7 @@ class CompiledSteps:
             torch.tensor(weight_decay),
             storage,
             cursor,
+            *validation,
         )
         saved, start = theta.clone(), cursor.clone()
         try:
@@ -657,6 +785,20 @@ def supports_compiled_steps(trainer: Trainer) -> bool:
         and trainer.batches_per_epoch == 1
         and trainer.layout.explain_samples == 0
     )
+
+
+def inductor_cache_dir(base: str = "") -> str:
+    """The folder for Inductor's on-disk caches: `base` (else torch's own choice) with a
+    subfolder per CPU instruction set. Inductor's cache keys leave ATEN_CPU_CAPABILITY out, so
+    workers of two instruction sets sharing one folder would find each other's code: built for
+    AVX2, it fails to build under `default` (the worker then runs eager steps)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    root = base or cache_dir()
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    if os.path.basename(os.path.normpath(root)) == capability:
+        return root  # set up already (a pool process started again)
+    return os.path.join(root, capability)
 
 
 def inductor_cache_counts() -> tuple[int, int]:

@@ -4,6 +4,7 @@ Session-wide: one redis-server, one API and one CPU worker (prefork, as deployed
 need other workers start their own through the same Stack and stop them afterwards.
 """
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +16,16 @@ from api.client import Client
 from cli.main import SEED_EXAMPLE
 from cli.stack import Stack
 from services.store import Store
+from services.training import inductor_cache_dir
 
 __all__ = ["SEED_EXAMPLE"]
 
 # One torch thread, as workers run: steps computed here (references, attempts run in this
 # process) are the workers' numbers, compiled code included (Inductor's code depends on it).
 torch.set_num_threads(1)
+# Compiled code cached per CPU instruction set, as workers keep it: a run of the suite under
+# ATEN_CPU_CAPABILITY=default must not find the code built for this machine's AVX2.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
 
 # Short intervals so that tests see keep-alives, heartbeats and lapsed workers quickly.
 TEST_ENV = {

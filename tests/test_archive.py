@@ -47,6 +47,22 @@ SPECS: dict[str, dict[str, Any]] = {
         "device": "cpu",
     },
     "explained": {**SEED_EXAMPLE, "steps": 30, "record": {"explain": True}},
+    # The validation loss is the rows' last column, after an explained job's graph.
+    "held out, explained": {
+        "data": {"x": [[1.0, 2.0], [3.0, 4.0], [0.5, -1.0], [2.0, 1.0]], "y": [1.0, 0.0, 2.0, 1.5]},
+        "optimizer": {"name": "sgd", "lr": 0.01},
+        "eval": {"holdout": 0.5, "seed": 3, "every": 7},
+        "record": {"explain": True},
+        "steps": 40,
+        "device": "cpu",
+    },
+    "mini-batch, validation set": {
+        "data": {"synthetic": {"n": 48, "d": 3, "seed": 1}},
+        "batch_size": 16,
+        "eval": {"data": {"x": [[1.0, 0.0, 2.0], [0.5, 1.0, -1.0]], "y": [1.0, 2.0]}},
+        "steps": 60,
+        "device": "cpu",
+    },
     "diverged": {
         "data": {"x": [[10.0], [20.0]], "y": [1.0, 2.0]},
         "optimizer": {"name": "sgd", "lr": 10.0},
@@ -104,6 +120,10 @@ def test_an_archived_job_reads_back_byte_for_byte(
         assert view["status"] == ("diverged" if name == "diverged" else "succeeded")
         before = served(stack, job_id, view["steps_done"])
         records = list(client.steps(job_id))
+        if "eval" in SPECS[name]:  # read back with its validation losses where evaluated
+            evaluated = [r["step"] for r in records if "val_loss" in r]
+            every = SPECS[name]["eval"].get("every", 1)
+            assert evaluated == [*range(0, len(records) - 1, every), len(records) - 1]
         assert redis_client.zscore(ARCHIVE_DUE, job_id) is not None  # due once finished
 
         assert archive_job(archiving_store, archive, job_id) == "ok"

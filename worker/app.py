@@ -37,7 +37,7 @@ from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
 from services.runner import warm_compiled
 from services.store import Store
-from services.training import compute_device, warm_up
+from services.training import compute_device, inductor_cache_dir, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def init_child(**_: Any) -> None:
     global _child
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
-    if settings.compile_cache_dir:  # Inductor's on-disk caches, shared by the worker's processes
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
+    # Inductor's on-disk caches, shared by the worker's processes: one folder per instruction set.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(settings.compile_cache_dir)
     device = compute_device(settings.device, settings.cuda_fallback_cpu)
     warm_up(device)
     drain = threading.Event()

@@ -26,6 +26,7 @@ from services.store.recovery import Recovery
 from services.store.steps import Steps
 from services.store.sweeps import Sweeps
 from services.store.workers import LIVE_QUEUES_TTL_S, Workers
+from services.sweeps_math import DEFAULT_RANK_RTOL
 
 __all__ = ["Checkpoint", "Claim", "Store", "job_view"]
 
@@ -35,9 +36,15 @@ class Store(Jobs, Attempts, Steps, Sweeps, Datasets, Workers, Recovery, Archivin
     that holds archived jobs' steps (the API's and the archiver's stores have one: reading or
     deleting an archived job needs it)."""
 
-    def __init__(self, client: "redis.Redis", archive: Archive | None = None) -> None:
+    def __init__(
+        self,
+        client: "redis.Redis",
+        archive: Archive | None = None,
+        rank_rtol: float = DEFAULT_RANK_RTOL,
+    ) -> None:
         self.redis = client
         self.archive = archive
+        self.rank_rtol = rank_rtol  # sweeps' `best`: metric values this close are equal
         self.lua = LuaScripts(client)
         self._live_queues = set()
         self._live_queues_at = -LIVE_QUEUES_TTL_S
@@ -45,7 +52,7 @@ class Store(Jobs, Attempts, Steps, Sweeps, Datasets, Workers, Recovery, Archivin
     @classmethod
     def from_settings(cls, settings: Settings, archive: Archive | None = None) -> "Store":
         """The store on the configured Redis (by URL, or the primary the sentinels name)."""
-        return cls(redis_client(settings), archive)
+        return cls(redis_client(settings), archive, settings.rank_rtol)
 
     @classmethod
     def from_url(cls, url: str, archive: Archive | None = None) -> "Store":

@@ -73,6 +73,7 @@ class RedisPart:
     redis: "redis.Redis"
     lua: LuaScripts
     archive: Archive | None
+    rank_rtol: float
 
     def redis_time(self) -> float:
         """Redis's clock, in seconds: ages compared with times Redis wrote (its TIME) must

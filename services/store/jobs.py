@@ -43,21 +43,30 @@ _SUMMARY_FIELDS = (
 )
 
 
-def spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as listings show it: inline data as its shape, never its numbers."""
-    data = spec.get("data") or {}
+def _data_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """Inline data as its shape, never its numbers; other data as it is."""
     if data.get("x") is not None:
         x = data["x"]
         features = len(x[0]) if x and isinstance(x[0], list) else 1
-        data = {"inline": {"samples": len(x), "features": features}}
-    return {**spec, "data": data}
+        return {"inline": {"samples": len(x), "features": features}}
+    return data
+
+
+def spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as listings show it: inline data (training and validation) as its shape."""
+    summary = {**spec, "data": _data_summary(spec.get("data") or {})}
+    evaluation = spec.get("eval")
+    if evaluation and evaluation.get("data"):
+        summary["eval"] = {**evaluation, "data": _data_summary(evaluation["data"])}
+    return summary
 
 
 def stored_bytes(spec: JobSpec, spec_json: str) -> tuple[int, int]:
     """What a job keeps, counted up front: its spec, and the bytes of one step's record (the
     whole job reserves spec + steps x record)."""
-    explain = spec.data.samples if spec.record.explain else 0
-    return len(spec_json), 4 * row_width(spec.data.features, spec.bias, explain)
+    explain = spec.train_samples if spec.record.explain else 0
+    width = row_width(spec.data.features, spec.bias, explain, spec.eval is not None)
+    return len(spec_json), 4 * width
 
 
 def _stop_reason(status: JobStatus, result: dict[str, Any] | None, error: str | None) -> str | None:

@@ -695,8 +695,9 @@ return {'ok'}
 # (recorded on the group and its members, with the members' attempt and worker), n, then n
 # field/value pairs every member's chunk shares, then for each member still training: id,
 # what ends it now ('' to go on, or its terminal status), result JSON, error, the last step's
-# loss ('' if not finite), its chunk's rows, and how many of the chunk's steps it keeps (fewer
-# for a member that diverged: its chunk ends at its first non-finite step). One fenced write
+# loss ('' if not finite), its chunk's rows, how many of the chunk's steps it keeps (fewer
+# for a member that diverged: its chunk ends at its first non-finite step), and the chunk's
+# last evaluated validation loss ('' if none). One fenced write
 # of a whole group's flush: each member's chunk, the members that end, the group's checkpoint
 # and lease, the sweep's progress event. Returns {reply, member id, status, ...}: `ok`,
 # `finished`, `fenced` or `gap` (then the group's stored step), and the members no longer
@@ -737,7 +738,7 @@ local worker = redis.call('HGET', JOB, 'worker') or ''
 local env_field, stepper = ENVIRONMENT .. attempt, redis.call('HGET', JOB, 'stepper')
 local gone, progress, ending, passed, moved, member_steps = {}, {}, {}, 0, false, 0
 local group = use_job(ARGV[1])
-for a = 11 + 2 * n, #ARGV, 7 do
+for a = 11 + 2 * n, #ARGV, 8 do
   passed = passed + 1
   local id, action, kept = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 6])
   use_job(id)
@@ -756,6 +757,7 @@ for a = 11 + 2 * n, #ARGV, 7 do
       redis.call('XADD', STEPS, (first + kept - 1) .. '-1', FIELD_COUNT, kept,
                  FIELD_ROWS, ARGV[a + 5], unpack(common))
       redis.call('HSET', JOB, 'steps_done', first + kept, 'loss', ARGV[a + 4])
+      if ARGV[a + 7] ~= '' then redis.call('HSET', JOB, 'val_loss', ARGV[a + 7]) end
       member_steps = member_steps + kept
     end
     if status == 'queued' then
@@ -782,6 +784,7 @@ for a = 11 + 2 * n, #ARGV, 7 do
     local step = done - 1
     if chunk then step = first + kept - 1 end
     progress[id] = {step = step, loss = loss or cjson.null, status = ends or status}
+    if ARGV[a + 7] ~= '' then progress[id].val_loss = tonumber(ARGV[a + 7]) end
     moved = true
   end
 end

@@ -21,13 +21,15 @@ def entries_per_read(entry_bytes: int, budget_bytes: int) -> int:
 
 def entry_json_bytes(chunk: Chunk) -> int:
     """An upper bound on the JSON an entry's steps become (reads are sized by it)."""
-    return chunk.count * record_json_bytes(chunk.features, chunk.bias, chunk.explain)
+    return chunk.count * record_json_bytes(
+        chunk.features, chunk.bias, chunk.explain, chunk.evaluated
+    )
 
 
 def page_steps(chunk: Chunk, limit: int, max_bytes: int) -> int:
     """The most steps of this job one page may hold: `limit`, fewer if their JSON would pass
     `max_bytes` (never fewer than one)."""
-    per_record = record_json_bytes(chunk.features, chunk.bias, chunk.explain)
+    per_record = record_json_bytes(chunk.features, chunk.bias, chunk.explain, chunk.evaluated)
     return max(1, min(limit, max_bytes // per_record))
 
 

@@ -24,21 +24,31 @@ from services.schemas import (
 )
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
+from services.sweeps_math import rank_by_loss
 
 # A group's record holds this JSON as its `spec` ("group" first), so that a claim tells a
 # group from a job (services/runner.py).
 GROUP_SPEC_PREFIX = '{"group":'
 
 
-def group_spec(group_id: str, sweep_id: str, members: list[str], early_stop: Any) -> str:
-    """The `spec` field of a group's record: its members and the sweep's early stop rule."""
+def group_spec(
+    group_id: str, sweep_id: str, members: list[str], early_stop: Any, metric: str = "loss"
+) -> str:
+    """The `spec` field of a group's record: its members, the sweep's early stop rule and the
+    metric it ranks by."""
     return json.dumps(
-        {"group": group_id, "sweep": sweep_id, "members": members, "early_stop": early_stop}
+        {
+            "group": group_id,
+            "sweep": sweep_id,
+            "members": members,
+            "early_stop": early_stop,
+            "metric": metric,
+        }
     )
 
 
 # What a sweep's view reads of each member.
-_MEMBER_FIELDS = ("status", "steps_done", "loss", "result")
+_MEMBER_FIELDS = ("status", "steps_done", "loss", "result", "val_loss")
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class MemberFlush:
     end: JobStatus | None = None  # the member ends now with this status
     result: dict[str, Any] | None = None
     error: str | None = None
+    val_loss: float | None = None  # the chunk's last evaluated validation loss, if any
 
 
 @dataclass(frozen=True)
@@ -158,40 +169,61 @@ class Sweeps(RedisPart):
         for member_id in ids:
             pipe.hmget(keys.job_key(member_id), _MEMBER_FIELDS)
         members, counts = [], dict.fromkeys(JobStatus, 0)
-        for index, (member_id, (status, steps, loss, result)) in enumerate(
+        for index, (member_id, (status, steps, loss, result, val_loss)) in enumerate(
             zip(ids, pipe.execute(), strict=True)
         ):
             if status is None:
                 continue  # deleted
-            final = json.loads(result).get("full_loss") if result else None
+            outcome = json.loads(result) if result else {}
             member = SweepMember(
                 id=member_id,
                 values=values[index],
                 status=JobStatus(status.decode()),
                 steps_done=int(steps),
                 loss=_float(loss),
-                final_loss=final,
+                final_loss=outcome.get("full_loss"),
+                val_loss=_float(val_loss),
+                final_val_loss=outcome.get("val_loss"),
             )
             counts[member.status] += 1
             members.append(member)
-        succeeded = [
-            m for m in members if m.status is JobStatus.SUCCEEDED and m.final_loss is not None
-        ]
-        best = min(succeeded, key=lambda m: m.final_loss or 0.0, default=None)
+        spec = SweepSpec.model_validate_json(fields[b"spec"])
+        best = self._best(members, spec.metric or "loss")
         return SweepView(
             id=sweep_id,
             name=fields[b"name"].decode() or None,
             status=SweepStatus(fields[b"status"].decode()),
-            spec=SweepSpec.model_validate_json(fields[b"spec"]),
+            spec=spec,
             created_at=datetime.fromisoformat(fields[b"created_at"].decode()),
             started_at=_time(fields.get(b"started_at")),
             finished_at=_time(fields.get(b"finished_at")),
             counts={status: n for status, n in counts.items() if n},
             groups=len(fields.get(b"groups", b"").split()),
             members=members,
-            best=None
-            if best is None or best.final_loss is None
-            else SweepBest(id=best.id, values=best.values, final_loss=best.final_loss),
+            best=best,
+        )
+
+    def _best(self, members: list[SweepMember], metric: str) -> SweepBest | None:
+        """The succeeded member with the lowest final metric; equal within the rank tolerance,
+        the first in member order (DESIGN §11)."""
+
+        def final(member: SweepMember) -> float | None:
+            return member.final_val_loss if metric == "val_loss" else member.final_loss
+
+        succeeded = [
+            m
+            for m in members
+            if m.status is JobStatus.SUCCEEDED and m.final_loss is not None and final(m) is not None
+        ]
+        if not succeeded:
+            return None
+        first = succeeded[rank_by_loss([final(m) for m in succeeded], self.rank_rtol)[0]]
+        assert first.final_loss is not None
+        return SweepBest(
+            id=first.id,
+            values=first.values,
+            final_loss=first.final_loss,
+            final_val_loss=first.final_val_loss,
         )
 
     @translate_redis_errors
@@ -328,6 +360,7 @@ class Sweeps(RedisPart):
                 "" if member.loss is None or not math.isfinite(member.loss) else repr(member.loss),
                 member.rows,
                 member.kept,
+                "" if member.val_loss is None else repr(member.val_loss),
             ]
         script_keys = [*keys.job_keys(group_id)]
         if worker is not None:

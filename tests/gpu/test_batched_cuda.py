@@ -2,6 +2,7 @@
 alone, the captured CUDA graph against the eager batched step, and a sweep's group through
 the group runner as CUDA graphs (against eager group steps; resumed bit for bit)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from services.schemas import JobSpec
 from services.store import Store
 from services.training import Trainer, compute_device
 from tests.attempts import assert_members_agree, members_steps, run_groups, store_sweep
+from tests.test_eval import WEIGHT_DECAY_SWEEP
 
 CUDA = compute_device("cuda")
 STEPS = 300
@@ -95,3 +97,26 @@ def test_a_graphed_group_resumes_bit_for_bit(store: Store) -> None:
     [second] = run_groups(store, resumed.id, CUDA, settings, drain=True)
     assert uninterrupted.stepper == second.stepper == "cuda-graph"
     assert members_steps(store, resumed.id) == members_steps(store, whole.id)
+
+
+def test_graphed_and_eager_groups_keep_the_same_members_by_val_loss(store: Store) -> None:
+    # The weight-decay sweep of tests/test_eval.py: its values at the rungs are far apart by
+    # construction, so the graph (evaluating every step) and eager steps prune alike.
+    sweep = {**WEIGHT_DECAY_SWEEP, "base": {**WEIGHT_DECAY_SWEEP["base"], "device": "cuda"}}
+    graphed = store_sweep(store, sweep)
+    [ours] = run_groups(store, graphed.id, CUDA, Settings())
+    eager = store_sweep(store, sweep)
+    [theirs] = run_groups(store, eager.id, CUDA, Settings(cuda_graphs=False))
+    assert (ours.stepper, theirs.stepper) == ("cuda-graph", "eager")
+    got, want = members_steps(store, graphed.id), members_steps(store, eager.id)
+    assert [status for status, _ in got] == ["pruned", "pruned", "succeeded", "pruned"]
+    assert [status for status, _ in got] == [status for status, _ in want]
+    for (_, mine), (_, reference) in zip(got, want, strict=True):
+        assert [s.get("val_loss") is None for s in mine] == [
+            s.get("val_loss") is None for s in reference
+        ]
+        np.testing.assert_allclose(
+            [s["val_loss"] for s in mine if "val_loss" in s],
+            [s["val_loss"] for s in reference if "val_loss" in s],
+            rtol=1e-5,
+        )

@@ -196,3 +196,24 @@ def test_the_explain_view_on_the_gpu(store: Store) -> None:
     assert (y_hat["value"], s["value"], loss["value"]) == ([1.0], [-1.0], 1.0)
     assert loss["local"] == {"loss/s": [-2.0]} and s["local"] == {"s/y_hat": [1.0]}
     assert y_hat["local"] == {"y_hat/w": [[1.0]]} and steps[0]["explain"]["chain"]["w"] == [-2.0]
+
+
+def test_graph_evaluates_the_steps_eager_steps_evaluate(store: Store) -> None:
+    # The graph computes the validation loss every step; the records keep the evaluated ones.
+    fields = {**CASES["1000x10 bias"], "eval": {"holdout": 0.2, "seed": 1, "every": 10}}
+    spec = _spec(fields, 300)
+    settings = Settings(flush_max_steps=64)
+    eager, eager_steps = run_once(
+        store, spec, CUDA, settings.model_copy(update={"cuda_graphs": False})
+    )
+    graph, graph_steps = run_once(store, spec, CUDA, settings)
+    assert (eager.stepper, graph.stepper) == ("eager", "cuda-graph")
+    evaluated = [s["step"] for s in graph_steps if "val_loss" in s]
+    assert evaluated == [s["step"] for s in eager_steps if "val_loss" in s]
+    assert evaluated == [*range(0, 300, 10), 299]
+    np.testing.assert_allclose(
+        [s["val_loss"] for s in graph_steps if "val_loss" in s],
+        [s["val_loss"] for s in eager_steps if "val_loss" in s],
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(_values(graph_steps), _values(eager_steps), rtol=1e-6, atol=1e-6)
