@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 import redis
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cli.stack import temporary_stack
 from services.config import Settings
+from services.environment import attempt_environment
 from services.records import Chunk
 from services.runner import CHUNK_BUDGET_BYTES
 from services.schemas import SweepSpec
@@ -45,13 +47,15 @@ def group_flushes(store: Store, members: int, flushes: int, rows: int) -> tuple[
     [group] = store.redis.hget(keys.sweep_key(sweep.id), "groups").decode().split()
     claim = store.claim_job(group, "bench-worker", 60, 3)
     ids = [m.id for m in store.get_sweep(sweep.id).members]
+    environment = attempt_environment(claim.attempt, torch.device("cpu"), "eager", "bench-worker")
     blob = os.urandom(rows * WIDTH * 4)
     store.redis.config_resetstat()
     started = time.perf_counter()
     for i in range(flushes):
         chunk = Chunk(i * rows, rows, FEATURES, False, b"")
         flush = [MemberFlush(member, blob, 0.5, rows) for member in ids]
-        reply = store.flush_group(group, claim.attempt, chunk, flush, b"", 60, first=i == 0)
+        first = environment if i == 0 else None  # sent with an attempt's first flush
+        reply = store.flush_group(group, claim.attempt, chunk, flush, b"", 60, environment=first)
         assert reply.reply == "ok", reply
     elapsed = time.perf_counter() - started
     usec = store.redis.info("commandstats")["cmdstat_evalsha"]["usec"]

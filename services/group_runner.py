@@ -30,6 +30,7 @@ from services.batched import (
     supports_batched_cuda_graph,
 )
 from services.config import Settings
+from services.environment import attempt_environment
 from services.errors import StorageFull, StoreUnavailable
 from services.queue import compiles
 from services.records import Chunk, param_values, settle_validation
@@ -43,7 +44,7 @@ from services.runner import (
     retry_through_outage,
     uploaded_data,
 )
-from services.schemas import JobSpec, JobStatus
+from services.schemas import AttemptEnvironment, JobSpec, JobStatus
 from services.store import Claim, Store
 from services.store.sweeps import GroupFlushed, MemberFlush
 from services.sweeps_math import halving_cut, halving_rungs, rank_by_loss
@@ -139,7 +140,8 @@ class _GroupAttempt:
         self.claim = claim
         self.trainer: BatchedTrainer | None = None
         self.stepper = "eager"
-        self.flushed = False  # whether this attempt has sent a flush yet
+        self.device = torch.device("cpu")  # run() sets it
+        self.sent_stepper: str | None = None  # the stepper the last environment sent named
         self.keeper = LeaseKeeper(
             store,
             group_id,
@@ -153,6 +155,7 @@ class _GroupAttempt:
         return 0 if self.trainer is None else self.trainer.steps_done
 
     def run(self, device: torch.device) -> AttemptResult:
+        self.device = device
         work = self.store.group_work(self.group_id, self.spec["members"])
         running = [
             (member_id, position)
@@ -177,7 +180,10 @@ class _GroupAttempt:
         self.trainer = trainer
         self.ids = work.member_ids
         self.positions = {member_id: p for p, member_id in enumerate(self.ids)}
-        kind = self.stepper = self._stepper_kind(trainer, first, len(work.specs))
+        # The stepper the group's first attempt recorded is every later attempt's, whatever
+        # this worker's cost model says: a resumed group then rounds as its first attempt did.
+        kind = self.claim.stepper or self._stepper_kind(trainer, first, len(work.specs))
+        self.stepper = kind
         log.info(
             "group %s attempt %d: %d members, steps %d..%d on %s (%s)",
             self.group_id,
@@ -192,9 +198,9 @@ class _GroupAttempt:
         return self._loop(trainer, first.steps, kind, rungs)
 
     def _stepper_kind(self, trainer: BatchedTrainer, spec: JobSpec, members: int) -> str:
-        """The group's fastest stepper, chosen by the spec and the settings alone (every
-        attempt chooses alike): a CUDA graph on a GPU for groups of enough steps, compiled
-        blocks on the CPU when the cost model says the compile repays itself, else eager."""
+        """The group's fastest stepper, for a group no attempt has recorded one for: a CUDA
+        graph on a GPU for groups of enough steps, compiled blocks on the CPU when the cost
+        model says the compile repays itself, else eager."""
         settings = self.settings
         if supports_batched_cuda_graph(trainer):
             if settings.cuda_graphs and spec.steps >= settings.cuda_graph_min_steps:
@@ -246,7 +252,10 @@ class _GroupAttempt:
                     outcome = self._settle(trainer, pending.result())
                     if outcome is not None:
                         return outcome
-                pending = flusher.submit(self._flush, chunk, flushes, snapshot, landed)
+                environment = self._environment()
+                pending = flusher.submit(
+                    self._flush, chunk, flushes, snapshot, landed, environment=environment
+                )
                 last = trainer.steps_done >= steps or not remaining
                 if last or trainer.steps_done in rungs or self.drain.is_set():
                     flushed, pending = pending.result(), None
@@ -396,6 +405,7 @@ class _GroupAttempt:
         snapshot: dict[str, Any] | None,
         landed: "torch.cuda.Event | None" = None,
         finish: bool = False,
+        environment: AttemptEnvironment | None = None,
     ) -> GroupFlushed:
         """The group's flush with the checkpoint `snapshot` (`state_snapshot()` after the
         chunk; on a GPU once `landed`), retried while Redis is unreachable (the script
@@ -403,7 +413,6 @@ class _GroupAttempt:
         if landed is not None:
             landed.synchronize()
         state = b"" if snapshot is None else serialize_state(snapshot)
-        first, self.flushed = not self.flushed, True  # flushes run one after another
         try:
             return retry_through_outage(
                 lambda: self.store.flush_group(
@@ -414,13 +423,21 @@ class _GroupAttempt:
                     state,
                     self.settings.lease_s,
                     finish=finish,
-                    first=first,
+                    environment=environment,
                     worker=self.worker,
                 ),
                 f"group {self.group_id} attempt {self.attempt}",
             )
         except StorageFull:
             return GroupFlushed("full", {})
+
+    def _environment(self) -> AttemptEnvironment | None:
+        """What the attempt runs on, for the next flush if it is the attempt's first, or if
+        the stepper changed since (a compile that failed when members left): else None."""
+        if self.stepper == self.sent_stepper:
+            return None
+        self.sent_stepper = self.stepper
+        return attempt_environment(self.attempt, self.device, self.stepper, self.worker)
 
     def hand_back(self, why: str) -> AttemptResult:
         """Queue the group again, to resume from its checkpoint, as a job is handed back."""

@@ -26,11 +26,12 @@ from pydantic import ValidationError
 
 from services import metrics
 from services.config import Settings
+from services.environment import attempt_environment
 from services.errors import StorageFull, StoreUnavailable
 from services.logs import attempt_context
 from services.queue import compiles, estimated_seconds
 from services.records import Chunk, param_values, settle_validation
-from services.schemas import JobSpec, JobStatus, StopSpec
+from services.schemas import AttemptEnvironment, JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Claim, Store
 from services.store.sweeps import GROUP_SPEC_PREFIX
 from services.training import (
@@ -442,7 +443,7 @@ def _run_attempt(
     attempt = _Attempt(store, job_id, claim.attempt, worker, settings, drain or threading.Event())
     result = AttemptResult(Outcome.FAILED)
     try:
-        result = attempt.run(claim.spec_json, claim.checkpoint, device)
+        result = attempt.run(claim.spec_json, claim.checkpoint, device, claim.stepper)
         return dataclasses.replace(
             result,
             steps=attempt.steps_run,
@@ -518,6 +519,7 @@ class _Attempt:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{job_id}")
         self.recorder: StepRecorder | None = None
         self.steps_run, self.loop_s, self.stepper, self.result_s = 0, 0.0, "eager", 0.0
+        self.environment: AttemptEnvironment | None = None  # sent with the first flush
 
     def progress(self) -> int:
         """Steps recorded so far (read by the lease keeper's thread; -1 while setting up)."""
@@ -525,15 +527,20 @@ class _Attempt:
         return -1 if recorder is None else recorder.first + recorder.count
 
     def run(
-        self, spec_json: str, checkpoint: Checkpoint | None, device: torch.device
+        self,
+        spec_json: str,
+        checkpoint: Checkpoint | None,
+        device: torch.device,
+        recorded: str | None = None,
     ) -> AttemptResult:
+        """Run the attempt; `recorded` is the stepper an earlier attempt recorded, if any."""
         try:
             spec = JobSpec.model_validate_json(spec_json)
         except ValidationError as exc:
             error = f"invalid job record: {exc.error_count()} error(s): {exc}"
             self.store.fail_job(self.job_id, self.attempt, error, self.worker)
             return AttemptResult(Outcome.FAILED, reason=error)
-        self._keep_lease(spec, device)
+        self._keep_lease(spec, device, recorded)
         data, validation = uploaded_data(self.store, spec, device, self.settings)
         trainer = Trainer(spec, device, data, validation)
         start = 0
@@ -543,7 +550,10 @@ class _Attempt:
             self.last_loss = checkpoint.loss
         self.layout, self.batches = trainer.layout, trainer.batches_per_epoch
         self.evaluation = (trainer.eval_every, trainer.last_step)
-        block = self.settings.compile_block_steps if self._compiles(spec, trainer) else 1
+        # The stepper the job's first attempt recorded is every later attempt's, whatever
+        # this worker's cost model says: a resumed job then rounds as its first attempt did.
+        kind = recorded or self._stepper_kind(spec, trainer, spec.steps - start)
+        block = self.settings.compile_block_steps if kind == "compiled" else 1
         # No more rows than the attempt has steps (a short job should not pay for 2 x 4096),
         # but for compiled blocks: their code is specialised to the buffer's shape, which
         # must then depend on the problem's shape only, so that one compile serves all jobs.
@@ -551,11 +561,8 @@ class _Attempt:
         if block == 1:
             rows = min(rows, spec.steps - start)
         recorder = self.recorder = StepRecorder(trainer.layout, rows, device, start, block)
-        fast: CudaGraphStep | CompiledSteps | None
-        fast = self._capture(trainer, recorder, spec, spec.steps - start)
-        if fast is None and spec.steps - start >= block > 1:  # else no block would run
-            fast = self._compile(trainer, recorder, block)
-        self.stepper = "eager" if fast is None else fast.name
+        fast, self.stepper = self._fast_steps(kind, spec, trainer, recorder, spec.steps - start)
+        self.environment = attempt_environment(self.attempt, device, self.stepper, self.worker)
         log.info(
             "job %s attempt %d: steps %d..%d on %s (%s)",
             self.job_id,
@@ -573,26 +580,68 @@ class _Attempt:
             self.loop_s = time.perf_counter() - started
             self.steps_run = recorder.first + recorder.count - start
 
-    def _keep_lease(self, spec: JobSpec, device: torch.device) -> None:
+    def _keep_lease(self, spec: JobSpec, device: torch.device, recorded: str | None) -> None:
         """Start the lease keeper before anything that takes time (loading a dataset,
         compiling), unless the job is tutorial-sized: no dataset to load, nothing to compile,
         and the cost model expects all its steps to take less than a third of the lease. Such
         a job's final flush comes long before the lease needs renewing, and one that takes
         longer after all is safe anyway (if the reaper requeued it, its flush takes it back)."""
         settings = self.settings
-        if spec.data.dataset_id is None and not (device.type == "cpu" and compiles(spec, settings)):
+        # The dataset test first: a dataset's shape, which the cost model reads, is known only
+        # once it is loaded.
+        if spec.data.dataset_id is None and not (
+            device.type == "cpu" and (recorded == "compiled" or compiles(spec, settings))
+        ):
             kind = "cpu" if device.type == "cpu" else "cuda"
             elements = spec.data.samples * spec.data.features
             if estimated_seconds(kind, elements, spec.steps, settings) < settings.lease_s / 3:
                 return
         self.keeper.start()
 
-    def _compiles(self, spec: JobSpec, trainer: Trainer) -> bool:
-        """Whether this job runs compiled blocks (the cost model, on the whole job's steps).
-        Not with a tolerance to check: a block runs past the step that would stop it."""
+    def _stepper_kind(self, spec: JobSpec, trainer: Trainer, steps: int) -> str:
+        """The cost model's stepper, for a job no attempt has recorded one for: a CUDA graph
+        where that pays (a GPU, `steps` enough), compiled blocks where they repay their
+        compile over the whole job's steps (the CPU), else eager."""
+        settings = self.settings
+        graph_pays = settings.cuda_graphs and steps >= settings.cuda_graph_min_steps
+        if graph_pays and self._can_run("cuda-graph", spec, trainer):
+            return "cuda-graph"
+        if compiles(spec, settings) and self._can_run("compiled", spec, trainer):
+            return "compiled"
+        return "eager"
+
+    def _can_run(self, kind: str, spec: JobSpec, trainer: Trainer) -> bool:
+        """Whether the job's steps can run as `kind` here: a CUDA graph on a GPU, compiled
+        blocks on the CPU, neither with a tolerance to check (that reads each step's row on
+        the host, and a block runs past the step that would stop it)."""
+        if kind == "eager":
+            return True
         if spec.stop is not None and (spec.stop.tol_loss or spec.stop.tol_grad):
             return False
-        return supports_compiled_steps(trainer) and compiles(spec, self.settings)
+        if kind == "cuda-graph":
+            return supports_cuda_graph(trainer)
+        return kind == "compiled" and supports_compiled_steps(trainer)
+
+    def _fast_steps(
+        self, kind: str, spec: JobSpec, trainer: Trainer, recorder: StepRecorder, steps: int
+    ) -> tuple[CudaGraphStep | CompiledSteps | None, str]:
+        """What runs the `steps` left as `kind` (None: eager steps), and the stepper the
+        attempt then runs: eager, with a warning, where `kind` cannot run here or its capture
+        or compile fails. A compiled job with less than a block left runs its eager tail as
+        an uninterrupted one does, compiling nothing."""
+        if kind == "eager":
+            return None, kind
+        if not self._can_run(kind, spec, trainer):
+            log.warning("job %s: %s steps cannot run here; eager steps", self.job_id, kind)
+            return None, "eager"
+        fast: CudaGraphStep | CompiledSteps | None
+        if kind == "cuda-graph":
+            fast = self._capture(trainer, recorder)
+        elif steps < self.settings.compile_block_steps:
+            return None, kind
+        else:
+            fast = self._compile(trainer, recorder, self.settings.compile_block_steps)
+        return fast, "eager" if fast is None else kind
 
     def _compile(
         self, trainer: Trainer, recorder: StepRecorder, block: int
@@ -619,18 +668,8 @@ class _Attempt:
         )
         return compiled
 
-    def _capture(
-        self, trainer: Trainer, recorder: StepRecorder, spec: JobSpec, steps: int
-    ) -> CudaGraphStep | None:
-        """The step as a CUDA graph where that pays (a GPU, enough steps), else None. Not with
-        a tolerance to check: that reads each step's row on the host."""
-        settings = self.settings
-        if not settings.cuda_graphs or steps < settings.cuda_graph_min_steps:
-            return None
-        if spec.stop is not None and (spec.stop.tol_loss or spec.stop.tol_grad):
-            return None
-        if not supports_cuda_graph(trainer):
-            return None
+    def _capture(self, trainer: Trainer, recorder: StepRecorder) -> CudaGraphStep | None:
+        """The step as a CUDA graph, or None (eager steps) if the capture fails."""
         try:
             return CudaGraphStep(trainer, recorder.storage, recorder.cursor)
         except RuntimeError:
@@ -760,9 +799,11 @@ class _Attempt:
         if status is None and result is not None:
             status = JobStatus.SUCCEEDED
             result["loss"] = self.last_loss
+        # Flushes run one at a time: the first takes the attempt's environment along.
+        environment, self.environment = self.environment, None
         started = time.perf_counter()
         try:
-            reply = self._flush_with_retry(chunk, checkpoint, status, result, error)
+            reply = self._flush_with_retry(chunk, checkpoint, status, result, error, environment)
         except StorageFull:
             log.warning(
                 "job %s attempt %d: flush refused, Redis is full", self.job_id, self.attempt
@@ -781,6 +822,7 @@ class _Attempt:
         finish: JobStatus | None,
         result: dict[str, Any] | None,
         error: str | None,
+        environment: AttemptEnvironment | None,
     ) -> str:
         return retry_through_outage(
             lambda: self.store.flush_steps(
@@ -793,6 +835,7 @@ class _Attempt:
                 result=result,
                 error=error,
                 worker=self.worker,
+                environment=environment,
             ),
             f"job {self.job_id} attempt {self.attempt}",
         )

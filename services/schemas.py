@@ -659,10 +659,36 @@ class _JobFields(BaseModel):
     sweep: str | None = Field(default=None, description="the sweep it is a member of, if any")
 
 
+class AttemptEnvironment(BaseModel):
+    """Where and how one attempt ran its steps: what a resume must match to be bit for bit."""
+
+    attempt: int
+    device: Literal["cpu", "cuda"] = Field(description="the device type it computed on")
+    device_name: str = Field(description="the GPU's model, or the CPU's")
+    torch: str = Field(description="torch.__version__")
+    cpu_capability: str = Field(description="torch.backends.cpu.get_cpu_capability()")
+    threads: int = Field(description="torch.get_num_threads()")
+    stepper: str = Field(description="how it ran the steps: eager, compiled or cuda-graph")
+    worker: str | None = None
+
+
 class JobView(_JobFields):
     """A job as clients see it."""
 
     spec: JobSpec
+    stepper: str | None = Field(
+        default=None,
+        description="the step implementation the first attempt chose, which every later "
+        "attempt runs: eager, compiled (CPU) or cuda-graph (GPU)",
+    )
+    attempts: list[AttemptEnvironment] = Field(
+        default=[], description="each attempt that stored steps, and what it ran on"
+    )
+    resume: str | None = Field(
+        default=None,
+        description="null unless a later attempt ran under other conditions than the first "
+        "(device type, CPU instruction set, torch version, threads, stepper): which changed",
+    )
 
 
 class JobSummary(_JobFields):

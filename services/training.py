@@ -717,13 +717,14 @@ class CompiledSteps:
     `cursor` of the recorder's storage; `replay()` runs `block` steps.
 
     Compiled code rounds a little differently from the eager step (records agree to float32
-    rounding). Every attempt of a job chooses alike (the choice depends on the spec and the
-    settings only), its blocks start at the same steps in every attempt (the checkpoints it
-    writes fall on block boundaries, or in the eager tail of its last steps), so a resumed
-    job equals its uninterrupted run bit for bit -- given workers with the same settings and
-    torch threads, and no compile failing in one attempt only (that attempt's eager steps
-    round differently). Constructing one compiles (or finds) the block and runs it once; a
-    failure raises (and is remembered for the shape), and the caller runs eager steps.
+    rounding). Every attempt of a job runs the stepper its first attempt recorded (DESIGN
+    §11), its blocks start at the same steps in every attempt (the checkpoints it writes fall
+    on block boundaries, or in the eager tail of its last steps), so a resumed job equals its
+    uninterrupted run bit for bit -- given workers with the same CPU instruction set, torch
+    version, torch threads and block length, and no compile failing in one attempt only
+    (that attempt's eager steps round differently). Constructing one compiles (or finds)
+    the block and runs it once; a failure raises (and is remembered for the shape), and the
+    caller runs eager steps.
     """
 
     name = "compiled"

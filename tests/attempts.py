@@ -36,17 +36,34 @@ def run_once(
 
 
 def run_with_hand_back(
-    store: Store, spec: JobSpec, device: torch.device, settings: Settings
+    store: Store,
+    spec: JobSpec,
+    device: torch.device,
+    settings: Settings,
+    resume_settings: Settings | None = None,
 ) -> tuple[list[AttemptResult], list[dict[str, Any]]]:
-    """One job in two attempts: the first is told to drain (as on a worker's shutdown), so it
-    checkpoints and hands the job back at its first flush; the second resumes from there."""
+    """One job in two attempts (`hand_back_and_resume`): their results and the stored steps."""
     job_id, _ = store.create_job(spec, str(device), "test-nobody", "test")
+    attempts = hand_back_and_resume(store, job_id, device, settings, resume_settings)
+    return attempts, stored_steps(store, job_id)
+
+
+def hand_back_and_resume(
+    store: Store,
+    unit_id: str,
+    device: torch.device,
+    settings: Settings,
+    resume_settings: Settings | None = None,
+) -> list[AttemptResult]:
+    """Two attempts at a job or a sweep's group: the first is told to drain (as on a worker's
+    shutdown), so it checkpoints and hands it back at its first flush; the second, on a worker
+    with `resume_settings` (else the same settings), resumes from there."""
     drain = threading.Event()
     drain.set()
-    first = run_job(store, job_id, "test-worker", device, settings, drain)
+    first = run_job(store, unit_id, "test-worker", device, settings, drain)
     assert first.outcome is Outcome.RELEASED, first
-    second = run_job(store, job_id, "test-worker", device, settings)
-    return [first, second], stored_steps(store, job_id)
+    second = run_job(store, unit_id, "test-worker", device, resume_settings or settings)
+    return [first, second]
 
 
 def store_sweep(store: Store, spec: dict[str, Any]) -> SweepView:
@@ -57,19 +74,22 @@ def store_sweep(store: Store, spec: dict[str, Any]) -> SweepView:
 
 
 def run_groups(
-    store: Store, sweep_id: str, device: torch.device, settings: Settings, drain: bool = False
+    store: Store,
+    sweep_id: str,
+    device: torch.device,
+    settings: Settings,
+    drain: bool = False,
+    resume_settings: Settings | None = None,
 ) -> list[AttemptResult]:
-    """One attempt of each of the sweep's groups; with `drain`, each is told to drain at once
-    (as on a worker's shutdown), so it checkpoints and hands its group back at its first
-    flush, and a second attempt resumes it from there."""
+    """One attempt of each of the sweep's groups (the last attempt's results); with `drain`,
+    two (`hand_back_and_resume`, the second with `resume_settings`)."""
     results = []
     for group_id in store.redis.hget(keys.sweep_key(sweep_id), "groups").decode().split():
         if drain:
-            handed_back = threading.Event()
-            handed_back.set()
-            first = run_job(store, group_id, "test-worker", device, settings, handed_back)
-            assert first.outcome is Outcome.RELEASED, first
-        results.append(run_job(store, group_id, "test-worker", device, settings))
+            attempts = hand_back_and_resume(store, group_id, device, settings, resume_settings)
+            results.append(attempts[-1])
+        else:
+            results.append(run_job(store, group_id, "test-worker", device, settings))
     return results
 
 

@@ -9,7 +9,6 @@ the environment its children inherit, and keeps the registry entry alive with a 
 import contextlib
 import logging
 import os
-import platform
 import signal
 import subprocess
 import threading
@@ -32,6 +31,7 @@ from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 from services.archive import Archive
 from services.archiver import archive_due
 from services.config import Settings, get_settings
+from services.environment import cpu_model
 from services.errors import StoreUnavailable
 from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
@@ -154,16 +154,7 @@ def _describe_device(device: Device) -> tuple[str, int]:
             return name, int(mib) * 1024 * 1024
         except (OSError, subprocess.SubprocessError, ValueError):
             return f"cuda:{device.index} (nvidia-smi unavailable)", 0
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return name, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return cpu_model(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @worker_ready.connect

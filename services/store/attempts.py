@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.records import Chunk
-from services.schemas import JobStatus
+from services.schemas import AttemptEnvironment, JobStatus
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
 
@@ -37,6 +37,7 @@ class Claim:
     spec_json: str = ""
     checkpoint: Checkpoint | None = None
     status: str = ""
+    stepper: str | None = None  # the step implementation an earlier attempt recorded
 
 
 def _checkpoint(saved: dict[bytes, bytes]) -> Checkpoint | None:
@@ -69,8 +70,9 @@ class Attempts(RedisPart):
         outcome = reply[0].decode()
         if outcome != "claimed":
             return Claim(outcome, status=reply[1].decode())
-        saved = dict(zip(reply[3::2], reply[4::2], strict=True))
-        return Claim(outcome, int(reply[1]), reply[2].decode(), _checkpoint(saved))
+        saved = dict(zip(reply[4::2], reply[5::2], strict=True))
+        stepper = reply[3].decode() or None
+        return Claim(outcome, int(reply[1]), reply[2].decode(), _checkpoint(saved), stepper=stepper)
 
     @translate_redis_errors
     def flush_steps(
@@ -85,9 +87,12 @@ class Attempts(RedisPart):
         result: dict[str, Any] | None = None,
         error: str | None = None,
         worker: str | None = None,
+        environment: AttemptEnvironment | None = None,
     ) -> str:
         """Append a chunk of steps with the checkpoint after its last step, renew the lease,
-        and with `finish` end the job: one atomic script, fenced by the attempt number.
+        and with `finish` end the job: one atomic script, fenced by the attempt number. The
+        attempt's first flush carries its `environment` (the first attempt's stepper becomes
+        the job's).
 
         Returns `ok`, `finished`, `cancelled` (a cancel was asked for: stop), `fenced` (a newer
         attempt owns the job, or this one handed it back: stop without touching it) or `gap`
@@ -107,6 +112,7 @@ class Attempts(RedisPart):
             checkpoint.theta if checkpoint else b"",
             checkpoint.optimizer if checkpoint else b"",
             checkpoint.loss_bytes if checkpoint else b"",
+            environment.model_dump_json() if environment else "",
         ]
         if chunk is not None:
             for name, value in chunk.fields().items():

@@ -16,7 +16,7 @@ from services.errors import (
     MemberOfSweep,
 )
 from services.records import row_width
-from services.schemas import JobSpec, JobStatus, JobSummary, JobView
+from services.schemas import AttemptEnvironment, JobSpec, JobStatus, JobSummary, JobView
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
 
@@ -81,6 +81,51 @@ def _stop_reason(status: JobStatus, result: dict[str, Any] | None, error: str | 
     return None
 
 
+# What a resume must keep to equal the uninterrupted run bit for bit (DESIGN §11), as a
+# JobView's `resume` note names it.
+_RESUME_CONDITIONS = {
+    "device": "device type",
+    "cpu_capability": "CPU instruction set",
+    "torch": "torch version",
+    "threads": "thread count",
+    "stepper": "stepper",
+}
+
+
+def resume_note(attempts: list[AttemptEnvironment]) -> str | None:
+    """Which conditions later attempts changed from the first's, in words; None if none did
+    (the records then equal an uninterrupted run's bit for bit)."""
+    if not attempts:
+        return None
+    first, changes, since = attempts[0], [], None
+    for later in attempts[1:]:
+        changed = [
+            f"{name} {getattr(later, field)} (attempt {first.attempt}: {getattr(first, field)})"
+            for field, name in _RESUME_CONDITIONS.items()
+            if getattr(later, field) != getattr(first, field)
+        ]
+        if changed:
+            since = since or later.attempt
+            changes.append(f"attempt {later.attempt} ran with another {', '.join(changed)}")
+    if not changes:
+        return None
+    return (
+        f"{'; '.join(changes)}: from attempt {since} on, the job's records agree with an "
+        "uninterrupted run to float32 rounding, not bit for bit"
+    )
+
+
+def _attempts(record: dict[str, str]) -> list[AttemptEnvironment]:
+    """What each attempt that stored steps ran on, in attempt order."""
+    prefix = keys.ENVIRONMENT_FIELD_PREFIX
+    found = [
+        AttemptEnvironment.model_validate_json(value)
+        for name, value in record.items()
+        if name.startswith(prefix)
+    ]
+    return sorted(found, key=lambda environment: environment.attempt)
+
+
 def _view_fields(record: dict[str, str], live_queues: Iterable[str] | None) -> dict[str, Any]:
     """A JobView's fields but the spec, from the job's hash (decoded)."""
     status = JobStatus(record["status"])
@@ -116,7 +161,14 @@ def job_view(fields: dict[bytes, bytes], live_queues: Iterable[str] | None = Non
     try:
         record = _decoded(fields)
         spec = JobSpec.model_validate_json(record["spec"])
-        return JobView(spec=spec, **_view_fields(record, live_queues))
+        attempts = _attempts(record)
+        return JobView(
+            spec=spec,
+            stepper=record.get("stepper"),
+            attempts=attempts,
+            resume=resume_note(attempts),
+            **_view_fields(record, live_queues),
+        )
     except (KeyError, ValueError) as exc:
         raise MalformedJob(f"job record cannot be read: {exc}") from exc
 

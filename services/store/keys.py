@@ -24,6 +24,8 @@ STATS_KEY = "gs:stats"
 # Finished jobs whose steps are still in Redis, scored by when they finished (Redis seconds):
 # the workers' archiver moves each one's stream to the archive once it is old enough.
 ARCHIVE_DUE = "gs:archive:due"
+# A job record's field per attempt that stored steps: `env:<attempt>`, what it ran on (JSON).
+ENVIRONMENT_FIELD_PREFIX = "env:"
 
 
 def job_key(job_id: str) -> str:

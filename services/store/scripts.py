@@ -63,6 +63,7 @@ local TENANT_JOBS = {_lua_string(keys.TENANT_JOBS)}
 local STATS = {_lua_string(keys.STATS_KEY)}
 local ARCHIVE_DUE = {_lua_string(keys.ARCHIVE_DUE)}
 local SWEEP_STATUS = {_lua_string(keys.SWEEP_STATUS_PREFIX)}
+local ENVIRONMENT = {_lua_string(keys.ENVIRONMENT_FIELD_PREFIX)}
 local FIELD_COUNT = {_lua_string(FIELD_COUNT.decode())}
 local FIELD_ROWS = {_lua_string(FIELD_ROWS.decode())}
 local JOB, STEPS, EVENTS, LEASE, CKPT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -288,6 +289,16 @@ local function take_back(id)
   set_status(id, 'queued', 'running')
 end
 
+-- An attempt's environment (AttemptEnvironment as JSON), sent with its first flush: kept as
+-- `env:<attempt>` (a retried flush rewrites the same field), and the first attempt's stepper
+-- becomes the job's, which every later attempt runs (DESIGN §11). A flush records it before
+-- anything else it writes (decoding it may raise).
+local function record_environment(attempt, environment)
+  local stepper = cjson.decode(environment).stepper
+  redis.call('HSET', JOB, ENVIRONMENT .. attempt, environment)
+  redis.call('HSETNX', JOB, 'stepper', stepper)
+end
+
 -- The attempt holding the job lost its worker (its lease lapsed). Returns what happens next:
 -- 'cancelled' (a cancel was pending), 'failed' (too many attempts lost) or 'requeue'.
 local function lapse(id, status, max_attempts, now)
@@ -351,7 +362,8 @@ return {ARGV[1], 1}
 
 # KEYS: the job's keys, the worker's entry. ARGV: job id, worker, now, lease ms, max attempts.
 # Takes a queued job, or a running one whose lease lapsed, for a new attempt. Returns
-# {'claimed', attempt, spec, checkpoint field/value pairs...} or {reason, status}.
+# {'claimed', attempt, spec, recorded stepper ('' if none), checkpoint field/value pairs...}
+# or {reason, status}.
 CLAIM = _script(
     """
 local status = redis.call('HGET', JOB, 'status')
@@ -373,7 +385,8 @@ if redis.call('HEXISTS', JOB, 'started_at') == 0 then
 end
 if status ~= 'running' then set_status(ARGV[1], status, 'running') end
 mark_worker(ARGV[1])
-local reply = {'claimed', tostring(attempt), redis.call('HGET', JOB, 'spec')}
+local reply = {'claimed', tostring(attempt), redis.call('HGET', JOB, 'spec'),
+               redis.call('HGET', JOB, 'stepper') or ''}
 for _, v in ipairs(redis.call('HGETALL', CKPT)) do table.insert(reply, v) end
 return reply
 """
@@ -381,15 +394,16 @@ return reply
 
 # KEYS: the job's keys, the worker's entry. ARGV: job id, attempt, first step, entry id, now,
 # finish status ('' to go on), result JSON, error, lease ms, checkpoint theta, checkpoint
-# optimizer state, the last step's loss (float32 bytes), then the chunk's field/value pairs
-# (none for a flush without steps). Appends the chunk, writes the checkpoint that matches its
-# last step and renews the lease.
+# optimizer state, the last step's loss (float32 bytes), the attempt's environment (JSON, on
+# its first flush; else ''), then the chunk's field/value pairs (none for a flush without
+# steps). Appends the chunk, writes the checkpoint that matches its last step and renews the
+# lease.
 FLUSH = _script(
     """
 if not owns(ARGV[2]) then return {'fenced'} end
 local status = redis.call('HGET', JOB, 'status')
 local done = tonumber(redis.call('HGET', JOB, 'steps_done'))
-local chunk = #ARGV > 12
+local chunk = #ARGV > 13
 local last = chunk and tonumber(string.match(ARGV[4], '^(%d+)')) or -1
 -- A retry of this very flush, whose reply was lost: it was applied already.
 if (chunk and done == last + 1) or (not chunk and status == ARGV[6]) then
@@ -398,9 +412,10 @@ if (chunk and done == last + 1) or (not chunk and status == ARGV[6]) then
   if not TERMINAL[status] then return {'ok'} end
 end
 if TERMINAL[status] then return {'fenced'} end
+if chunk and tonumber(ARGV[3]) ~= done then return {'gap', tostring(done)} end
+if ARGV[13] ~= '' then record_environment(ARGV[2], ARGV[13]) end
 if chunk then
-  if tonumber(ARGV[3]) ~= done then return {'gap', tostring(done)} end
-  redis.call('XADD', STEPS, ARGV[4], unpack(ARGV, 13))
+  redis.call('XADD', STEPS, ARGV[4], unpack(ARGV, 14))
   -- Service-wide counters for /metrics (outside the hash tag, like the indexes).
   redis.call('HINCRBY', STATS, 'steps', last + 1 - done)
   redis.call('HINCRBY', STATS, 'flushes', 1)
@@ -675,9 +690,10 @@ return {'ok'}
 )
 
 # KEYS: the group's keys, the worker's entry. ARGV: group id, attempt, first step, steps in
-# the chunk (0: none), now, lease ms, the group's checkpoint, '1' to end the group, '1' for the
-# attempt's first flush (it sets the members' attempt and worker), n, then n field/value pairs
-# every member's chunk shares, then for each member still training: id,
+# the chunk (0: none), now, lease ms, the group's checkpoint, '1' to end the group, the
+# attempt's environment (JSON) with its first flush and again if its stepper changes, else ''
+# (recorded on the group and its members, with the members' attempt and worker), n, then n
+# field/value pairs every member's chunk shares, then for each member still training: id,
 # what ends it now ('' to go on, or its terminal status), result JSON, error, the last step's
 # loss ('' if not finite), its chunk's rows, how many of the chunk's steps it keeps (fewer
 # for a member that diverged: its chunk ends at its first non-finite step), and the chunk's
@@ -693,7 +709,8 @@ if not owns(attempt) then return {'fenced'} end
 local group_status = redis.call('HGET', JOB, 'status')
 local done = tonumber(redis.call('HGET', JOB, 'steps_done'))
 local first, count = tonumber(ARGV[3]), tonumber(ARGV[4])
-local first_of_attempt = ARGV[9] == '1'
+local environment = ARGV[9]
+local first_of_attempt = environment ~= ''
 local n = tonumber(ARGV[10])
 local common = {unpack(ARGV, 11, 10 + 2 * n)}
 local chunk = count > 0
@@ -705,6 +722,7 @@ if TERMINAL[group_status] then
   return {'fenced'}
 end
 if chunk and not applied and first ~= done then return {'gap', tostring(done)} end
+if first_of_attempt then record_environment(attempt, environment) end
 if group_status == 'queued' then
   take_back(ARGV[1])
   group_status = 'running'
@@ -717,6 +735,7 @@ if redis.call('HGET', record, 'status') == 'queued' then
   sweep_event(sweep, 'status', 'running')
 end
 local worker = redis.call('HGET', JOB, 'worker') or ''
+local env_field, stepper = ENVIRONMENT .. attempt, redis.call('HGET', JOB, 'stepper')
 local gone, progress, ending, passed, moved, member_steps = {}, {}, {}, 0, false, 0
 local group = use_job(ARGV[1])
 for a = 11 + 2 * n, #ARGV, 8 do
@@ -728,8 +747,12 @@ for a = 11 + 2 * n, #ARGV, 8 do
     table.insert(gone, id)
     table.insert(gone, status or 'deleted')
   else
-    -- A member's attempt and worker are its group's (set once per attempt).
-    if first_of_attempt then redis.call('HSET', JOB, 'attempt', attempt, 'worker', worker) end
+    -- A member's attempt, worker, stepper and environments are its group's (set with each
+    -- attempt's first flush: a member's JobView shows the attempts that trained it).
+    if first_of_attempt then
+      redis.call('HSET', JOB, 'attempt', attempt, 'worker', worker, env_field, environment,
+                 'stepper', stepper)
+    end
     if chunk and not applied and kept > 0 then
       redis.call('XADD', STEPS, (first + kept - 1) .. '-1', FIELD_COUNT, kept,
                  FIELD_ROWS, ARGV[a + 5], unpack(common))

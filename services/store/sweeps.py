@@ -12,6 +12,7 @@ from typing import Any
 from services.errors import LimitExceeded, SweepActive, SweepFinished, SweepNotFound
 from services.records import FIELD_COUNT, FIELD_ROWS, Chunk
 from services.schemas import (
+    AttemptEnvironment,
     JobSpec,
     JobStatus,
     JobSummary,
@@ -323,13 +324,15 @@ class Sweeps(RedisPart):
         lease_s: float,
         *,
         finish: bool = False,
-        first: bool = True,
+        environment: AttemptEnvironment | None = None,
         worker: str | None = None,
     ) -> GroupFlushed:
         """Append each member's chunk (steps `chunk.first ..`, the rows of `members`), end the
         members that end, write the group's checkpoint (`state`, after the chunk's last step)
         and renew its lease; with `finish` end the group. One atomic script fenced by the
-        group's attempt (DESIGN §9, exactly once for every member)."""
+        group's attempt (DESIGN §9, exactly once for every member). The attempt's first flush
+        (and one after its stepper changed) carries its `environment`, recorded on the group
+        and its members."""
         common: list[Any] = []
         if chunk is not None:
             for name, value in chunk.fields().items():
@@ -344,7 +347,7 @@ class Sweeps(RedisPart):
             int(lease_s * 1000),
             state,
             "1" if finish else "",
-            "1" if first else "",
+            environment.model_dump_json() if environment else "",
             len(common) // 2,
             *common,
         ]
