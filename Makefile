@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: demo test lint typecheck pytest bench soak setup redis-server chromium compose-secrets clean
+.PHONY: demo test lint typecheck pytest test-cpu-kernels bench soak setup redis-server chromium compose-secrets clean
 
 demo: setup
 	$(BIN)/gradstream up --demo --port 0
@@ -75,6 +75,23 @@ pytest: $(STAMP) redis-server
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
+
+# Not part of `make test`: the test files that compare numbers (to an oracle, across steppers,
+# a resume against an uninterrupted run), again under torch's portable kernels and its AVX2
+# ones, as on another CPU (README, "Testing on other CPUs"). The workers the tests start
+# inherit ATEN_CPU_CAPABILITY.
+NUMERIC_TESTS := tests/test_training.py tests/test_batched.py tests/test_group_steps.py \
+	tests/test_compiled.py tests/test_optimizers.py tests/test_resume.py \
+	tests/test_sweep_resume.py tests/test_explain.py tests/test_results.py tests/test_sweeps.py \
+	tests/test_eval.py tests/test_end_to_end.py tests/test_datasets.py tests/test_storage.py \
+	tests/test_faults.py
+CPU_CAPABILITIES ?= default avx2
+test-cpu-kernels: $(STAMP) redis-server
+	@for capability in $(CPU_CAPABILITIES); do \
+	  echo "ATEN_CPU_CAPABILITY=$$capability"; \
+	  ATEN_CPU_CAPABILITY=$$capability $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile \
+	    $(NUMERIC_TESTS) || exit 1; \
+	done
 
 # Benchmarks (not part of `make test`); figures in bench/RESULTS.md.
 bench: setup

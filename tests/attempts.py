@@ -2,6 +2,8 @@
 checks of the step loop itself on any device, CPU here and CUDA in tests/gpu."""
 
 import threading
+from collections.abc import Iterable
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -105,6 +107,27 @@ def step_values(steps: list[dict[str, Any]]) -> np.ndarray:
     """loss, dLoss/dw, dLoss/db and w of every step (a job with a bias), as float64."""
     rows = [[s["loss"], *s["grads"]["w"], s["grads"]["b"], *s["params"]["w"]] for s in steps]
     return np.array(rows, dtype=np.float64)
+
+
+# How far apart (relative to the higher) the values ranked at a rung must be for a test to
+# compare which members two steppers or two CPUs keep: they agree to float32 rounding (~1e-7
+# relative), so a margin this wide cannot flip a cut, and ranking ties (GRADSTREAM_RANK_RTOL,
+# 1e-5) never come into it (DESIGN §11).
+RANK_MARGIN = 0.02
+
+
+def assert_rungs_apart(
+    members: list[tuple[str, list[dict[str, Any]]]], rungs: Iterable[int], metric: str = "loss"
+) -> None:
+    """At each rung, the values of `metric` that ranked the members there (step `rung - 1` of
+    each member that reached it) lie more than RANK_MARGIN apart, pair by pair: so far apart by
+    the sweep's construction that no stepper's rounding can change who is pruned. A change of
+    the sweep that brings two members close fails here, not as a flaky comparison."""
+    for rung in rungs:
+        values = sorted(steps[rung - 1][metric] for _, steps in members if len(steps) >= rung)
+        assert len(values) > 1, f"no ranking at rung {rung}"
+        closest = min((high - low) / abs(high) for low, high in pairwise(values))
+        assert closest > RANK_MARGIN, f"rung {rung}: {metric} {values} only {closest:.2g} apart"
 
 
 def assert_members_agree(

@@ -3,7 +3,11 @@
 The invariant (DESIGN §5): a job that reached `succeeded` stored exactly steps 0 .. steps-1,
 each once, in order, and its records and final parameters equal those of an uninterrupted
 run of the same spec, bit for bit (same device type, one torch thread, as workers run).
-Used by tests/test_faults.py and by the soak run (tests/soak.py, `make soak`).
+A job a test interrupts is endless (`endless_spec`), so that it is still running when the fault
+comes on any machine; cancelled once it has gone on past it, the steps it stored are checked
+the same way against an uninterrupted run's first n (`assert_cancelled_exactly`). Used by
+tests/test_faults.py and others, and by the soak run (tests/soak.py, `make soak`: finite jobs,
+each checked whole by `check_invariant`).
 """
 
 import contextlib
@@ -18,14 +22,18 @@ from typing import Any
 
 import torch
 
-from api.client import TERMINAL, Client
-from cli.stack import Stack, child_pids
+from api.client import TERMINAL, Client, GradstreamError
+from cli.stack import Stack, child_pids, wait_until
+from services.config import Settings
 from services.records import Chunk, expand_chunk, param_values
 from services.schemas import JobSpec
 from services.training import Trainer
 
 # Faster than production so that recovery fits in a test: a lapsed lease is found in ~2.5 s.
+# Eager steps only: the references (`reference_run`) are eager loops, and an endless job of
+# plain SGD would otherwise run compiled blocks (tests/test_resume.py has a compiling stack).
 FAULT_ENV = {
+    "GRADSTREAM_COMPILE_STEPS": "false",
     "GRADSTREAM_LEASE_S": "2",
     "GRADSTREAM_REAPER_INTERVAL_S": "0.5",
     "GRADSTREAM_WORKER_HEARTBEAT_S": "0.5",
@@ -49,7 +57,8 @@ def redis_and_api(run_dir: Path, env: dict[str, str]) -> Iterator[Stack]:
 
 
 def long_spec(steps: int = 8000, seed: int = 0) -> dict[str, Any]:
-    """A CPU job of a few seconds, long enough to be interrupted mid-way."""
+    """A CPU job of a few seconds here, far less on a fast machine: nothing may count on it
+    still running after a client's round trip (that is `endless_spec`)."""
     return {
         "data": {"synthetic": {"n": 64, "d": 4, "noise": 0.1, "seed": seed}},
         "bias": True,
@@ -59,32 +68,54 @@ def long_spec(steps: int = 8000, seed: int = 0) -> dict[str, Any]:
     }
 
 
+def endless_spec(seed: int = 0) -> dict[str, Any]:
+    """A CPU job no test sees finish: the most steps a job may have (a million), each an
+    eager step (momentum runs no compiled blocks), ~20 µs of torch's dispatch even on the
+    fastest CPU and ~300 µs here: 20 s at the very least, minutes here. For a job that must
+    still be running after a client's round trip (holding the worker, interrupted mid-job,
+    cancelled while it runs); the test cancels it at the end."""
+    return {
+        **long_spec(steps=Settings().max_steps, seed=seed),
+        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+    }
+
+
+def running_blocker(client: Client) -> str:
+    """The id of an endless job a worker of one pool process runs now: jobs submitted after
+    it stay queued until the test cancels it, however fast the machine."""
+    blocker = client.submit(endless_spec())["id"]
+    wait_until(lambda: client.get(blocker)["status"] == "running", 60, "the blocker running")
+    return blocker
+
+
 @dataclass(frozen=True)
 class Reference:
     steps: list[dict[str, Any]]
     params: dict[str, Any]
 
 
-_references: dict[str, Reference] = {}
+_references: dict[tuple[str, int], Reference] = {}
 
 
-def reference_run(spec_fields: dict[str, Any]) -> Reference:
-    """The same job run uninterrupted in this process, recorded as the service records it."""
+def reference_run(spec_fields: dict[str, Any], steps: int | None = None) -> Reference:
+    """The same job run uninterrupted in this process, recorded as the service records it: its
+    first `steps` steps (all of them by default), and the parameters after them."""
     spec = JobSpec.model_validate(spec_fields)
-    key = spec.model_dump_json()
+    count = spec.steps if steps is None else steps
+    key = (spec.model_dump_json(), count)
     if key not in _references:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             trainer = Trainer(spec, torch.device("cpu"))
-            rows = torch.empty(spec.steps, trainer.layout.width)
-            for i in range(spec.steps):
+            rows = torch.empty(count, trainer.layout.width)
+            for i in range(count):
                 trainer.step(rows[i])
         finally:
             torch.set_num_threads(threads)
         batches = trainer.batches_per_epoch if trainer.batches_per_epoch > 1 else 0
         layout = trainer.layout
-        chunk = Chunk(0, spec.steps, layout.features, spec.bias, rows.numpy().tobytes(), batches)
+        chunk = Chunk(0, count, layout.features, spec.bias, rows.numpy().tobytes(), batches)
         params = param_values(trainer.params().tolist(), trainer.layout.features, spec.bias)
         _references[key] = Reference(expand_chunk(chunk), params)
     return _references[key]
@@ -115,15 +146,23 @@ def check_invariant(client: Client, job_id: str, spec: dict[str, Any]) -> Invari
     return report
 
 
-def assert_invariant(client: Client, job_id: str, spec: dict[str, Any]) -> None:
+def assert_cancelled_exactly(client: Client, job_id: str, spec: dict[str, Any]) -> int:
+    """The invariant for an endless job the test cancelled: it ended cancelled, and the steps
+    it stored are 0 .. n-1, each once, in order, equal to an uninterrupted run's first n
+    (bit for bit). n, the steps it stored."""
     view = client.get(job_id)
-    assert view["status"] == "succeeded", view
+    assert view["status"] == "cancelled", view
     stored = list(client.steps(job_id))
-    assert [s["step"] for s in stored] == list(range(spec["steps"]))
-    reference = reference_run(spec)
-    assert stored == reference.steps
-    assert view["result"]["params"] == reference.params
-    assert view["steps_done"] == spec["steps"]
+    assert [s["step"] for s in stored] == list(range(len(stored)))
+    assert view["steps_done"] == len(stored)
+    assert stored == reference_run(spec, len(stored)).steps
+    return len(stored)
+
+
+def cancel(client: Client, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    """Cancel a job and wait until it has ended: its JobView."""
+    client.cancel(job_id)
+    return client.wait(job_id, timeout=timeout)
 
 
 def kill_pool_child(worker: "subprocess.Popen[bytes]") -> int:
@@ -140,14 +179,20 @@ def kill_group(process: "subprocess.Popen[bytes]", sig: int = signal.SIGKILL) ->
 
 
 def wait_for_steps(
-    client: Client, job_id: str, at_least: int, timeout: float = 60
+    client: Client, job_id: str, at_least: int, timeout: float = 60, outage: bool = False
 ) -> dict[str, Any]:
-    """Poll until the job stored `at_least` steps (or finished); its JobView."""
+    """Poll until the job stored `at_least` steps (or finished); its JobView. With `outage`,
+    riding out 503s while Redis restarts or fails over."""
     deadline = time.monotonic() + timeout
+    view: dict[str, Any] = {"steps_done": "no"}
     while True:
-        view = client.get(job_id)
-        if view["steps_done"] >= at_least or view["status"] in TERMINAL:
-            return view
+        try:
+            view = client.get(job_id)
+            if view["steps_done"] >= at_least or view["status"] in TERMINAL:
+                return view
+        except GradstreamError as exc:
+            if not outage or exc.status_code != 503:
+                raise
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} has {view['steps_done']} steps after {timeout} s")
         time.sleep(0.05)
@@ -171,7 +216,6 @@ def worker_running(client: Client, job_id: str) -> str:
 
 def send_duplicate(redis_url: str, job_id: str, queue: str = "cpu") -> None:
     """Deliver the job's task message once more, as a broker redelivery would."""
-    from services.config import Settings
     from services.queue import TRAIN_TASK, GradstreamCelery, celery_config
 
     app = GradstreamCelery("duplicate", set_as_current=False)
@@ -180,21 +224,3 @@ def send_duplicate(redis_url: str, job_id: str, queue: str = "cpu") -> None:
         app.send_task(TRAIN_TASK, args=[job_id], queue=queue)
     finally:
         app.close()
-
-
-def wait_through_outage(client: Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    """Wait for the job to finish, riding out 503s while Redis restarts."""
-    from api.client import GradstreamError
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            view = client.get(job_id)
-            if view["status"] in TERMINAL:
-                return view
-        except GradstreamError as exc:
-            if exc.status_code != 503:
-                raise
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} not finished after {timeout} s")
-        time.sleep(0.2)

@@ -18,6 +18,7 @@ from api.client import Client
 from cli.main import _loss
 from cli.stack import Stack, stop_process
 from tests.conftest import HELD_OUT_SWEEP, SEED_EXAMPLE
+from tests.faults import endless_spec
 from tests.test_cli import _run
 
 # The tutorial's problem at three learning rates: loss_k = (1 - 2 lr)^(2k), so at the rung of
@@ -29,11 +30,8 @@ HALVING = {
     "grid": {"optimizer.lr": [0.1, 0.01, 0.2]},
     "early_stop": {"name": "successive_halving", "min_steps": 2, "eta": 3},
 }
-# Runs until cancelled.
-ENDLESS = {
-    "base": {"data": {"synthetic": {"n": 1000, "d": 10}}, "steps": 1_000_000, "device": "cpu"},
-    "grid": {"optimizer.lr": [0.001, 0.01]},
-}
+# Runs until cancelled, however fast the machine.
+ENDLESS = {"base": endless_spec(), "grid": {"optimizer.lr": [0.001, 0.01]}}
 PROGRESS_LINE = re.compile(r"^member-steps (\d+)/(\d+)  (\d+ [a-z]+(, \d+ [a-z]+)*)(  best .*)?$")
 
 

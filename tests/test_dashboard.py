@@ -32,7 +32,7 @@ from api.client import Client
 from api.routes import dashboard
 from cli.stack import Stack
 from tests.conftest import HELD_OUT_SWEEP, SEED_EXAMPLE
-from tests.faults import long_spec
+from tests.faults import endless_spec, long_spec, running_blocker
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -172,7 +172,10 @@ def test_job_page_jobs_list_and_compare(
     browser.get(f"{stack.api_url}/#key={stack.api_key}")
     _until(browser, lambda b: b.find_element(By.ID, "jobs"))
     assert "key=" not in browser.current_url  # the key is kept in the browser, not the URL
-    # One worker process runs one job at a time: `later` waits while `live` runs.
+    # One worker process runs one job at a time, and an endless job holds it: `live` and
+    # `later` wait behind it until it is cancelled, so both pages below are drawn before their
+    # job's first step, however fast the machine.
+    blocker = running_blocker(client)
     live = client.submit(long_spec(steps=20_000, seed=2))
     later = client.submit(
         {**long_spec(steps=2_000, seed=3), "optimizer": {"name": "adam", "lr": 0.05}}
@@ -187,14 +190,15 @@ def test_job_page_jobs_list_and_compare(
     assert _text(browser, "spec-steps").endswith("/ 2,000")
     assert not browser.find_element(By.ID, "result-card").is_displayed()
 
-    # The running job's charts grow live from its event stream.
+    # A job's charts grow live from its event stream: its page is up before its first step,
+    # and every step it then draws came on that page's stream.
     browser.get(f"{stack.api_url}/#/")
     _until(browser, lambda b: _row(b, live["id"]))
     _row(browser, live["id"])[0].find_element(By.CSS_SELECTOR, "a").click()
+    _until(browser, lambda b: _text(b, "spec-steps").endswith("/ 20,000"))
+    assert browser.find_element(By.ID, "loss-chart-empty").is_displayed()
+    client.cancel(blocker)
     _until(browser, lambda b: _attr(b, "loss-chart", "data-points") > 0)
-    first = _attr(browser, "loss-chart", "data-points")
-    assert first < 20_000  # drawn mid-job: what follows arrives live
-    _until(browser, lambda b: _attr(b, "loss-chart", "data-points") > first)
     _until(browser, lambda b: _text(b, "status") == "succeeded")
     _until(browser, lambda b: _attr(b, "loss-chart", "data-points") == 20_000)
     assert _attr(browser, "params-chart", "data-points") == 5 * 20_000  # w[0..3] and b
@@ -223,8 +227,9 @@ def test_job_page_jobs_list_and_compare(
     _screenshot(browser, "dashboard-job.png")
     assert _severe(browser) == []
 
-    # The jobs list: cancel a running job, filter by status, delete an ended job.
-    doomed = client.submit(long_spec(steps=1_000_000, seed=4))
+    # The jobs list: cancel a running job (one that cannot end first), filter by status,
+    # delete an ended job.
+    doomed = client.submit(endless_spec(seed=4))
     browser.get(f"{stack.api_url}/#/")
     _until(browser, lambda b: _row_status(b, doomed["id"]) == "running")
     _row(browser, doomed["id"])[0].find_element(By.CSS_SELECTOR, "button.cancel").click()
@@ -414,7 +419,7 @@ def test_a_job_with_eval_draws_loss_and_val_loss_on_one_chart_and_shows_its_metr
 # A few seconds of sweep on one worker: 8 members trained together, successive halving at
 # 600 and 1 800 steps (8 -> 3 -> 1), the last one alone to 6 000 steps; the lr axis spans 300x
 # (a log axis in the parallel plot), momentum does not. Small learning rates on 40 000 rows
-# keep the curves apart (and the sweep running) for a few seconds.
+# keep the curves apart.
 LIVE_SWEEP = {
     "name": "lr x momentum",
     "base": {
@@ -431,24 +436,26 @@ LIVE_SWEEP = {
 def test_sweeps_list_and_a_sweep_page_fed_by_its_one_stream(
     stack: Stack, client: Client, browser: webdriver.Chrome
 ) -> None:
+    # The sweep waits behind an endless job on the one worker process, so its page is up
+    # before its first step, however fast the machine: every point it then draws came on the
+    # page's one stream.
+    blocker = running_blocker(client)
     sweep = client.submit_sweep(LIVE_SWEEP)
     browser.get(f"{stack.api_url}/#key={stack.api_key}&/sweeps")
     _until(browser, lambda b: _sweep_row(b, sweep["id"]))
     assert "lr x momentum" in _sweep_row(browser, sweep["id"])[0].text
     _sweep_row(browser, sweep["id"])[0].find_element(By.CSS_SELECTOR, "a").click()
+    _until(browser, lambda b: _text(b, "sweep-status") == "queued")
+    assert _attr(browser, "sweep-curves", "data-points") == 0
+    client.cancel(blocker)
 
-    # The curves grow while the sweep runs: points drawn before its end, then more.
+    # The curves grow while the sweep runs, until it has ended.
     _until(browser, lambda b: _attr(b, "sweep-curves", "data-points") > 0)
-    first = _attr(browser, "sweep-curves", "data-points")
-    # The summary comes from GET /v1/sweeps/{id}, the curves from the stream: either may come
-    # first, so the status badge is waited for (it shows the sweep running, not yet ended).
-    _until(browser, lambda b: _text(b, "sweep-status") == "running")
-    _until(browser, lambda b: _attr(b, "sweep-curves", "data-points") > first)
     _until(browser, lambda b: _text(b, "sweep-status") == "succeeded")
     view = client.sweep(sweep["id"])
     assert view["status"] == "succeeded" and view["counts"] == {"pruned": 7, "succeeded": 1}
 
-    # Every progress event's points exactly once (replay, then live), one curve per member.
+    # Every progress event's points exactly once, one curve per member.
     events = list(client.sweep_events(sweep["id"]))
     points = sum(len(e.data["members"]) for e in events if e.event == "progress")
     _until(browser, lambda b: _drawn(b, "sweep-curves", points, "log"))

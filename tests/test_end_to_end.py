@@ -7,6 +7,7 @@ import pytest
 
 from api.client import Client
 from tests.conftest import SEED_EXAMPLE
+from tests.faults import endless_spec
 
 SEED_STEP_0 = {"step": 0, "loss": 1.0, "grads": {"w": [-2.0]}, "params": {"w": [1.0]}}
 
@@ -132,13 +133,7 @@ def test_nan_loss_ends_diverged_with_finite_steps_kept(client: Client) -> None:
 
 
 def test_cancel_running_job_stops_at_a_step_boundary(client: Client) -> None:
-    spec = {
-        "data": {"synthetic": {"n": 2000, "d": 50, "seed": 1}},
-        "optimizer": {"name": "sgd", "lr": 0.01},
-        "steps": 1_000_000,
-        "device": "cpu",
-    }
-    job = client.submit(spec)
+    job = client.submit(endless_spec())  # running until cancelled, however fast the machine
     for event in client.stream(job["id"]):
         if event.event == "step":
             break

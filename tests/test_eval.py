@@ -4,7 +4,6 @@ the metric the user names, and bad eval specs are 422s naming the field with not
 
 The numbers are checked against an independent oracle: float64 numpy on the same rows."""
 
-import itertools
 import json
 import math
 from typing import Any
@@ -17,8 +16,8 @@ import torch
 from api.client import Client
 from services.config import Settings
 from services.store import Store
-from services.sweeps_math import rank_by_loss
-from tests.attempts import members_steps, run_groups, store_sweep
+from services.sweeps_math import halving_rungs, rank_by_loss
+from tests.attempts import assert_rungs_apart, members_steps, run_groups, store_sweep
 
 RNG = np.random.default_rng(20)
 X = RNG.standard_normal((24, 3)).round(3)
@@ -177,18 +176,7 @@ WEIGHT_DECAY_SWEEP = {
     "grid": {"optimizer.weight_decay": [0.0, 0.1, 0.3, 1.0]},
     "early_stop": {"name": "successive_halving", "min_steps": 300, "eta": 2},
 }
-# Each metric's values at the rungs are at least this far apart (relative) between ranks.
-MARGIN = 0.02
-
-
-def _assert_far_apart(values: list[float]) -> None:
-    ordered = sorted(values)
-    for low, high in itertools.pairwise(ordered):
-        assert high - low > MARGIN * high, f"{values}: too close to rank on any machine"
-
-
-def _values_at(steps: dict[str, list[dict[str, Any]]], ids: list[str], step: int, metric: str):
-    return [steps[member_id][step][metric] for member_id in ids]
+WEIGHT_DECAY_RUNGS = halving_rungs(300, 2, 900)
 
 
 @pytest.mark.parametrize(
@@ -201,10 +189,8 @@ def test_weight_decay_sweep_ranked_by_the_metric_the_user_names(
     assert view["status"] == "succeeded" and view["spec"]["metric"] == metric
     members = {m["values"]["optimizer.weight_decay"]: m for m in view["members"]}
     steps = {m["id"]: list(client.steps(m["id"])) for m in view["members"]}
-    ids = [m["id"] for m in view["members"]]
-    _assert_far_apart(_values_at(steps, ids, 299, metric))
-    survivors = [m["id"] for m in view["members"] if m["steps_done"] > 300]
-    _assert_far_apart(_values_at(steps, survivors, 599, metric))
+    members_at = [(m["status"], steps[m["id"]]) for m in view["members"]]
+    assert_rungs_apart(members_at, WEIGHT_DECAY_RUNGS, metric)
     # Rung 300 keeps the best 2 of 4 by the metric at step 299, rung 600 the best of those 2.
     assert members[survivor]["status"] == "succeeded"
     assert view["counts"] == {"pruned": 3, "succeeded": 1}
@@ -238,6 +224,8 @@ def test_compiled_and_eager_group_steps_keep_the_same_members(store: Store) -> N
         outcomes.append(([result.stepper for result in results], members_steps(store, sweep.id)))
     (eager, eager_steps), (compiled, compiled_steps) = outcomes
     assert eager == ["eager"] and compiled == ["compiled"]
+    assert_rungs_apart(eager_steps, WEIGHT_DECAY_RUNGS, "val_loss")
+    assert_rungs_apart(compiled_steps, WEIGHT_DECAY_RUNGS, "val_loss")
     assert [status for status, _ in eager_steps] == ["pruned", "pruned", "succeeded", "pruned"]
     assert [status for status, _ in compiled_steps] == [status for status, _ in eager_steps]
     for (_, mine), (_, reference) in zip(compiled_steps, eager_steps, strict=True):

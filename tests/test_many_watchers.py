@@ -8,7 +8,7 @@ import bisect
 import itertools
 import socket
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from api.routes.streams import sse_frame
 from cli.stack import Stack, child_pids, wait_until
 from services.events import Delivery, StreamEvent
 from tests.conftest import SEED_EXAMPLE, TEST_ENV
+from tests.faults import running_blocker
 
 # About 4 KB of JSON per step, 8 MB in all: far more than the socket buffers between the API
 # and a client that does not read, so the API's writes to it wait and its steps queue up.
@@ -106,21 +107,39 @@ def check_steps(events: list[Event], stored: list[dict[str, Any]]) -> None:
 
 
 def queued_behind_a_running_job(client: Client, spec: dict[str, Any]) -> tuple[str, str]:
-    """A job of `spec` that stays queued (the one CPU worker is busy with another job, which
-    runs until cancelled): watchers can join before its first step. Its id, and the other's."""
-    blocker = client.submit({**SEED_EXAMPLE, "steps": 1_000_000, "device": "cpu"})
-    wait_until(lambda: client.get(blocker["id"])["status"] == "running", 60, "blocker running")
-    return client.submit(spec)["id"], blocker["id"]
+    """A job of `spec` that stays queued (the one CPU worker is busy with an endless job until
+    the test cancels it): watchers can join before its first step. Its id, and the other's."""
+    blocker = running_blocker(client)
+    return client.submit(spec)["id"], blocker
 
 
-async def _watch(api: Stack, job_id: str) -> list[Event]:
+async def _watch(api: Stack, job_id: str, following: asyncio.Semaphore) -> list[Event]:
+    """The job's events, to the end; `following` is released once the first has come (the
+    API follows the job for this watcher from then on)."""
     url = f"{api.api_url}/v1/jobs/{job_id}/events"
+    lines: list[str] = []
     async with (
         httpx.AsyncClient(timeout=60, headers=api.auth()) as http,
         http.stream("GET", url) as response,
     ):
-        lines = [line async for line in response.aiter_lines()]
+        async for line in response.aiter_lines():
+            if not lines:
+                following.release()
+            lines.append(line)
     return list(parse_sse(iter(lines)))
+
+
+async def _watch_from_the_start(
+    api: Stack, job_id: str, watchers: int, release: Callable[[], object]
+) -> list[list[Event]]:
+    """`watchers` watchers of a job held queued, each following it before `release` (run in
+    a thread: it cancels what holds the job back) lets it start: each one's events."""
+    following = asyncio.Semaphore(0)
+    tasks = [asyncio.create_task(_watch(api, job_id, following)) for _ in range(watchers)]
+    for _ in tasks:
+        await asyncio.wait_for(following.acquire(), 30)
+    await asyncio.to_thread(release)
+    return await asyncio.gather(*tasks)
 
 
 def test_a_lagging_watcher_gets_several_flushes_per_write_each_step_once_with_its_id(
@@ -176,15 +195,11 @@ def test_a_watcher_that_stops_reading_holds_up_no_other(patient: Stack, pat: Cli
     stalled = RawStream(patient, job_id, stalled=True)
     stalled.wait_until_following()
 
-    async def the_others() -> list[list[Event]]:
-        watchers = [asyncio.create_task(_watch(patient, job_id)) for _ in range(FAST_WATCHERS)]
-        await asyncio.sleep(0)
-        await asyncio.to_thread(pat.cancel, blocker)
-        return await asyncio.gather(*watchers)
-
     # The others get the whole job, `done` included, while the stalled one has read nothing
     # (the API waits an hour for it before dropping it).
-    others = asyncio.run(the_others())
+    others = asyncio.run(
+        _watch_from_the_start(patient, job_id, FAST_WATCHERS, lambda: pat.cancel(blocker))
+    )
     stored = list(pat.steps(job_id))
     for events in others:
         check_steps(events, stored)
@@ -211,13 +226,9 @@ def test_gradstream_api_with_two_workers_serves_and_streams(
             job_id, blocker = queued_behind_a_running_job(wes, spec)
             xreads_before = _xread_calls(redis_client)
 
-            async def watchers() -> list[list[Event]]:
-                streams = [asyncio.create_task(_watch(api, job_id)) for _ in range(20)]
-                await asyncio.sleep(0.5)  # most of them join while the job is queued
-                await asyncio.to_thread(wes.cancel, blocker)
-                return await asyncio.gather(*streams)
-
-            streams = asyncio.run(watchers())
+            streams = asyncio.run(
+                _watch_from_the_start(api, job_id, 20, lambda: wes.cancel(blocker))
+            )
             stored = list(wes.steps(job_id))
             for events in streams:
                 check_steps(events, stored)

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.client import Client
 from cli.stack import Stack, free_port, stop_process, wait_until
 from tests.conftest import SEED_EXAMPLE
+from tests.faults import endless_spec
 
 
 def _scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -55,10 +56,7 @@ def test_sweeps_by_status_and_member_steps_move_when_a_sweep_runs(
     }
     done = client.wait_sweep(client.submit_sweep(halving)["id"], timeout=60)
     assert done["status"] == "succeeded" and done["counts"] == {"pruned": 2, "succeeded": 1}
-    endless = {
-        "base": {"data": {"synthetic": {"n": 100, "d": 2}}, "steps": 1_000_000, "device": "cpu"},
-        "grid": {"optimizer.lr": [0.01]},
-    }
+    endless = {"base": endless_spec(), "grid": {"optimizer.lr": [0.01]}}  # runs until cancelled
     running = client.submit_sweep(endless)
     try:
         wait_until(

@@ -33,10 +33,11 @@ from tests.test_group_steps import SWEEP
 
 CPU = torch.device("cpu")
 # The first attempt's worker compiles whatever is a block long; the resuming one compiles
-# nothing of its own accord (GRADSTREAM_COMPILE_STEPS=0). Both flush every 64 steps, so that
-# the first hands back early (the compiled block's buffer is the same shape in both).
-COMPILING = Settings(cpu_compile_s=0, flush_max_steps=64)
-NOT_COMPILING = Settings(compile_steps=False, flush_max_steps=64)
+# nothing of its own accord (GRADSTREAM_COMPILE_STEPS=0). Both flush every 32 steps, by count
+# only, so that the first hands back at step 32 however fast the steps run: a job early, and
+# a group before its first rung, 40 (the compiled block's buffer is the same shape in both).
+COMPILING = Settings(cpu_compile_s=0, flush_max_steps=32, flush_interval_s=60)
+NOT_COMPILING = Settings(compile_steps=False, flush_max_steps=32, flush_interval_s=60)
 NOT_BIT_FOR_BIT = "the job's records agree with an uninterrupted run to float32 rounding"
 
 
@@ -53,7 +54,7 @@ def test_a_compiled_job_resumes_compiled_where_the_cost_model_would_not_compile(
     job_id, _ = store.create_job(spec, "cpu", "test-nobody", "test")
     attempts = hand_back_and_resume(store, job_id, CPU, COMPILING, NOT_COMPILING)
     assert [a.stepper for a in attempts] == ["compiled", "compiled"]
-    assert attempts[0].steps == 64 and attempts[1].steps == 636
+    assert attempts[0].steps == 32 and attempts[1].steps == 668
     assert stored_steps(store, job_id) == uninterrupted
     view = store.get_job(job_id)
     assert view.stepper == "compiled" and view.resume is None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from api.client import Client
 from cli.stack import Stack, stop_process, wait_until
+from tests.faults import endless_spec
 
 
 def _spec(device: str) -> dict[str, object]:
@@ -78,12 +79,7 @@ def test_jobs_run_only_on_workers_of_their_queue(stack: Stack, client: Client) -
 
 
 def test_current_job_is_shown_while_a_job_runs(client: Client) -> None:
-    spec = {
-        "data": {"synthetic": {"n": 1000, "d": 20}},
-        "steps": 1_000_000,
-        "device": "cpu",
-    }
-    job = client.submit(spec)
+    job = client.submit(endless_spec())  # running until cancelled, however fast the machine
     wait_until(
         lambda: any(w["current_job"] == job["id"] for w in client.workers()), 20, "current_job"
     )

@@ -23,9 +23,9 @@ from services.runner import Outcome, run_job
 from services.schemas import JobSpec, JobStatus
 from services.store import Store
 from services.store.keys import job_keys, tenant_storage
-from tests.attempts import run_once, stored_steps
+from tests.attempts import stored_steps
 from tests.conftest import SEED_EXAMPLE
-from tests.faults import send_duplicate
+from tests.faults import endless_spec, reference_run, send_duplicate
 from tests.test_cli import _run
 
 QUEUED = {**SEED_EXAMPLE, "device": "cuda"}  # no gpu worker: it stays queued
@@ -118,31 +118,44 @@ def test_a_full_redis_is_a_507_with_nothing_half_written(
 def test_a_flush_refused_for_memory_hands_the_job_back_to_resume_later(
     store: Store, redis_client: "redis.Redis"
 ) -> None:
-    spec = JobSpec.model_validate({**SEED_EXAMPLE, "steps": 20000})
-    _, whole = run_once(store, spec, torch.device("cpu"), Settings())
-    job_id, _ = store.create_job(spec, "cpu", "test-nobody", "test")
-    results: list[Any] = []
-    attempt = threading.Thread(
-        target=lambda: results.append(
-            run_job(store, job_id, "test-worker", torch.device("cpu"), Settings())
+    # An endless job, run in this process: it is still running when Redis fills up, however
+    # fast the machine; its second attempt is cancelled once it has gone on from the checkpoint.
+    spec = endless_spec()
+    job_id, _ = store.create_job(JobSpec.model_validate(spec), "cpu", "test-nobody", "test")
+    cpu = torch.device("cpu")
+
+    def attempt(results: list[Any]) -> threading.Thread:
+        run = threading.Thread(
+            target=lambda: results.append(run_job(store, job_id, "test-worker", cpu, Settings()))
         )
-    )
+        run.start()
+        return run
+
+    first: list[Any] = []
     before = redis_client.config_get("maxmemory")["maxmemory"]
-    attempt.start()
+    running = attempt(first)
     try:
         wait_until(lambda: store.get_job(job_id).steps_done > 0, 30, "first steps stored")
         redis_client.config_set("maxmemory", 1)
-        attempt.join(60)
+        running.join(60)
     finally:
         redis_client.config_set("maxmemory", before)
-    (first,) = results
-    assert first.outcome is Outcome.RELEASED
+    assert [result.outcome for result in first] == [Outcome.RELEASED]
     view = store.get_job(job_id)
     assert view.status is JobStatus.QUEUED and "Redis is full" in view.route_reason
-    assert 0 < view.steps_done < 20000 and view.error is None
-    second = run_job(store, job_id, "test-worker", torch.device("cpu"), Settings())
-    assert second.outcome is Outcome.SUCCEEDED
-    assert stored_steps(store, job_id) == whole
+    assert view.steps_done > 0 and view.error is None
+
+    second: list[Any] = []
+    running = attempt(second)
+    wait_until(
+        lambda: store.get_job(job_id).steps_done > view.steps_done + 100, 30, "steps resumed"
+    )
+    store.cancel_job(job_id)
+    running.join(60)
+    assert [result.outcome for result in second] == [Outcome.CANCELLED]
+    stored = stored_steps(store, job_id)
+    assert [s["step"] for s in stored] == list(range(len(stored)))
+    assert stored == reference_run(spec, len(stored)).steps
 
 
 @pytest.fixture(scope="module")
