@@ -114,8 +114,10 @@ def settle_validation(
     axis) in place: NOT_EVALUATED where the step was not evaluated (an eager step left whatever
     was there; a compiled block or a CUDA graph evaluates every step), +inf where an evaluated
     value is not finite."""
-    steps = range(first, first + column.shape[-1])
-    evaluated = np.array([is_evaluated(step, every, last, rungs) for step in steps], dtype=bool)
+    steps = np.arange(first, first + column.shape[-1])
+    # is_evaluated, for the whole chunk at once.
+    evaluated = (steps % max(every, 1) == 0) | (steps == last) | np.isin(steps + 1, list(rungs))
+    evaluated &= every > 0
     column[..., evaluated] = np.where(
         np.isnan(column[..., evaluated]), np.inf, column[..., evaluated]
     )
