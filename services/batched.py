@@ -30,6 +30,7 @@ import torch
 from services.records import is_evaluated
 from services.schemas import JobSpec
 from services.training import (
+    FitReference,
     Layout,
     _snapshot,
     batch_order,
@@ -110,6 +111,8 @@ class BatchedTrainer:
         self.val = None if val is None else (val[0], val[1].unsqueeze(1))
         self.eval_every = first.eval.every if first.eval is not None else 0
         self.rungs = frozenset(rungs)
+        self._first = first
+        self._fit: FitReference | None = None
         # A CUDA graph or a compiled block evaluates every step (see Trainer.always_evaluate).
         self.always_evaluate = False
         self.optimizer = first.optimizer.name
@@ -281,6 +284,14 @@ class BatchedTrainer:
         self.state = {name: buffer.index_select(1, rows) for name, buffer in self.state.items()}
         self.hyper = {name: numbers.index_select(1, rows) for name, numbers in self.hyper.items()}
         self._derive()
+
+    def fit_reference(self) -> FitReference:
+        """The training (and validation) rows as each member's result measures its final
+        parameters on them, as the member's own job would: made once for the group."""
+        if self._fit is None:
+            val = None if self.val is None else (self.val[0], self.val[1].squeeze(1))
+            self._fit = FitReference(self.x, self.y.squeeze(1), self._first, val)
+        return self._fit
 
     def state_snapshot(self) -> dict[str, Any]:
         """The checkpoint as of now (live positions, stacked parameters, optimizer state: one

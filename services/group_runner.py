@@ -48,7 +48,7 @@ from services.schemas import AttemptEnvironment, JobSpec, JobStatus
 from services.store import Claim, Store
 from services.store.sweeps import GroupFlushed, MemberFlush
 from services.sweeps_math import halving_cut, halving_rungs, rank_by_loss
-from services.training import fit_metrics, loss_and_r2, serialize_state
+from services.training import serialize_state
 
 log = logging.getLogger(__name__)
 
@@ -400,18 +400,16 @@ class _GroupAttempt:
     def _succeeded(
         self, member: MemberFlush, trainer: BatchedTrainer, theta: torch.Tensor, steps: int
     ) -> MemberFlush:
-        layout = trainer.layout
-        x, y = trainer.x.cpu(), trainer.y.cpu().squeeze(1)
-        quality = loss_and_r2(x, y, theta, layout.bias)
-        validation = None
-        if trainer.val is not None:
-            validation = (trainer.val[0].cpu(), trainer.val[1].cpu().squeeze(1))
+        """The member's end at the last step, with the result its own job would have (the same
+        keys, its numbers computed alike); the data they are measured on is the group's."""
+        layout, reference = trainer.layout, trainer.fit_reference()
         result = {
             "params": param_values(theta.tolist(), layout.features, layout.bias),
             "loss": member.loss,
             "stopped": f"ran all {steps} steps",
-            **quality,
-            **fit_metrics((x, y), validation, theta, layout.bias),
+            "stepper": self.stepper,
+            **reference.quality(theta),
+            **reference.metrics(theta),
         }
         return dataclasses.replace(member, end=JobStatus.SUCCEEDED, result=result)
 
