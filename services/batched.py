@@ -30,6 +30,7 @@ import torch
 from services.records import is_evaluated
 from services.schemas import JobSpec
 from services.training import (
+    FitReference,
     Layout,
     _snapshot,
     batch_order,
@@ -110,6 +111,8 @@ class BatchedTrainer:
         self.val = None if val is None else (val[0], val[1].unsqueeze(1))
         self.eval_every = first.eval.every if first.eval is not None else 0
         self.rungs = frozenset(rungs)
+        self._first = first
+        self._fit: FitReference | None = None
         # A CUDA graph or a compiled block evaluates every step (see Trainer.always_evaluate).
         self.always_evaluate = False
         self.optimizer = first.optimizer.name
@@ -282,6 +285,14 @@ class BatchedTrainer:
         self.hyper = {name: numbers.index_select(1, rows) for name, numbers in self.hyper.items()}
         self._derive()
 
+    def fit_reference(self) -> FitReference:
+        """The training (and validation) rows as each member's result measures its final
+        parameters on them, as the member's own job would: made once for the group."""
+        if self._fit is None:
+            val = None if self.val is None else (self.val[0], self.val[1].squeeze(1))
+            self._fit = FitReference(self.x, self.y.squeeze(1), self._first, val)
+        return self._fit
+
     def state_snapshot(self) -> dict[str, Any]:
         """The checkpoint as of now (live positions, stacked parameters, optimizer state: one
         member per row), copied so that later steps cannot change it; on a GPU without waiting
@@ -399,8 +410,9 @@ def supports_batched_compile(trainer: BatchedTrainer) -> bool:
 
 
 # Compiled blocks of group steps, by (samples, features, bias, block), for as long as the
-# process lives: the members' count is a dynamic dimension, so one compile serves every group
-# of a problem's shape however many members it has (and as many as it keeps after a cut).
+# process lives: the members' count and the record buffer's rows (which depend on it) are
+# dynamic dimensions, so one compile serves every group of a problem's shape however many
+# members it has (and as many as it keeps after a cut).
 GroupBlockShape = tuple[int, int, bool, int, int]  # samples, features, bias, block, val rows
 _group_blocks: dict[GroupBlockShape, Callable[..., None]] = {}
 _failed_group_blocks: set[GroupBlockShape] = set()
@@ -452,8 +464,10 @@ class BatchedCompiledSteps:
     eager step (each member still equals its job run alone to float32 rounding); which steps
     run compiled depends on the spec only (`GroupSteps`), so a resumed group equals its
     uninterrupted run bit for bit. After `keep()` or `load_state()` make a new one (the same
-    compiled code: the members' count is dynamic). Making the first of a shape compiles it
-    (seconds); a failure raises, is remembered for the shape, and the caller steps eagerly."""
+    compiled code: the members' count and the buffer's rows are dynamic). Making the first of
+    a shape compiles it (seconds); a failure raises, is remembered for the shape, and the
+    caller steps eagerly. So does a compile in `replay()` (Dynamo's guards are checked on the
+    first block of new tensors), leaving the parameters and the cursor as they were."""
 
     name = "compiled"
 
@@ -469,6 +483,7 @@ class BatchedCompiledSteps:
         if key in _failed_group_blocks:
             raise RuntimeError(f"compiling group blocks of shape {key} failed before")
         theta = trainer.theta.detach()  # the trainer's parameters: updated in place
+        self._key, self._theta, self._cursor = key, theta, cursor
         self._args = (
             theta,
             trainer.x,
@@ -481,22 +496,42 @@ class BatchedCompiledSteps:
         )
         for member_dim, tensor in [(1, theta), (1, trainer._lr32), (1, trainer._weight_decay32)]:
             torch._dynamo.mark_dynamic(tensor, member_dim)
+        # The buffer's rows too: how many fit a chunk depends on the members' count (a
+        # budget in bytes), so a cut would otherwise compile the block again.
+        torch._dynamo.mark_dynamic(storage, 0)
         torch._dynamo.mark_dynamic(storage, 1)
+        # Whether a block has run on these tensors: until then Dynamo may compile (again).
+        self._checked = False
         if key in _group_blocks:
             self._steps = _group_blocks[key]
             return
         self._steps = _group_blocks[key] = _group_block(features, bias, block, bool(validation))
+        self._guarded(undo=True)  # compiles now, not in the first block of the loop
+
+    def _guarded(self, undo: bool) -> None:
+        """One block that may compile: a failure is remembered for the shape and leaves the
+        parameters and the cursor as they were (the caller steps eagerly from there); with
+        `undo` they are put back after a success too."""
+        theta, cursor = self._theta, self._cursor
         saved, start = theta.clone(), cursor.clone()
         try:
-            self._steps(*self._args)  # compiles now, not in the first block of the loop
+            self._steps(*self._args)
         except Exception:
-            _failed_group_blocks.add(key)
-            del _group_blocks[key]
+            _failed_group_blocks.add(self._key)
+            _group_blocks.pop(self._key, None)
+            undo = True
             raise
         finally:
-            theta.copy_(saved)  # that block changed the parameters and moved the cursor
-            cursor.copy_(start)
+            if undo:
+                theta.copy_(saved)  # the block changed the parameters and moved the cursor
+                cursor.copy_(start)
+        self._checked = True
 
     def replay(self) -> None:
-        self._steps(*self._args)
+        """`block` steps; the first on these tensors is guarded, as Dynamo checks its guards
+        against them then and may compile (a failure raises with nothing changed)."""
+        if self._checked:
+            self._steps(*self._args)
+        else:
+            self._guarded(undo=False)
         self._trainer.steps_done += self.block

@@ -48,7 +48,7 @@ from services.schemas import AttemptEnvironment, JobSpec, JobStatus
 from services.store import Claim, Store
 from services.store.sweeps import GroupFlushed, MemberFlush
 from services.sweeps_math import halving_cut, halving_rungs, rank_by_loss
-from services.training import fit_metrics, loss_and_r2, serialize_state
+from services.training import serialize_state
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class _GroupSteps:
     def __init__(
         self, group_id: str, trainer: BatchedTrainer, kind: str, settings: Settings
     ) -> None:
-        self.trainer, self.live = trainer, list(trainer.live)
+        self.group_id, self.trainer, self.live = group_id, trainer, list(trainer.live)
         device, members, width = trainer.x.device, len(trainer.live), trainer.layout.width
         rows = max(1, min(CHUNK_BUDGET_BYTES // (4 * members * width), settings.flush_max_steps))
         block = settings.compile_block_steps if kind == "compiled" else 1
@@ -92,6 +92,18 @@ class _GroupSteps:
             log.warning("group %s: no %s step; eager steps", group_id, kind, exc_info=True)
             self.failed = True
         self.block = 1 if self.fast is None else self.fast.block
+
+    def _eager_from(self, step: int, kind: str) -> None:
+        """The fast stepper failed before running `step` (it changed nothing): eager steps
+        from there on, as when it could not be made."""
+        log.warning(
+            "group %s: the %s step failed at step %d; eager steps",
+            self.group_id,
+            kind,
+            step,
+            exc_info=True,
+        )
+        self.fast, self.block, self.failed = None, 1, True
 
     def count(self, first: int, stop_at: int) -> int:
         """The steps of the chunk from step `first`: as many as fit, ending at a block's end
@@ -112,7 +124,12 @@ class _GroupSteps:
             if fast is not None and step % block == 0 and step + block <= stop_at:
                 if block > 1:
                     self.cursor.fill_(done)  # eager steps may have run since the last block
-                fast.replay()  # writes its rows at the cursor
+                try:
+                    fast.replay()  # writes its rows at the cursor
+                except Exception:  # a compile on new tensors: the step is not run
+                    self._eager_from(step, fast.name)
+                    fast, block = None, 1
+                    continue
                 done += block
             else:
                 trainer.step(self.storage[done])
@@ -383,18 +400,16 @@ class _GroupAttempt:
     def _succeeded(
         self, member: MemberFlush, trainer: BatchedTrainer, theta: torch.Tensor, steps: int
     ) -> MemberFlush:
-        layout = trainer.layout
-        x, y = trainer.x.cpu(), trainer.y.cpu().squeeze(1)
-        quality = loss_and_r2(x, y, theta, layout.bias)
-        validation = None
-        if trainer.val is not None:
-            validation = (trainer.val[0].cpu(), trainer.val[1].cpu().squeeze(1))
+        """The member's end at the last step, with the result its own job would have (the same
+        keys, its numbers computed alike); the data they are measured on is the group's."""
+        layout, reference = trainer.layout, trainer.fit_reference()
         result = {
             "params": param_values(theta.tolist(), layout.features, layout.bias),
             "loss": member.loss,
             "stopped": f"ran all {steps} steps",
-            **quality,
-            **fit_metrics((x, y), validation, theta, layout.bias),
+            "stepper": self.stepper,
+            **reference.quality(theta),
+            **reference.metrics(theta),
         }
         return dataclasses.replace(member, end=JobStatus.SUCCEEDED, result=result)
 

@@ -499,32 +499,68 @@ _lstsq_cache: "OrderedDict[str, tuple[list[float], float]]" = OrderedDict()
 
 
 def fit_quality(trainer: Trainer, spec: JobSpec) -> dict[str, Any]:
-    """How good the final parameters are on all the data: the loss, R², and the least-squares
-    solution with its loss and the gap to it. Up to LSTSQ_MAX_ELEMENTS in float64 on the CPU,
-    the solution computed once per dataset in this process (a bounded cache); larger problems
-    get the loss and R² only, computed where the data is (float32 products, float64 sums)."""
-    with torch.no_grad():
-        if trainer.x.numel() > LSTSQ_MAX_ELEMENTS:
-            return loss_and_r2(trainer.x, trainer.y, trainer.params(), spec.bias)
-        x, y = trainer.x.double().cpu(), trainer.y.double().cpu()
-        theta = trainer.params().double().cpu()
-        quality = loss_and_r2(x, y, theta, spec.bias)
-        if spec.bias:
-            x = torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
-        key = f"{spec.data.model_dump_json()}|{spec.bias}"
-        if key not in _lstsq_cache:
+    """How good a job's final parameters are on all its training rows (`FitReference`)."""
+    return FitReference(trainer.x, trainer.y, spec).quality(trainer.params())
+
+
+class FitReference:
+    """A problem's training rows as results measure a model on them: the loss, R², and the
+    least-squares solution with its loss and the gap to it. Made once and asked for any number
+    of models (a job's final parameters, or those of each member of a group): up to
+    LSTSQ_MAX_ELEMENTS the rows are copied once, in float64, to the CPU, and the solution is
+    computed once per dataset in this process (a bounded cache); larger problems get the loss
+    and R² only, computed where the data is (float32 products, float64 sums)."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        spec: JobSpec,
+        validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """`y`: one value per row ((n,)); `validation`: the validation rows (likewise), for
+        `metrics`."""
+        self.bias = spec.bias
+        self.small = x.numel() <= LSTSQ_MAX_ELEMENTS
+        with torch.no_grad():
+            self.x, self.y = (x.double().cpu(), y.double().cpu()) if self.small else (x, y)
+            self.validation = None
+            if validation is not None:  # float64 once, not once per model
+                self.validation = (validation[0].double(), validation[1].double())
+        # The rows a solution was computed on: the data, and a holdout's split of it.
+        holdout = None if spec.eval is None else (spec.eval.holdout, spec.eval.seed)
+        self._key = f"{spec.data.model_dump_json()}|{spec.bias}|{holdout}"
+
+    def quality(self, theta: torch.Tensor) -> dict[str, Any]:
+        """full_loss and r2 of the parameters `theta` (p,), and for small problems lstsq_params,
+        lstsq_loss and lstsq_gap."""
+        with torch.no_grad():
+            if not self.small:
+                return loss_and_r2(self.x, self.y, theta.to(self.x.device), self.bias)
+            quality = loss_and_r2(self.x, self.y, theta.double().cpu(), self.bias)
+            solution_values, lstsq_loss = self._least_squares()
+        full_loss = quality["full_loss"]
+        quality.update(
+            lstsq_params=param_values(solution_values, self.x.shape[1], self.bias),
+            lstsq_loss=lstsq_loss,
+            lstsq_gap=None if full_loss is None else full_loss - lstsq_loss,
+        )
+        return quality
+
+    def metrics(self, theta: torch.Tensor) -> dict[str, Any]:
+        """`fit_metrics` of the parameters `theta` (p,) on these rows."""
+        return fit_metrics((self.x, self.y), self.validation, theta, self.bias)
+
+    def _least_squares(self) -> tuple[list[float], float]:
+        x, y = self.x, self.y
+        if self._key not in _lstsq_cache:
+            if self.bias:
+                x = torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
             solution = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1)
-            _lstsq_cache[key] = (solution.tolist(), float(((x @ solution - y) ** 2).mean()))
+            _lstsq_cache[self._key] = (solution.tolist(), float(((x @ solution - y) ** 2).mean()))
             if len(_lstsq_cache) > 32:
                 _lstsq_cache.popitem(last=False)
-    solution_values, lstsq_loss = _lstsq_cache[key]
-    full_loss = quality["full_loss"]
-    quality.update(
-        lstsq_params=param_values(solution_values, spec.data.features, spec.bias),
-        lstsq_loss=lstsq_loss,
-        lstsq_gap=None if full_loss is None else full_loss - lstsq_loss,
-    )
-    return quality
+        return _lstsq_cache[self._key]
 
 
 def regression_metrics(

@@ -104,8 +104,12 @@ def members_steps(store: Store, sweep_id: str) -> list[tuple[str, list[dict[str,
 
 
 def step_values(steps: list[dict[str, Any]]) -> np.ndarray:
-    """loss, dLoss/dw, dLoss/db and w of every step (a job with a bias), as float64."""
-    rows = [[s["loss"], *s["grads"]["w"], s["grads"]["b"], *s["params"]["w"]] for s in steps]
+    """loss, dLoss/dw, dLoss/db (a job with a bias) and w of every step, as float64."""
+    rows = [
+        [s["loss"], *s["grads"]["w"], *([s["grads"]["b"]] if "b" in s["grads"] else [])]
+        + s["params"]["w"]
+        for s in steps
+    ]
     return np.array(rows, dtype=np.float64)
 
 

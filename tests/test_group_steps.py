@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from services.config import Settings
+from services.runner import CHUNK_BUDGET_BYTES
 from services.store import Store
 from services.sweeps_math import halving_rungs
 from services.training import graphs_compiled
@@ -42,6 +43,26 @@ SWEEP: dict[str, Any] = {
 }
 RUNGS = halving_rungs(40, 2, 203)
 
+# Thirty-two plain-SGD members on 600x10 without a bias (records 21 floats wide), halved at
+# steps 20, 40 and 80 of 100: 32 -> 16 -> 8 -> 4. A chunk's rows are what the buffer's budget
+# in bytes holds, so they depend on the members' count here (3120 rows at 32 members, then
+# flush_max_steps' 4096): the cut at 20 changes the buffer's rows as well as its members. Far
+# apart at every rung by construction: all start at w = 0 (|w*|^2 = 7.3, the noise floor 0.01),
+# and each lr is 0.0005 above the last, which moves its loss at step 19 by 3.6 % or more and
+# by more at later rungs (RANK_MARGIN is 2 %); the last four end at 0.019 to 0.027.
+WIDE_MEMBERS, WIDE_WIDTH = 32, 21
+WIDE: dict[str, Any] = {
+    "base": {
+        "data": {"synthetic": {"n": 600, "d": 10, "noise": 0.1, "seed": 3}},
+        "optimizer": {"name": "sgd"},
+        "steps": 100,
+        "device": "cpu",
+    },
+    "grid": {"optimizer.lr": [round(0.002 + 0.0005 * k, 4) for k in range(WIDE_MEMBERS)]},
+    "early_stop": {"name": "successive_halving", "min_steps": 20, "eta": 2},
+}
+WIDE_RUNGS = halving_rungs(20, 2, 100)
+
 
 def test_compiled_group_steps_agree_with_eager_ones_through_every_cut(store: Store) -> None:
     compiled_sweep = store_sweep(store, SWEEP)
@@ -69,3 +90,23 @@ def test_a_compiled_group_resumes_bit_for_bit(store: Store) -> None:
     [second] = run_groups(store, resumed.id, CPU, settings, drain=True)
     assert uninterrupted.stepper == second.stepper == "compiled"
     assert members_steps(store, resumed.id) == members_steps(store, whole.id)
+
+
+def test_one_compile_serves_a_group_whose_chunk_rows_change_at_its_cuts(store: Store) -> None:
+    rows = [CHUNK_BUDGET_BYTES // (4 * k * WIDE_WIDTH) for k in (WIDE_MEMBERS, WIDE_MEMBERS // 2)]
+    assert min(rows[0], ALWAYS.flush_max_steps) != min(rows[1], ALWAYS.flush_max_steps)
+    compiled_sweep = store_sweep(store, WIDE)
+    before = graphs_compiled()
+    [compiled] = run_groups(store, compiled_sweep.id, CPU, ALWAYS)
+    compiles = graphs_compiled() - before
+    eager_sweep = store_sweep(store, WIDE)
+    [eager] = run_groups(store, eager_sweep.id, CPU, NEVER)
+    assert (compiled.stepper, eager.stepper) == ("compiled", "eager")
+    # 32 members, then 16, 8 and 4, in buffers of 3120 rows and then 4096: one compile.
+    assert compiles == 1, compiles
+
+    ours, theirs = members_steps(store, compiled_sweep.id), members_steps(store, eager_sweep.id)
+    assert sorted(len(steps) for _, steps in ours) == [20] * 16 + [40] * 8 + [80] * 4 + [100] * 4
+    assert_rungs_apart(ours, WIDE_RUNGS)
+    assert_rungs_apart(theirs, WIDE_RUNGS)
+    assert_members_agree(ours, theirs)
