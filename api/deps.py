@@ -3,7 +3,7 @@
 import re
 from typing import Annotated, Any
 
-from fastapi import Depends, Path, Query, Request
+from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
@@ -101,3 +101,15 @@ JobIdDep = Annotated[str, Depends(job_id_path)]
 SweepIdDep = Annotated[str, Depends(sweep_id_path)]
 TenantDep = Annotated[str, Depends(current_tenant)]
 StreamTenantDep = Annotated[str, Depends(stream_tenant)]
+# POST /v1/jobs and POST /v1/sweeps: a retried submit with the same key (per tenant) returns
+# what the first one made.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[\x21-\x7e]+$",
+        description="a retried submit with the same key returns what the first one made "
+        "(for a day)",
+    ),
+]

@@ -278,7 +278,10 @@ class BatchedTrainer:
         missing = [p for p in wanted if p not in row_of]
         if missing:
             raise ValueError(f"positions {missing} are not live (live: {self.live})")
-        rows = torch.tensor([row_of[p] for p in wanted], device=self.theta.device)
+        # int64 even when nobody goes on (an empty list would make a float tensor, no index).
+        rows = torch.tensor(
+            [row_of[p] for p in wanted], dtype=torch.int64, device=self.theta.device
+        )
         self.live = wanted
         self.theta = self.theta.detach().index_select(1, rows).requires_grad_()
         self.state = {name: buffer.index_select(1, rows) for name, buffer in self.state.items()}

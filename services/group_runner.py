@@ -235,11 +235,12 @@ class _GroupAttempt:
         self, trainer: BatchedTrainer, steps: int, kind: str, rungs: list[int]
     ) -> AttemptResult:
         """Chunks of steps, each flushed by one script. A chunk's flush runs on a thread of
-        its own while the next chunk trains (its reply is read before the next flush is sent,
-        as the scripts take chunks in order); at a rung, at the last step and on a drain the
-        loop waits for the flush, as what follows depends on it. Members that end by what
-        the chunk shows (the last step, the rung's cut, divergence) leave the batched tensors
-        at once; those a cancel ended leave when the flush's reply says so."""
+        its own while the next chunk trains (its reply is read before that chunk is judged and
+        flushed, as the scripts take chunks in order); at a rung, at the last step and on a
+        drain the loop waits for the flush, as what follows depends on it. Members that end
+        by what the chunk shows (the last step, the rung's cut, divergence) leave the batched
+        tensors at once; those a cancel ended leave when the flush's reply says so, before
+        the next chunk is ranked at a rung."""
         pending: Future[GroupFlushed] | None = None
         chunks: _GroupSteps | None = None
         with ThreadPoolExecutor(1, thread_name_prefix=f"flush-{self.group_id[:8]}") as flusher:
@@ -255,20 +256,27 @@ class _GroupAttempt:
                 if self.keeper.lost.is_set():
                     return AttemptResult(Outcome.FENCED)
                 host = chunks.storage[:done].cpu()  # the next chunk writes there again
+                if pending is not None:
+                    # The previous flush's reply before this chunk is judged: members a cancel
+                    # ended meanwhile leave first, so that a rung ranks only those still
+                    # training (a cancelled one would take a survivor's place).
+                    flushed, pending = pending.result(), None
+                    outcome = self._settle(trainer, flushed)
+                    if outcome is not None:
+                        return outcome
+                    if trainer.live != chunks.live:  # their rows of this chunk go unflushed
+                        row_of = {position: row for row, position in enumerate(chunks.live)}
+                        host = host[:, [row_of[p] for p in trainer.live]]
                 chunk, flushes, ended = self._chunk(trainer, host, first, steps, rungs)
                 snapshot = trainer.state_snapshot()  # after this chunk, before the next
                 landed = None
                 if trainer.x.device.type == "cuda":  # the snapshot's copies are non-blocking
                     landed = torch.cuda.Event()  # type: ignore[no-untyped-call]
                     landed.record()
-                # Members whose end this chunk decided train no more.
+                # Members whose end this chunk decided train no more (all of them, maybe).
                 remaining = [p for p in trainer.live if p not in ended]
-                if remaining and ended:
+                if ended:
                     trainer.keep(remaining)
-                if pending is not None:
-                    outcome = self._settle(trainer, pending.result())
-                    if outcome is not None:
-                        return outcome
                 environment = self._environment()
                 pending = flusher.submit(
                     self._flush, chunk, flushes, snapshot, landed, environment=environment

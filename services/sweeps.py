@@ -351,10 +351,12 @@ def submit_sweep(
     settings: Settings,
     tenant: str,
     enqueue: Callable[[str, str], None] = enqueue_training,
+    idempotency: str | None = None,
 ) -> SweepView:
     """Store a new sweep of `tenant`: its members (jobs), its groups (one message each, on the
     queue the group routes to) and the sweep itself, all at once; then `enqueue` each group
-    (a group's id and queue: a Celery message; tests that run groups themselves send none)."""
+    (a group's id and queue: a Celery message; tests that run groups themselves send none).
+    A retried submit with the same idempotency key returns the sweep the first one made."""
     check_rate(store, tenant, settings)
 
     def check(job: JobSpec) -> None:
@@ -436,7 +438,7 @@ def submit_sweep(
             "dataset": members[0].spec.data.dataset_id or "",
         },
     )
-    store.create_sweep(
+    existing = store.create_sweep(
         sweep,
         group_records,
         member_records,
@@ -444,7 +446,11 @@ def submit_sweep(
         reserved,
         settings.max_active_jobs_per_tenant,
         settings.tenant_storage_bytes,
+        idempotency,
     )
+    if existing is not None:
+        log.info("sweep %s returned again for its idempotency key", existing)
+        return store.get_sweep(existing)
     view = store.get_sweep(sweep_id)
     try:
         for record in group_records:

@@ -180,6 +180,15 @@ def test_keep_leaves_the_survivors_numbers_unchanged(case: str) -> None:
         pruned.keep([1])
 
 
+@pytest.mark.parametrize("case", ["sgd-momentum", "adam"])
+def test_keep_of_nobody_leaves_no_member_live(case: str) -> None:
+    trainer = BatchedTrainer(_specs(case), CPU)
+    run_batched(trainer, 10)
+    trainer.keep([])  # a rung's cut, or cancels, ended every member
+    assert trainer.live == [] and trainer.params().shape == (0, 4)
+    assert all(buffer.shape[1] == 0 for buffer in trainer.state.values())
+
+
 @pytest.mark.parametrize("case", ["sgd-momentum", "adam-cosine", "sgd-step"])
 def test_a_checkpoint_resumes_bit_for_bit(case: str) -> None:
     specs = _specs(case, batch_size=24)  # epochs of 3 batches, the last one short

@@ -4,6 +4,7 @@ whole sweep, cancel and delete reach every member, and bad sweeps are 422s namin
 
 import asyncio
 import math
+import time
 from typing import Any
 
 import httpx
@@ -193,3 +194,40 @@ def test_many_watchers_of_a_sweep_share_one_redis_reader(
     # One tail reads the sweep's stream (a read per few events, and a keep-alive read per
     # second), not one per watcher: without it, reads would be WATCHERS times the events.
     assert reads < 2 * progress + 20, (reads, progress)
+
+
+def test_an_idempotency_key_makes_a_retried_sweep_submit_return_the_same_sweep(
+    stack: Stack, client: Client, redis_client: "redis.Redis"
+) -> None:
+    # On cuda, which no worker of the stack serves: the sweep stays queued, its groups'
+    # messages stay in the gpu queue, where they can be counted.
+    spec = {**SEED_SWEEP, "base": {**SEED_EXAMPLE, "device": "cuda"}}
+    key = {"Idempotency-Key": f"sweep-{time.time_ns()}"}
+    jobs_before, messages_before = redis_client.zcard("gs:jobs"), redis_client.llen("gpu")
+    first = client.http.post("/v1/sweeps", json=spec, headers=key)
+    messages = redis_client.llen("gpu")
+    again = client.http.post("/v1/sweeps", json=spec, headers=key)
+    assert first.status_code == again.status_code == 201
+    assert again.headers["Location"] == f"/v1/sweeps/{first.json()['id']}"
+    assert again.json()["id"] == first.json()["id"]
+    assert [m["id"] for m in again.json()["members"]] == [m["id"] for m in first.json()["members"]]
+    assert redis_client.zcard("gs:jobs") == jobs_before + 3  # one set of members
+    assert messages == messages_before + again.json()["groups"]
+    assert redis_client.llen("gpu") == messages  # its groups were enqueued once
+    another = {"Idempotency-Key": f"another-{time.time_ns()}"}
+    other = client.http.post("/v1/sweeps", json=spec, headers=another)
+    with Client(stack.api_url, stack.keys["bob"], timeout=10) as bob:
+        theirs = bob.http.post("/v1/sweeps", json=spec, headers=key).json()
+        assert bob.http.get(f"/v1/sweeps/{first.json()['id']}").status_code == 404
+        bob.cancel_sweep(theirs["id"])
+    assert len({first.json()["id"], other.json()["id"], theirs["id"]}) == 3
+    spaced = client.http.post("/v1/sweeps", json=spec, headers={"Idempotency-Key": "x y"})
+    assert spaced.status_code == 422
+    client.cancel_sweep(other.json()["id"])
+    client.cancel_sweep(first.json()["id"])
+    assert client.wait_sweep(first.json()["id"], timeout=10)["status"] == "cancelled"
+    client.delete_sweep(first.json()["id"])
+    # The deleted sweep's key is free again: the same submit makes a new sweep.
+    renewed = client.http.post("/v1/sweeps", json=spec, headers=key).json()
+    assert renewed["id"] != first.json()["id"]
+    client.cancel_sweep(renewed["id"])

@@ -2,10 +2,18 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import JSONResponse
 
-from api.deps import MAX_STEP, JobIdDep, SettingsDep, StoreDep, TenantDep, problems
+from api.deps import (
+    MAX_STEP,
+    IdempotencyKey,
+    JobIdDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    problems,
+)
 from services import jobs
 from services.schemas import (
     JobList,
@@ -33,15 +41,7 @@ def submit_job(
     store: StoreDep,
     settings: SettingsDep,
     response: Response,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            min_length=1,
-            max_length=200,
-            pattern=r"^[\x21-\x7e]+$",
-            description="a retried submit with the same key returns the same job (for a day)",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobView:
     """Submit a training job; it is queued on the worker queue its device routes to."""
     view = jobs.submit_job(store, spec, settings, tenant, idempotency_key)

@@ -5,7 +5,15 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from api.deps import MAX_STEP, SettingsDep, StoreDep, SweepIdDep, TenantDep, problems
+from api.deps import (
+    MAX_STEP,
+    IdempotencyKey,
+    SettingsDep,
+    StoreDep,
+    SweepIdDep,
+    TenantDep,
+    problems,
+)
 from api.routes.streams import EventStreamResponse, StreamSlots, _never_null
 from services import sweeps
 from services.schemas import SweepList, SweepSpec, SweepView
@@ -20,10 +28,15 @@ SequenceCursor = Annotated[int | None, Query(ge=-1, le=MAX_STEP, json_schema_ext
 
 @router.post("", status_code=201, responses=problems(400))
 def submit_sweep(
-    tenant: TenantDep, spec: SweepSpec, store: StoreDep, settings: SettingsDep, response: Response
+    tenant: TenantDep,
+    spec: SweepSpec,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
 ) -> SweepView:
     """Submit a sweep: its members are jobs, trained in groups with one batched step each."""
-    view = sweeps.submit_sweep(store, spec, settings, tenant)
+    view = sweeps.submit_sweep(store, spec, settings, tenant, idempotency=idempotency_key)
     response.headers["Location"] = f"/v1/sweeps/{view.id}"
     return view
 

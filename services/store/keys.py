@@ -128,6 +128,11 @@ def idempotency_key(tenant: str, key: str) -> str:
     return f"gs:idem:{tenant}:{key}"
 
 
+def sweep_idempotency_key(tenant: str, key: str) -> str:
+    # Apart from jobs' keys: a key a tenant used for a job must never return a job as a sweep.
+    return f"gs:idem-sweep:{tenant}:{key}"
+
+
 def submits_key(tenant: str, window: int) -> str:
     return f"gs:submits:{tenant}:{window}"
 

@@ -645,19 +645,26 @@ return 1
 # job-like unit of work (a `members` field, no tenant) that CLAIM, RENEW, RELEASE, REAP and
 # FAIL treat like any job, so leases, hand-backs and the reaper work for groups unchanged.
 
-# KEYS: the sweep's record and events. ARGV: sweep id, tenant, the tenant's limit of active
-# jobs, its storage limit, the bytes the sweep reserves, then records: id, kind ('sweep',
-# 'group' or 'member'), n, then n field/value pairs. Writes the sweep, its groups (queued) and
-# its members (queued) at once, or nothing: {'ok'}, {'limit', n} or {'storage', used}.
+# KEYS: the sweep's record and events, then the idempotency key (optional). ARGV: sweep id,
+# tenant, the tenant's limit of active jobs, its storage limit, the bytes the sweep reserves,
+# the idempotency TTL s, then records: id, kind ('sweep', 'group' or 'member'), n, then n
+# field/value pairs. Writes the sweep, its groups (queued) and its members (queued) at once,
+# or nothing: {'ok'}, {'existing', id} for the sweep the idempotency key already names,
+# {'limit', n} or {'storage', used}.
 CREATE_SWEEP = _script(
     """
 local sweep, tenant = ARGV[1], ARGV[2]
+local idem = KEYS[3]
+if idem then
+  local existing = redis.call('GET', idem)
+  if existing then return {'existing', existing} end
+end
 local active = active_jobs(tenant)
 if active >= tonumber(ARGV[3]) then return {'limit', active} end
 local used = tonumber(redis.call('GET', tenant_storage(tenant)) or '0')
 if used + tonumber(ARGV[5]) > tonumber(ARGV[4]) then return {'storage', tostring(used)} end
 local now = redis.call('TIME')[1]
-local i = 6
+local i = 7
 while i <= #ARGV do
   local id, kind, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local first, last = i + 3, i + 2 + 2 * n
@@ -684,6 +691,10 @@ while i <= #ARGV do
   end
 end
 redis.call('INCRBY', tenant_storage(tenant), ARGV[5])
+if idem then
+  redis.call('SET', idem, sweep, 'EX', ARGV[6])
+  redis.call('HSET', sweep_key(sweep), 'idempotency', idem)
+end
 sweep_event(sweep, 'status', 'queued')
 return {'ok'}
 """
@@ -847,8 +858,9 @@ return {'ok'}
 )
 
 # KEYS: the sweep's record. ARGV: sweep id, '1' to delete whatever its status (a sweep that
-# could not be enqueued). Removes the sweep, its members (as DELETE removes a job) and its
-# groups; the tenant gets the bytes back. {'deleted'}, {'missing'} or {'live', status}.
+# could not be enqueued). Removes the sweep, its members (as DELETE removes a job), its groups
+# and its idempotency key; the tenant gets the bytes back. {'deleted'}, {'missing'} or
+# {'live', status}.
 DELETE_SWEEP = _script(
     """
 local sweep = ARGV[1]
@@ -881,6 +893,8 @@ redis.call('DECRBY', tenant_storage(tenant), freed)
 redis.call('ZREM', tenant_sweeps(tenant), sweep)
 redis.call('SREM', tenant_active_sweeps(tenant), sweep)
 redis.call('SREM', SWEEP_STATUS .. status, sweep)
+local idem = redis.call('HGET', KEYS[1], 'idempotency')
+if idem and redis.call('GET', idem) == sweep then redis.call('DEL', idem) end
 redis.call('DEL', KEYS[1], sweep_events_key(sweep), sweep_members_key(sweep))
 return {'deleted'}
 """,

@@ -24,6 +24,7 @@ from services.schemas import (
 )
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
+from services.store.jobs import IDEMPOTENCY_TTL_S
 from services.sweeps_math import rank_by_loss
 
 # A group's record holds this JSON as its `spec` ("group" first), so that a claim tells a
@@ -119,17 +120,25 @@ class Sweeps(RedisPart):
         reserved: int,
         max_active: int,
         storage_limit: int,
-    ) -> None:
+        idempotency: str | None = None,
+    ) -> str | None:
         """Write the sweep, its groups and its members (all queued) in one script, or nothing:
         LimitExceeded when the tenant has `max_active` jobs and sweeps active, or when the
-        sweep's bytes (every member's spec and steps, counted up front) do not fit."""
-        args: list[Any] = [sweep.id, tenant, max_active, storage_limit, reserved]
+        sweep's bytes (every member's spec and steps, counted up front) do not fit. With an
+        idempotency key the tenant already used for a sweep (within a day), writes nothing
+        and returns that sweep's id; else None."""
+        args: list[Any] = [sweep.id, tenant, max_active, storage_limit, reserved, IDEMPOTENCY_TTL_S]
         for record in (sweep, *groups, *members):
             args += [record.id, record.kind, len(record.fields)]
             for name, value in record.fields.items():
                 args += [name, value]
         script_keys = [keys.sweep_key(sweep.id), keys.sweep_events_key(sweep.id)]
+        if idempotency is not None:
+            script_keys.append(keys.sweep_idempotency_key(tenant, idempotency))
         reply = self.lua.create_sweep(keys=script_keys, args=args)
+        if reply[0] == b"existing":
+            existing: str = reply[1].decode()
+            return existing
         if reply[0] == b"limit":
             raise LimitExceeded(
                 "max_active_jobs_per_tenant",
@@ -143,6 +152,7 @@ class Sweeps(RedisPart):
                 f"more (every member's spec and step records), and tenant_storage_bytes is "
                 f"{storage_limit}: delete finished jobs, sweeps or datasets",
             )
+        return None
 
     @translate_redis_errors
     def sweep_fields(self, sweep_id: str, tenant: str | None = None) -> dict[bytes, bytes]:
