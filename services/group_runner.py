@@ -247,12 +247,12 @@ class _GroupAttempt:
             while True:
                 if chunks is None or chunks.live != trainer.live:
                     chunks = _GroupSteps(self.group_id, trainer, kind, self.settings)
-                    if chunks.failed:
-                        self.stepper = "eager"
                 stop_at = min([steps, *(r for r in rungs if r > trainer.steps_done)])
                 first, started = trainer.steps_done, time.monotonic()
                 cut = partial(self._cut, started + self.settings.flush_interval_s)
                 done = chunks.run(first, chunks.count(first, stop_at), stop_at, cut)
+                if chunks.failed:  # no fast step when made, or its compile failed in a block
+                    self.stepper = "eager"
                 if self.keeper.lost.is_set():
                     return AttemptResult(Outcome.FENCED)
                 host = chunks.storage[:done].cpu()  # the next chunk writes there again
