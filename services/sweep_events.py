@@ -24,7 +24,7 @@ from services.store.keys import step_entry_id, sweep_events_key, sweep_key
 
 log = logging.getLogger(__name__)
 
-FinalView = Callable[[str], Awaitable[dict[str, Any]]]  # sweep id -> its SweepView as JSON
+FinalView = Callable[[str], Awaitable[dict[str, Any]]]  # sweep id -> its SweepSummary as JSON
 _GONE = object()  # the tail stopped (Redis lost): the watcher's stream ends, it resumes
 
 

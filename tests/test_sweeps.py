@@ -3,7 +3,9 @@ the same spec run alone, successive halving prunes at its rungs, one event strea
 whole sweep, cancel and delete reach every member, and bad sweeps are 422s naming the place."""
 
 import asyncio
+import json
 import math
+import random
 from typing import Any
 
 import httpx
@@ -106,12 +108,12 @@ def test_one_stream_follows_the_whole_sweep_and_resumes(client: Client) -> None:
     assert kinds[0] == "status" and kinds[-1] == "done"
     progress = [event for event in events if event.event == "progress"]
     assert progress, kinds
-    final = events[-1].data
+    final = events[-1].data  # the sweep's summary: its members are the view's
     assert final["status"] == "succeeded" and final["id"] == sweep["id"]
     last = {}
     for event in progress:
         last.update(event.data["members"])
-    assert set(last) == {member["id"] for member in final["members"]}
+    assert set(last) == {member["id"] for member in client.sweep(sweep["id"])["members"]}
     assert {update["status"] for update in last.values()} <= {"succeeded", "pruned"}
     ids = [int(event.id) for event in events if event.id is not None]
     assert ids == sorted(ids)
@@ -193,3 +195,30 @@ def test_many_watchers_of_a_sweep_share_one_redis_reader(
     # One tail reads the sweep's stream (a read per few events, and a keep-alive read per
     # second), not one per watcher: without it, reads would be WATCHERS times the events.
     assert reads < 2 * progress + 20, (reads, progress)
+
+
+def test_the_listing_and_the_done_event_stay_small_whatever_the_sweep(client: Client) -> None:
+    # Half a megabyte of inline data and 200 members: the listing's row and the stream's
+    # `done` event say how the sweep stands (counts, best, the data's shape), not every member
+    # nor the data (DESIGN §10); GET /v1/sweeps/{id} has both.
+    rows = random.Random(21)
+    x = [[round(rows.uniform(-1, 1), 6) for _ in range(10)] for _ in range(5000)]
+    y = [round(sum(row), 6) for row in x]
+    base = {"data": {"x": x, "y": y}, "optimizer": {"name": "sgd"}, "steps": 2, "device": "cpu"}
+    assert len(json.dumps(base["data"])) > 500_000
+    lrs = [round(0.001 * (i + 1), 6) for i in range(200)]
+    sweep = client.submit_sweep({"name": "wide", "base": base, "grid": {"optimizer.lr": lrs}})
+    events = list(client.sweep_events(sweep["id"]))
+    assert events[-1].event == "done"
+    done = events[-1].data
+    assert len(json.dumps(done)) < 10_000 and "members" not in done
+    assert done["status"] == "succeeded" and done["counts"] == {"succeeded": 200}
+    listing = client.http.get("/v1/sweeps", params={"limit": 100})
+    row = next(s for s in listing.json()["sweeps"] if s["id"] == sweep["id"])
+    assert len(json.dumps(row)) < 10_000 and "members" not in row
+    assert row["spec"]["base"]["data"] == {"inline": {"samples": 5000, "features": 10}}
+    assert row["member_count"] == 200 and row["counts"] == {"succeeded": 200}
+    assert row["best"] == done["best"] and row["best"] is not None
+    whole = client.sweep(sweep["id"])  # the single GET keeps the spec and every member
+    assert len(whole["members"]) == 200 and whole["spec"]["base"]["data"]["x"] == x
+    client.delete_sweep(sweep["id"])
