@@ -11,9 +11,13 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import torch
 
 from api.client import AsyncClient, Client, GradstreamError
 from cli.stack import Stack
+from services.config import Settings
+from services.store import Store, keys
+from tests.attempts import run_groups, store_sweep
 from tests.conftest import SEED_EXAMPLE
 
 SEED_SWEEP = {"name": "seed lrs", "base": SEED_EXAMPLE, "grid": {"optimizer.lr": [0.1, 0.05, 0.2]}}
@@ -222,3 +226,38 @@ def test_the_listing_and_the_done_event_stay_small_whatever_the_sweep(client: Cl
     whole = client.sweep(sweep["id"])  # the single GET keeps the spec and every member
     assert len(whole["members"]) == 200 and whole["spec"]["base"]["data"]["x"] == x
     client.delete_sweep(sweep["id"])
+
+
+def test_the_sweep_stream_keeps_its_latest_events_and_an_older_cursor_gets_reset(
+    client: Client, store: Store, redis_client: "redis.Redis"
+) -> None:
+    # A progress event per flush of a group: flushing every step, 60 steps give 60 events,
+    # of which the stream keeps the latest 12.
+    keep = 12
+    spec = {
+        "base": {**SEED_EXAMPLE, "steps": 60},
+        "grid": {"optimizer.lr": [0.01, 0.02, 0.03]},
+    }
+    sweep = store_sweep(store, spec, Settings(sweep_events_keep=keep), tenant="alice")
+    settings = Settings(flush_max_steps=1, flush_interval_s=60, compile_steps=False)
+    run_groups(store, sweep.id, torch.device("cpu"), settings)
+    stream = keys.sweep_events_key(sweep.id)
+    assert redis_client.xlen(stream) <= keep
+    last = int(redis_client.hget(keys.sweep_key(sweep.id), "seq"))
+    assert last > 60  # every event was sent; the oldest were let go
+    # A watcher resuming from an event no longer kept: `reset`, then every member's state as
+    # one progress event, then what is kept after it (here: done).
+    resumed = list(client.sweep_events(sweep.id, last_event_id=2))
+    kinds = [event.event for event in resumed]
+    assert kinds == ["status", "reset", "progress", "done"], kinds
+    assert resumed[1].data == {"kept_from": last - keep + 1}
+    state = resumed[2].data["members"]
+    assert {member_id: update["step"] for member_id, update in state.items()} == {
+        member.id: 59 for member in sweep.members
+    }
+    assert {update["status"] for update in state.values()} == {"succeeded"}
+    # A cursor still kept resumes as before, without reset.
+    recent = list(client.sweep_events(sweep.id, last_event_id=last - 3))
+    assert "reset" not in [event.event for event in recent]
+    assert [int(event.id) for event in recent if event.id] == [last - 2, last - 1, last]
+    client.delete_sweep(sweep.id)

@@ -78,7 +78,8 @@ async def sweep_events(
     after: SequenceCursor = None,
 ) -> StreamingResponse:
     """Stream the sweep: `status`, then a `progress` event per flush of any of its groups
-    (resumable by Last-Event-ID or `after`), then `done` with the sweep's summary."""
+    (resumable by Last-Event-ID or `after`; `reset` and every member's state when the cursor
+    is older than what is kept), then `done` with the sweep's summary."""
     cursor = last_event_id if last_event_id is not None else after
     streams: SweepStreams = request.app.state.sweep_streams
     frames = await streams.open(sweep_id, tenant, -1 if cursor is None else cursor)
