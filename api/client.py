@@ -169,6 +169,7 @@ class Client:
         return dict(self._json(self.http.get(f"/v1/sweeps/{sweep_id}")))
 
     def sweeps(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest sweeps as summaries: counts and best, no members (`sweep()` has them)."""
         return list(self._json(self.http.get("/v1/sweeps", params={"limit": limit}))["sweeps"])
 
     def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
@@ -318,6 +319,7 @@ class AsyncClient:
         return dict(await self._json(self.http.get(f"/v1/sweeps/{sweep_id}")))
 
     async def sweeps(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest sweeps as summaries: counts and best, no members (`sweep()` has them)."""
         body = await self._json(self.http.get("/v1/sweeps", params={"limit": limit}))
         return list(body["sweeps"])
 

@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = app.state.store
 
         async def final_view(sweep_id: str) -> dict[str, Any]:
-            view = await asyncio.to_thread(store.get_sweep, sweep_id)
+            view = await asyncio.to_thread(store.sweep_summary, sweep_id)
             rendered: dict[str, Any] = view.model_dump(mode="json")
             return rendered
 

@@ -930,7 +930,7 @@ class SweepBoard:
         self.update(view)
 
     def update(self, view: dict[str, Any]) -> None:
-        """Take in a SweepView (the one `done` carries, or the one read at the start)."""
+        """Take in a SweepView (read at the start, and again once `done` says it ended)."""
         self.view = view
         self.status: str = view["status"]
         for member in view["members"]:
@@ -952,8 +952,8 @@ class SweepBoard:
                     row.steps_done = moved["step"] + 1
                     if "val_loss" in moved:  # the flush had an evaluated step
                         row.val_loss = moved["val_loss"]
-        elif event.event == "done":
-            self.update(event.data)
+        elif event.event == "done":  # a summary: the watch reads the whole view for the board
+            self.status = event.data["status"]
 
     def member_steps(self) -> tuple[int, int]:
         """Member-steps done, and in all: a member that ended early counts what it did."""
@@ -1087,6 +1087,7 @@ def _watch_sweep_lines(client: Client, board: SweepBoard, top: int) -> None:
         elif event.event == "progress":
             typer.echo(board.progress_line())
         elif event.event == "done":
+            board.update(client.sweep(board.id))
             _print_table(board.table(top))
             typer.echo(board.ranked_by())
             typer.echo(board.final_line())
@@ -1114,6 +1115,8 @@ def _watch_sweep_live(client: Client, board: SweepBoard, top: int) -> None:
     with Live(screen(), console=Console(force_terminal=True), auto_refresh=False) as live:
         for event in client.sweep_events(board.id):
             board.apply(event)
+            if event.event == "done":
+                board.update(client.sweep(board.id))
             # At most 10 frames a second: a backlog replayed on connect comes all at once.
             if event.event == "done" or time.monotonic() - drawn > 0.1:
                 live.update(screen(), refresh=True)
@@ -1231,18 +1234,20 @@ def sweeps(
         pad_edge=False,
     )
     table.columns[0].no_wrap = True
-    for view in listed:
-        board = SweepBoard(view)
-        best = board.best_final() if view["best"] is not None else None
+    for summary in listed:  # SweepSummary rows: counts and best, no members
+        metric = summary["spec"].get("metric") or "loss"
+        best = summary["best"]
+        best_final = None if best is None else best[f"final_{metric}"]
+        counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items())
         table.add_row(
-            view["id"],
-            view["name"] or UNKNOWN,
-            view["status"],
-            str(len(view["members"])),
-            board.counts(),
-            board.metric,
-            UNKNOWN if best is None else _loss(best),
-            _time(view["created_at"]),
+            summary["id"],
+            summary["name"] or UNKNOWN,
+            summary["status"],
+            str(summary["member_count"]),
+            counts or "no members",
+            metric,
+            UNKNOWN if best_final is None else _loss(best_final),
+            _time(summary["created_at"]),
         )
     _print_table(table)
 

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # (one batched step on one worker; a bigger group is split).
     max_sweep_members: int = Field(default=4096, ge=1)
     max_group_members: int = Field(default=1024, ge=1)
+    # A sweep's event stream keeps its latest this many events (a progress event per flush
+    # of any group); a watcher resuming from an older one gets `reset`, then every member's
+    # state.
+    sweep_events_keep: int = Field(default=2000, ge=10)
     # Two values of a sweep's metric within this relative tolerance rank as equal, and member
     # order decides between them (DESIGN §11): steppers and CPUs that agree to float32
     # rounding then keep and pick the same members.

@@ -820,6 +820,24 @@ class SweepView(BaseModel):
     best: SweepBest | None
 
 
+class SweepSummary(BaseModel):
+    """A sweep as listings and its stream's `done` event show it (DESIGN §10): the spec with
+    inline data as `{"inline": {"samples": n, "features": d}}`, no member list
+    (GET /v1/sweeps/{id} has both)."""
+
+    id: str
+    name: str | None
+    status: SweepStatus
+    spec: dict[str, Any]
+    created_at: UtcTime
+    started_at: UtcTime | None
+    finished_at: UtcTime | None
+    counts: dict[JobStatus, int] = Field(description="members per status")
+    groups: int = Field(description="units of work: members trained together by one step")
+    member_count: int = Field(description="its members, in all")
+    best: SweepBest | None
+
+
 class SweepList(BaseModel):
-    sweeps: list[SweepView]
+    sweeps: list[SweepSummary]
     next: str | None

@@ -12,6 +12,7 @@ to where the tail was when it joined), then follows the tail.
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -20,11 +21,17 @@ import redis.asyncio as aioredis
 
 from services.errors import StoreUnavailable, SweepNotFound
 from services.events import MAX_LAG, Render, StreamEvent, let_the_server_run
-from services.store.keys import step_entry_id, sweep_events_key, sweep_key
+from services.store.keys import (
+    job_key,
+    step_entry_id,
+    sweep_events_key,
+    sweep_key,
+    sweep_members_key,
+)
 
 log = logging.getLogger(__name__)
 
-FinalView = Callable[[str], Awaitable[dict[str, Any]]]  # sweep id -> its SweepView as JSON
+FinalView = Callable[[str], Awaitable[dict[str, Any]]]  # sweep id -> its SweepSummary as JSON
 _GONE = object()  # the tail stopped (Redis lost): the watcher's stream ends, it resumes
 
 
@@ -115,18 +122,56 @@ class SweepStreams:
                 self.tails[sweep_id] = tail
         return tail
 
+    async def _snapshot(self, sweep_id: str) -> tuple[int, bool, bytes]:
+        """Every member's state now, as a progress event whose id is the sequence number it
+        stands for; and whether the sweep had ended then."""
+        ids = await self.client.zrange(sweep_members_key(sweep_id), 0, -1)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hmget(sweep_key(sweep_id), "seq", "status")
+        for member_id in ids:
+            pipe.hmget(job_key(member_id.decode()), "status", "steps_done", "loss")
+        (seq, status), *rows = await pipe.execute()
+        members: dict[str, dict[str, Any]] = {}
+        for member_id, (member_status, steps, loss) in zip(ids, rows, strict=True):
+            if member_status is None:
+                continue  # deleted
+            value = float(loss) if loss else None
+            members[member_id.decode()] = {
+                "step": int(steps or 0) - 1,
+                "loss": value if value is not None and math.isfinite(value) else None,
+                "status": member_status.decode(),
+            }
+        number = int(seq or 0)
+        frame = self.render(StreamEvent("progress", {"members": members}, number))
+        ended = status is None or status.decode() not in ("queued", "running")  # None: deleted
+        return number, ended, frame
+
     async def _follow(self, sweep_id: str, status: str, after: int) -> AsyncGenerator[bytes, None]:
         yield self.render(StreamEvent("status", {"status": status}))
         tail = await self._tail(sweep_id)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         tail.watchers.add(queue)
+        # Where the tail was at the join, read before any await: the queue holds all after it.
+        joined_at = tail.position
         if tail.task is None:
             tail.task = asyncio.create_task(tail.run())
         try:
+            # The stream keeps only its latest events (GRADSTREAM_SWEEP_EVENTS_KEEP): a cursor
+            # older than the first one kept gets `reset`, then every member's state as one
+            # progress event, and goes on from there.
+            first = await self.client.xrange(sweep_events_key(sweep_id), count=1)
+            kept_from = int(first[0][0].split(b"-")[0]) if first else 1  # sequence numbers: 1..
+            if kept_from > max(after, 0) + 1:
+                yield self.render(StreamEvent("reset", {"kept_from": kept_from}))
+                seq, ended, frame = await self._snapshot(sweep_id)
+                yield frame
+                if ended:
+                    yield await tail.frame(seq, "done", "")
+                    return
+                after = seq
             # The backlog: what came after the cursor up to where the tail was at the join;
             # the tail's queue holds everything after that.
             cursor = step_entry_id(after) if after >= 0 else "0-0"
-            joined_at = tail.position
             while joined_at != b"0-0":
                 entries = await self.client.xrange(
                     sweep_events_key(sweep_id), f"({cursor}", joined_at, count=100
@@ -148,7 +193,9 @@ class SweepStreams:
                 if item is None:
                     yield self.render(None)
                     continue
-                _, kind, frame = item
+                seq, kind, frame = item
+                if seq <= after and kind != "done":
+                    continue  # a snapshot after a reset had it already
                 yield frame
                 if kind == "done":
                     return

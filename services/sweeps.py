@@ -436,6 +436,8 @@ def submit_sweep(
             "remaining": len(members),
             "bytes": len(spec_json),
             "dataset": members[0].spec.data.dataset_id or "",
+            # Its event stream keeps the latest this many events (services/sweep_events.py).
+            "events_keep": settings.sweep_events_keep,
         },
     )
     existing = store.create_sweep(

@@ -68,11 +68,13 @@ def hand_back_and_resume(
     return [first, second]
 
 
-def store_sweep(store: Store, spec: dict[str, Any]) -> SweepView:
+def store_sweep(
+    store: Store, spec: dict[str, Any], settings: Settings | None = None, tenant: str = "test"
+) -> SweepView:
     """A sweep stored as the API stores it, its groups sent to no worker: the caller runs
     them (`run_groups`)."""
     sweep = SweepSpec.model_validate(spec)
-    return submit_sweep(store, sweep, Settings(), "test", enqueue=lambda *_: None)
+    return submit_sweep(store, sweep, settings or Settings(), tenant, enqueue=lambda *_: None)
 
 
 def run_groups(

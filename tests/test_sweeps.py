@@ -3,16 +3,22 @@ the same spec run alone, successive halving prunes at its rungs, one event strea
 whole sweep, cancel and delete reach every member, and bad sweeps are 422s naming the place."""
 
 import asyncio
+import json
 import math
+import random
 import time
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import torch
 
 from api.client import AsyncClient, Client, GradstreamError
 from cli.stack import Stack
+from services.config import Settings
+from services.store import Store, keys
+from tests.attempts import run_groups, store_sweep
 from tests.conftest import SEED_EXAMPLE
 
 SEED_SWEEP = {"name": "seed lrs", "base": SEED_EXAMPLE, "grid": {"optimizer.lr": [0.1, 0.05, 0.2]}}
@@ -107,12 +113,12 @@ def test_one_stream_follows_the_whole_sweep_and_resumes(client: Client) -> None:
     assert kinds[0] == "status" and kinds[-1] == "done"
     progress = [event for event in events if event.event == "progress"]
     assert progress, kinds
-    final = events[-1].data
+    final = events[-1].data  # the sweep's summary: its members are the view's
     assert final["status"] == "succeeded" and final["id"] == sweep["id"]
     last = {}
     for event in progress:
         last.update(event.data["members"])
-    assert set(last) == {member["id"] for member in final["members"]}
+    assert set(last) == {member["id"] for member in client.sweep(sweep["id"])["members"]}
     assert {update["status"] for update in last.values()} <= {"succeeded", "pruned"}
     ids = [int(event.id) for event in events if event.id is not None]
     assert ids == sorted(ids)
@@ -231,3 +237,65 @@ def test_an_idempotency_key_makes_a_retried_sweep_submit_return_the_same_sweep(
     renewed = client.http.post("/v1/sweeps", json=spec, headers=key).json()
     assert renewed["id"] != first.json()["id"]
     client.cancel_sweep(renewed["id"])
+
+
+def test_the_listing_and_the_done_event_stay_small_whatever_the_sweep(client: Client) -> None:
+    # Half a megabyte of inline data and 200 members: the listing's row and the stream's
+    # `done` event say how the sweep stands (counts, best, the data's shape), not every member
+    # nor the data (DESIGN §10); GET /v1/sweeps/{id} has both.
+    rows = random.Random(21)
+    x = [[round(rows.uniform(-1, 1), 6) for _ in range(10)] for _ in range(5000)]
+    y = [round(sum(row), 6) for row in x]
+    base = {"data": {"x": x, "y": y}, "optimizer": {"name": "sgd"}, "steps": 2, "device": "cpu"}
+    assert len(json.dumps(base["data"])) > 500_000
+    lrs = [round(0.001 * (i + 1), 6) for i in range(200)]
+    sweep = client.submit_sweep({"name": "wide", "base": base, "grid": {"optimizer.lr": lrs}})
+    events = list(client.sweep_events(sweep["id"]))
+    assert events[-1].event == "done"
+    done = events[-1].data
+    assert len(json.dumps(done)) < 10_000 and "members" not in done
+    assert done["status"] == "succeeded" and done["counts"] == {"succeeded": 200}
+    listing = client.http.get("/v1/sweeps", params={"limit": 100})
+    row = next(s for s in listing.json()["sweeps"] if s["id"] == sweep["id"])
+    assert len(json.dumps(row)) < 10_000 and "members" not in row
+    assert row["spec"]["base"]["data"] == {"inline": {"samples": 5000, "features": 10}}
+    assert row["member_count"] == 200 and row["counts"] == {"succeeded": 200}
+    assert row["best"] == done["best"] and row["best"] is not None
+    whole = client.sweep(sweep["id"])  # the single GET keeps the spec and every member
+    assert len(whole["members"]) == 200 and whole["spec"]["base"]["data"]["x"] == x
+    client.delete_sweep(sweep["id"])
+
+
+def test_the_sweep_stream_keeps_its_latest_events_and_an_older_cursor_gets_reset(
+    client: Client, store: Store, redis_client: "redis.Redis"
+) -> None:
+    # A progress event per flush of a group: flushing every step, 60 steps give 60 events,
+    # of which the stream keeps the latest 12.
+    keep = 12
+    spec = {
+        "base": {**SEED_EXAMPLE, "steps": 60},
+        "grid": {"optimizer.lr": [0.01, 0.02, 0.03]},
+    }
+    sweep = store_sweep(store, spec, Settings(sweep_events_keep=keep), tenant="alice")
+    settings = Settings(flush_max_steps=1, flush_interval_s=60, compile_steps=False)
+    run_groups(store, sweep.id, torch.device("cpu"), settings)
+    stream = keys.sweep_events_key(sweep.id)
+    assert redis_client.xlen(stream) <= keep
+    last = int(redis_client.hget(keys.sweep_key(sweep.id), "seq"))
+    assert last > 60  # every event was sent; the oldest were let go
+    # A watcher resuming from an event no longer kept: `reset`, then every member's state as
+    # one progress event, then what is kept after it (here: done).
+    resumed = list(client.sweep_events(sweep.id, last_event_id=2))
+    kinds = [event.event for event in resumed]
+    assert kinds == ["status", "reset", "progress", "done"], kinds
+    assert resumed[1].data == {"kept_from": last - keep + 1}
+    state = resumed[2].data["members"]
+    assert {member_id: update["step"] for member_id, update in state.items()} == {
+        member.id: 59 for member in sweep.members
+    }
+    assert {update["status"] for update in state.values()} == {"succeeded"}
+    # A cursor still kept resumes as before, without reset.
+    recent = list(client.sweep_events(sweep.id, last_event_id=last - 3))
+    assert "reset" not in [event.event for event in recent]
+    assert [int(event.id) for event in recent if event.id] == [last - 2, last - 1, last]
+    client.delete_sweep(sweep.id)

@@ -48,7 +48,8 @@ def list_sweeps(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
 ) -> SweepList:
-    """List the caller's sweeps, newest first; pass `next` back as `cursor` for the next page."""
+    """List the caller's sweeps, newest first, as summaries (no members, no inline data); pass
+    `next` back as `cursor` for the next page."""
     views, next_cursor = store.list_sweeps(tenant, limit, cursor)
     return SweepList(sweeps=views, next=next_cursor)
 
@@ -90,7 +91,8 @@ async def sweep_events(
     after: SequenceCursor = None,
 ) -> StreamingResponse:
     """Stream the sweep: `status`, then a `progress` event per flush of any of its groups
-    (resumable by Last-Event-ID or `after`), then `done` with the final SweepView."""
+    (resumable by Last-Event-ID or `after`; `reset` and every member's state when the cursor
+    is older than what is kept), then `done` with the sweep's summary."""
     cursor = last_event_id if last_event_id is not None else after
     streams: SweepStreams = request.app.state.sweep_streams
     frames = await streams.open(sweep_id, tenant, -1 if cursor is None else cursor)

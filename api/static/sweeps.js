@@ -76,7 +76,7 @@ export function sweepsPage() {
         ? el("button", { class: "delete danger small", onclick: (e) => remove(e.target, sweep.id) }, "Delete")
         : el("button", { class: "cancel small", onclick: () => cancel(sweep.id) }, "Cancel"));
     }
-    cells[2].textContent = String(sweep.members.length);
+    cells[2].textContent = String(sweep.member_count);  // a listing's row has no members
     cells[3].replaceChildren(countsList(sweep.counts));
     cells[4].textContent = best ? `${metricOf(sweep)} ${fmt(finalMetric(best, metricOf(sweep)))}` : "—";
     cells[4].title = best ? valuesText(best.values, shortNames(Object.keys(best.values))) : "";
@@ -432,7 +432,7 @@ export function sweepPage(sweepId) {
   const stopStream = followEvents(`/v1/sweeps/${sweepId}/events`, {
     status: () => refreshView(),
     progress: (data) => { showError(null); progress(data); },
-    done: (view) => { show(view); },
+    done: () => { refreshView(); },  // done carries the sweep's summary: read its members
   }, (error, retrying) => showError(retrying ? `event stream: ${error.message}; reconnecting…` : error));
   refreshView();
   // Duration and statuses of queued members (no progress event until they run).

@@ -116,10 +116,17 @@ local function restore_job(saved)
 end
 
 -- A sweep's event stream: ids are a sequence number (`<seq>-1`) that Last-Event-ID resumes
--- from.
+-- from. It keeps the latest `events_keep` events (the sweep's setting at submit): a flush of
+-- any group adds one, so an unbounded stream would outgrow every member's steps.
 local function sweep_event(sweep, kind, data)
   local seq = redis.call('HINCRBY', sweep_key(sweep), 'seq', 1)
-  redis.call('XADD', sweep_events_key(sweep), seq .. '-1', 'type', kind, 'data', data)
+  local keep = redis.call('HGET', sweep_key(sweep), 'events_keep')
+  if keep then
+    redis.call('XADD', sweep_events_key(sweep), 'MAXLEN', keep, seq .. '-1', 'type', kind,
+               'data', data)
+  else
+    redis.call('XADD', sweep_events_key(sweep), seq .. '-1', 'type', kind, 'data', data)
+  end
 end
 
 -- A sweep's status lives in its record and in the global index of sweeps per status (which

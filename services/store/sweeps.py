@@ -20,11 +20,12 @@ from services.schemas import (
     SweepMember,
     SweepSpec,
     SweepStatus,
+    SweepSummary,
     SweepView,
 )
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
-from services.store.jobs import IDEMPOTENCY_TTL_S
+from services.store.jobs import IDEMPOTENCY_TTL_S, spec_summary
 from services.sweeps_math import rank_by_loss
 
 # A group's record holds this JSON as its `spec` ("group" first), so that a claim tells a
@@ -213,6 +214,22 @@ class Sweeps(RedisPart):
             best=best,
         )
 
+    @translate_redis_errors
+    def sweep_summary(self, sweep_id: str, tenant: str | None = None) -> SweepSummary:
+        """The sweep as listings show it: counts and best, no members, no inline data."""
+        return self._summary(self._view(self.sweep_fields(sweep_id, tenant)))
+
+    @staticmethod
+    def _summary(view: SweepView) -> SweepSummary:
+        spec = view.spec.model_dump(mode="json")
+        if spec["base"].get("data") is not None:
+            spec["base"] = spec_summary(spec["base"])
+        return SweepSummary(
+            **view.model_dump(exclude={"spec", "members"}),
+            spec=spec,
+            member_count=len(view.members),
+        )
+
     def _best(self, members: list[SweepMember], metric: str) -> SweepBest | None:
         """The succeeded member with the lowest final metric; equal within the rank tolerance,
         the first in member order (DESIGN §11)."""
@@ -239,8 +256,9 @@ class Sweeps(RedisPart):
     @translate_redis_errors
     def list_sweeps(
         self, tenant: str, limit: int, cursor: str | None
-    ) -> tuple[list[SweepView], str | None]:
-        """The tenant's sweeps, newest first; `cursor` is the last id of the previous page."""
+    ) -> tuple[list[SweepSummary], str | None]:
+        """The tenant's sweeps as summaries, newest first; `cursor` is the last id of the
+        previous page."""
         upper = "+" if cursor is None else f"({cursor}"
         found = self.redis.zrevrangebylex(keys.tenant_sweeps(tenant), upper, "-", 0, limit + 1)
         ids = [i.decode() for i in found]
@@ -248,7 +266,7 @@ class Sweeps(RedisPart):
         for sweep_id in ids[:limit]:
             fields = self.redis.hgetall(keys.sweep_key(sweep_id))
             if fields:
-                views.append(self._view(fields))
+                views.append(self._summary(self._view(fields)))
         return views, (ids[limit - 1] if len(ids) > limit else None)
 
     @translate_redis_errors
