@@ -185,6 +185,8 @@ def test_job_page_jobs_list_and_compare(
     browser.get(f"{stack.api_url}/#/jobs/{later['id']}")
     _until(browser, lambda b: b.find_element(By.ID, "loss-chart-empty").is_displayed())
     assert _text(browser, "loss-chart-empty") == "Waiting for the first step…"
+    # The spec's facts are filled in by the same view, not necessarily in the same frame.
+    _until(browser, lambda b: _text(b, "spec-optimizer"))
     assert _text(browser, "spec-optimizer") == "adam lr 0.05"
     assert _text(browser, "spec-data") == "synthetic 64\u00d74 + bias, full batch"
     assert _text(browser, "spec-steps").endswith("/ 2,000")
