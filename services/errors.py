@@ -97,12 +97,12 @@ class JobActive(GradstreamError):
 
 
 class DatasetInUse(GradstreamError):
-    """A dataset that a queued or running job of the tenant trains on."""
+    """A dataset that a queued or running job or sweep of the tenant trains on."""
 
-    def __init__(self, dataset_id: str, job_id: str) -> None:
+    def __init__(self, dataset_id: str, job_id: str, kind: str = "job") -> None:
         super().__init__(
-            f"dataset {dataset_id!r} is used by job {job_id!r}, which has not ended: "
-            "cancel the job or wait for it, then delete the dataset"
+            f"dataset {dataset_id!r} is used by {kind} {job_id!r}, which has not ended: "
+            f"cancel the {kind} or wait for it, then delete the dataset"
         )
         self.dataset_id = dataset_id
         self.job_id = job_id

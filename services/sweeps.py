@@ -30,7 +30,7 @@ from services.jobs import check_limits, check_rate, resolve_dataset
 from services.queue import enqueue_training, route_job
 from services.schemas import DataSpec, Distribution, JobSpec, JobStatus, SweepSpec, SweepView
 from services.store import Store
-from services.store.jobs import spec_summary, stored_bytes
+from services.store.jobs import dataset_ids, spec_summary, stored_bytes
 from services.store.keys import new_job_id, utc_now
 from services.store.sweeps import NewRecord, group_spec
 
@@ -413,7 +413,6 @@ def submit_sweep(
                 "bytes": member_bytes,
                 "spec_bytes": spec_bytes,
                 "row_bytes": row_bytes,
-                "dataset": member.spec.data.dataset_id or "",
                 "group": group_id,
                 "index": index,
                 **shared,
@@ -435,7 +434,8 @@ def submit_sweep(
             "groups": " ".join(record.id for record in group_records),
             "remaining": len(members),
             "bytes": len(spec_json),
-            "dataset": members[0].spec.data.dataset_id or "",
+            # The datasets its members train on: none can be deleted while it is active.
+            "datasets": " ".join(dataset_ids(members[0].spec)),
             # Its event stream keeps the latest this many events (services/sweep_events.py).
             "events_keep": settings.sweep_events_keep,
         },

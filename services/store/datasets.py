@@ -73,6 +73,7 @@ class Datasets(RedisPart):
             keys.dataset_refs(dataset_id),
             keys.tenant_datasets(tenant),
             keys.tenant_storage(tenant),
+            keys.dataset_users(tenant, dataset_id),
         ]
 
     @translate_redis_errors
@@ -119,11 +120,11 @@ class Datasets(RedisPart):
     @translate_redis_errors
     def delete_dataset(self, tenant: str, dataset_id: str) -> None:
         """Drop `tenant`'s reference to a dataset (its bytes go with the last reference).
-        DatasetInUse while a queued or running job of the tenant trains on it."""
+        DatasetInUse while a queued or running job or sweep of the tenant trains on it."""
         reply = self.lua.drop_dataset(
             keys=self._keys(tenant, dataset_id), args=[tenant, dataset_id]
         )
         if reply[0] == b"busy":
-            raise DatasetInUse(dataset_id, reply[1].decode())
+            raise DatasetInUse(dataset_id, reply[1].decode(), reply[2].decode())
         if reply[0] == b"missing":
             raise DatasetNotFound(dataset_id)

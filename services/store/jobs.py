@@ -61,6 +61,13 @@ def spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def dataset_ids(spec: JobSpec) -> list[str]:
+    """The datasets a spec trains and validates on: while it is active, none can be deleted."""
+    validation = spec.eval.data if spec.eval is not None else None
+    found = [spec.data.dataset_id, validation.dataset_id if validation is not None else None]
+    return list(dict.fromkeys(d for d in found if d is not None))
+
+
 def stored_bytes(spec: JobSpec, spec_json: str) -> tuple[int, int]:
     """What a job keeps, counted up front: its spec, and the bytes of one step's record (the
     whole job reserves spec + steps x record)."""
@@ -225,7 +232,7 @@ class Jobs(RedisPart):
             "bytes": reserved,
             "spec_bytes": spec_bytes,
             "row_bytes": row_bytes,
-            "dataset": spec.data.dataset_id or "",
+            "datasets": " ".join(dataset_ids(spec)),
         }
         script_keys = keys.job_keys(job_id)
         if idempotency is not None:

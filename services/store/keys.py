@@ -18,6 +18,7 @@ STATUS_INDEX_PREFIX = "gs:jobs:"  # + status
 GROUP_STATUS_PREFIX = "gs:groups:"  # + status: a sweep's groups (units of work, not jobs)
 TENANT_PREFIX = "gs:tenant:"  # + tenant + ':jobs' (+ ':' + status) | ':datasets' | ':bytes'
 TENANT_JOBS = ":jobs"
+DATASET_USERS = ":dataset-users:"  # tenant prefix + tenant + this + dataset id
 SWEEP_STATUS_PREFIX = "gs:sweeps:"  # + status: the ids of every tenant's sweeps in it (a set)
 WORKERS_INDEX = "gs:workers"
 STATS_KEY = "gs:stats"
@@ -145,6 +146,12 @@ def dataset_key(dataset_id: str) -> str:
 def dataset_refs(dataset_id: str) -> str:
     """The tenants that refer to a dataset (a set); the bytes go with the last of them."""
     return f"gs:dataset-tenants:{dataset_id}"
+
+
+def dataset_users(tenant: str, dataset_id: str) -> str:
+    """The tenant's jobs and sweeps not yet ended that train (or validate) on a dataset (a
+    set of ids): a delete of the dataset asks it, not every active job."""
+    return f"{TENANT_PREFIX}{tenant}{DATASET_USERS}{dataset_id}"
 
 
 def worker_key(name: str) -> str:

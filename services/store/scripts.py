@@ -60,6 +60,7 @@ local STATUS_INDEX = {_lua_string(keys.STATUS_INDEX_PREFIX)}
 local GROUP_INDEX = {_lua_string(keys.GROUP_STATUS_PREFIX)}
 local TENANT_PREFIX = {_lua_string(keys.TENANT_PREFIX)}
 local TENANT_JOBS = {_lua_string(keys.TENANT_JOBS)}
+local DATASET_USERS = {_lua_string(keys.DATASET_USERS)}
 local STATS = {_lua_string(keys.STATS_KEY)}
 local ARCHIVE_DUE = {_lua_string(keys.ARCHIVE_DUE)}
 local SWEEP_STATUS = {_lua_string(keys.SWEEP_STATUS_PREFIX)}
@@ -78,6 +79,25 @@ end
 
 local function tenant_storage(tenant)
   return TENANT_PREFIX .. tenant .. ':bytes'
+end
+
+-- The tenant's jobs and sweeps not yet ended that use a dataset (keys.dataset_users): `id`
+-- joins the sets of the datasets it names (space-separated) while it is queued or running,
+-- so that a dataset's delete asks one set instead of reading every active job.
+local function dataset_users(tenant, dataset)
+  return TENANT_PREFIX .. tenant .. DATASET_USERS .. dataset
+end
+
+local function use_datasets(tenant, id, datasets)
+  for dataset in string.gmatch(datasets or '', '%S+') do
+    redis.call('SADD', dataset_users(tenant, dataset), id)
+  end
+end
+
+local function release_datasets(tenant, id, datasets)
+  for dataset in string.gmatch(datasets or '', '%S+') do
+    redis.call('SREM', dataset_users(tenant, dataset), id)
+  end
 end
 
 -- A tenant's sweep members not yet ended: its active jobs count its sweeps, not their members.
@@ -203,6 +223,7 @@ local function finish(id, old, new, now)
     redis.call('DECRBY', tenant_storage(tenant), reserved - kept)
     redis.call('HSET', JOB, 'bytes', kept)
   end
+  if tenant then release_datasets(tenant, id, redis.call('HGET', JOB, 'datasets')) end
   set_status(id, old, new)
   -- Its steps go to the archive once it has been finished for the hot retention (a group
   -- stores no steps of its own: its members do).
@@ -232,7 +253,9 @@ member_ended = function(sweep, status, now)
   end
   set_sweep_status(sweep, redis.call('HGET', record, 'status'), final)
   redis.call('HSET', record, 'finished_at', now)
-  redis.call('SREM', tenant_active_sweeps(redis.call('HGET', record, 'tenant')), sweep)
+  local tenant = redis.call('HGET', record, 'tenant')
+  redis.call('SREM', tenant_active_sweeps(tenant), sweep)
+  release_datasets(tenant, sweep, redis.call('HGET', record, 'datasets'))
   sweep_event(sweep, 'done', final)
 end
 
@@ -353,6 +376,7 @@ local used = tonumber(redis.call('GET', tenant_storage(tenant)) or '0')
 if used + tonumber(ARGV[6]) > tonumber(ARGV[5]) then return {'storage', tostring(used)} end
 redis.call('HSET', JOB, unpack(ARGV, 7))
 redis.call('INCRBY', tenant_storage(tenant), ARGV[6])
+use_datasets(tenant, ARGV[1], redis.call('HGET', JOB, 'datasets'))
 redis.call('ZADD', JOBS_INDEX, 0, ARGV[1])
 redis.call('ZADD', STATUS_INDEX .. 'queued', 0, ARGV[1])
 redis.call('ZADD', tenant_index(tenant), 0, ARGV[1])
@@ -562,6 +586,7 @@ if tenant then
   redis.call('ZREM', tenant_index(tenant), ARGV[1])
   redis.call('ZREM', tenant_index(tenant, status), ARGV[1])
   if bytes then redis.call('DECRBY', tenant_storage(tenant), bytes) end
+  release_datasets(tenant, ARGV[1], redis.call('HGET', JOB, 'datasets'))
 end
 redis.call('ZREM', JOBS_INDEX, ARGV[1])
 redis.call('ZREM', STATUS_INDEX .. status, ARGV[1])
@@ -574,8 +599,8 @@ return {'deleted'}
     allow_oom=True,
 )
 
-# Datasets: KEYS for each script are the dataset, its tenants (refs), the tenant's datasets
-# and the tenant's storage.
+# Datasets: KEYS for each script are the dataset, its tenants (refs), the tenant's datasets,
+# the tenant's storage and the tenant's users of the dataset (keys.dataset_users).
 
 # ARGV: tenant, dataset id, the tenant's limit of datasets, its storage limit, the bytes the
 # dataset keeps, then the dataset hash's field/value pairs. Gives the tenant a reference (and
@@ -600,21 +625,17 @@ return {'added'}
     helpers=False,
 )
 
-# ARGV: tenant, dataset id. Drops the tenant's reference unless a queued or running job of the
-# tenant trains on it; the bytes go with the last reference. Returns {'dropped'}, {'missing'}
-# or {'busy', job id}.
+# ARGV: tenant, dataset id. Drops the tenant's reference unless a queued or running job or
+# sweep of the tenant trains on it (one set answers: its users, kept by CREATE, CREATE_SWEEP,
+# finish and the deletes); the bytes go with the last reference. Returns {'dropped'},
+# {'missing'} or {'busy', id, 'job' | 'sweep'}.
 DROP_DATASET = _script(
     """
 if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 0 then return {'missing'} end
-for _, status in ipairs({'queued', 'running', 'cancelling'}) do
-  for _, id in ipairs(redis.call('ZRANGE', tenant_index(ARGV[1], status), 0, -1)) do
-    if redis.call('HGET', job_key(id), 'dataset') == ARGV[2] then
-      return {'busy', id}
-    end
-  end
-end
-for _, sweep in ipairs(redis.call('SMEMBERS', tenant_active_sweeps(ARGV[1]))) do
-  if redis.call('HGET', sweep_key(sweep), 'dataset') == ARGV[2] then return {'busy', sweep} end
+local user = redis.call('SRANDMEMBER', KEYS[5])
+if user then
+  if redis.call('EXISTS', sweep_key(user)) == 1 then return {'busy', user, 'sweep'} end
+  return {'busy', user, 'job'}
 end
 redis.call('SREM', KEYS[3], ARGV[2])
 redis.call('SREM', KEYS[2], ARGV[1])
@@ -681,6 +702,7 @@ while i <= #ARGV do
     set_sweep_status(id, nil, redis.call('HGET', sweep_key(id), 'status'))
     redis.call('ZADD', tenant_sweeps(tenant), 0, id)
     redis.call('SADD', tenant_active_sweeps(tenant), id)
+    use_datasets(tenant, id, redis.call('HGET', sweep_key(id), 'datasets'))
   else
     redis.call('HSET', job_key(id), unpack(ARGV, first, last))
     redis.call('HSET', job_key(id), 'queued_at', now)
@@ -896,6 +918,7 @@ for id in string.gmatch(redis.call('HGET', KEYS[1], 'groups') or '', '%S+') do
   if group_status then redis.call('ZREM', GROUP_INDEX .. group_status, id) end
   redis.call('DEL', job_key(id), steps_key(id), events_key(id), lease_key(id), ckpt_key(id))
 end
+release_datasets(tenant, sweep, redis.call('HGET', KEYS[1], 'datasets'))
 redis.call('DECRBY', tenant_storage(tenant), freed)
 redis.call('ZREM', tenant_sweeps(tenant), sweep)
 redis.call('SREM', tenant_active_sweeps(tenant), sweep)
