@@ -97,13 +97,23 @@ class JobActive(GradstreamError):
 
 
 class DatasetInUse(GradstreamError):
-    """A dataset that a queued or running job or sweep of the tenant trains on."""
+    """A dataset that a queued or running job or sweep of the tenant trains on, or that a
+    sweep owns (its inline data, deleted with it)."""
 
-    def __init__(self, dataset_id: str, job_id: str, kind: str = "job") -> None:
-        super().__init__(
-            f"dataset {dataset_id!r} is used by {kind} {job_id!r}, which has not ended: "
-            f"cancel the {kind} or wait for it, then delete the dataset"
-        )
+    def __init__(
+        self, dataset_id: str, job_id: str, kind: str = "job", owned: bool = False
+    ) -> None:
+        if owned:
+            message = (
+                f"dataset {dataset_id!r} is the inline data of sweep {job_id!r}: it is deleted "
+                "with the sweep (DELETE /v1/sweeps/{id})"
+            )
+        else:
+            message = (
+                f"dataset {dataset_id!r} is used by {kind} {job_id!r}, which has not ended: "
+                f"cancel the {kind} or wait for it, then delete the dataset"
+            )
+        super().__init__(message)
         self.dataset_id = dataset_id
         self.job_id = job_id
 

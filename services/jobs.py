@@ -62,6 +62,13 @@ def resolve_dataset(store: Store, spec: JobSpec, tenant: str) -> None:
             raise SpecRejected(
                 (*field, "dataset_id"), f"{exc}: upload it with POST /v1/datasets"
             ) from exc
+        if info.sweep is not None:
+            # It goes with its sweep: a job or another sweep on it would lose its data then.
+            raise SpecRejected(
+                (*field, "dataset_id"),
+                f"dataset {data.dataset_id!r} is the inline data of sweep {info.sweep!r}, for "
+                "its members only: upload the data with POST /v1/datasets to train on it",
+            )
         data.resolve(info.samples, info.features)
     for field_name, problem in spec.fit_problems():
         raise SpecRejected(tuple(field_name.split(".")), problem)

@@ -722,17 +722,21 @@ class Prediction(BaseModel):
 
 
 class DatasetInfo(BaseModel):
-    """An uploaded dataset: its id (the sha256 of the uploaded bytes) and shape."""
+    """An uploaded dataset: its id (the sha256 of the uploaded bytes) and shape; or a sweep's
+    inline data, kept once for all its members (format `inline`, `sweep` its sweep)."""
 
     id: str
     samples: int
     features: int
-    format: Literal["csv", "npy", "npz"]
+    format: Literal["csv", "npy", "npz", "inline"]
     columns: list[str] | None = Field(description="CSV: the feature columns, in order")
     target: str | None = Field(description="CSV: the target column")
     bytes: int = Field(description="the uploaded file's size")
     created_at: UtcTime
     loads: int = Field(description="times a worker moved it from Redis (once per worker)")
+    sweep: str | None = Field(
+        default=None, description="the sweep whose inline data it is (deleted with the sweep)"
+    )
 
 
 class JobList(BaseModel):

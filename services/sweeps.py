@@ -10,6 +10,9 @@ and within a draw the paths in the order `space` lists them: Python guarantees t
 for a seed across versions (its other methods may change), so a sweep's members stay the same.
 
 Groups: members that may share one batched step, split to at most `max_group` each.
+
+Inline data (training and validation) is stored once per sweep, as datasets the sweep owns;
+each member's stored spec names them by id, so its size does not grow with the data.
 """
 
 import hashlib
@@ -22,16 +25,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from services.config import Settings
+from services.datasets import ParsedDataset
 from services.errors import SpecRejected, StoreUnavailable, SweepPlace, SweepRejected
 from services.jobs import check_limits, check_rate, resolve_dataset
 from services.queue import enqueue_training, route_job
 from services.schemas import DataSpec, Distribution, JobSpec, JobStatus, SweepSpec, SweepView
 from services.store import Store
+from services.store.datasets import dataset_record
 from services.store.jobs import dataset_ids, spec_summary, stored_bytes
-from services.store.keys import new_job_id, utc_now
+from services.store.keys import new_job_id, sweep_dataset_id, utc_now
 from services.store.sweeps import NewRecord, group_spec
 
 log = logging.getLogger(__name__)
@@ -336,6 +342,63 @@ def make_groups(members: list[Member], max_group: int) -> list[Group]:
     return [Group(index, chunk) for index, chunk in enumerate(chunks)]
 
 
+@dataclass(frozen=True)
+class _OwnedData:
+    """A sweep's inline data as a dataset it owns: the record its submit writes, and the
+    DataSpec its members' specs carry instead of the numbers."""
+
+    record: "NewRecord"
+    ref: DataSpec
+    stored: int
+
+
+def _owned_dataset(sweep_id: str, part: str, data: DataSpec, tenant: str) -> _OwnedData:
+    """The inline `data` as the dataset `part` ('data' or 'eval') of the sweep: float32 x and
+    y as an upload keeps them (the same numbers the job's own float32 tensors hold)."""
+    assert data.x is not None and data.y is not None
+    with np.errstate(over="ignore"):  # beyond float32: inf, as torch.tensor makes it
+        x = np.ascontiguousarray(np.asarray(data.x, dtype=np.float32))
+        y = np.ascontiguousarray(np.asarray(data.y, dtype=np.float32))
+    parsed = ParsedDataset(x, y, "inline", None, None)
+    dataset_id = sweep_dataset_id(sweep_id, part)
+    stored = x.nbytes + y.nbytes
+    fields = {**dataset_record(dataset_id, parsed, stored), "tenant": tenant, "sweep": sweep_id}
+    ref = DataSpec(dataset_id=dataset_id)
+    ref.resolve(parsed.samples, parsed.features)
+    return _OwnedData(NewRecord(dataset_id, "dataset", fields), ref, stored)
+
+
+def _share_inline_data(
+    members: list[Member], sweep_id: str, tenant: str
+) -> tuple[list[Member], list[_OwnedData]]:
+    """The members with their inline data (training, validation) replaced by datasets the
+    sweep owns, and those datasets. Members share their data (no swept path reaches it), so
+    the first member's is everyone's."""
+    first = members[0].spec
+    training = (
+        _owned_dataset(sweep_id, "data", first.data, tenant) if first.data.x is not None else None
+    )
+    validation = first.eval.data if first.eval is not None else None
+    held = (
+        _owned_dataset(sweep_id, "eval", validation, tenant)
+        if validation is not None and validation.x is not None
+        else None
+    )
+    owned = [d for d in (training, held) if d is not None]
+    if not owned:
+        return members, []
+    shared = []
+    for member in members:
+        update: dict[str, Any] = {}
+        if training is not None:
+            update["data"] = training.ref
+        if held is not None:
+            assert member.spec.eval is not None
+            update["eval"] = member.spec.eval.model_copy(update={"data": held.ref})
+        shared.append(Member(member.index, member.values, member.spec.model_copy(update=update)))
+    return shared, owned
+
+
 def swept_value(spec: JobSpec, path: str) -> Any:
     """The value of a dotted path in `spec`, as JSON would carry it (betas as a list; None
     where init is not given)."""
@@ -372,9 +435,10 @@ def submit_sweep(
     members = expand(spec, settings.max_sweep_members, check=check)
     groups = make_groups(members, settings.max_group_members)
     sweep_id = new_job_id()
+    members, owned = _share_inline_data(members, sweep_id, tenant)
     member_ids = [new_job_id() for _ in members]
     live = store.live_queues()
-    created, reserved = utc_now(), 0
+    created, reserved = utc_now(), sum(dataset.stored for dataset in owned)
     group_records, member_records = [], []
     early_stop = spec.early_stop.model_dump() if spec.early_stop else None
     for group in groups:
@@ -433,16 +497,19 @@ def submit_sweep(
             "values": json.dumps([member.values for member in members]),
             "groups": " ".join(record.id for record in group_records),
             "remaining": len(members),
-            "bytes": len(spec_json),
-            # The datasets its members train on: none can be deleted while it is active.
+            # Its spec, and the datasets it owns (its inline data, once for all members).
+            "bytes": len(spec_json) + sum(dataset.stored for dataset in owned),
+            # The datasets its members train on, which cannot be deleted while it is active,
+            # and those it owns, deleted with it.
             "datasets": " ".join(dataset_ids(members[0].spec)),
+            "owned": " ".join(dataset.record.id for dataset in owned),
             # Its event stream keeps the latest this many events (services/sweep_events.py).
             "events_keep": settings.sweep_events_keep,
         },
     )
     existing = store.create_sweep(
         sweep,
-        group_records,
+        [dataset.record for dataset in owned] + group_records,
         member_records,
         tenant,
         reserved,

@@ -1,14 +1,22 @@
-"""Sweeps at scale (issue 21): a dataset's delete asks its users, not every active job.
-Against the session's Redis and CPU worker."""
+"""Sweeps at scale (issue 21): a sweep's inline data is stored once, not once per member, and
+a dataset's delete asks its users, not every active job. Against the session's Redis and CPU
+worker."""
 
+import json
+import random
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 
 from api.client import Client
 from cli.stack import Stack
-from services.store import keys
+from services.config import Settings
+from services.errors import StoreUnavailable
+from services.schemas import SweepSpec
+from services.store import Store, keys
+from services.sweeps import submit_sweep
 
 TENANTS = ("ines", "jon", "kim")
 
@@ -28,6 +36,141 @@ def bounded(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 def _client(api: Stack, tenant: str) -> Client:
     return Client(api.api_url, api.keys[tenant], timeout=60)
+
+
+def _inline(samples: int, features: int, seed: int) -> dict[str, Any]:
+    rows = random.Random(seed)
+    x = [[round(rows.uniform(-1, 1), 6) for _ in range(features)] for _ in range(samples)]
+    return {"x": x, "y": [round(sum(row) / features, 6) for row in x]}
+
+
+def _used(redis_client: "redis.Redis", tenant: str) -> int:
+    return int(redis_client.get(keys.tenant_storage(tenant)) or 0)
+
+
+def _sweep_datasets(redis_client: "redis.Redis") -> set[bytes]:
+    """Every sweep's own dataset in Redis (the uploads have no `sweep` field)."""
+    found = redis_client.scan_iter(match=keys.dataset_key("*"), count=1000)
+    return {key for key in found if redis_client.hexists(key, "sweep")}
+
+
+def test_inline_data_is_stored_once_and_1024_members_train_on_one_worker_without_a_lost_lease(
+    bounded: Stack, stack: Stack, redis_client: "redis.Redis"
+) -> None:
+    # 2 000 x 10 inline (~ 0.25 MB of JSON), 1 024 members: each member's spec used to carry it
+    # all (1 024 x 0.25 MB reserved, and parsed by the worker before its lease keeper ran).
+    data = _inline(2000, 10, seed=21)
+    body_bytes = len(json.dumps(data))
+    assert body_bytes > 200_000
+    lrs = [round(0.0005 * (i + 1), 6) for i in range(1024)]
+    spec = {
+        "name": "wide inline",
+        "base": {"data": data, "optimizer": {"name": "sgd"}, "steps": 3, "device": "cpu"},
+        "grid": {"optimizer.lr": lrs},
+    }
+    before = _used(redis_client, "alice")
+    with Client(stack.api_url, stack.api_key, timeout=60) as alice:
+        sweep = alice.submit_sweep(spec)
+        record = redis_client.hgetall(keys.sweep_key(sweep["id"]))
+        owned = record[b"owned"].decode()
+        assert owned == keys.sweep_dataset_id(sweep["id"], "data")
+        # One dataset: the float32 numbers, once.
+        stored = int(redis_client.hget(keys.dataset_key(owned), "stored"))
+        assert stored == 4 * 2000 * (10 + 1)
+        # Each member's spec names it: its size does not depend on the data's.
+        member_ids = [member["id"] for member in sweep["members"]]
+        specs = [redis_client.hget(keys.job_key(i), "spec") for i in member_ids]
+        assert max(len(s) for s in specs) < 1000
+        assert {json.loads(s)["data"]["dataset_id"] for s in specs} == {owned}
+        # The tenant keeps the sweep's spec (the inline data as given, once), the dataset, and
+        # per member its small spec and its steps: far less than one copy of the data each.
+        members_bytes = sum(int(redis_client.hget(keys.job_key(i), "bytes")) for i in member_ids)
+        assert int(record[b"bytes"]) == len(record[b"spec"]) + stored
+        assert _used(redis_client, "alice") - before == int(record[b"bytes"]) + members_bytes
+        assert members_bytes < 1024 * 1000 + 1024 * 3 * 4 * 21 < body_bytes * 10
+
+        view = alice.wait_sweep(sweep["id"], timeout=120)
+        assert view["status"] == "succeeded" and view["counts"] == {"succeeded": 1024}
+        # Every member and group in one attempt: no lease lapsed, no attempt was lost.
+        for member_id in member_ids:
+            attempt, lost = redis_client.hmget(keys.job_key(member_id), "attempt", "lost")
+            assert (int(attempt), int(lost)) == (1, 0), member_id
+        for group_id in record[b"groups"].split():
+            fields = redis_client.hmget(keys.job_key(group_id.decode()), "attempt", "lost")
+            assert [int(v) for v in fields] == [1, 0]
+        # The members' results are the inline data's: the worker loaded the dataset once.
+        assert all(m["final_loss"] is not None for m in view["members"])
+        info = alice.http.get(f"/v1/datasets/{owned}").json()
+        assert info["sweep"] == sweep["id"] and info["format"] == "inline"
+        assert (info["samples"], info["features"], info["loads"]) == (2000, 10, 1)
+        job = alice.get(member_ids[0])
+        assert job["spec"]["data"]["dataset_id"] == owned
+        # The sweep's own spec keeps the data as given; the listing summarises it.
+        assert alice.sweep(sweep["id"])["spec"]["base"]["data"]["x"] == data["x"]
+
+        # It is the sweep's: no job trains on it, and it goes with the sweep, not before.
+        refused = alice.http.post(
+            "/v1/jobs", json={"data": {"dataset_id": owned}, "steps": 1, "device": "cpu"}
+        )
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["detail"][0]["loc"] == ["body", "data", "dataset_id"]
+        kept = alice.http.delete(f"/v1/datasets/{owned}")
+        assert kept.status_code == 409 and sweep["id"] in kept.json()["detail"]
+        alice.delete_sweep(sweep["id"])
+    assert not redis_client.exists(keys.dataset_key(owned))
+    assert _used(redis_client, "alice") == before
+
+
+def test_an_idempotent_retry_makes_no_second_dataset(
+    bounded: Stack, redis_client: "redis.Redis"
+) -> None:
+    # Queued until cancelled (no gpu worker), with inline training and validation data.
+    base = {
+        "data": _inline(50, 3, seed=1),
+        "eval": {"data": _inline(20, 3, seed=2)},
+        "steps": 1_000,
+        "device": "cuda",
+    }
+    spec = {"base": base, "grid": {"optimizer.lr": [0.01, 0.02]}}
+    before = _sweep_datasets(redis_client)
+    with _client(bounded, "ines") as ines:
+        key = {"Idempotency-Key": "inline-once"}
+        first = ines.http.post("/v1/sweeps", json=spec, headers=key)
+        again = ines.http.post("/v1/sweeps", json=spec, headers=key)
+        assert first.status_code == 201 and again.json()["id"] == first.json()["id"]
+        sweep_id = first.json()["id"]
+        made = _sweep_datasets(redis_client) - before
+        # The training data and the validation set: one dataset each, for the one sweep.
+        assert made == {
+            keys.dataset_key(keys.sweep_dataset_id(sweep_id, part)).encode()
+            for part in ("data", "eval")
+        }
+        member = ines.get(first.json()["members"][0]["id"])
+        assert member["spec"]["eval"]["data"]["dataset_id"] == keys.sweep_dataset_id(
+            sweep_id, "eval"
+        )
+        ines.cancel_sweep(sweep_id)
+        ines.wait_sweep(sweep_id, timeout=10)
+        ines.delete_sweep(sweep_id)
+    assert _sweep_datasets(redis_client) == before
+    assert _used(redis_client, "ines") == 0
+
+
+def test_a_sweep_discarded_after_a_failed_enqueue_leaves_no_dataset(
+    store: Store, redis_client: "redis.Redis"
+) -> None:
+    spec = SweepSpec.model_validate(
+        {"base": {"data": _inline(40, 2, seed=3), "steps": 5}, "grid": {"optimizer.lr": [0.1]}}
+    )
+
+    def broker_down(*_: Any) -> None:
+        raise ConnectionError("broker down")
+
+    before = _sweep_datasets(redis_client)
+    with pytest.raises(StoreUnavailable):
+        submit_sweep(store, spec, Settings(), "discarded", enqueue=broker_down)
+    assert _sweep_datasets(redis_client) == before
+    assert _used(redis_client, "discarded") == 0
 
 
 def test_a_dataset_in_use_is_known_from_its_users_not_by_reading_every_active_job(

@@ -1,5 +1,7 @@
-"""Uploaded datasets (`gs:dataset:<sha256>`): stored once per content, referred to by the
-tenants that uploaded it; the bytes go with the last reference."""
+"""Datasets (`gs:dataset:<id>`). An upload is stored once per content (its id the sha256),
+referred to by the tenants that uploaded it; the bytes go with the last reference. A sweep's
+inline data is a dataset too, written by the sweep's submit (services/store/sweeps.py) with
+the same fields plus its `tenant` and `sweep`: no tenant's reference, it goes with the sweep."""
 
 import json
 from datetime import datetime
@@ -10,6 +12,24 @@ from services.errors import DatasetInUse, DatasetNotFound, LimitExceeded
 from services.schemas import DatasetInfo
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
+
+
+def dataset_record(dataset_id: str, parsed: ParsedDataset, size: int) -> dict[str, Any]:
+    """A dataset's hash: shape, provenance, counters and the float32 x and y bytes."""
+    return {
+        "id": dataset_id,
+        "n": parsed.samples,
+        "d": parsed.features,
+        "format": parsed.format,
+        "columns": json.dumps(parsed.columns),
+        "target": json.dumps(parsed.target),
+        "bytes": size,
+        "stored": parsed.x.nbytes + parsed.y.nbytes,
+        "created_at": keys.utc_now(),
+        "loads": 0,
+        "x": parsed.x.tobytes(),
+        "y": parsed.y.tobytes(),
+    }
 
 
 class Datasets(RedisPart):
@@ -30,20 +50,7 @@ class Datasets(RedisPart):
         says whether the dataset is new to the tenant. LimitExceeded when the tenant already
         has `max_per_tenant` datasets or its storage would pass `storage_limit` bytes;
         StorageFull when Redis is full (nothing written)."""
-        record = {
-            "id": dataset_id,
-            "n": parsed.samples,
-            "d": parsed.features,
-            "format": parsed.format,
-            "columns": json.dumps(parsed.columns),
-            "target": json.dumps(parsed.target),
-            "bytes": size,
-            "stored": parsed.x.nbytes + parsed.y.nbytes,
-            "created_at": keys.utc_now(),
-            "loads": 0,
-            "x": parsed.x.tobytes(),
-            "y": parsed.y.tobytes(),
-        }
+        record = dataset_record(dataset_id, parsed, size)
         args: list[Any] = [tenant, dataset_id, max_per_tenant, storage_limit, record["stored"]]
         for name, value in record.items():
             args += [name, value]
@@ -78,9 +85,9 @@ class Datasets(RedisPart):
 
     @translate_redis_errors
     def dataset_info(self, tenant: str, dataset_id: str) -> DatasetInfo:
-        """A dataset of `tenant` (DatasetNotFound for another tenant's, like a missing one)."""
-        if not self.redis.sismember(keys.tenant_datasets(tenant), dataset_id):
-            raise DatasetNotFound(dataset_id)
+        """A dataset of `tenant`: one it uploaded, or one of its sweeps' inline data (`sweep`
+        then names the sweep). DatasetNotFound for another tenant's, like a missing one."""
+        referred = self.redis.sismember(keys.tenant_datasets(tenant), dataset_id)
         fields = self.redis.hmget(
             keys.dataset_key(dataset_id),
             "n",
@@ -91,10 +98,13 @@ class Datasets(RedisPart):
             "bytes",
             "created_at",
             "loads",
+            "tenant",
+            "sweep",
         )
-        if fields[0] is None:
+        owner, sweep = fields[-2:]
+        if fields[0] is None or not (referred or (sweep and owner == tenant.encode())):
             raise DatasetNotFound(dataset_id)
-        n, d, fmt, columns, target, size, created, loads = (f.decode() for f in fields)
+        n, d, fmt, columns, target, size, created, loads = (f.decode() for f in fields[:-2])
         return DatasetInfo(
             id=dataset_id,
             samples=int(n),
@@ -105,6 +115,7 @@ class Datasets(RedisPart):
             bytes=int(size),
             created_at=datetime.fromisoformat(created),
             loads=int(loads),
+            sweep=sweep.decode() if sweep else None,
         )
 
     @translate_redis_errors
@@ -120,11 +131,14 @@ class Datasets(RedisPart):
     @translate_redis_errors
     def delete_dataset(self, tenant: str, dataset_id: str) -> None:
         """Drop `tenant`'s reference to a dataset (its bytes go with the last reference).
-        DatasetInUse while a queued or running job or sweep of the tenant trains on it."""
+        DatasetInUse while a queued or running job or sweep of the tenant trains on it, and
+        for a sweep's own dataset (it goes with the sweep)."""
         reply = self.lua.drop_dataset(
             keys=self._keys(tenant, dataset_id), args=[tenant, dataset_id]
         )
         if reply[0] == b"busy":
             raise DatasetInUse(dataset_id, reply[1].decode(), reply[2].decode())
+        if reply[0] == b"owned":
+            raise DatasetInUse(dataset_id, reply[1].decode(), "sweep", owned=True)
         if reply[0] == b"missing":
             raise DatasetNotFound(dataset_id)

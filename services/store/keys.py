@@ -6,6 +6,7 @@ slot and a script can touch all of its keys. The indexes (all jobs, jobs per sta
 tenant's jobs) are lexicographic sorted sets of job ids, which are time-ordered.
 """
 
+import hashlib
 import secrets
 import threading
 import time
@@ -152,6 +153,13 @@ def dataset_users(tenant: str, dataset_id: str) -> str:
     """The tenant's jobs and sweeps not yet ended that train (or validate) on a dataset (a
     set of ids): a delete of the dataset asks it, not every active job."""
     return f"{TENANT_PREFIX}{tenant}{DATASET_USERS}{dataset_id}"
+
+
+def sweep_dataset_id(sweep_id: str, part: str) -> str:
+    """The id of the dataset a sweep keeps its inline `part` ('data' or 'eval') in: a dataset
+    id's shape (64 hex digits), one per sweep and part, never a content hash (the dataset is
+    the sweep's alone and goes with it)."""
+    return hashlib.sha256(f"sweep:{sweep_id}:{part}".encode()).hexdigest()
 
 
 def worker_key(name: str) -> str:

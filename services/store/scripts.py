@@ -49,6 +49,7 @@ _KEY_FUNCTIONS = "".join(
         ("sweep_members_key", keys.sweep_members_key),
         ("tenant_sweeps", keys.tenant_sweeps),
         ("tenant_active_sweeps", keys.tenant_active_sweeps),
+        ("dataset_key", keys.dataset_key),
     ]
 )
 
@@ -627,11 +628,16 @@ return {'added'}
 
 # ARGV: tenant, dataset id. Drops the tenant's reference unless a queued or running job or
 # sweep of the tenant trains on it (one set answers: its users, kept by CREATE, CREATE_SWEEP,
-# finish and the deletes); the bytes go with the last reference. Returns {'dropped'},
-# {'missing'} or {'busy', id, 'job' | 'sweep'}.
+# finish and the deletes); the bytes go with the last reference. A sweep's own dataset (its
+# inline data) is no tenant's reference: it goes with its sweep. Returns {'dropped'},
+# {'missing'}, {'busy', id, 'job' | 'sweep'} or {'owned', sweep id}.
 DROP_DATASET = _script(
     """
-if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 0 then return {'missing'} end
+if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 0 then
+  local owner = redis.call('HMGET', KEYS[1], 'tenant', 'sweep')
+  if owner[2] and owner[1] == ARGV[1] then return {'owned', owner[2]} end
+  return {'missing'}
+end
 local user = redis.call('SRANDMEMBER', KEYS[5])
 if user then
   if redis.call('EXISTS', sweep_key(user)) == 1 then return {'busy', user, 'sweep'} end
@@ -675,10 +681,10 @@ return 1
 
 # KEYS: the sweep's record and events, then the idempotency key (optional). ARGV: sweep id,
 # tenant, the tenant's limit of active jobs, its storage limit, the bytes the sweep reserves,
-# the idempotency TTL s, then records: id, kind ('sweep', 'group' or 'member'), n, then n
-# field/value pairs. Writes the sweep, its groups (queued) and its members (queued) at once,
-# or nothing: {'ok'}, {'existing', id} for the sweep the idempotency key already names,
-# {'limit', n} or {'storage', used}.
+# the idempotency TTL s, then records: id, kind ('sweep', 'dataset', 'group' or 'member'), n,
+# then n field/value pairs. Writes the sweep, the datasets it owns (its inline data), its
+# groups (queued) and its members (queued) at once, or nothing: {'ok'}, {'existing', id} for
+# the sweep the idempotency key already names, {'limit', n} or {'storage', used}.
 CREATE_SWEEP = _script(
     """
 local sweep, tenant = ARGV[1], ARGV[2]
@@ -703,6 +709,10 @@ while i <= #ARGV do
     redis.call('ZADD', tenant_sweeps(tenant), 0, id)
     redis.call('SADD', tenant_active_sweeps(tenant), id)
     use_datasets(tenant, id, redis.call('HGET', sweep_key(id), 'datasets'))
+  elseif kind == 'dataset' then
+    -- The sweep's inline data, once for all its members (their specs name its id).
+    redis.call('DEL', dataset_key(id))
+    redis.call('HSET', dataset_key(id), unpack(ARGV, first, last))
   else
     redis.call('HSET', job_key(id), unpack(ARGV, first, last))
     redis.call('HSET', job_key(id), 'queued_at', now)
@@ -887,9 +897,9 @@ return {'ok'}
 )
 
 # KEYS: the sweep's record. ARGV: sweep id, '1' to delete whatever its status (a sweep that
-# could not be enqueued). Removes the sweep, its members (as DELETE removes a job), its groups
-# and its idempotency key; the tenant gets the bytes back. {'deleted'}, {'missing'} or
-# {'live', status}.
+# could not be enqueued). Removes the sweep, its members (as DELETE removes a job), its groups,
+# the datasets it owns and its idempotency key; the tenant gets the bytes back. {'deleted'},
+# {'missing'} or {'live', status}.
 DELETE_SWEEP = _script(
     """
 local sweep = ARGV[1]
@@ -917,6 +927,10 @@ for id in string.gmatch(redis.call('HGET', KEYS[1], 'groups') or '', '%S+') do
   local group_status = redis.call('HGET', job_key(id), 'status')
   if group_status then redis.call('ZREM', GROUP_INDEX .. group_status, id) end
   redis.call('DEL', job_key(id), steps_key(id), events_key(id), lease_key(id), ckpt_key(id))
+end
+-- The datasets it owns (its inline data) are counted in its own bytes.
+for dataset in string.gmatch(redis.call('HGET', KEYS[1], 'owned') or '', '%S+') do
+  redis.call('DEL', dataset_key(dataset))
 end
 release_datasets(tenant, sweep, redis.call('HGET', KEYS[1], 'datasets'))
 redis.call('DECRBY', tenant_storage(tenant), freed)
