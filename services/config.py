@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     # (one batched step on one worker; a bigger group is split).
     max_sweep_members: int = Field(default=4096, ge=1)
     max_group_members: int = Field(default=1024, ge=1)
+    # Rows x members per group: a group's batched step holds a few float32 (rows, members)
+    # tensors (y_hat, the residual, autograd's saved ones), rows being a member's training
+    # samples (held-out ones included) plus its explicit validation set's. A sweep whose
+    # groups would pass it is split into more groups; a member past it alone is a 422.
+    max_group_elements: int = Field(default=100_000_000, ge=1)
     # A sweep's event stream keeps its latest this many events (a progress event per flush
     # of any group); a watcher resuming from an older one gets `reset`, then every member's
     # state.

@@ -99,7 +99,7 @@ def submit_job(
     if not spec.data.known or (spec.eval is not None and spec.eval.data is not None):
         resolve_dataset(store, spec, tenant)
     check_limits(spec, settings)
-    route = route_job(spec, store.live_queues(), settings)
+    route = route_job(spec, store.live_queues(), settings, live_memory=store.live_memory())
     job_id, created = store.create_job(
         spec,
         route.device,

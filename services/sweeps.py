@@ -9,7 +9,8 @@ Draws come from `random.Random(seed).random()` only, one call per draw per path,
 and within a draw the paths in the order `space` lists them: Python guarantees that sequence
 for a seed across versions (its other methods may change), so a sweep's members stay the same.
 
-Groups: members that may share one batched step, split to at most `max_group` each.
+Groups: members that may share one batched step, split to at most `max_group` each and to at
+most `max_elements` rows x members (the size of one of the group's (rows, members) tensors).
 
 Inline data (training and validation) is stored once per sweep, as datasets the sweep owns;
 each member's stored spec names them by id, so its size does not grow with the data.
@@ -32,7 +33,7 @@ from services.config import Settings
 from services.datasets import ParsedDataset
 from services.errors import SpecRejected, StoreUnavailable, SweepPlace, SweepRejected
 from services.jobs import check_limits, check_rate, resolve_dataset
-from services.queue import enqueue_training, route_job
+from services.queue import enqueue_training, group_rows, route_job
 from services.schemas import DataSpec, Distribution, JobSpec, JobStatus, SweepSpec, SweepView
 from services.store import Store
 from services.store.datasets import dataset_record
@@ -323,23 +324,46 @@ def data_digest(data: DataSpec) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
-def make_groups(members: list[Member], max_group: int) -> list[Group]:
+def make_groups(
+    members: list[Member], max_group: int, max_elements: int | None = None
+) -> list[Group]:
     """Members with equal group_key form a group (groups in the order of their first member);
-    a group of more than `max_group` is split into consecutive chunks of at most that many."""
+    a group of more than `max_group` members, or of more than `max_elements` rows x members
+    (group_rows: what each (rows, members) tensor of its step holds), is split into
+    consecutive chunks that fit. Members of one group share their data, so their rows are
+    equal; a member past `max_elements` alone is refused before (check_group_rows)."""
     # Members of one sweep share one DataSpec: hash it once, not once per member.
     digests: dict[int, str] = {}
     by_key: dict[tuple[Any, ...], list[int]] = {}
+    rows: dict[tuple[Any, ...], int] = {}
     for member in members:
         data = member.spec.data
         if id(data) not in digests:
             digests[id(data)] = data_digest(data)
-        by_key.setdefault(_group_key(member.spec, digests[id(data)]), []).append(member.index)
-    chunks = [
-        tuple(indexes[start : start + max_group])
-        for indexes in by_key.values()
-        for start in range(0, len(indexes), max_group)
-    ]
+        key = _group_key(member.spec, digests[id(data)])
+        by_key.setdefault(key, []).append(member.index)
+        rows.setdefault(key, group_rows(member.spec))
+    chunks = []
+    for key, indexes in by_key.items():
+        size = max_group
+        if max_elements is not None:
+            size = max(1, min(size, max_elements // rows[key]))
+        chunks += [tuple(indexes[start : start + size]) for start in range(0, len(indexes), size)]
     return [Group(index, chunk) for index, chunk in enumerate(chunks)]
+
+
+def check_group_rows(spec: JobSpec, max_elements: int) -> None:
+    """Refuse a member that alone passes the rows x members bound of a group."""
+    rows = group_rows(spec)
+    if rows > max_elements:
+        validation = spec.eval.data if spec.eval is not None else None
+        extra = f" + {validation.samples} validation rows" if validation is not None else ""
+        raise SpecRejected(
+            ("data",),
+            f"a member trains on {spec.data.samples} samples{extra}: {rows} rows, more than "
+            f"a group may hold for one member (max_group_elements is {max_elements}, rows x "
+            "members; GRADSTREAM_MAX_GROUP_ELEMENTS)",
+        )
 
 
 @dataclass(frozen=True)
@@ -427,24 +451,25 @@ def submit_sweep(
         if not job.data.known or unresolved_eval:
             resolve_dataset(store, job, tenant)  # members share one DataSpec: resolved once
         check_limits(job, settings)
+        check_group_rows(job, settings.max_group_elements)
         if job.stop is not None:
             raise SpecRejected(("stop",), "a sweep's members have no stop rules: use early_stop")
         if job.record.explain:
             raise SpecRejected(("record", "explain"), "a sweep's members cannot be explained")
 
     members = expand(spec, settings.max_sweep_members, check=check)
-    groups = make_groups(members, settings.max_group_members)
+    groups = make_groups(members, settings.max_group_members, settings.max_group_elements)
     sweep_id = new_job_id()
     members, owned = _share_inline_data(members, sweep_id, tenant)
     member_ids = [new_job_id() for _ in members]
-    live = store.live_queues()
+    live, live_memory = store.live_queues(), store.live_memory()
     created, reserved = utc_now(), sum(dataset.stored for dataset in owned)
     group_records, member_records = [], []
     early_stop = spec.early_stop.model_dump() if spec.early_stop else None
     for group in groups:
         group_id = new_job_id()
         ids = [member_ids[i] for i in group.members]
-        route = route_job(members[group.members[0]].spec, live, settings, len(ids))
+        route = route_job(members[group.members[0]].spec, live, settings, len(ids), live_memory)
         shared = {
             "status": JobStatus.QUEUED.value,
             "device": route.device,

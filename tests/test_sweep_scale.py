@@ -1,8 +1,9 @@
 """Sweeps at scale (issue 21): a sweep's inline data is stored once, not once per member, and
-a dataset's delete asks its users, not every active job. Against the session's Redis and CPU
-worker."""
+a group's (rows, members) tensors are bounded by a setting that splits groups and that
+routing's memory estimate accounts for. Against the session's Redis and CPU worker."""
 
 import json
+import math
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -14,21 +15,24 @@ from api.client import Client
 from cli.stack import Stack
 from services.config import Settings
 from services.errors import StoreUnavailable
-from services.schemas import SweepSpec
+from services.queue import CPU_QUEUE, GPU_QUEUE, group_bytes, route_job
+from services.schemas import JobSpec, SweepSpec
 from services.store import Store, keys
 from services.sweeps import submit_sweep
 
 TENANTS = ("ines", "jon", "kim")
+# Each group holds at most this many rows x members (GRADSTREAM_MAX_GROUP_ELEMENTS).
+GROUP_ELEMENTS = 1000
 
 
 @pytest.fixture(scope="module")
 def bounded(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """An API of its own (on the session's Redis, so the session's CPU worker runs its
-    groups) with tenants of its own."""
+    groups) whose groups hold at most GROUP_ELEMENTS rows x members."""
     api = Stack(tmp_path_factory.mktemp("bounded"), tenants=TENANTS)
     api.redis_url = stack.redis_url
     try:
-        api.start_api()
+        api.start_api(GRADSTREAM_MAX_GROUP_ELEMENTS=str(GROUP_ELEMENTS))
         yield api
     finally:
         api.stop()
@@ -209,3 +213,82 @@ def test_a_dataset_in_use_is_known_from_its_users_not_by_reading_every_active_jo
         jon.delete_dataset(dataset)
         jon.delete(job["id"])
         jon.delete_sweep(sweep["id"])
+
+
+def _rows_of(redis_client: "redis.Redis", sweep_id: str) -> list[int]:
+    """Each stored group's member count, in group order."""
+    groups = redis_client.hget(keys.sweep_key(sweep_id), "groups") or b""
+    return [
+        len((redis_client.hget(keys.job_key(g.decode()), "members") or b"").split())
+        for g in groups.split()
+    ]
+
+
+def test_a_sweep_past_the_group_bound_is_split_and_trains_as_the_unsplit_one(
+    bounded: Stack, stack: Stack, redis_client: "redis.Redis"
+) -> None:
+    # 100 training rows and 20 validation rows: 120 rows per member, so 8 members per group
+    # of 1 000 rows x members; 20 members make groups of 8, 8 and 4.
+    spec = {
+        "base": {
+            "data": {"synthetic": {"n": 100, "d": 3, "seed": 5}},
+            "eval": {"data": _inline(20, 3, seed=6)},
+            "optimizer": {"name": "sgd", "momentum": 0.5},
+            "steps": 20,
+            "device": "cpu",
+        },
+        "grid": {"optimizer.lr": [round(0.01 * (i + 1), 4) for i in range(20)]},
+    }
+    with _client(bounded, "kim") as kim, Client(stack.api_url, stack.api_key, timeout=60) as alice:
+        split = kim.submit_sweep(spec)
+        whole = alice.submit_sweep(spec)  # the session's API: the default bound, one group
+        assert _rows_of(redis_client, split["id"]) == [8, 8, 4]
+        assert all(n * 120 <= GROUP_ELEMENTS for n in _rows_of(redis_client, split["id"]))
+        assert _rows_of(redis_client, whole["id"]) == [20]
+        split_view = kim.wait_sweep(split["id"], timeout=60)
+        whole_view = alice.wait_sweep(whole["id"], timeout=60)
+        assert split_view["counts"] == whole_view["counts"] == {"succeeded": 20}
+        # Batched matmuls of 8 and of 20 columns may round apart: equal to float32 rounding.
+        for a, b in zip(split_view["members"], whole_view["members"], strict=True):
+            assert a["values"] == b["values"]
+            for name in ("final_loss", "final_val_loss"):
+                assert math.isclose(a[name], b[name], rel_tol=1e-5, abs_tol=1e-9), (name, a, b)
+            params = kim.get(a["id"])["result"]["params"]["w"]
+            reference = alice.get(b["id"])["result"]["params"]["w"]
+            assert all(
+                math.isclose(p, r, rel_tol=1e-5, abs_tol=1e-7)
+                for p, r in zip(params, reference, strict=True)
+            )
+        # A member past the bound alone is refused, naming the data and the setting.
+        alone = {**spec, "base": {**spec["base"], "data": {"synthetic": {"n": 990, "d": 3}}}}
+        refused = kim.http.post("/v1/sweeps", json=alone)
+        assert refused.status_code == 422, refused.text
+        detail = refused.json()["detail"][0]
+        assert detail["loc"] == ["body", "base", "data"]
+        assert "max_group_elements" in detail["msg"] and "1010 rows" in detail["msg"]
+        kim.delete_sweep(split["id"])
+        alice.delete_sweep(whole["id"])
+
+
+def test_routing_estimates_a_groups_memory_from_its_members() -> None:
+    settings = Settings()
+    spec = JobSpec.model_validate(
+        {"data": {"synthetic": {"n": 1_000_000, "d": 10}}, "steps": 1000, "device": "auto"}
+    )
+    both = {CPU_QUEUE, GPU_QUEUE}
+    one, many = group_bytes(spec, 1), group_bytes(spec, 1024)
+    # The data once, then a few float32 (rows,) tensors per member.
+    assert 44_000_000 <= one < 100_000_000
+    assert many > 1024 * 4 * 4 * 1_000_000 > 16 * 10**9
+    gpu = {GPU_QUEUE: 80 * 10**9, CPU_QUEUE: 128 * 10**9}
+    assert route_job(spec, both, settings, 1, gpu).queue == GPU_QUEUE
+    assert route_job(spec, both, settings, 1024, gpu).queue == GPU_QUEUE
+    small_gpu = {GPU_QUEUE: 8 * 10**9, CPU_QUEUE: 128 * 10**9}
+    route = route_job(spec, both, settings, 1024, small_gpu)
+    assert route.queue == CPU_QUEUE
+    assert route.reason == (
+        f"auto: cpu (needs ~{many} bytes; the largest live gpu has {8 * 10**9})"
+    )
+    assert route_job(spec, both, settings, 1, small_gpu).queue == GPU_QUEUE
+    # Without a cpu worker the gpu is the only place, whatever the estimate.
+    assert route_job(spec, {GPU_QUEUE}, settings, 1024, small_gpu).queue == GPU_QUEUE

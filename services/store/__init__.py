@@ -47,6 +47,7 @@ class Store(Jobs, Attempts, Steps, Sweeps, Datasets, Workers, Recovery, Archivin
         self.rank_rtol = rank_rtol  # sweeps' `best`: metric values this close are equal
         self.lua = LuaScripts(client)
         self._live_queues = set()
+        self._live_memory = {}
         self._live_queues_at = -LIVE_QUEUES_TTL_S
 
     @classmethod

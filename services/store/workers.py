@@ -27,6 +27,7 @@ class Workers(RedisPart):
 
     _live_queues: set[str]
     _live_queues_at: float
+    _live_memory: dict[str, int]
 
     @translate_redis_errors
     def heartbeat(self, info: dict[str, str | int], ttl_s: float) -> None:
@@ -125,5 +126,16 @@ class Workers(RedisPart):
         if now - self._live_queues_at > LIVE_QUEUES_TTL_S:
             workers = self.list_workers()
             self._live_queues = {queue for worker in workers for queue in worker.queues}
+            memory: dict[str, int] = {}
+            for worker in workers:
+                for queue in worker.queues:
+                    memory[queue] = max(memory.get(queue, 0), worker.memory_bytes or 0)
+            self._live_memory = memory
             self._live_queues_at = now
         return self._live_queues
+
+    def live_memory(self) -> dict[str, int]:
+        """The most memory (bytes: a GPU's own, a CPU worker's RAM) a live worker of each queue
+        has, as cached with live_queues: routing sends a group where it fits."""
+        self.live_queues()
+        return self._live_memory
