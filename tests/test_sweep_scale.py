@@ -75,17 +75,17 @@ def test_inline_data_is_stored_once_and_1024_members_train_on_one_worker_without
     before = _used(redis_client, "alice")
     with Client(stack.api_url, stack.api_key, timeout=60) as alice:
         sweep = alice.submit_sweep(spec)
-        record = redis_client.hgetall(keys.sweep_key(sweep["id"]))
-        owned = record[b"owned"].decode()
-        assert owned == keys.sweep_dataset_id(sweep["id"], "data")
-        # One dataset: the float32 numbers, once.
-        stored = int(redis_client.hget(keys.dataset_key(owned), "stored"))
-        assert stored == 4 * 2000 * (10 + 1)
-        # Each member's spec names it: its size does not depend on the data's.
+        # Each member's spec names one dataset: its size does not depend on the data's.
         member_ids = [member["id"] for member in sweep["members"]]
         specs = [redis_client.hget(keys.job_key(i), "spec") for i in member_ids]
         assert max(len(s) for s in specs) < 1000
+        record = redis_client.hgetall(keys.sweep_key(sweep["id"]))
+        owned = record[b"owned"].decode()
+        assert owned == keys.sweep_dataset_id(sweep["id"], "data")
         assert {json.loads(s)["data"]["dataset_id"] for s in specs} == {owned}
+        # One dataset: the float32 numbers, once.
+        stored = int(redis_client.hget(keys.dataset_key(owned), "stored"))
+        assert stored == 4 * 2000 * (10 + 1)
         # The tenant keeps the sweep's spec (the inline data as given, once), the dataset, and
         # per member its small spec and its steps: far less than one copy of the data each.
         members_bytes = sum(int(redis_client.hget(keys.job_key(i), "bytes")) for i in member_ids)
@@ -183,7 +183,6 @@ def test_a_dataset_in_use_is_known_from_its_users_not_by_reading_every_active_jo
     csv = b"a,b,y\n" + b"".join(f"{i},{i % 7},{i % 3}\n".encode() for i in range(30))
     with _client(bounded, "jon") as jon:
         dataset = jon.upload_dataset(csv)["id"]
-        users = keys.dataset_users("jon", dataset)
         # Validating on it counts as using it (a queued job: no gpu worker takes it).
         job = jon.submit(
             {
@@ -193,9 +192,10 @@ def test_a_dataset_in_use_is_known_from_its_users_not_by_reading_every_active_jo
                 "device": "cuda",
             }
         )
-        assert redis_client.smembers(users) == {job["id"].encode()}
         busy = jon.http.delete(f"/v1/datasets/{dataset}")
         assert busy.status_code == 409 and busy.json()["job"] == job["id"]
+        users = keys.dataset_users("jon", dataset)
+        assert redis_client.smembers(users) == {job["id"].encode()}
         jon.cancel(job["id"])
         # A sweep on it is one user, whatever its members.
         sweep = jon.submit_sweep(
