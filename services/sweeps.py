@@ -90,10 +90,11 @@ def expand(
     _check_size(spec, max_members)
     _check_base(spec)
     data = _base_data(spec.base)
+    validation = _base_validation(spec.base)
     errors = _Errors()
     members = []
     for index, choice in enumerate(_choices(spec)):
-        job = _member_spec(spec.base, data, choice, errors, check)
+        job = _member_spec(spec.base, data, validation, choice, errors, check)
         if job is not None:
             values = {path: swept_value(job, path) for path in choice.values}
             members.append(Member(index, values, job))
@@ -159,6 +160,19 @@ def _base_data(base: dict[str, Any]) -> DataSpec | None:
         raise SweepRejected(errors[:MAX_SWEEP_ERRORS]) from exc
 
 
+def _base_validation(base: dict[str, Any]) -> DataSpec | None:
+    """The base's explicit validation set (`eval.data`), validated once for all members like
+    its data; None if it has none."""
+    evaluation = base.get("eval")
+    if not isinstance(evaluation, dict) or evaluation.get("data") is None:
+        return None
+    try:
+        return DataSpec.model_validate(evaluation["data"])
+    except ValidationError as exc:
+        errors = [(("base", "eval", "data", *e["loc"]), e["msg"]) for e in exc.errors()]
+        raise SweepRejected(errors[:MAX_SWEEP_ERRORS]) from exc
+
+
 def _choices(spec: SweepSpec) -> Iterator[_Choice]:
     """Each member's values in member order: grid points, each crossed with every draw."""
     grid = spec.grid or {}
@@ -204,6 +218,7 @@ def draw(distribution: Distribution, u: float) -> Any:
 def _member_spec(
     base: dict[str, Any],
     data: DataSpec | None,
+    validation: DataSpec | None,
     choice: _Choice,
     errors: "_Errors",
     check: Callable[[JobSpec], None] | None,
@@ -212,6 +227,8 @@ def _member_spec(
     fields = _with_values(base, choice.values)
     if data is not None:
         fields["data"] = data  # validated once: a model instance is not validated again
+    if validation is not None:  # likewise (no swept path reaches into eval)
+        fields["eval"] = {**fields["eval"], "data": validation}
     try:
         job = JobSpec.model_validate(fields)
         if check is not None:

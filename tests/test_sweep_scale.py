@@ -14,11 +14,11 @@ import redis
 from api.client import Client
 from cli.stack import Stack
 from services.config import Settings
-from services.errors import StoreUnavailable
+from services.errors import StoreUnavailable, SweepRejected
 from services.queue import CPU_QUEUE, GPU_QUEUE, group_bytes, route_job
 from services.schemas import JobSpec, SweepSpec
 from services.store import Store, keys
-from services.sweeps import submit_sweep
+from services.sweeps import expand, submit_sweep
 
 TENANTS = ("ines", "jon", "kim")
 # Each group holds at most this many rows x members (GRADSTREAM_MAX_GROUP_ELEMENTS).
@@ -292,3 +292,20 @@ def test_routing_estimates_a_groups_memory_from_its_members() -> None:
     assert route_job(spec, both, settings, 1, small_gpu).queue == GPU_QUEUE
     # Without a cpu worker the gpu is the only place, whatever the estimate.
     assert route_job(spec, {GPU_QUEUE}, settings, 1024, small_gpu).queue == GPU_QUEUE
+
+
+def test_a_sweeps_validation_set_is_validated_once_for_all_members() -> None:
+    # Like its data: validating the same inline validation set once per member took 15 s for
+    # 1 024 members over a 1 MB eval.data.
+    base = {"data": {"synthetic": {"n": 50, "d": 3}}, "eval": {"data": _inline(20, 3, seed=7)}}
+    spec = SweepSpec.model_validate({"base": base, "grid": {"optimizer.lr": [0.1, 0.2, 0.3]}})
+    members = expand(spec, 10)
+    validation = members[0].spec.eval.data if members[0].spec.eval else None
+    assert validation is not None and validation.samples == 20
+    assert all(m.spec.eval is not None and m.spec.eval.data is validation for m in members)
+    bad = {**base, "eval": {"data": {"x": [[1.0, 2.0, 3.0]], "y": [1.0, 2.0]}}}
+    with pytest.raises(SweepRejected) as refused:
+        expand(SweepSpec.model_validate({"base": bad, "grid": {"optimizer.lr": [0.1]}}), 10)
+    assert refused.value.errors == [
+        (("base", "eval", "data", "y"), "Value error, y has 2 values but x has 1 rows")
+    ]

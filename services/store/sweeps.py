@@ -150,8 +150,9 @@ class Sweeps(RedisPart):
             raise LimitExceeded(
                 "tenant_storage_bytes",
                 f"tenant {tenant!r} keeps {int(reply[1])} bytes; this sweep needs {reserved} "
-                f"more (every member's spec and step records), and tenant_storage_bytes is "
-                f"{storage_limit}: delete finished jobs, sweeps or datasets",
+                f"more (its spec and inline data, every member's spec and step records), and "
+                f"tenant_storage_bytes is {storage_limit}: delete finished jobs, sweeps or "
+                "datasets",
             )
         return None
 
