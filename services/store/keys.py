@@ -16,6 +16,9 @@ from services.schemas import JobStatus, SweepStatus, iso_utc
 JOBS_INDEX = "gs:jobs"
 STATUS_INDEX_PREFIX = "gs:jobs:"  # + status
 GROUP_STATUS_PREFIX = "gs:groups:"  # + status: a sweep's groups (units of work, not jobs)
+# + status: sweep members apart from other jobs. A member has no lease of its own (its group's
+# covers it), so the reaper, which reads the jobs' and the groups' indexes, never walks them.
+MEMBER_STATUS_PREFIX = "gs:members:"
 TENANT_PREFIX = "gs:tenant:"  # + tenant + ':jobs' (+ ':' + status) | ':datasets' | ':bytes'
 TENANT_JOBS = ":jobs"
 SWEEP_STATUS_PREFIX = "gs:sweeps:"  # + status: the ids of every tenant's sweeps in it (a set)
@@ -100,6 +103,11 @@ def status_index(status: JobStatus | str) -> str:
 
 def group_status_index(status: JobStatus | str) -> str:
     return GROUP_STATUS_PREFIX + str(status)
+
+
+def member_status_index(status: JobStatus | str) -> str:
+    """Every tenant's sweep members in one status (/metrics counts them with the jobs)."""
+    return MEMBER_STATUS_PREFIX + str(status)
 
 
 def sweep_status_index(status: SweepStatus | str) -> str:

@@ -58,6 +58,7 @@ local TERMINAL = {{{_TERMINAL}}}
 local JOBS_INDEX = {_lua_string(keys.JOBS_INDEX)}
 local STATUS_INDEX = {_lua_string(keys.STATUS_INDEX_PREFIX)}
 local GROUP_INDEX = {_lua_string(keys.GROUP_STATUS_PREFIX)}
+local MEMBER_INDEX = {_lua_string(keys.MEMBER_STATUS_PREFIX)}
 local TENANT_PREFIX = {_lua_string(keys.TENANT_PREFIX)}
 local TENANT_JOBS = {_lua_string(keys.TENANT_JOBS)}
 local STATS = {_lua_string(keys.STATS_KEY)}
@@ -95,10 +96,13 @@ local function active_jobs(tenant)
   return active
 end
 
--- Jobs and a sweep's groups are indexed by status apart: a group is a unit of work, not a
--- job (the reaper and the orphan check read both).
+-- Jobs, a sweep's groups and its members are indexed by status apart: a group is a unit of
+-- work, not a job (the reaper and the orphan check read both), and a member is trained and
+-- leased by its group, so neither of them reads the members' index (a pass costs what it
+-- must check, not one REAP per running member).
 local function status_index(status)
   if redis.call('HEXISTS', JOB, 'members') == 1 then return GROUP_INDEX .. status end
+  if redis.call('HEXISTS', JOB, 'group') == 1 then return MEMBER_INDEX .. status end
   return STATUS_INDEX .. status
 end
 
@@ -145,7 +149,10 @@ local function set_status(id, old, new)
   if new == 'queued' then
     redis.call('HSET', JOB, 'queued_at', redis.call('TIME')[1])
   end
-  redis.call('ZREM', status_index(old), id)
+  local index = status_index(old)
+  redis.call('ZREM', index, id)
+  -- A member stored before members had an index of their own sits in the jobs' one.
+  if index ~= STATUS_INDEX .. old then redis.call('ZREM', STATUS_INDEX .. old, id) end
   redis.call('ZADD', status_index(new), 0, id)
   local tenant = redis.call('HGET', JOB, 'tenant')
   if tenant then
@@ -496,7 +503,8 @@ REAP = _script(
     """
 local status = redis.call('HGET', JOB, 'status')
 if status ~= 'running' and status ~= 'cancelling' then return false end
--- A sweep's member has no lease of its own: its group's lease is reaped instead.
+-- A sweep's member has no lease of its own: its group's lease is reaped instead (members
+-- are not in the indexes the reaper reads; one stored before that may still be).
 if redis.call('HEXISTS', JOB, 'group') == 1 then return false end
 if redis.call('EXISTS', LEASE) == 1 then return false end
 if lapse(ARGV[1], status, ARGV[3], ARGV[2]) ~= 'requeue' then return false end
@@ -564,6 +572,7 @@ if tenant then
   if bytes then redis.call('DECRBY', tenant_storage(tenant), bytes) end
 end
 redis.call('ZREM', JOBS_INDEX, ARGV[1])
+redis.call('ZREM', status_index(status), ARGV[1])
 redis.call('ZREM', STATUS_INDEX .. status, ARGV[1])
 redis.call('ZREM', ARCHIVE_DUE, ARGV[1])
 local idem = redis.call('HGET', JOB, 'idempotency')
@@ -687,7 +696,7 @@ while i <= #ARGV do
     if kind == 'group' then
       redis.call('ZADD', GROUP_INDEX .. 'queued', 0, id)
     else
-      redis.call('ZADD', STATUS_INDEX .. 'queued', 0, id)
+      redis.call('ZADD', MEMBER_INDEX .. 'queued', 0, id)
       redis.call('ZADD', JOBS_INDEX, 0, id)
       redis.call('ZADD', tenant_index(tenant), 0, id)
       redis.call('ZADD', tenant_index(tenant, 'queued'), 0, id)
@@ -884,7 +893,8 @@ for _, id in ipairs(redis.call('ZRANGE', sweep_members_key(sweep), 0, -1)) do
     redis.call('ZREM', tenant_index(tenant), id)
     redis.call('ZREM', tenant_index(tenant, member[1]), id)
     redis.call('ZREM', JOBS_INDEX, id)
-    redis.call('ZREM', STATUS_INDEX .. member[1], id)
+    redis.call('ZREM', MEMBER_INDEX .. member[1], id)
+    redis.call('ZREM', STATUS_INDEX .. member[1], id)  -- stored before members had an index
     if not TERMINAL[member[1]] then redis.call('DECR', tenant_active_members(tenant)) end
     redis.call('ZREM', ARCHIVE_DUE, id)
     freed = freed + tonumber(member[2] or '0')
