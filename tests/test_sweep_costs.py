@@ -13,8 +13,10 @@ import redis
 
 from api.client import Client
 from cli.stack import Stack, wait_until
-from services.store import Store
-from tests.faults import FAULT_ENV, endless_spec, redis_and_api
+from services.schemas import JobStatus
+from services.store import Store, keys
+from services.store.sweeps import MEMBER_STATUS_BATCH
+from tests.faults import FAULT_ENV, endless_spec, redis_and_api, running_blocker
 
 # A sweep of endless members reserves its steps up front (DESIGN §10): room for them.
 ENV = {**FAULT_ENV, "GRADSTREAM_TENANT_STORAGE_BYTES": str(10**15)}
@@ -112,3 +114,69 @@ def test_reaper_pass_commands_do_not_grow_with_running_members(
     assert passes[256] == passes[2], passes
     assert passes[2].count("EVALSHA") == 0  # no lease lapsed: nothing to reap
     assert len(passes[2]) < 20, passes[2]
+
+
+@pytest.fixture(scope="module")
+def queued_sweep(api: Client) -> Iterator[dict[str, Any]]:
+    """A sweep of 1 000 members, all queued behind an endless job the worker runs (its one
+    pool process); both cancelled at the end."""
+    blocker = running_blocker(api)
+    spec = {
+        "name": "a thousand",
+        "base": {"data": {"synthetic": {"n": 8, "d": 2}}, "steps": 5, "device": "cpu"},
+        "grid": {"optimizer.lr": [1e-3 * (1 + i / 1000) for i in range(1000)]},
+    }
+    sweep = api.submit_sweep(spec)
+    try:
+        yield sweep
+    finally:
+        api.cancel_sweep(sweep["id"])
+        api.cancel(blocker)
+        api.wait(blocker, timeout=60)
+
+
+def test_a_page_of_members_reads_only_its_records(
+    stack: Stack, api: Client, store: Store, queued_sweep: dict[str, Any]
+) -> None:
+    sweep_id = queued_sweep["id"]
+    tenant = store.redis.hget(keys.sweep_key(sweep_id), "tenant").decode()
+    store.live_queues()  # routing's cache of the worker registry, read apart from the page
+    pages: list[Any] = []
+    sent = commands_sent(
+        stack.redis_url,
+        store,
+        lambda: pages.append(store.list_members(sweep_id, tenant, None, 10, "500")),
+    )
+    (rows, cursor) = pages[0]
+    assert [row.id for row in rows] == member_ids(store, sweep_id)[501:511]
+    assert cursor == "510"
+    # The owner (one field), the page's ids, each row's record: nothing of the other 990.
+    assert sorted(sent) == sorted(["HGET", "ZRANGEBYSCORE"] + ["HMGET"] * 10), sent
+
+    # With a status, statuses are read in batches until the page is full.
+    pages.clear()
+    sent = commands_sent(
+        stack.redis_url,
+        store,
+        lambda: pages.append(store.list_members(sweep_id, tenant, JobStatus.QUEUED, 10, None)),
+    )
+    (rows, cursor) = pages[0]
+    assert [row.id for row in rows] == member_ids(store, sweep_id)[:10]
+    assert cursor == "9"
+    assert sent.count("HMGET") == 10, sent
+    assert sent.count("HGET") <= 1 + MEMBER_STATUS_BATCH, sent
+
+    # Paging through still gives every member once, in order, with or without a status.
+    for status in (None, JobStatus.QUEUED):
+        seen, cursor = [], None
+        while True:
+            rows, cursor = store.list_members(sweep_id, tenant, status, 300, cursor)
+            seen += [row.id for row in rows]
+            if cursor is None:
+                break
+        assert seen == member_ids(store, sweep_id)
+    assert store.list_members(sweep_id, tenant, JobStatus.RUNNING, 10, None) == ([], None)
+
+
+def member_ids(store: Store, sweep_id: str) -> list[str]:
+    return [i.decode() for i in store.redis.zrange(keys.sweep_members_key(sweep_id), 0, -1)]

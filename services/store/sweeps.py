@@ -49,6 +49,10 @@ def group_spec(
     )
 
 
+# Members whose status one read of a filtered member listing checks (a batch: one
+# ZRANGEBYSCORE and one pipeline of HGETs).
+MEMBER_STATUS_BATCH = 256
+
 # What a sweep's view reads of each member.
 _MEMBER_FIELDS = ("status", "steps_done", "loss", "result", "val_loss")
 
@@ -269,25 +273,47 @@ class Sweeps(RedisPart):
                 views.append(self._summary(self._view(fields)))
         return views, (ids[limit - 1] if len(ids) > limit else None)
 
+    def _check_owner(self, sweep_id: str, tenant: str) -> None:
+        """SweepNotFound unless the sweep is `tenant`'s: one field, not the whole record (its
+        spec may hold inline data, its values one entry per member)."""
+        if self.redis.hget(keys.sweep_key(sweep_id), "tenant") != tenant.encode():
+            raise SweepNotFound(sweep_id)
+
     @translate_redis_errors
     def list_members(
         self, sweep_id: str, tenant: str, status: JobStatus | None, limit: int, cursor: str | None
     ) -> tuple[list[JobSummary], str | None]:
         """A sweep's members in member order (GET /v1/jobs?sweep=); `cursor` is the last
-        member index of the previous page."""
-        self.sweep_fields(sweep_id, tenant)
+        member index of the previous page. Reads the page's records only; with a `status`,
+        the members' statuses in batches after the cursor until the page is full."""
+        self._check_owner(sweep_id, tenant)
         if cursor is not None and not cursor.isdigit():
             return [], None  # names no member: nothing comes after it
-        start = "-inf" if cursor is None else f"({int(cursor)}"
-        found = self.redis.zrangebyscore(
-            keys.sweep_members_key(sweep_id), start, "+inf", withscores=True
-        )
-        rows = self.summaries([member_id.decode() for member_id, _ in found])
-        if status is not None:
+        lower = "-inf" if cursor is None else f"({int(cursor)}"
+        matched: list[tuple[str, int]] = []  # (member id, index), one past the page at most
+        batch = limit + 1 if status is None else max(limit + 1, MEMBER_STATUS_BATCH)
+        while len(matched) <= limit:
+            found = self.redis.zrangebyscore(
+                keys.sweep_members_key(sweep_id), lower, "+inf", 0, batch, withscores=True
+            )
+            ids = [(member_id.decode(), int(score)) for member_id, score in found]
+            if status is None:
+                matched += ids
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                for member_id, _ in ids:
+                    pipe.hget(keys.job_key(member_id), "status")
+                statuses = pipe.execute()
+                wanted = status.value.encode()
+                matched += [m for m, s in zip(ids, statuses, strict=True) if s == wanted]
+            if len(found) < batch:
+                break
+            lower = f"({ids[-1][1]}"
+        page = matched[:limit]
+        rows = self.summaries([member_id for member_id, _ in page])
+        if status is not None:  # a member may have moved on between the two reads
             rows = [row for row in rows if row.status is status]
-        indexes = {member_id.decode(): int(score) for member_id, score in found}
-        page = rows[:limit]
-        return page, (str(indexes[page[-1].id]) if len(rows) > limit else None)
+        return rows, (str(page[-1][1]) if len(matched) > limit else None)
 
     @translate_redis_errors
     def cancel_sweep(self, sweep_id: str, tenant: str) -> None:
