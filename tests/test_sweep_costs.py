@@ -4,6 +4,7 @@ sweep's members. Counted on a private redis-server with MONITOR: the commands on
 connection sent (a script's own commands are not round trips, and are left out), between two
 marker commands of that connection."""
 
+import json
 import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -180,3 +181,28 @@ def test_a_page_of_members_reads_only_its_records(
 
 def member_ids(store: Store, sweep_id: str) -> list[str]:
     return [i.decode() for i in store.redis.zrange(keys.sweep_members_key(sweep_id), 0, -1)]
+
+
+def test_a_sweeps_view_reads_its_page_of_members_and_counts_them_all(
+    stack: Stack, api: Client, store: Store, queued_sweep: dict[str, Any]
+) -> None:
+    sweep_id = queued_sweep["id"]
+    views: list[Any] = []
+    sent = commands_sent(
+        stack.redis_url, store, lambda: views.append(store.get_sweep(sweep_id, None, 10, "500"))
+    )
+    view = views[0]
+    assert [m.index for m in view.members] == list(range(501, 511))
+    assert view.members_next == "510" and view.member_count == 1000
+    assert view.counts == {JobStatus.QUEUED: 1000} and view.best is None
+    # The record (counts in it), the page's ids and records, the group's record, the lowest
+    # final loss: nothing of the other 990 members.
+    assert sorted(sent) == sorted(["HGETALL", "ZRANGEBYSCORE", "HMGET", "ZRANGE"] + ["HMGET"] * 10)
+
+    # Over HTTP: 100 members by default, a cursor to the next page, the client joins them all.
+    first = api.sweep_page(sweep_id)
+    assert len(first["members"]) == 100 and first["members_next"] == "99"
+    whole = api.sweep(sweep_id)
+    assert [m["id"] for m in whole["members"]] == member_ids(store, sweep_id)
+    assert whole["members_next"] is None and whole["counts"] == {"queued": 1000}
+    assert len(json.dumps(first)) < len(json.dumps(whole)) / 5

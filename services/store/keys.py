@@ -87,6 +87,12 @@ def sweep_members_key(sweep_id: str) -> str:
     return f"gs:sweep:{{{sweep_id}}}:members"
 
 
+def sweep_finals_key(sweep_id: str, metric: str) -> str:
+    """A sweep's succeeded members scored by their final `metric` (`loss`: the result's
+    full_loss; `val_loss`), so that its best member is read without reading every member."""
+    return f"gs:sweep:{{{sweep_id}}}:finals:{metric}"
+
+
 def tenant_sweeps(tenant: str) -> str:
     """A tenant's sweeps, lex-sorted by id (time-ordered) like its jobs."""
     return f"{TENANT_PREFIX}{tenant}:sweeps"

@@ -47,6 +47,8 @@ _KEY_FUNCTIONS = "".join(
         ("sweep_key", keys.sweep_key),
         ("sweep_events_key", keys.sweep_events_key),
         ("sweep_members_key", keys.sweep_members_key),
+        ("sweep_finals_loss", lambda sweep: keys.sweep_finals_key(sweep, "loss")),
+        ("sweep_finals_val_loss", lambda sweep: keys.sweep_finals_key(sweep, "val_loss")),
         ("tenant_sweeps", keys.tenant_sweeps),
         ("tenant_active_sweeps", keys.tenant_active_sweeps),
     ]
@@ -146,6 +148,15 @@ end
 -- hash tag: one Redis, not a cluster.
 local function set_status(id, old, new)
   redis.call('HSET', JOB, 'status', new)
+  -- A member's sweep counts its members per status (`c:<status>`), so that reading a sweep's
+  -- counts reads none of its members.
+  if redis.call('HEXISTS', JOB, 'group') == 1 then
+    local record = sweep_key(redis.call('HGET', JOB, 'sweep'))
+    if redis.call('EXISTS', record) == 1 then
+      redis.call('HINCRBY', record, 'c:' .. old, -1)
+      redis.call('HINCRBY', record, 'c:' .. new, 1)
+    end
+  end
   if new == 'queued' then
     redis.call('HSET', JOB, 'queued_at', redis.call('TIME')[1])
   end
@@ -219,7 +230,7 @@ local function finish(id, old, new, now)
   end
   if redis.call('HEXISTS', JOB, 'group') == 1 then  -- a sweep's member
     redis.call('DECR', tenant_active_members(tenant))
-    member_ended(redis.call('HGET', JOB, 'sweep'), new, now)
+    member_ended(id, redis.call('HGET', JOB, 'sweep'), new, now)
   end
   local members = redis.call('HGET', JOB, 'members')  -- a sweep's group
   if members then end_members(members, new, now) end
@@ -227,9 +238,21 @@ end
 
 -- A member of `sweep` ended `status`: the sweep counts it, and ends with its last member
 -- (cancelled if a cancel was asked for, succeeded if a member succeeded, failed otherwise).
-member_ended = function(sweep, status, now)
+-- A member that succeeded is ranked by its final loss and validation loss (sorted sets
+-- scored by each, written to 17 digits: exact), so that the sweep's best reads a few.
+member_ended = function(id, sweep, status, now)
   local record = sweep_key(sweep)
   redis.call('HINCRBY', record, 'n:' .. status, 1)
+  if status == 'succeeded' then
+    local ok, result = pcall(cjson.decode, redis.call('HGET', JOB, 'result') or 'null')
+    if ok and type(result) == 'table' and type(result.full_loss) == 'number' then
+      redis.call('ZADD', sweep_finals_loss(sweep), string.format('%.17g', result.full_loss), id)
+      if type(result.val_loss) == 'number' then
+        redis.call('ZADD', sweep_finals_val_loss(sweep), string.format('%.17g', result.val_loss),
+                   id)
+      end
+    end
+  end
   if redis.call('HINCRBY', record, 'remaining', -1) > 0 then return end
   local final = 'failed'
   if redis.call('HGET', record, 'cancel') == '1' then
@@ -680,7 +703,7 @@ if active >= tonumber(ARGV[3]) then return {'limit', active} end
 local used = tonumber(redis.call('GET', tenant_storage(tenant)) or '0')
 if used + tonumber(ARGV[5]) > tonumber(ARGV[4]) then return {'storage', tostring(used)} end
 local now = redis.call('TIME')[1]
-local i = 7
+local i, members = 7, 0
 while i <= #ARGV do
   local id, kind, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local first, last = i + 3, i + 2 + 2 * n
@@ -701,11 +724,15 @@ while i <= #ARGV do
       redis.call('ZADD', tenant_index(tenant), 0, id)
       redis.call('ZADD', tenant_index(tenant, 'queued'), 0, id)
       redis.call('INCR', tenant_active_members(tenant))
+      members = members + 1
       redis.call('ZADD', sweep_members_key(sweep), redis.call('HGET', job_key(id), 'index'), id)
       redis.call('XADD', events_key(id), '*', 'status', 'queued', 'steps_done', 0)
     end
   end
 end
+-- Members per status (`c:<status>`, set_status keeps them), and how many in all: a sweep
+-- with `member_count` has counts a view can trust (one stored before them has none).
+redis.call('HSET', sweep_key(sweep), 'c:queued', members, 'member_count', members)
 redis.call('INCRBY', tenant_storage(tenant), ARGV[5])
 if idem then
   redis.call('SET', idem, sweep, 'EX', ARGV[6])
@@ -819,11 +846,21 @@ end
 if moved and not applied then
   sweep_event(sweep, 'progress', cjson.encode({members = progress}))
 end
+local pruned = 0
 for _, e in ipairs(ending) do
   use_job(e[1])
   finish(e[1], e[2], e[3], now)
+  if e[3] == 'pruned' then pruned = pruned + 1 end
 end
 restore_job(group)
+-- A cut at a rung (the chunk ends at it): the group keeps `<rung>:<ranked>:<kept>` in its
+-- `halving` field, so that its sweep's view shows that each group ranked on its own.
+if pruned > 0 and chunk and not applied then
+  local kept = passed - #gone / 2
+  local cut = (last + 1) .. ':' .. (kept + pruned) .. ':' .. kept
+  local before = redis.call('HGET', JOB, 'halving')
+  redis.call('HSET', JOB, 'halving', before and (before .. ' ' .. cut) or cut)
+end
 if chunk and not applied then
   redis.call('HINCRBY', STATS, 'steps', count * passed)
   redis.call('HINCRBY', STATS, 'member_steps', member_steps)
@@ -912,7 +949,8 @@ redis.call('SREM', tenant_active_sweeps(tenant), sweep)
 redis.call('SREM', SWEEP_STATUS .. status, sweep)
 local idem = redis.call('HGET', KEYS[1], 'idempotency')
 if idem and redis.call('GET', idem) == sweep then redis.call('DEL', idem) end
-redis.call('DEL', KEYS[1], sweep_events_key(sweep), sweep_members_key(sweep))
+redis.call('DEL', KEYS[1], sweep_events_key(sweep), sweep_members_key(sweep),
+           sweep_finals_loss(sweep), sweep_finals_val_loss(sweep))
 return {'deleted'}
 """,
     allow_oom=True,
