@@ -17,6 +17,7 @@ import torch
 from api.client import AsyncClient, Client, GradstreamError
 from cli.stack import Stack
 from services.config import Settings
+from services.schemas import SweepSpec
 from services.store import Store, keys
 from tests.attempts import run_groups, store_sweep
 from tests.conftest import SEED_EXAMPLE
@@ -358,3 +359,30 @@ def test_halving_ranks_within_each_group_and_the_view_shows_each_groups_cuts(
         assert {m["values"]["optimizer.name"] for m in members} == {name}
         assert [m["status"] for m in members].count("succeeded") == 1
     client.delete_sweep(view["id"])
+
+
+def test_the_sweep_stream_counts_in_its_tenants_storage_until_the_sweep_is_deleted(
+    store: Store, redis_client: "redis.Redis"
+) -> None:
+    # 60 steps flushed one by one: 60-odd events written, the latest 12 kept; what the tenant
+    # keeps for them is what the stream holds (each event's id, field names and values),
+    # counted as they are written and given back as they are trimmed, and freed with the sweep.
+    tenant = f"events-{keys.new_job_id()}"  # a tenant of its own: nobody else's bytes
+    spec = {"base": {**SEED_EXAMPLE, "steps": 60}, "grid": {"optimizer.lr": [0.01, 0.02, 0.03]}}
+    sweep = store_sweep(store, spec, Settings(sweep_events_keep=12), tenant=tenant)
+    settings = Settings(flush_max_steps=1, flush_interval_s=60, compile_steps=False)
+    run_groups(store, sweep.id, torch.device("cpu"), settings)
+    entries = redis_client.xrange(keys.sweep_events_key(sweep.id))
+    assert len(entries) == 12
+    kept = sum(
+        len(entry_id) + sum(len(name) + len(value) for name, value in fields.items())
+        for entry_id, fields in entries
+    )
+    record = redis_client.hgetall(keys.sweep_key(sweep.id))
+    assert int(record[b"events_bytes"]) == kept
+    spec_bytes = len(SweepSpec.model_validate(spec).model_dump_json())
+    assert int(record[b"bytes"]) == spec_bytes + kept
+    members = sum(int(redis_client.hget(keys.job_key(m.id), "bytes")) for m in sweep.members)
+    assert int(redis_client.get(keys.tenant_storage(tenant))) == members + spec_bytes + kept
+    store.delete_sweep(sweep.id, tenant)
+    assert int(redis_client.get(keys.tenant_storage(tenant))) == 0

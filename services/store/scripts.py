@@ -121,18 +121,38 @@ local function restore_job(saved)
   JOB, STEPS, EVENTS, LEASE, CKPT = saved[1], saved[2], saved[3], saved[4], saved[5]
 end
 
+-- The bytes of one event of a sweep's stream: its id, field names and values.
+local function event_bytes(id, kind, data)
+  return #id + #'type' + #kind + #'data' + #data
+end
+
 -- A sweep's event stream: ids are a sequence number (`<seq>-1`) that Last-Event-ID resumes
 -- from. It keeps the latest `events_keep` events (the sweep's setting at submit): a flush of
--- any group adds one, so an unbounded stream would outgrow every member's steps.
+-- any group adds one, so an unbounded stream would outgrow every member's steps. What it
+-- keeps counts in the tenant's storage and in the sweep's `bytes` (freed when the sweep is
+-- deleted): each event adds its bytes, and the events trimmed to make room give theirs back.
 local function sweep_event(sweep, kind, data)
-  local seq = redis.call('HINCRBY', sweep_key(sweep), 'seq', 1)
-  local keep = redis.call('HGET', sweep_key(sweep), 'events_keep')
+  local record, stream = sweep_key(sweep), sweep_events_key(sweep)
+  local seq = redis.call('HINCRBY', record, 'seq', 1)
+  local id = seq .. '-1'
+  local keep = tonumber(redis.call('HGET', record, 'events_keep'))
+  local grown = event_bytes(id, kind, data)
   if keep then
-    redis.call('XADD', sweep_events_key(sweep), 'MAXLEN', keep, seq .. '-1', 'type', kind,
-               'data', data)
+    local over = redis.call('XLEN', stream) + 1 - keep
+    if over > 0 then
+      for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', over)) do
+        local fields = {}
+        for f = 1, #entry[2], 2 do fields[entry[2][f]] = entry[2][f + 1] end
+        grown = grown - event_bytes(entry[1], fields.type or '', fields.data or '')
+      end
+    end
+    redis.call('XADD', stream, 'MAXLEN', keep, id, 'type', kind, 'data', data)
   else
-    redis.call('XADD', sweep_events_key(sweep), seq .. '-1', 'type', kind, 'data', data)
+    redis.call('XADD', stream, id, 'type', kind, 'data', data)
   end
+  redis.call('HINCRBY', record, 'events_bytes', grown)
+  redis.call('HINCRBY', record, 'bytes', grown)
+  redis.call('INCRBY', tenant_storage(redis.call('HGET', record, 'tenant')), grown)
 end
 
 -- A sweep's status lives in its record and in the global index of sweeps per status (which
