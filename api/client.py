@@ -91,6 +91,27 @@ def _auth(api_key: str | None) -> dict[str, str]:
 
 # A dropped stream (or one the API cannot serve for now: a 503) is retried after this many
 # seconds, doubling up to 2 s: the default 10 retries ride out about 17 s without an event.
+# GET /v1/sweeps/{id} pages its members: members per page by default, and at most.
+MEMBERS_PAGE = 100
+MAX_MEMBERS_PAGE = 1000
+
+
+def _members_params(limit: int, cursor: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"members_limit": limit}
+    if cursor is not None:
+        params["members_cursor"] = cursor
+    return params
+
+
+def _joined(view: dict[str, Any], page: dict[str, Any]) -> dict[str, Any]:
+    """`view` with the members of its next `page` after its own."""
+    return {
+        **view,
+        "members": view["members"] + page["members"],
+        "members_next": page["members_next"],
+    }
+
+
 def _backoff(failures: int) -> float:
     return min(2.0, 0.2 * 2.0**failures)
 
@@ -165,8 +186,21 @@ class Client:
         """Submit a SweepSpec; its SweepView (queued), each member a job."""
         return dict(self._json(self.http.post("/v1/sweeps", json=spec)))
 
+    def sweep_page(
+        self, sweep_id: str, limit: int = MEMBERS_PAGE, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """The SweepView with one page of its members (after `cursor`, a `members_next`)."""
+        params = _members_params(limit, cursor)
+        return dict(self._json(self.http.get(f"/v1/sweeps/{sweep_id}", params=params)))
+
     def sweep(self, sweep_id: str) -> dict[str, Any]:
-        return dict(self._json(self.http.get(f"/v1/sweeps/{sweep_id}")))
+        """The SweepView with every member: its pages followed (`members_next`) and joined
+        (counts, best and groups are the first page's)."""
+        view = self.sweep_page(sweep_id, MAX_MEMBERS_PAGE)
+        while view["members_next"] is not None:
+            page = self.sweep_page(sweep_id, MAX_MEMBERS_PAGE, view["members_next"])
+            view = _joined(view, page)
+        return view
 
     def sweeps(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest sweeps as summaries: counts and best, no members (`sweep()` has them)."""
@@ -184,9 +218,9 @@ class Client:
         """Poll until the sweep ends; its final SweepView."""
         deadline = time.monotonic() + timeout
         while True:
-            view = self.sweep(sweep_id)
+            view = self.sweep_page(sweep_id, 1)  # polls read one member, not all
             if view["status"] in SWEEP_ENDED:
-                return view
+                return self.sweep(sweep_id)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"sweep {sweep_id} still {view['status']} after {timeout} s")
             time.sleep(poll)
@@ -315,8 +349,21 @@ class AsyncClient:
         """Submit a SweepSpec; its SweepView (queued), each member a job."""
         return dict(await self._json(self.http.post("/v1/sweeps", json=spec)))
 
+    async def sweep_page(
+        self, sweep_id: str, limit: int = MEMBERS_PAGE, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """The SweepView with one page of its members (after `cursor`, a `members_next`)."""
+        params = _members_params(limit, cursor)
+        return dict(await self._json(self.http.get(f"/v1/sweeps/{sweep_id}", params=params)))
+
     async def sweep(self, sweep_id: str) -> dict[str, Any]:
-        return dict(await self._json(self.http.get(f"/v1/sweeps/{sweep_id}")))
+        """The SweepView with every member: its pages followed (`members_next`) and joined
+        (counts, best and groups are the first page's)."""
+        view = await self.sweep_page(sweep_id, MAX_MEMBERS_PAGE)
+        while view["members_next"] is not None:
+            page = await self.sweep_page(sweep_id, MAX_MEMBERS_PAGE, view["members_next"])
+            view = _joined(view, page)
+        return view
 
     async def sweeps(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest sweeps as summaries: counts and best, no members (`sweep()` has them)."""
@@ -337,9 +384,9 @@ class AsyncClient:
         """Poll until the sweep ends; its final SweepView."""
         deadline = time.monotonic() + timeout
         while True:
-            view = await self.sweep(sweep_id)
+            view = await self.sweep_page(sweep_id, 1)  # polls read one member, not all
             if view["status"] in SWEEP_ENDED:
-                return view
+                return await self.sweep(sweep_id)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"sweep {sweep_id} still {view['status']} after {timeout} s")
             await asyncio.sleep(poll)

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.group_flush import bare_xadds
 from cli.stack import temporary_stack
+from services.attempts import CHUNK_BUDGET_BYTES, Outcome
 from services.config import Settings
-from services.runner import CHUNK_BUDGET_BYTES, Outcome, run_job
+from services.runner import run_job
 from services.schemas import JobSpec, SweepSpec
 from services.store import Store, keys
 from services.sweeps import submit_sweep

@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cli.stack import temporary_stack
+from services.attempts import CHUNK_BUDGET_BYTES
 from services.config import Settings
 from services.environment import attempt_environment
 from services.records import Chunk
-from services.runner import CHUNK_BUDGET_BYTES
 from services.schemas import SweepSpec
 from services.store import Store, keys
 from services.store.sweeps import MemberFlush

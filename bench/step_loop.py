@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cli.stack import temporary_stack
+from services.attempts import Outcome
 from services.config import Settings
-from services.runner import Outcome, run_job
+from services.runner import run_job
 from services.schemas import JobSpec
 from services.store import Store
 from services.training import build_dataset, initial_theta

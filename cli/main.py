@@ -1144,7 +1144,7 @@ def sweep_submit(
     with _client(url, api_key) as client:
         view = client.submit_sweep(spec)
         typer.echo(view["id"])
-        members, groups = len(view["members"]), view["groups"]
+        members, groups = view["member_count"], view["groups"]
         typer.echo(
             f"{members} member{'s' * (members != 1)} in {groups} group{'s' * (groups != 1)}: "
             f"{view['status']}"
@@ -1164,6 +1164,22 @@ def sweep_watch(
     """Follow a sweep live until it ends, resuming if dropped; exit 1 unless it succeeds."""
     with _client(url, api_key) as client:
         _watch_sweep(client, sweep_id, progress, top)
+
+
+def _halving_lines(view: dict[str, Any]) -> list[str]:
+    """Where halving cut each group, one line a group, when a sweep of several groups cut
+    any: halving ranks within a group, so each keeps its own winners."""
+    groups = view.get("group_details") or []
+    if len(groups) < 2 or not any(group["rungs"] for group in groups):
+        return []
+    lines = []
+    for position, group in enumerate(groups, start=1):
+        cuts = ", ".join(f"{c['ranked']} -> {c['kept']} at {c['step']}" for c in group["rungs"])
+        lines.append(
+            f"  group {position} ({group['members']} members, {group['status']}): "
+            f"{cuts or 'no cut'}"
+        )
+    return ["halving ranks within each group:", *lines]
 
 
 TIMES = (("created", "created_at"), ("started", "started_at"), ("finished", "finished_at"))
@@ -1187,8 +1203,10 @@ def sweep_show(
     typer.echo(f"sweep {view['id']}{name}: {view['status']}")
     times = [f"{what} {_time(view[field])}" for what, field in TIMES if view[field] is not None]
     typer.echo(", ".join(times))
-    members, groups = len(view["members"]), view["groups"]
+    members, groups = view["member_count"], view["groups"]
     typer.echo(f"{members} members in {groups} group{'s' * (groups != 1)}: {board.counts()}")
+    for line in _halving_lines(view):
+        typer.echo(line)
     if view["best"] is not None:
         typer.echo(f"best {view['best']['id']}: {board.best_text()}")
     typer.echo("")
@@ -1200,8 +1218,9 @@ def sweep_show(
 def sweep_cancel(sweep_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
     """Cancel every unfinished member of a sweep (running ones stop at their next flush)."""
     with _client(url, api_key) as client:
-        view = client.cancel_sweep(sweep_id)
-    typer.echo(f"{view['status']}: {SweepBoard(view).counts()}")
+        view = client.cancel_sweep(sweep_id)  # counts of every member, members of a page
+    counts = ", ".join(f"{view['counts'][s]} {s}" for s in JobStatus if s in view["counts"])
+    typer.echo(f"{view['status']}: {counts or 'no members'}")
 
 
 @sweep_app.command("delete")

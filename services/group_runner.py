@@ -1,10 +1,11 @@
 """One attempt at a sweep's group (DESIGN §9): its running members trained together, one
 batched step for all of them, flushed by one fenced script per chunk. No Celery here.
 
-A group is claimed, leased, checkpointed and handed back like a job (the same scripts); what
-differs is the flush, which appends each member's chunk and ends the members that end
-(the last step, successive halving's cut at a rung, divergence), and which reports the
-members that a cancel ended meanwhile, so that they leave the batched tensors.
+A group is claimed, leased, checkpointed and handed back like a job, by the same scripts and
+the same attempt lifecycle (services/attempts.py); what differs is the step loop and the
+flush, which appends each member's chunk and ends the members that end (the last step,
+successive halving's cut at a rung, divergence), and which reports the members that a cancel
+ended meanwhile, so that they leave the batched tensors.
 """
 
 import dataclasses
@@ -22,6 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.attempts import (
+    CHUNK_BUDGET_BYTES,
+    Attempt,
+    AttemptResult,
+    Outcome,
+    choose_stepper,
+    diverged_error,
+    finished_result,
+    make_fast,
+    uploaded_data,
+)
 from services.batched import (
     BatchedCompiledSteps,
     BatchedCudaGraphStep,
@@ -30,21 +42,14 @@ from services.batched import (
     supports_batched_cuda_graph,
 )
 from services.config import Settings
-from services.environment import attempt_environment
-from services.errors import StorageFull, StoreUnavailable
-from services.queue import compiles
-from services.records import Chunk, param_values, settle_validation
-from services.runner import (
-    CHUNK_BUDGET_BYTES,
-    FULL,
-    AttemptResult,
-    LeaseKeeper,
-    Outcome,
-    hand_back,
-    retry_through_outage,
-    uploaded_data,
+from services.records import (
+    Chunk,
+    finite_steps,
+    first_not_finite,
+    param_values,
+    settle_validation,
 )
-from services.schemas import AttemptEnvironment, JobSpec, JobStatus
+from services.schemas import AttemptEnvironment, JobStatus
 from services.store import Claim, Store
 from services.store.sweeps import GroupFlushed, MemberFlush
 from services.sweeps_math import halving_cut, halving_rungs, rank_by_loss
@@ -71,10 +76,9 @@ class _GroupSteps:
     uninterrupted run bit for bit. Made again when the live members change: the buffer is as
     wide as they are, and a graph holds their tensors."""
 
-    def __init__(
-        self, group_id: str, trainer: BatchedTrainer, kind: str, settings: Settings
-    ) -> None:
-        self.group_id, self.trainer, self.live = group_id, trainer, list(trainer.live)
+    def __init__(self, name: str, trainer: BatchedTrainer, kind: str, settings: Settings) -> None:
+        """`name`: the attempt's, for log lines."""
+        self.name, self.trainer, self.live = name, trainer, list(trainer.live)
         device, members, width = trainer.x.device, len(trainer.live), trainer.layout.width
         rows = max(1, min(CHUNK_BUDGET_BYTES // (4 * members * width), settings.flush_max_steps))
         block = settings.compile_block_steps if kind == "compiled" else 1
@@ -82,23 +86,23 @@ class _GroupSteps:
         self.storage = torch.empty(self.capacity, members, width, device=device)
         self.cursor = torch.zeros((), dtype=torch.int64, device=device)
         self.fast: BatchedCudaGraphStep | BatchedCompiledSteps | None = None
-        self.failed = False
-        try:
-            if kind == "cuda-graph":
-                self.fast = BatchedCudaGraphStep(trainer, self.storage, self.cursor)
-            elif kind == "compiled" and supports_batched_compile(trainer):
-                self.fast = BatchedCompiledSteps(trainer, self.storage, self.cursor, block)
-        except Exception:  # the group still trains, by eager steps
-            log.warning("group %s: no %s step; eager steps", group_id, kind, exc_info=True)
-            self.failed = True
+        make: Callable[[], BatchedCudaGraphStep | BatchedCompiledSteps] | None = None
+        if kind == "cuda-graph":
+            make = partial(BatchedCudaGraphStep, trainer, self.storage, self.cursor)
+        elif kind == "compiled" and supports_batched_compile(trainer):
+            make = partial(BatchedCompiledSteps, trainer, self.storage, self.cursor, block)
+        if make is not None:
+            self.fast = make_fast(name, kind, make)
+        # A fast step that could not be made leaves the group training by eager steps.
+        self.failed = make is not None and self.fast is None
         self.block = 1 if self.fast is None else self.fast.block
 
     def _eager_from(self, step: int, kind: str) -> None:
         """The fast stepper failed before running `step` (it changed nothing): eager steps
         from there on, as when it could not be made."""
         log.warning(
-            "group %s: the %s step failed at step %d; eager steps",
-            self.group_id,
+            "%s: the %s step failed at step %d; eager steps",
+            self.name,
             kind,
             step,
             exc_info=True,
@@ -141,7 +145,12 @@ class _GroupSteps:
         return done
 
 
-class _GroupAttempt:
+class GroupAttempt(Attempt):
+    """One attempt at a sweep's group: its running members' steps in one batched tensor,
+    each chunk flushed (on a thread of its own) by one fenced script for all of them."""
+
+    what = "group"
+
     def __init__(
         self,
         store: Store,
@@ -151,28 +160,19 @@ class _GroupAttempt:
         settings: Settings,
         drain: threading.Event,
     ) -> None:
-        self.store, self.group_id, self.attempt = store, group_id, claim.attempt
-        self.worker, self.settings, self.drain = worker, settings, drain
+        super().__init__(store, group_id, claim, worker, settings, drain)
+        self.group_id = group_id
         self.spec: dict[str, Any] = json.loads(claim.spec_json)
-        self.claim = claim
         self.trainer: BatchedTrainer | None = None
-        self.stepper = "eager"
-        self.device = torch.device("cpu")  # run() sets it
-        self.sent_stepper: str | None = None  # the stepper the last environment sent named
-        self.keeper = LeaseKeeper(
-            store,
-            group_id,
-            claim.attempt,
-            settings.lease_s,
-            self._progress,
-            settings.attempt_stall_s,
-        )
 
-    def _progress(self) -> int:
-        return 0 if self.trainer is None else self.trainer.steps_done
+    def progress(self) -> int:
+        return -1 if self.trainer is None else self.trainer.steps_done
 
     def run(self, device: torch.device) -> AttemptResult:
         self.device = device
+        # Before anything that takes time (reading the members, loading their data, a
+        # compile), as a job's attempt does: the lease must not lapse while the group loads.
+        self.keeper.start()
         work = self.store.group_work(self.group_id, self.spec["members"])
         running = [
             (member_id, position)
@@ -199,7 +199,14 @@ class _GroupAttempt:
         self.positions = {member_id: p for p, member_id in enumerate(self.ids)}
         # The stepper the group's first attempt recorded is every later attempt's, whatever
         # this worker's cost model says: a resumed group then rounds as its first attempt did.
-        kind = self.claim.stepper or self._stepper_kind(trainer, first, len(work.specs))
+        kind = self.claim.stepper or choose_stepper(
+            first,
+            self.settings,
+            first.steps,
+            supports_batched_cuda_graph(trainer),
+            supports_batched_compile(trainer),
+            len(work.specs),
+        )
         self.stepper = kind
         log.info(
             "group %s attempt %d: %d members, steps %d..%d on %s (%s)",
@@ -211,20 +218,11 @@ class _GroupAttempt:
             device,
             kind,
         )
-        self.keeper.start()
-        return self._loop(trainer, first.steps, kind, rungs)
-
-    def _stepper_kind(self, trainer: BatchedTrainer, spec: JobSpec, members: int) -> str:
-        """The group's fastest stepper, for a group no attempt has recorded one for: a CUDA
-        graph on a GPU for groups of enough steps, compiled blocks on the CPU when the cost
-        model says the compile repays itself, else eager."""
-        settings = self.settings
-        if supports_batched_cuda_graph(trainer):
-            if settings.cuda_graphs and spec.steps >= settings.cuda_graph_min_steps:
-                return "cuda-graph"
-        elif supports_batched_compile(trainer) and compiles(spec, settings, members):
-            return "compiled"
-        return "eager"
+        started = time.perf_counter()
+        try:
+            return self._loop(trainer, first.steps, kind, rungs)
+        finally:
+            self.loop_s = time.perf_counter() - started
 
     def _cut(self, deadline: float) -> bool:
         """Whether the chunk ends now: the worker drains, the lease is lost, or it is time to
@@ -246,7 +244,7 @@ class _GroupAttempt:
         with ThreadPoolExecutor(1, thread_name_prefix=f"flush-{self.group_id[:8]}") as flusher:
             while True:
                 if chunks is None or chunks.live != trainer.live:
-                    chunks = _GroupSteps(self.group_id, trainer, kind, self.settings)
+                    chunks = _GroupSteps(self.name, trainer, kind, self.settings)
                 stop_at = min([steps, *(r for r in rungs if r > trainer.steps_done)])
                 first, started = trainer.steps_done, time.monotonic()
                 cut = partial(self._cut, started + self.settings.flush_interval_s)
@@ -268,6 +266,7 @@ class _GroupAttempt:
                         row_of = {position: row for row, position in enumerate(chunks.live)}
                         host = host[:, [row_of[p] for p in trainer.live]]
                 chunk, flushes, ended = self._chunk(trainer, host, first, steps, rungs)
+                self.steps_run += sum(member.kept for member in flushes)
                 snapshot = trainer.state_snapshot()  # after this chunk, before the next
                 landed = None
                 if trainer.x.device.type == "cuda":  # the snapshot's copies are non-blocking
@@ -277,7 +276,7 @@ class _GroupAttempt:
                 remaining = [p for p in trainer.live if p not in ended]
                 if ended:
                     trainer.keep(remaining)
-                environment = self._environment()
+                environment = self.environment()
                 pending = flusher.submit(
                     self._flush, chunk, flushes, snapshot, landed, environment=environment
                 )
@@ -293,16 +292,12 @@ class _GroupAttempt:
                         return self.hand_back("its worker is shutting down")
 
     def _settle(self, trainer: BatchedTrainer, flushed: GroupFlushed) -> AttemptResult | None:
-        """What a flush's reply means: the attempt's outcome when it ends the attempt, else
-        None (and the members it says no longer train leave the batched tensors)."""
-        if flushed.reply == "fenced":
-            return AttemptResult(Outcome.FENCED)
-        if flushed.reply == "gap":
-            return self.hand_back("Redis lost recent steps: resuming from the checkpoint")
-        if flushed.reply == "full":
-            return self.hand_back(FULL)
-        if flushed.reply == "finished":
-            return AttemptResult(Outcome.SUCCEEDED)
+        """What a flush's reply means (`ended_by`): the attempt's outcome when it ends the
+        attempt, else None, and the members it says no longer train leave the batched
+        tensors."""
+        outcome = self.ended_by(flushed.reply)
+        if outcome is not None:
+            return outcome
         gone = {self.positions[member_id] for member_id in flushed.gone}
         if gone & set(trainer.live):
             trainer.keep([p for p in trainer.live if p not in gone])
@@ -313,7 +308,6 @@ class _GroupAttempt:
     ) -> tuple[Chunk, list[MemberFlush], set[int]]:
         """The chunk of every live member, and who ends (last step, divergence, the rung's
         cut): the flush's chunk and members, and the positions of the members that end."""
-        p = trainer.layout.params
         count = len(host)
         step = first + count  # the steps done after this chunk
         # One member per row, each its chunk's rows in a row (numpy: its slices cost far less
@@ -322,8 +316,7 @@ class _GroupAttempt:
         evaluated = trainer.layout.evaluated
         if evaluated:
             settle_validation(by_member[:, :, -1], first, trainer.eval_every, steps - 1, rungs)
-        finite = np.isfinite(by_member[:, :, : 1 + p]).all(axis=2)  # (members, count)
-        all_finite = finite.all(axis=1).tolist()
+        finite = finite_steps(by_member, trainer.layout.params)  # (members, count)
         last_losses = by_member[:, count - 1, 0].tolist()
         params = trainer.params().cpu()
         metric = self.spec.get("metric") or "loss"
@@ -335,11 +328,11 @@ class _GroupAttempt:
             end: JobStatus | None = None
             error = None
             loss = last_losses[i]
-            if not all_finite[i]:
-                bad = int(np.argmin(finite[i]))  # the first step that is not finite
+            bad = first_not_finite(finite[i])
+            if bad is not None:
                 kept = bad + 1
                 end = JobStatus.DIVERGED
-                error = f"diverged at step {first + bad}: loss or gradients are not finite"
+                error = diverged_error(first + bad)
                 loss = float(by_member[i, bad, 0])
             loss_or_none = loss if math.isfinite(loss) else None
             val_loss = _last_evaluated(by_member[i, :kept, -1]) if evaluated else None
@@ -359,8 +352,10 @@ class _GroupAttempt:
                 metrics.append(val_loss if metric == "val_loss" else loss_or_none)
                 survivors.append(i)
         if step >= steps:
+            started = time.perf_counter()
             for i in survivors:
                 members[i] = self._succeeded(members[i], trainer, params[i], steps)
+            self.result_s += time.perf_counter() - started
         elif step in rungs and self.spec.get("early_stop"):
             members = self._prune(members, metrics, survivors, trainer, params, step)
         chunk = Chunk(
@@ -408,17 +403,19 @@ class _GroupAttempt:
     def _succeeded(
         self, member: MemberFlush, trainer: BatchedTrainer, theta: torch.Tensor, steps: int
     ) -> MemberFlush:
-        """The member's end at the last step, with the result its own job would have (the same
-        keys, its numbers computed alike); the data they are measured on is the group's."""
-        layout, reference = trainer.layout, trainer.fit_reference()
-        result = {
-            "params": param_values(theta.tolist(), layout.features, layout.bias),
-            "loss": member.loss,
-            "stopped": f"ran all {steps} steps",
-            "stepper": self.stepper,
-            **reference.quality(theta),
-            **reference.metrics(theta),
-        }
+        """The member's end at the last step, with the result its own job would have
+        (`finished_result`: the same keys, its numbers computed alike); the data they are
+        measured on is the group's."""
+        layout = trainer.layout
+        result = finished_result(
+            trainer.fit_reference(),
+            theta,
+            layout.features,
+            layout.bias,
+            f"ran all {steps} steps",
+            self.stepper,
+        )
+        result["loss"] = member.loss
         return dataclasses.replace(member, end=JobStatus.SUCCEEDED, result=result)
 
     def _flush(
@@ -436,35 +433,21 @@ class _GroupAttempt:
         if landed is not None:
             landed.synchronize()
         state = b"" if snapshot is None else serialize_state(snapshot)
-        try:
-            return retry_through_outage(
-                lambda: self.store.flush_group(
-                    self.group_id,
-                    self.attempt,
-                    chunk,
-                    members,
-                    state,
-                    self.settings.lease_s,
-                    finish=finish,
-                    environment=environment,
-                    worker=self.worker,
-                ),
-                f"group {self.group_id} attempt {self.attempt}",
-            )
-        except StorageFull:
-            return GroupFlushed("full", {})
-
-    def _environment(self) -> AttemptEnvironment | None:
-        """What the attempt runs on, for the next flush if it is the attempt's first, or if
-        the stepper changed since (a compile that failed when members left): else None."""
-        if self.stepper == self.sent_stepper:
-            return None
-        self.sent_stepper = self.stepper
-        return attempt_environment(self.attempt, self.device, self.stepper, self.worker)
-
-    def hand_back(self, why: str) -> AttemptResult:
-        """Queue the group again, to resume from its checkpoint, as a job is handed back."""
-        return hand_back(self.store, self.keeper, self.group_id, self.attempt, self.worker, why)
+        return self.write(
+            lambda: self.store.flush_group(
+                self.group_id,
+                self.attempt,
+                chunk,
+                members,
+                state,
+                self.settings.lease_s,
+                finish=finish,
+                environment=environment,
+                worker=self.worker,
+            ),
+            sum(member.kept for member in members),
+            GroupFlushed("full", {}),
+        )
 
 
 def _last_evaluated(column: "np.ndarray[Any, Any]") -> float | None:
@@ -475,30 +458,3 @@ def _last_evaluated(column: "np.ndarray[Any, Any]") -> float | None:
         return None
     value = float(column[evaluated[-1]])
     return value if math.isfinite(value) else None
-
-
-def run_group(
-    store: Store,
-    group_id: str,
-    claim: Claim,
-    worker: str,
-    device: torch.device,
-    settings: Settings,
-    drain: threading.Event | None,
-) -> AttemptResult:
-    """Run one attempt of a claimed group until its members end, or until `drain` is set
-    (then it is checkpointed and handed back)."""
-    attempt = _GroupAttempt(store, group_id, claim, worker, settings, drain or threading.Event())
-    try:
-        return dataclasses.replace(attempt.run(device), stepper=attempt.stepper)
-    except StoreUnavailable:
-        raise  # nothing can be recorded; the lease lapses and the reaper requeues the group
-    except StorageFull:
-        return attempt.hand_back(FULL)
-    except Exception as exc:
-        log.exception("group %s attempt %d failed", group_id, claim.attempt)
-        error = f"{type(exc).__name__}: {exc}"
-        store.fail_job(group_id, claim.attempt, error, worker)  # its members fail with it
-        return AttemptResult(Outcome.FAILED, reason=error)
-    finally:
-        attempt.keeper.stop()

@@ -124,6 +124,19 @@ def settle_validation(
     column[..., ~evaluated] = NOT_EVALUATED
 
 
+def finite_steps(rows: "np.ndarray[Any, Any]", params: int) -> "np.ndarray[Any, Any]":
+    """Which rows (..., count, width) have a finite loss and finite gradients: (..., count).
+    A job's chunk or every member's of a group's; the first row that is not ends its run
+    (`diverged`)."""
+    finite: np.ndarray[Any, Any] = np.isfinite(rows[..., : 1 + params]).all(axis=-1)
+    return finite
+
+
+def first_not_finite(finite: "np.ndarray[Any, Any]") -> int | None:
+    """The index of the first False in `finite` (count,), None if there is none."""
+    return None if finite.all() else int(np.argmin(finite))
+
+
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN or Infinity: a non-finite value is written as null."""
     return value if math.isfinite(value) else None

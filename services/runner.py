@@ -9,79 +9,52 @@ longer than the lease does not lose the job.
 """
 
 import concurrent.futures
-import contextlib
 import contextvars
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
 from services import metrics
+from services.attempts import (
+    CHUNK_BUDGET_BYTES,
+    Attempt,
+    AttemptResult,
+    Outcome,
+    choose_stepper,
+    diverged_error,
+    finished_result,
+    make_fast,
+    run_attempt,
+    uploaded_data,
+)
 from services.config import Settings
-from services.environment import attempt_environment
-from services.errors import StorageFull, StoreUnavailable
+from services.errors import StorageFull
+from services.group_runner import GroupAttempt
 from services.logs import attempt_context
 from services.queue import compiles, estimated_seconds
-from services.records import Chunk, param_values, settle_validation
-from services.schemas import AttemptEnvironment, JobSpec, JobStatus, StopSpec
+from services.records import Chunk, finite_steps, first_not_finite, settle_validation
+from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Claim, Store
 from services.store.sweeps import GROUP_SPEC_PREFIX
 from services.training import (
     CompiledSteps,
     CudaGraphStep,
-    DatasetCache,
+    FitReference,
     Layout,
     Trainer,
-    fit_metrics,
-    fit_quality,
-    inductor_cache_counts,
     serialize_state,
     supports_compiled_steps,
     supports_cuda_graph,
 )
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-Dataset = tuple[torch.Tensor, torch.Tensor]
-
-# A chunk buffer holds at most this many bytes, so wide problems flush more often, not bigger.
-CHUNK_BUDGET_BYTES = 8 * 1024 * 1024
-# How long a flush keeps retrying while Redis is unreachable before the attempt gives up.
-STORE_OUTAGE_S = 60.0
-FULL = "Redis is full (maxmemory): resuming from its checkpoint once there is room"
-
-
-class Outcome(StrEnum):
-    SUCCEEDED = "succeeded"
-    DIVERGED = "diverged"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-    RELEASED = "released"  # handed back (worker shutting down, or Redis lost recent writes)
-    FENCED = "fenced"  # a newer attempt owns the job; this one stopped without touching it
-    SKIPPED = "skipped"  # nothing to run: missing, finished, or held by a live attempt
-
-
-@dataclass(frozen=True)
-class AttemptResult:
-    outcome: Outcome
-    requeue_to: str | None = None  # the queue to send the job to again (RELEASED)
-    reason: str | None = None  # why it failed, diverged or was handed back (the job's error)
-    # How the steps ran: `steps` steps in `loop_s` seconds (from the first step to the end of
-    # the last flush, less `result_s`, the time the fit quality of the result took), eagerly
-    # or by replaying a CUDA graph.
-    steps: int = 0
-    loop_s: float = 0.0
-    stepper: str = "eager"
-    result_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -194,11 +167,10 @@ def pack(
     host = recorded.rows
     if layout.evaluated:
         settle_validation(host[:, -1].numpy(), recorded.first, *evaluation)
-    finite = torch.isfinite(host[:, : 1 + layout.params]).all(dim=1)
     diverged_at = None
     rows = len(host)
-    if not bool(finite.all()):
-        bad = int(torch.nonzero(~finite)[0, 0])
+    bad = first_not_finite(finite_steps(host.numpy(), layout.params))
+    if bad is not None:
         diverged_at, rows = recorded.first + bad, bad + 1
     rows_bytes = host[:rows].numpy().tobytes()
     epochs = batches if batches > 1 else 0  # a full-batch job's records carry no epoch
@@ -213,34 +185,6 @@ def pack(
         layout.evaluated,
     )
     return Packed(chunk, diverged_at, float(host[rows - 1, 0]))
-
-
-_datasets: DatasetCache | None = None
-
-
-def datasets_cache(settings: Settings) -> DatasetCache:
-    """This process's cache of uploaded datasets (a worker's pool process keeps it across
-    jobs)."""
-    global _datasets
-    if _datasets is None:
-        _datasets = DatasetCache(settings.dataset_cache_bytes)
-    return _datasets
-
-
-def uploaded_data(
-    store: Store, spec: JobSpec, device: torch.device, settings: Settings
-) -> tuple[Dataset | None, Dataset | None]:
-    """The (x, y) on `device` of the spec's uploaded training data and validation set, each
-    None where the spec gives no dataset id (from this process's cache, else from Redis)."""
-    cache = datasets_cache(settings)
-
-    def load(dataset_id: str | None) -> Dataset | None:
-        if dataset_id is None:
-            return None
-        return cache.get(dataset_id, device, lambda: store.load_dataset(dataset_id))
-
-    validation = spec.eval.data if spec.eval is not None else None
-    return load(spec.data.dataset_id), load(validation.dataset_id if validation else None)
 
 
 class StopRule:
@@ -279,74 +223,6 @@ class StopRule:
         return None
 
 
-class LeaseKeeper:
-    """Renews the attempt's lease every third of its length while the attempt makes progress.
-
-    `lost` is set once a newer attempt owns the job (this one must stop), or once `progress()`
-    has not moved for `stall_s`: a hung attempt (a deadlock, a stuck kernel) then lets its
-    lease lapse, and the reaper gives the job to a new attempt.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        job_id: str,
-        attempt: int,
-        lease_s: float,
-        progress: Callable[[], int],
-        stall_s: float,
-    ) -> None:
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._args = (store, job_id, attempt, lease_s)
-        self._progress, self._stall_s = progress, stall_s
-        # Started in a copy of this context: its log lines carry the job id and attempt.
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(
-            target=context.run, args=(self._run,), name=f"lease-{job_id}", daemon=True
-        )
-
-    def __enter__(self) -> "LeaseKeeper":
-        self.start()
-        return self
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop renewing, and wait until a renew in progress has returned."""
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _run(self) -> None:
-        store, job_id, attempt, lease_s = self._args
-        seen, since = self._progress(), time.monotonic()
-        while not self._stop.wait(lease_s / 3):
-            if self._progress() != seen:
-                seen, since = self._progress(), time.monotonic()
-            elif time.monotonic() - since > self._stall_s:
-                log.error(
-                    "job %s attempt %d: no progress for %.0f s; letting its lease lapse",
-                    job_id,
-                    attempt,
-                    self._stall_s,
-                )
-                self.lost.set()
-                return
-            try:
-                if not store.renew_lease(job_id, attempt, lease_s):
-                    self.lost.set()
-                    return
-            except StoreUnavailable:
-                log.warning(
-                    "job %s attempt %d: Redis unreachable, lease not renewed", job_id, attempt
-                )
-
-
 def warm_compiled(settings: Settings) -> list[str]:
     """Compile the blocks of the shapes in `settings.compile_warm_shapes` ("1x1,1000x10+b":
     samples x features, +b with a bias) in this process, with the recorder a job of each
@@ -366,39 +242,6 @@ def warm_compiled(settings: Settings) -> list[str]:
     return done
 
 
-def retry_through_outage(write: Callable[[], T], what: str) -> T:
-    """`write()`, retried while Redis is unreachable (it restarts, say) for up to
-    STORE_OUTAGE_S: the steps it carries are not lost, only late. A flush script recognises a
-    retry of a flush it applied, so retrying is safe."""
-    deadline = time.monotonic() + STORE_OUTAGE_S
-    pause = 0.05
-    while True:
-        try:
-            return write()
-        except StoreUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("%s: Redis unreachable, flush retried", what)
-            time.sleep(pause)
-            pause = min(1.0, pause * 2)
-
-
-def hand_back(
-    store: Store, keeper: LeaseKeeper, unit_id: str, attempt: int, worker: str, why: str
-) -> AttemptResult:
-    """Queue a job (or a sweep's group) again, to resume from its checkpoint. The lease
-    keeper stops first, and the release script ends this attempt's ownership: nothing of it
-    renews, takes back or fails the job afterwards."""
-    keeper.stop()
-    queue = store.release_job(unit_id, attempt, f"requeued: {why}", worker)
-    log.info("%s attempt %d handed back: %s", unit_id, attempt, why)
-    if queue is None:
-        return AttemptResult(Outcome.FENCED)
-    if queue == "":
-        return AttemptResult(Outcome.CANCELLED)
-    return AttemptResult(Outcome.RELEASED, requeue_to=queue, reason=why)
-
-
 def run_job(
     store: Store,
     job_id: str,
@@ -407,8 +250,9 @@ def run_job(
     settings: Settings,
     drain: threading.Event | None = None,
 ) -> AttemptResult:
-    """Run one attempt of `job_id` on `device` until it ends, or until `drain` is set (then
-    the job is checkpointed and handed back). Every outcome is recorded on the job itself."""
+    """Claim `job_id` (a job, or a sweep's group: the same message, the same scripts) and run
+    one attempt of it on `device` until it ends, or until `drain` is set (then it is
+    checkpointed and handed back). Every outcome is recorded on the job itself."""
     try:
         claim = store.claim_job(job_id, worker, settings.lease_s, settings.max_attempts)
     except StorageFull:
@@ -418,63 +262,12 @@ def run_job(
     if claim.outcome != "claimed":
         log.info("job %s not run: %s %s", job_id, claim.outcome, claim.status)
         return AttemptResult(Outcome.SKIPPED)
+    kind = GroupAttempt if claim.spec_json.startswith(GROUP_SPEC_PREFIX) else JobAttempt
     with attempt_context(job_id, claim.attempt):
-        if claim.spec_json.startswith(GROUP_SPEC_PREFIX):
-            # A sweep's group: its members train together. Imported here, as the group
-            # runner builds on this module's attempt machinery (LeaseKeeper, AttemptResult).
-            from services.group_runner import run_group
-
-            result = run_group(store, job_id, claim, worker, device, settings, drain)
-        else:
-            result = _run_attempt(store, job_id, worker, device, settings, drain, claim)
+        attempt = kind(store, job_id, claim, worker, settings, drain or threading.Event())
+        result = run_attempt(attempt, device)
     metrics.JOBS.labels(result.outcome.value).inc()
     return result
-
-
-def _run_attempt(
-    store: Store,
-    job_id: str,
-    worker: str,
-    device: torch.device,
-    settings: Settings,
-    drain: threading.Event | None,
-    claim: Claim,
-) -> AttemptResult:
-    attempt = _Attempt(store, job_id, claim.attempt, worker, settings, drain or threading.Event())
-    result = AttemptResult(Outcome.FAILED)
-    try:
-        result = attempt.run(claim.spec_json, claim.checkpoint, device, claim.stepper)
-        return dataclasses.replace(
-            result,
-            steps=attempt.steps_run,
-            loop_s=attempt.loop_s - attempt.result_s,
-            stepper=attempt.stepper,
-            result_s=attempt.result_s,
-        )
-    except StoreUnavailable:
-        raise  # nothing can be recorded; the lease lapses and the reaper requeues the job
-    except StorageFull:
-        # Redis refused a write for memory outside a flush (a flush hands back by itself):
-        # the job waits for room, like after a refused flush; it is never failed for it.
-        result = attempt.hand_back(FULL)
-        return result
-    except Exception as exc:
-        # Whatever the job did (bad record, out of memory, a bug), the worker survives it and
-        # the job ends with the reason instead of staying `running` (unless this attempt
-        # handed it back already: then it is not this attempt's to fail).
-        log.exception("job %s attempt %d failed", job_id, claim.attempt)
-        error = f"{type(exc).__name__}: {exc}"
-        store.fail_job(job_id, claim.attempt, error, worker)
-        if result.outcome is Outcome.FAILED:
-            result = AttemptResult(Outcome.FAILED, reason=error)
-        return result
-    finally:
-        attempt.keeper.stop()
-        # The script that ended the attempt cleared the worker's current job, unless a newer
-        # attempt had the job (or Redis could not be reached).
-        if result.outcome in (Outcome.FENCED, Outcome.FAILED):
-            with contextlib.suppress(StoreUnavailable):
-                store.clear_current_job(worker, job_id)
 
 
 @dataclass(frozen=True)
@@ -486,9 +279,9 @@ class Flushed:
     diverged: str | None = None  # the error naming the first non-finite step
 
 
-class _Attempt:
-    """The step loop of one attempt, on one thread of control: claim (done by run_job), set
-    up, run steps, flush chunks, and finish or hand the job back.
+class JobAttempt(Attempt):
+    """The step loop of one attempt of a job, on one thread of control: set up, run steps,
+    flush chunks, and finish or hand the job back.
 
     Chunks are packed and flushed on a thread of their own, one at a time, while the loop
     records into the other buffer; the loop reads a flush's reply when it hands over the next
@@ -499,43 +292,29 @@ class _Attempt:
         self,
         store: Store,
         job_id: str,
-        attempt: int,
+        claim: Claim,
         worker: str,
         settings: Settings,
         drain: threading.Event,
     ) -> None:
-        self.store = store
+        super().__init__(store, job_id, claim, worker, settings, drain)
         self.job_id = job_id
-        self.attempt = attempt
-        self.worker = worker
-        self.settings = settings
-        # Started once the attempt knows its job is long enough to need one (`_keep_lease`).
-        self.keeper = LeaseKeeper(
-            store, job_id, attempt, settings.lease_s, self.progress, settings.attempt_stall_s
-        )
-        self.drain = drain
         self.last_loss: float | None = None
         self._flushing: concurrent.futures.Future[Flushed] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{job_id}")
         self.recorder: StepRecorder | None = None
-        self.steps_run, self.loop_s, self.stepper, self.result_s = 0, 0.0, "eager", 0.0
-        self.environment: AttemptEnvironment | None = None  # sent with the first flush
 
     def progress(self) -> int:
-        """Steps recorded so far (read by the lease keeper's thread; -1 while setting up)."""
         recorder = self.recorder
         return -1 if recorder is None else recorder.first + recorder.count
 
-    def run(
-        self,
-        spec_json: str,
-        checkpoint: Checkpoint | None,
-        device: torch.device,
-        recorded: str | None = None,
-    ) -> AttemptResult:
-        """Run the attempt; `recorded` is the stepper an earlier attempt recorded, if any."""
+    def run(self, device: torch.device) -> AttemptResult:
+        """Run the attempt from the claim's checkpoint; the stepper is the one an earlier
+        attempt recorded, if any."""
+        self.device = device
+        checkpoint, recorded = self.claim.checkpoint, self.claim.stepper
         try:
-            spec = JobSpec.model_validate_json(spec_json)
+            spec = JobSpec.model_validate_json(self.claim.spec_json)
         except ValidationError as exc:
             error = f"invalid job record: {exc.error_count()} error(s): {exc}"
             self.store.fail_job(self.job_id, self.attempt, error, self.worker)
@@ -562,7 +341,6 @@ class _Attempt:
             rows = min(rows, spec.steps - start)
         recorder = self.recorder = StepRecorder(trainer.layout, rows, device, start, block)
         fast, self.stepper = self._fast_steps(kind, spec, trainer, recorder, spec.steps - start)
-        self.environment = attempt_environment(self.attempt, device, self.stepper, self.worker)
         log.info(
             "job %s attempt %d: steps %d..%d on %s (%s)",
             self.job_id,
@@ -599,16 +377,15 @@ class _Attempt:
         self.keeper.start()
 
     def _stepper_kind(self, spec: JobSpec, trainer: Trainer, steps: int) -> str:
-        """The cost model's stepper, for a job no attempt has recorded one for: a CUDA graph
-        where that pays (a GPU, `steps` enough), compiled blocks where they repay their
-        compile over the whole job's steps (the CPU), else eager."""
-        settings = self.settings
-        graph_pays = settings.cuda_graphs and steps >= settings.cuda_graph_min_steps
-        if graph_pays and self._can_run("cuda-graph", spec, trainer):
-            return "cuda-graph"
-        if compiles(spec, settings) and self._can_run("compiled", spec, trainer):
-            return "compiled"
-        return "eager"
+        """The cost model's stepper (`choose_stepper`) for a job no attempt has recorded one
+        for; `steps`: those left."""
+        return choose_stepper(
+            spec,
+            self.settings,
+            steps,
+            self._can_run("cuda-graph", spec, trainer),
+            self._can_run("compiled", spec, trainer),
+        )
 
     def _can_run(self, kind: str, spec: JobSpec, trainer: Trainer) -> bool:
         """Whether the job's steps can run as `kind` here: a CUDA graph on a GPU, compiled
@@ -634,49 +411,21 @@ class _Attempt:
         if not self._can_run(kind, spec, trainer):
             log.warning("job %s: %s steps cannot run here; eager steps", self.job_id, kind)
             return None, "eager"
+        block = self.settings.compile_block_steps
+        if kind == "compiled" and steps < block:
+            return None, kind
         fast: CudaGraphStep | CompiledSteps | None
         if kind == "cuda-graph":
-            fast = self._capture(trainer, recorder)
-        elif steps < self.settings.compile_block_steps:
-            return None, kind
+            fast = make_fast(
+                self.name, kind, lambda: CudaGraphStep(trainer, recorder.storage, recorder.cursor)
+            )
         else:
-            fast = self._compile(trainer, recorder, self.settings.compile_block_steps)
+            fast = make_fast(
+                self.name,
+                kind,
+                lambda: CompiledSteps(trainer, recorder.storage, recorder.cursor, block),
+            )
         return fast, "eager" if fast is None else kind
-
-    def _compile(
-        self, trainer: Trainer, recorder: StepRecorder, block: int
-    ) -> CompiledSteps | None:
-        """Compiled blocks of steps, or None (eager steps) if compiling fails."""
-        hits, misses = inductor_cache_counts()
-        started = time.perf_counter()
-        try:
-            compiled = CompiledSteps(trainer, recorder.storage, recorder.cursor, block)
-        except Exception:
-            log.warning(
-                "job %s: compiling the step failed; eager steps", self.job_id, exc_info=True
-            )
-            return None
-        new_hits, new_misses = inductor_cache_counts()
-        log.info(
-            "job %s: compiled step (blocks of %d) ready in %.2f s (Inductor cache: %d hit(s), "
-            "%d miss(es))",
-            self.job_id,
-            block,
-            time.perf_counter() - started,
-            new_hits - hits,
-            new_misses - misses,
-        )
-        return compiled
-
-    def _capture(self, trainer: Trainer, recorder: StepRecorder) -> CudaGraphStep | None:
-        """The step as a CUDA graph, or None (eager steps) if the capture fails."""
-        try:
-            return CudaGraphStep(trainer, recorder.storage, recorder.cursor)
-        except RuntimeError:
-            log.warning(
-                "job %s: CUDA graph capture failed; eager steps", self.job_id, exc_info=True
-            )
-            return None
 
     def _loop(
         self,
@@ -726,18 +475,12 @@ class _Attempt:
             return stopped
         # The last chunk (at least the last step) and the finish go in one flush.
         recorded = recorder.swap(trainer.theta, trainer.optimizer_snapshot())
-        params = trainer.params().cpu().tolist()
         started = time.perf_counter()
-        quality = fit_quality(trainer, spec)
+        reference = FitReference(trainer.x, trainer.y, spec, trainer.val)
+        layout = trainer.layout
         theta = trainer.params()
-        quality.update(fit_metrics((trainer.x, trainer.y), trainer.val, theta, spec.bias))
+        result = finished_result(reference, theta, layout.features, spec.bias, reason, self.stepper)
         self.result_s = time.perf_counter() - started
-        result = {
-            "params": param_values(params, trainer.layout.features, spec.bias),
-            "stopped": reason,
-            "stepper": self.stepper,
-            **quality,
-        }
         return self._outcome(self._flush(recorded, result)) or AttemptResult(Outcome.SUCCEEDED)
 
     def _started_at(self) -> float:
@@ -754,33 +497,12 @@ class _Attempt:
         return self._outcome(flushed)
 
     def _outcome(self, flushed: Flushed) -> AttemptResult | None:
-        """What a flush's reply means for the attempt: None to go on, else how it ended."""
-        reply = flushed.reply
-        if reply == "ok":
-            return None
-        if reply == "finished":
-            log.info(
-                "job %s attempt %d %s", self.job_id, self.attempt, flushed.diverged or "succeeded"
-            )
-            if flushed.diverged:
-                return AttemptResult(Outcome.DIVERGED, reason=flushed.diverged)
-            return AttemptResult(Outcome.SUCCEEDED)
-        if reply == "cancelled":
-            log.info("job %s attempt %d cancelled", self.job_id, self.attempt)
-            return AttemptResult(Outcome.CANCELLED)
-        if reply == "gap":
-            # Redis came back without its last writes (AOF fsyncs once a second): what it holds
-            # is consistent up to its checkpoint, so the next attempt resumes from there.
-            return self.hand_back(
-                "Redis lost the attempt's latest steps; resuming from its checkpoint"
-            )
-        if reply == "full":
-            # Nothing of the flush was written; the steps since the checkpoint run again later.
-            return self.hand_back(FULL)
-        log.warning(
-            "job %s attempt %d stopped: a newer attempt owns the job", self.job_id, self.attempt
-        )
-        return AttemptResult(Outcome.FENCED)
+        """What a flush's reply means for the attempt (`ended_by`); a finishing flush of
+        steps that diverged ends it diverged."""
+        if flushed.reply == "finished" and flushed.diverged:
+            log.info("%s diverged: %s", self.name, flushed.diverged)
+            return AttemptResult(Outcome.DIVERGED, reason=flushed.diverged)
+        return self.ended_by(flushed.reply)
 
     def _flush(self, recorded: Recorded | None, result: dict[str, Any] | None = None) -> Flushed:
         """Pack and flush recorded rows (with `result`, finish the job), on whichever thread
@@ -795,51 +517,26 @@ class _Attempt:
             checkpoint = dataclasses.replace(recorded.checkpoint, loss=packed.last_loss)
             if packed.diverged_at is not None:
                 status, result = JobStatus.DIVERGED, None
-                error = f"diverged at step {packed.diverged_at}: loss or gradients are not finite"
+                error = diverged_error(packed.diverged_at)
         if status is None and result is not None:
             status = JobStatus.SUCCEEDED
             result["loss"] = self.last_loss
         # Flushes run one at a time: the first takes the attempt's environment along.
-        environment, self.environment = self.environment, None
-        started = time.perf_counter()
-        try:
-            reply = self._flush_with_retry(chunk, checkpoint, status, result, error, environment)
-        except StorageFull:
-            log.warning(
-                "job %s attempt %d: flush refused, Redis is full", self.job_id, self.attempt
-            )
-            return Flushed("full")
-        metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
-        if chunk is not None:
-            metrics.STEPS.inc(chunk.count)
-            metrics.FLUSHES.inc()
-        return Flushed(reply, error)
-
-    def _flush_with_retry(
-        self,
-        chunk: Chunk | None,
-        checkpoint: Checkpoint | None,
-        finish: JobStatus | None,
-        result: dict[str, Any] | None,
-        error: str | None,
-        environment: AttemptEnvironment | None,
-    ) -> str:
-        return retry_through_outage(
+        environment = self.environment()
+        reply = self.write(
             lambda: self.store.flush_steps(
                 self.job_id,
                 self.attempt,
                 chunk,
                 checkpoint,
                 self.settings.lease_s,
-                finish=finish,
+                finish=status,
                 result=result,
                 error=error,
                 worker=self.worker,
                 environment=environment,
             ),
-            f"job {self.job_id} attempt {self.attempt}",
+            0 if chunk is None else chunk.count,
+            "full",
         )
-
-    def hand_back(self, why: str) -> AttemptResult:
-        """Queue the job again to resume from its checkpoint (`hand_back`)."""
-        return hand_back(self.store, self.keeper, self.job_id, self.attempt, self.worker, why)
+        return Flushed(reply, error)

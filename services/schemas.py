@@ -783,12 +783,21 @@ class SweepStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+# Members per page of GET /v1/sweeps/{id} (`members_limit`): by default, and at most.
+SWEEP_MEMBERS_PAGE = 100
+MAX_SWEEP_MEMBERS_PAGE = 1000
+
+
 class SweepMember(BaseModel):
     """A member as its sweep shows it: its swept values by path, the last step's loss and the
     result's full-batch loss; with eval, the last evaluated step's validation loss and the
     result's."""
 
     id: str
+    index: int | None = Field(default=None, description="its position in the sweep")
+    group: int | None = Field(
+        default=None, description="the position of its group in the view's group_details"
+    )
     values: dict[str, Any]
     status: JobStatus
     steps_done: int
@@ -796,6 +805,28 @@ class SweepMember(BaseModel):
     final_loss: float | None
     val_loss: float | None = None
     final_val_loss: float | None = None
+
+
+class HalvingCut(BaseModel):
+    """Successive halving at one rung of one group: how many members it ranked, how many
+    went on (the others ended pruned)."""
+
+    step: int = Field(description="the rung: members ranked by the metric of step - 1")
+    ranked: int
+    kept: int
+
+
+class SweepGroup(BaseModel):
+    """A unit of work of a sweep: members trained together by one batched step on one worker.
+    Successive halving ranks within a group: each keeps its own winners."""
+
+    id: str
+    status: JobStatus
+    members: int = Field(description="its members, in all")
+    steps_done: int
+    rungs: list[HalvingCut] = Field(
+        default_factory=list, description="the rungs at which it pruned members, in order"
+    )
 
 
 class SweepBest(BaseModel):
@@ -818,10 +849,19 @@ class SweepView(BaseModel):
     created_at: UtcTime
     started_at: UtcTime | None
     finished_at: UtcTime | None
-    counts: dict[JobStatus, int] = Field(description="members per status")
+    counts: dict[JobStatus, int] = Field(description="members per status (all of them)")
     groups: int = Field(description="units of work: members trained together by one step")
-    members: list[SweepMember]
-    best: SweepBest | None
+    group_details: list[SweepGroup] = Field(
+        default_factory=list, description="each group, with its own halving (in order)"
+    )
+    member_count: int = Field(default=0, description="its members, in all")
+    members: list[SweepMember] = Field(
+        description="a page of its members, in member order (`members_limit`, `members_cursor`)"
+    )
+    members_next: str | None = Field(
+        default=None, description="`members_cursor` of the next page; null on the last"
+    )
+    best: SweepBest | None = Field(description="of all members, whatever the page")
 
 
 class SweepSummary(BaseModel):

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.attempts import AttemptResult, Outcome
 from services.config import Settings
-from services.runner import AttemptResult, Outcome, run_job
+from services.runner import run_job
 from services.schemas import JobSpec, SweepSpec, SweepView
 from services.store import Store, keys
 from services.sweeps import submit_sweep

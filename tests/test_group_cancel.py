@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from cli.stack import Stack
+from services.attempts import Outcome
 from services.config import Settings
 from services.redis_clients import direct_client
-from services.runner import Outcome
 from services.store import Store
 from services.store.sweeps import GroupFlushed
 from tests.attempts import assert_rungs_apart, members_steps, run_groups, store_sweep

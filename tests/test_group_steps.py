@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from services.attempts import CHUNK_BUDGET_BYTES
 from services.config import Settings
-from services.runner import CHUNK_BUDGET_BYTES
 from services.store import Store
 from services.sweeps_math import halving_rungs
 from services.training import graphs_compiled

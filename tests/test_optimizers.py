@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 import torch
 
+from services.attempts import Outcome
 from services.config import Settings
-from services.runner import Outcome
 from services.schemas import JobSpec
 from services.store import Store
 from services.training import batch_order, build_dataset

@@ -13,10 +13,11 @@ import torch
 
 from api.client import Client
 from cli.main import SEED_EXAMPLE
+from services.attempts import Outcome
 from services.config import Settings
 from services.environment import attempt_environment, cpu_model
 from services.queue import compiles
-from services.runner import Outcome, run_job
+from services.runner import run_job
 from services.schemas import AttemptEnvironment, JobSpec, JobStatus
 from services.store import Store, keys
 from tests.attempts import (

@@ -17,9 +17,10 @@ import torch
 
 from api.client import Client, GradstreamError
 from cli.stack import Stack, wait_until
+from services.attempts import Outcome
 from services.config import Settings
 from services.errors import DatasetNotFound
-from services.runner import Outcome, run_job
+from services.runner import run_job
 from services.schemas import JobSpec, JobStatus
 from services.store import Store
 from services.store.keys import job_keys, tenant_storage

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from cli.stack import wait_until
+from services.attempts import LeaseKeeper, Outcome
 from services.config import Settings
 from services.errors import JobFinished, JobNotFound
 from services.records import Chunk
-from services.runner import LeaseKeeper, Outcome, run_job
+from services.runner import run_job
 from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Store
 from tests.attempts import run_once, run_with_hand_back

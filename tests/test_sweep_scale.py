@@ -76,7 +76,8 @@ def test_inline_data_is_stored_once_and_1024_members_train_on_one_worker_without
     with Client(stack.api_url, stack.api_key, timeout=60) as alice:
         sweep = alice.submit_sweep(spec)
         # Each member's spec names one dataset: its size does not depend on the data's.
-        member_ids = [member["id"] for member in sweep["members"]]
+        member_ids = [member["id"] for member in alice.sweep(sweep["id"])["members"]]
+        assert len(member_ids) == 1024
         specs = [redis_client.hget(keys.job_key(i), "spec") for i in member_ids]
         assert max(len(s) for s in specs) < 1000
         record = redis_client.hgetall(keys.sweep_key(sweep["id"]))
@@ -86,11 +87,19 @@ def test_inline_data_is_stored_once_and_1024_members_train_on_one_worker_without
         # One dataset: the float32 numbers, once.
         stored = int(redis_client.hget(keys.dataset_key(owned), "stored"))
         assert stored == 4 * 2000 * (10 + 1)
-        # The tenant keeps the sweep's spec (the inline data as given, once), the dataset, and
-        # per member its small spec and its steps: far less than one copy of the data each.
-        members_bytes = sum(int(redis_client.hget(keys.job_key(i), "bytes")) for i in member_ids)
-        assert int(record[b"bytes"]) == len(record[b"spec"]) + stored
-        assert _used(redis_client, "alice") - before == int(record[b"bytes"]) + members_bytes
+        # The tenant keeps the sweep's spec (the inline data as given, once), the dataset, its
+        # event stream (the `queued` event so far), and per member its small spec and its
+        # steps: far less than one copy of the data each.
+        # One snapshot: the worker may be flushing (events written, members ending) meanwhile.
+        snapshot = redis_client.pipeline(transaction=True)
+        snapshot.hmget(keys.sweep_key(sweep["id"]), "bytes", "events_bytes")
+        for member_id in member_ids:
+            snapshot.hget(keys.job_key(member_id), "bytes")
+        snapshot.get(keys.tenant_storage("alice"))
+        (sweep_bytes, events_bytes), *members, used = snapshot.execute()
+        assert int(sweep_bytes) - int(events_bytes) == len(record[b"spec"]) + stored
+        members_bytes = sum(int(b) for b in members)
+        assert int(used) - before == int(sweep_bytes) + members_bytes
         assert members_bytes < 1024 * 1000 + 1024 * 3 * 4 * 21 < body_bytes * 10
 
         view = alice.wait_sweep(sweep["id"], timeout=120)

@@ -17,6 +17,7 @@ import torch
 from api.client import AsyncClient, Client, GradstreamError
 from cli.stack import Stack
 from services.config import Settings
+from services.schemas import SweepSpec
 from services.store import Store, keys
 from tests.attempts import run_groups, store_sweep
 from tests.conftest import SEED_EXAMPLE
@@ -299,3 +300,91 @@ def test_the_sweep_stream_keeps_its_latest_events_and_an_older_cursor_gets_reset
     assert "reset" not in [event.event for event in recent]
     assert [int(event.id) for event in recent if event.id] == [last - 2, last - 1, last]
     client.delete_sweep(sweep.id)
+
+
+def test_a_sweeps_view_pages_its_members_but_counts_and_best_are_of_all(client: Client) -> None:
+    # The seed's problem from w = 0: each step scales w - 2 by (1 - 5 lr), so the larger the lr
+    # (up to 0.15 here), the lower the final loss, each ~20 % below the last: the best member
+    # is the last, on the second page.
+    lrs = [round(0.001 * (i + 1), 6) for i in range(150)]
+    base = {"data": {"x": [[1.0], [2.0]], "y": [2.0, 4.0]}, "init": {"w": [0.0]}, "steps": 5}
+    spec = {"name": "paged", "base": {**base, "device": "cpu"}, "grid": {"optimizer.lr": lrs}}
+    sweep_id = client.submit_sweep(spec)["id"]
+    assert client.wait_sweep(sweep_id, timeout=60)["status"] == "succeeded"
+    first = client.sweep_page(sweep_id)
+    assert len(first["members"]) == 100 and first["members_next"] == "99"
+    second = client.sweep_page(sweep_id, 100, first["members_next"])
+    assert [m["index"] for m in second["members"]] == list(range(100, 150))
+    assert second["members_next"] is None
+    everyone = first["members"] + second["members"]
+    assert client.sweep(sweep_id)["members"] == everyone
+    lowest = min(everyone, key=lambda m: m["final_loss"])
+    assert lowest["index"] == 149
+    best = {
+        "id": lowest["id"],
+        "values": {"optimizer.lr": 0.15},
+        "final_loss": lowest["final_loss"],
+    }
+    for page in (first, second, client.sweep_page(sweep_id, 1)):
+        assert page["counts"] == {"succeeded": 150} and page["member_count"] == 150
+        assert page["best"] == {**best, "final_val_loss": None}
+    for params, field in [
+        ({"members_limit": 0}, "members_limit"),
+        ({"members_limit": 1001}, "members_limit"),
+        ({"members_cursor": "x"}, "members_cursor"),
+    ]:
+        response = client.http.get(f"/v1/sweeps/{sweep_id}", params=params)
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["query", field]
+    client.delete_sweep(sweep_id)
+
+
+def test_halving_ranks_within_each_group_and_the_view_shows_each_groups_cuts(
+    client: Client,
+) -> None:
+    # A group shares its optimizer: over optimizer.name, two groups of 9, each cut 9 -> 3 -> 1
+    # at rungs 2 and 6 on its own, each keeping a winner (ASHA, across groups, is not built).
+    lrs = [0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1]
+    spec = {**HALVING, "grid": {"optimizer.name": ["adam", "sgd"], "optimizer.lr": lrs}}
+    view = client.wait_sweep(client.submit_sweep(spec)["id"], timeout=60)
+    assert view["status"] == "succeeded" and view["groups"] == 2
+    assert view["counts"] == {"pruned": 16, "succeeded": 2}
+    cuts = [{"step": 2, "ranked": 9, "kept": 3}, {"step": 6, "ranked": 3, "kept": 1}]
+    groups = view["group_details"]
+    assert [(g["members"], g["status"], g["steps_done"], g["rungs"]) for g in groups] == [
+        (9, "succeeded", 18, cuts)
+    ] * 2
+    for position, name in enumerate(["adam", "sgd"]):
+        members = [m for m in view["members"] if m["group"] == position]
+        assert {m["values"]["optimizer.name"] for m in members} == {name}
+        assert [m["status"] for m in members].count("succeeded") == 1
+    client.delete_sweep(view["id"])
+
+
+def test_the_sweep_stream_counts_in_its_tenants_storage_until_the_sweep_is_deleted(
+    store: Store, redis_client: "redis.Redis"
+) -> None:
+    # 60 steps flushed one by one: 60-odd events written, the latest 12 kept; what the tenant
+    # keeps for them is what the stream holds (each event's id, field names and values),
+    # counted as they are written and given back as they are trimmed, and freed with the sweep.
+    tenant = f"events-{keys.new_job_id()}"  # a tenant of its own: nobody else's bytes
+    spec = {"base": {**SEED_EXAMPLE, "steps": 60}, "grid": {"optimizer.lr": [0.01, 0.02, 0.03]}}
+    sweep = store_sweep(store, spec, Settings(sweep_events_keep=12), tenant=tenant)
+    settings = Settings(flush_max_steps=1, flush_interval_s=60, compile_steps=False)
+    run_groups(store, sweep.id, torch.device("cpu"), settings)
+    entries = redis_client.xrange(keys.sweep_events_key(sweep.id))
+    assert len(entries) == 12
+    kept = sum(
+        len(entry_id) + sum(len(name) + len(value) for name, value in fields.items())
+        for entry_id, fields in entries
+    )
+    record = redis_client.hgetall(keys.sweep_key(sweep.id))
+    assert int(record[b"events_bytes"]) == kept
+    # The sweep also keeps its inline data, once: the seed's x and y as float32, 8 bytes.
+    spec_bytes = len(SweepSpec.model_validate(spec).model_dump_json()) + 8
+    assert int(redis_client.hget(keys.dataset_key(record[b"owned"].decode()), "stored")) == 8
+    assert int(record[b"bytes"]) == spec_bytes + kept
+    members = sum(int(redis_client.hget(keys.job_key(m.id), "bytes")) for m in sweep.members)
+    assert int(redis_client.get(keys.tenant_storage(tenant))) == members + spec_bytes + kept
+    store.delete_sweep(sweep.id, tenant)
+    assert int(redis_client.get(keys.tenant_storage(tenant))) == 0

@@ -5,9 +5,10 @@ import logging
 
 from celery.exceptions import Ignore, Reject
 
+from services.attempts import Outcome
 from services.config import get_settings
 from services.queue import TRAIN_TASK, celery_app
-from services.runner import Outcome, run_job
+from services.runner import run_job
 from worker.app import child_context
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,13 @@ from api.deps import (
 )
 from api.routes.streams import EventStreamResponse, StreamSlots, _never_null
 from services import sweeps
-from services.schemas import SweepList, SweepSpec, SweepView
+from services.schemas import (
+    MAX_SWEEP_MEMBERS_PAGE,
+    SWEEP_MEMBERS_PAGE,
+    SweepList,
+    SweepSpec,
+    SweepView,
+)
 from services.sweep_events import SweepStreams
 
 router = APIRouter(
@@ -55,9 +61,19 @@ def list_sweeps(
 
 
 @router.get("/{sweep_id}")
-def get_sweep(tenant: TenantDep, sweep_id: SweepIdDep, store: StoreDep) -> SweepView:
-    """The sweep: counts per status, every member's values, steps and losses, the best."""
-    return store.get_sweep(sweep_id, tenant)
+def get_sweep(
+    tenant: TenantDep,
+    sweep_id: SweepIdDep,
+    store: StoreDep,
+    members_limit: Annotated[int, Query(ge=1, le=MAX_SWEEP_MEMBERS_PAGE)] = SWEEP_MEMBERS_PAGE,
+    members_cursor: Annotated[
+        str | None, Query(pattern=r"^\d{1,9}$", description="`members_next` of the last page")
+    ] = None,
+) -> SweepView:
+    """The sweep: counts per status, its groups and best member (of all members), and a page
+    of members with their values, steps and losses; pass `members_next` back as
+    `members_cursor` for the next page."""
+    return store.get_sweep(sweep_id, tenant, members_limit, members_cursor)
 
 
 @router.post("/{sweep_id}/cancel", status_code=202)

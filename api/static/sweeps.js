@@ -201,7 +201,7 @@ export function sweepPage(sweepId) {
       el("h3", {}, "Leaderboard ", boardHint),
       el("table", { id: "leaderboard", class: "grid" }, el("thead", {}, boardHead), board), more));
 
-  const FACTS = [["members", "members"], ["by status", "counts"], ["best", "best"],
+  const FACTS = [["members", "members"], ["by status", "counts"], ["groups", "groups"], ["best", "best"],
     ["ranked by", "metric"], ["data", "data"], ["steps", "steps"], ["early stop", "early-stop"], ["created", "created"],
     ["duration", "duration"]];
   const cell = {};
@@ -283,6 +283,7 @@ export function sweepPage(sweepId) {
         : el("button", { id: "cancel", onclick: cancel }, "Cancel"));
     }
     cell.members.textContent = String(members.size);
+    cell.groups.textContent = groupsText(sweep);
     cell.metric.textContent = metric === "val_loss"
       ? `val_loss: the validation loss (${evalText(sweep.spec.base)})` : "loss: the training loss";
     cell.metric.dataset.metric = metric;
@@ -330,7 +331,7 @@ export function sweepPage(sweepId) {
   async function refreshView() {
     if (refreshing) { refreshAgain = true; return refreshing; }
     refreshing = (async () => {
-      try { show(await api(`/v1/sweeps/${sweepId}`)); showError(null); } catch (error) { showError(error); }
+      try { show(await wholeSweep(sweepId)); showError(null); } catch (error) { showError(error); }
     })();
     await refreshing;
     refreshing = null;
@@ -343,7 +344,8 @@ export function sweepPage(sweepId) {
   }
 
   async function cancel() {
-    try { show(await api(`/v1/sweeps/${sweepId}/cancel`, { method: "POST" })); } catch (error) { showError(error); }
+    // Its answer has a page of the members: the page then reads them all.
+    try { await api(`/v1/sweeps/${sweepId}/cancel`, { method: "POST" }); refreshView(); } catch (error) { showError(error); }
   }
 
   async function remove(event) {
@@ -449,6 +451,27 @@ export function sweepPage(sweepId) {
 }
 
 // ---- the charts ---------------------------------------------------------------------------
+
+// GET /v1/sweeps/{id} pages its members: the view with all of them, page after page.
+export async function wholeSweep(sweepId) {
+  const path = `/v1/sweeps/${sweepId}?members_limit=1000`;
+  const view = await api(path);
+  while (view.members_next !== null && view.members_next !== undefined) {
+    const page = await api(`${path}&members_cursor=${view.members_next}`);
+    view.members.push(...page.members);
+    view.members_next = page.members_next;
+  }
+  return view;
+}
+
+// The groups, and where halving cut each (it ranks within a group: each keeps its own winners).
+function groupsText(view) {
+  const groups = view.group_details || [];
+  const cut = groups.some((g) => g.rungs.length);
+  if (!cut) return `${view.groups}`;
+  return `${view.groups}, halving within each: ` + groups.map((g) =>
+    `${g.members}${g.rungs.map((r) => ` → ${r.kept}`).join("")}`).join("; ");
+}
 
 // Every member's loss over steps, one line each: pruned members faint, their line
 // ending where they stopped (a hollow dot), the best (or while running, the leader) thick and

@@ -17,6 +17,9 @@ from services.schemas import JobStatus, SweepStatus, iso_utc
 JOBS_INDEX = "gs:jobs"
 STATUS_INDEX_PREFIX = "gs:jobs:"  # + status
 GROUP_STATUS_PREFIX = "gs:groups:"  # + status: a sweep's groups (units of work, not jobs)
+# + status: sweep members apart from other jobs. A member has no lease of its own (its group's
+# covers it), so the reaper, which reads the jobs' and the groups' indexes, never walks them.
+MEMBER_STATUS_PREFIX = "gs:members:"
 TENANT_PREFIX = "gs:tenant:"  # + tenant + ':jobs' (+ ':' + status) | ':datasets' | ':bytes'
 TENANT_JOBS = ":jobs"
 DATASET_USERS = ":dataset-users:"  # tenant prefix + tenant + this + dataset id
@@ -86,6 +89,12 @@ def sweep_members_key(sweep_id: str) -> str:
     return f"gs:sweep:{{{sweep_id}}}:members"
 
 
+def sweep_finals_key(sweep_id: str, metric: str) -> str:
+    """A sweep's succeeded members scored by their final `metric` (`loss`: the result's
+    full_loss; `val_loss`), so that its best member is read without reading every member."""
+    return f"gs:sweep:{{{sweep_id}}}:finals:{metric}"
+
+
 def tenant_sweeps(tenant: str) -> str:
     """A tenant's sweeps, lex-sorted by id (time-ordered) like its jobs."""
     return f"{TENANT_PREFIX}{tenant}:sweeps"
@@ -102,6 +111,11 @@ def status_index(status: JobStatus | str) -> str:
 
 def group_status_index(status: JobStatus | str) -> str:
     return GROUP_STATUS_PREFIX + str(status)
+
+
+def member_status_index(status: JobStatus | str) -> str:
+    """Every tenant's sweep members in one status (/metrics counts them with the jobs)."""
+    return MEMBER_STATUS_PREFIX + str(status)
 
 
 def sweep_status_index(status: SweepStatus | str) -> str:

@@ -47,6 +47,8 @@ _KEY_FUNCTIONS = "".join(
         ("sweep_key", keys.sweep_key),
         ("sweep_events_key", keys.sweep_events_key),
         ("sweep_members_key", keys.sweep_members_key),
+        ("sweep_finals_loss", lambda sweep: keys.sweep_finals_key(sweep, "loss")),
+        ("sweep_finals_val_loss", lambda sweep: keys.sweep_finals_key(sweep, "val_loss")),
         ("tenant_sweeps", keys.tenant_sweeps),
         ("tenant_active_sweeps", keys.tenant_active_sweeps),
         ("dataset_key", keys.dataset_key),
@@ -59,6 +61,7 @@ local TERMINAL = {{{_TERMINAL}}}
 local JOBS_INDEX = {_lua_string(keys.JOBS_INDEX)}
 local STATUS_INDEX = {_lua_string(keys.STATUS_INDEX_PREFIX)}
 local GROUP_INDEX = {_lua_string(keys.GROUP_STATUS_PREFIX)}
+local MEMBER_INDEX = {_lua_string(keys.MEMBER_STATUS_PREFIX)}
 local TENANT_PREFIX = {_lua_string(keys.TENANT_PREFIX)}
 local TENANT_JOBS = {_lua_string(keys.TENANT_JOBS)}
 local DATASET_USERS = {_lua_string(keys.DATASET_USERS)}
@@ -116,10 +119,13 @@ local function active_jobs(tenant)
   return active
 end
 
--- Jobs and a sweep's groups are indexed by status apart: a group is a unit of work, not a
--- job (the reaper and the orphan check read both).
+-- Jobs, a sweep's groups and its members are indexed by status apart: a group is a unit of
+-- work, not a job (the reaper and the orphan check read both), and a member is trained and
+-- leased by its group, so neither of them reads the members' index (a pass costs what it
+-- must check, not one REAP per running member).
 local function status_index(status)
   if redis.call('HEXISTS', JOB, 'members') == 1 then return GROUP_INDEX .. status end
+  if redis.call('HEXISTS', JOB, 'group') == 1 then return MEMBER_INDEX .. status end
   return STATUS_INDEX .. status
 end
 
@@ -136,18 +142,38 @@ local function restore_job(saved)
   JOB, STEPS, EVENTS, LEASE, CKPT = saved[1], saved[2], saved[3], saved[4], saved[5]
 end
 
+-- The bytes of one event of a sweep's stream: its id, field names and values.
+local function event_bytes(id, kind, data)
+  return #id + #'type' + #kind + #'data' + #data
+end
+
 -- A sweep's event stream: ids are a sequence number (`<seq>-1`) that Last-Event-ID resumes
 -- from. It keeps the latest `events_keep` events (the sweep's setting at submit): a flush of
--- any group adds one, so an unbounded stream would outgrow every member's steps.
+-- any group adds one, so an unbounded stream would outgrow every member's steps. What it
+-- keeps counts in the tenant's storage and in the sweep's `bytes` (freed when the sweep is
+-- deleted): each event adds its bytes, and the events trimmed to make room give theirs back.
 local function sweep_event(sweep, kind, data)
-  local seq = redis.call('HINCRBY', sweep_key(sweep), 'seq', 1)
-  local keep = redis.call('HGET', sweep_key(sweep), 'events_keep')
+  local record, stream = sweep_key(sweep), sweep_events_key(sweep)
+  local seq = redis.call('HINCRBY', record, 'seq', 1)
+  local id = seq .. '-1'
+  local keep = tonumber(redis.call('HGET', record, 'events_keep'))
+  local grown = event_bytes(id, kind, data)
   if keep then
-    redis.call('XADD', sweep_events_key(sweep), 'MAXLEN', keep, seq .. '-1', 'type', kind,
-               'data', data)
+    local over = redis.call('XLEN', stream) + 1 - keep
+    if over > 0 then
+      for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', over)) do
+        local fields = {}
+        for f = 1, #entry[2], 2 do fields[entry[2][f]] = entry[2][f + 1] end
+        grown = grown - event_bytes(entry[1], fields.type or '', fields.data or '')
+      end
+    end
+    redis.call('XADD', stream, 'MAXLEN', keep, id, 'type', kind, 'data', data)
   else
-    redis.call('XADD', sweep_events_key(sweep), seq .. '-1', 'type', kind, 'data', data)
+    redis.call('XADD', stream, id, 'type', kind, 'data', data)
   end
+  redis.call('HINCRBY', record, 'events_bytes', grown)
+  redis.call('HINCRBY', record, 'bytes', grown)
+  redis.call('INCRBY', tenant_storage(redis.call('HGET', record, 'tenant')), grown)
 end
 
 -- A sweep's status lives in its record and in the global index of sweeps per status (which
@@ -163,10 +189,22 @@ end
 -- hash tag: one Redis, not a cluster.
 local function set_status(id, old, new)
   redis.call('HSET', JOB, 'status', new)
+  -- A member's sweep counts its members per status (`c:<status>`), so that reading a sweep's
+  -- counts reads none of its members.
+  if redis.call('HEXISTS', JOB, 'group') == 1 then
+    local record = sweep_key(redis.call('HGET', JOB, 'sweep'))
+    if redis.call('EXISTS', record) == 1 then
+      redis.call('HINCRBY', record, 'c:' .. old, -1)
+      redis.call('HINCRBY', record, 'c:' .. new, 1)
+    end
+  end
   if new == 'queued' then
     redis.call('HSET', JOB, 'queued_at', redis.call('TIME')[1])
   end
-  redis.call('ZREM', status_index(old), id)
+  local index = status_index(old)
+  redis.call('ZREM', index, id)
+  -- A member stored before members had an index of their own sits in the jobs' one.
+  if index ~= STATUS_INDEX .. old then redis.call('ZREM', STATUS_INDEX .. old, id) end
   redis.call('ZADD', status_index(new), 0, id)
   local tenant = redis.call('HGET', JOB, 'tenant')
   if tenant then
@@ -234,7 +272,7 @@ local function finish(id, old, new, now)
   end
   if redis.call('HEXISTS', JOB, 'group') == 1 then  -- a sweep's member
     redis.call('DECR', tenant_active_members(tenant))
-    member_ended(redis.call('HGET', JOB, 'sweep'), new, now)
+    member_ended(id, redis.call('HGET', JOB, 'sweep'), new, now)
   end
   local members = redis.call('HGET', JOB, 'members')  -- a sweep's group
   if members then end_members(members, new, now) end
@@ -242,9 +280,21 @@ end
 
 -- A member of `sweep` ended `status`: the sweep counts it, and ends with its last member
 -- (cancelled if a cancel was asked for, succeeded if a member succeeded, failed otherwise).
-member_ended = function(sweep, status, now)
+-- A member that succeeded is ranked by its final loss and validation loss (sorted sets
+-- scored by each, written to 17 digits: exact), so that the sweep's best reads a few.
+member_ended = function(id, sweep, status, now)
   local record = sweep_key(sweep)
   redis.call('HINCRBY', record, 'n:' .. status, 1)
+  if status == 'succeeded' then
+    local ok, result = pcall(cjson.decode, redis.call('HGET', JOB, 'result') or 'null')
+    if ok and type(result) == 'table' and type(result.full_loss) == 'number' then
+      redis.call('ZADD', sweep_finals_loss(sweep), string.format('%.17g', result.full_loss), id)
+      if type(result.val_loss) == 'number' then
+        redis.call('ZADD', sweep_finals_val_loss(sweep), string.format('%.17g', result.val_loss),
+                   id)
+      end
+    end
+  end
   if redis.call('HINCRBY', record, 'remaining', -1) > 0 then return end
   local final = 'failed'
   if redis.call('HGET', record, 'cancel') == '1' then
@@ -521,7 +571,8 @@ REAP = _script(
     """
 local status = redis.call('HGET', JOB, 'status')
 if status ~= 'running' and status ~= 'cancelling' then return false end
--- A sweep's member has no lease of its own: its group's lease is reaped instead.
+-- A sweep's member has no lease of its own: its group's lease is reaped instead (members
+-- are not in the indexes the reaper reads; one stored before that may still be).
 if redis.call('HEXISTS', JOB, 'group') == 1 then return false end
 if redis.call('EXISTS', LEASE) == 1 then return false end
 if lapse(ARGV[1], status, ARGV[3], ARGV[2]) ~= 'requeue' then return false end
@@ -590,6 +641,7 @@ if tenant then
   release_datasets(tenant, ARGV[1], redis.call('HGET', JOB, 'datasets'))
 end
 redis.call('ZREM', JOBS_INDEX, ARGV[1])
+redis.call('ZREM', status_index(status), ARGV[1])
 redis.call('ZREM', STATUS_INDEX .. status, ARGV[1])
 redis.call('ZREM', ARCHIVE_DUE, ARGV[1])
 local idem = redis.call('HGET', JOB, 'idempotency')
@@ -698,7 +750,7 @@ if active >= tonumber(ARGV[3]) then return {'limit', active} end
 local used = tonumber(redis.call('GET', tenant_storage(tenant)) or '0')
 if used + tonumber(ARGV[5]) > tonumber(ARGV[4]) then return {'storage', tostring(used)} end
 local now = redis.call('TIME')[1]
-local i = 7
+local i, members = 7, 0
 while i <= #ARGV do
   local id, kind, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local first, last = i + 3, i + 2 + 2 * n
@@ -719,16 +771,20 @@ while i <= #ARGV do
     if kind == 'group' then
       redis.call('ZADD', GROUP_INDEX .. 'queued', 0, id)
     else
-      redis.call('ZADD', STATUS_INDEX .. 'queued', 0, id)
+      redis.call('ZADD', MEMBER_INDEX .. 'queued', 0, id)
       redis.call('ZADD', JOBS_INDEX, 0, id)
       redis.call('ZADD', tenant_index(tenant), 0, id)
       redis.call('ZADD', tenant_index(tenant, 'queued'), 0, id)
       redis.call('INCR', tenant_active_members(tenant))
+      members = members + 1
       redis.call('ZADD', sweep_members_key(sweep), redis.call('HGET', job_key(id), 'index'), id)
       redis.call('XADD', events_key(id), '*', 'status', 'queued', 'steps_done', 0)
     end
   end
 end
+-- Members per status (`c:<status>`, set_status keeps them), and how many in all: a sweep
+-- with `member_count` has counts a view can trust (one stored before them has none).
+redis.call('HSET', sweep_key(sweep), 'c:queued', members, 'member_count', members)
 redis.call('INCRBY', tenant_storage(tenant), ARGV[5])
 if idem then
   redis.call('SET', idem, sweep, 'EX', ARGV[6])
@@ -842,11 +898,21 @@ end
 if moved and not applied then
   sweep_event(sweep, 'progress', cjson.encode({members = progress}))
 end
+local pruned = 0
 for _, e in ipairs(ending) do
   use_job(e[1])
   finish(e[1], e[2], e[3], now)
+  if e[3] == 'pruned' then pruned = pruned + 1 end
 end
 restore_job(group)
+-- A cut at a rung (the chunk ends at it): the group keeps `<rung>:<ranked>:<kept>` in its
+-- `halving` field, so that its sweep's view shows that each group ranked on its own.
+if pruned > 0 and chunk and not applied then
+  local kept = passed - #gone / 2
+  local cut = (last + 1) .. ':' .. (kept + pruned) .. ':' .. kept
+  local before = redis.call('HGET', JOB, 'halving')
+  redis.call('HSET', JOB, 'halving', before and (before .. ' ' .. cut) or cut)
+end
 if chunk and not applied then
   redis.call('HINCRBY', STATS, 'steps', count * passed)
   redis.call('HINCRBY', STATS, 'member_steps', member_steps)
@@ -916,7 +982,8 @@ for _, id in ipairs(redis.call('ZRANGE', sweep_members_key(sweep), 0, -1)) do
     redis.call('ZREM', tenant_index(tenant), id)
     redis.call('ZREM', tenant_index(tenant, member[1]), id)
     redis.call('ZREM', JOBS_INDEX, id)
-    redis.call('ZREM', STATUS_INDEX .. member[1], id)
+    redis.call('ZREM', MEMBER_INDEX .. member[1], id)
+    redis.call('ZREM', STATUS_INDEX .. member[1], id)  -- stored before members had an index
     if not TERMINAL[member[1]] then redis.call('DECR', tenant_active_members(tenant)) end
     redis.call('ZREM', ARCHIVE_DUE, id)
     freed = freed + tonumber(member[2] or '0')
@@ -939,7 +1006,8 @@ redis.call('SREM', tenant_active_sweeps(tenant), sweep)
 redis.call('SREM', SWEEP_STATUS .. status, sweep)
 local idem = redis.call('HGET', KEYS[1], 'idempotency')
 if idem and redis.call('GET', idem) == sweep then redis.call('DEL', idem) end
-redis.call('DEL', KEYS[1], sweep_events_key(sweep), sweep_members_key(sweep))
+redis.call('DEL', KEYS[1], sweep_events_key(sweep), sweep_members_key(sweep),
+           sweep_finals_loss(sweep), sweep_finals_val_loss(sweep))
 return {'deleted'}
 """,
     allow_oom=True,

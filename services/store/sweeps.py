@@ -12,11 +12,14 @@ from typing import Any
 from services.errors import LimitExceeded, SweepActive, SweepFinished, SweepNotFound
 from services.records import FIELD_COUNT, FIELD_ROWS, Chunk
 from services.schemas import (
+    SWEEP_MEMBERS_PAGE,
     AttemptEnvironment,
+    HalvingCut,
     JobSpec,
     JobStatus,
     JobSummary,
     SweepBest,
+    SweepGroup,
     SweepMember,
     SweepSpec,
     SweepStatus,
@@ -26,7 +29,7 @@ from services.schemas import (
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
 from services.store.jobs import IDEMPOTENCY_TTL_S, spec_summary
-from services.sweeps_math import rank_by_loss
+from services.sweeps_math import close, rank_by_loss
 
 # A group's record holds this JSON as its `spec` ("group" first), so that a claim tells a
 # group from a job (services/runner.py).
@@ -48,6 +51,10 @@ def group_spec(
         }
     )
 
+
+# Members whose status one read of a filtered member listing checks (a batch: one
+# ZRANGEBYSCORE and one pipeline of HGETs).
+MEMBER_STATUS_BATCH = 256
 
 # What a sweep's view reads of each member.
 _MEMBER_FIELDS = ("status", "steps_done", "loss", "result", "val_loss")
@@ -106,6 +113,26 @@ def _float(raw: bytes | None) -> float | None:
 
 def _time(raw: bytes | None) -> datetime | None:
     return datetime.fromisoformat(raw.decode()) if raw else None
+
+
+def _member(
+    member_id: str, index: int, values: dict[str, Any], record: list[bytes | None]
+) -> SweepMember:
+    """A member as its sweep shows it, from its record's _MEMBER_FIELDS."""
+    status, steps, loss, result, val_loss = record
+    assert status is not None and steps is not None
+    outcome = json.loads(result) if result else {}
+    return SweepMember(
+        id=member_id,
+        index=index,
+        values=values,
+        status=JobStatus(status.decode()),
+        steps_done=int(steps),
+        loss=_float(loss),
+        final_loss=outcome.get("full_loss"),
+        val_loss=_float(val_loss),
+        final_val_loss=outcome.get("val_loss"),
+    )
 
 
 class Sweeps(RedisPart):
@@ -169,38 +196,161 @@ class Sweeps(RedisPart):
         return [i.decode() for i in ids]
 
     @translate_redis_errors
-    def get_sweep(self, sweep_id: str, tenant: str | None = None) -> SweepView:
-        """The sweep with every member's status, steps, last loss and final loss."""
-        return self._view(self.sweep_fields(sweep_id, tenant))
+    def get_sweep(
+        self,
+        sweep_id: str,
+        tenant: str | None = None,
+        members_limit: int = SWEEP_MEMBERS_PAGE,
+        members_cursor: str | None = None,
+    ) -> SweepView:
+        """The sweep: counts, best and groups of all its members, and a page of members (after
+        the member index `members_cursor`) with their status, steps, last and final loss."""
+        return self._view(self.sweep_fields(sweep_id, tenant), members_limit, members_cursor)
 
-    def _view(self, fields: dict[bytes, bytes]) -> SweepView:
+    def _view(self, fields: dict[bytes, bytes], limit: int, cursor: str | None) -> SweepView:
+        """The view from the sweep's record. Counts come from the record (`c:<status>`, kept
+        by every member's status change), the best from the sorted set of succeeded members'
+        final metric: reading a sweep reads its page of members (and its groups' records),
+        whatever its size. `limit` 0: no members, no groups (a listing's summary)."""
         sweep_id = fields[b"id"].decode()
         values: list[dict[str, Any]] = json.loads(fields[b"values"])
+        spec = SweepSpec.model_validate_json(fields[b"spec"])
+        metric = spec.metric or "loss"
+        group_ids = fields.get(b"groups", b"").decode().split()
+        if b"member_count" not in fields:  # stored before sweeps kept their counts
+            return self._view_reading_members(fields, values, spec, group_ids, limit, cursor)
+        counts = {
+            JobStatus(name[2:].decode()): int(n)
+            for name, n in fields.items()
+            if name.startswith(b"c:") and int(n) > 0
+        }
+        members, members_next = self._member_page(sweep_id, values, group_ids, limit, cursor)
+        return SweepView(
+            id=sweep_id,
+            name=fields[b"name"].decode() or None,
+            status=SweepStatus(fields[b"status"].decode()),
+            spec=spec,
+            created_at=datetime.fromisoformat(fields[b"created_at"].decode()),
+            started_at=_time(fields.get(b"started_at")),
+            finished_at=_time(fields.get(b"finished_at")),
+            counts=counts,
+            groups=len(group_ids),
+            group_details=self._groups(group_ids) if limit else [],
+            member_count=int(fields[b"member_count"]),
+            members=members,
+            members_next=members_next,
+            best=self._best_of_finals(sweep_id, values, metric),
+        )
+
+    def _member_page(
+        self,
+        sweep_id: str,
+        values: list[dict[str, Any]],
+        group_ids: list[str],
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[SweepMember], str | None]:
+        """`limit` members after the member index `cursor`, and the next page's cursor."""
+        if limit == 0:
+            return [], None
+        lower = "-inf" if cursor is None else f"({int(cursor)}"
+        found = self.redis.zrangebyscore(
+            keys.sweep_members_key(sweep_id), lower, "+inf", 0, limit + 1, withscores=True
+        )
+        page = [(member_id.decode(), int(index)) for member_id, index in found[:limit]]
+        pipe = self.redis.pipeline(transaction=False)
+        for member_id, _ in page:
+            pipe.hmget(keys.job_key(member_id), (*_MEMBER_FIELDS, "group"))
+        position = {group_id: i for i, group_id in enumerate(group_ids)}
+        members = []
+        for (member_id, index), record in zip(page, pipe.execute(), strict=True):
+            if record[0] is None:
+                continue  # deleted
+            member = _member(member_id, index, values[index], record[:-1])
+            group = record[-1].decode() if record[-1] else None
+            members.append(member.model_copy(update={"group": position.get(group or "")}))
+        return members, (str(page[-1][1]) if len(found) > limit else None)
+
+    def _groups(self, group_ids: list[str]) -> list[SweepGroup]:
+        """Each group's status, size, steps and the cuts halving made in it."""
+        pipe = self.redis.pipeline(transaction=False)
+        for group_id in group_ids:
+            pipe.hmget(keys.job_key(group_id), "status", "steps_done", "members", "halving")
+        groups = []
+        for group_id, (status, steps, members, halving) in zip(
+            group_ids, pipe.execute(), strict=True
+        ):
+            if status is None:
+                continue
+            rungs = [
+                HalvingCut(step=int(step), ranked=int(ranked), kept=int(kept))
+                for step, ranked, kept in (cut.split(b":") for cut in (halving or b"").split())
+            ]
+            groups.append(
+                SweepGroup(
+                    id=group_id,
+                    status=JobStatus(status.decode()),
+                    members=len((members or b"").split()),
+                    steps_done=int(steps or 0),
+                    rungs=rungs,
+                )
+            )
+        return groups
+
+    def _best_of_finals(
+        self, sweep_id: str, values: list[dict[str, Any]], metric: str
+    ) -> SweepBest | None:
+        """The succeeded member with the lowest final metric; equal within the rank tolerance,
+        the first in member order (DESIGN §11): the lowest value, the values within the
+        tolerance of it, their members' indexes, the winner's result."""
+        finals = keys.sweep_finals_key(sweep_id, metric)
+        lowest = self.redis.zrange(finals, 0, 0, withscores=True)
+        if not lowest:
+            return None
+        floor = float(lowest[0][1])
+        if floor >= 0 and self.rank_rtol < 1:  # losses are never negative
+            ceiling: float | str = floor / (1 - self.rank_rtol) * (1 + 1e-12) + 1e-300
+        else:
+            ceiling = "+inf"
+        near = self.redis.zrangebyscore(finals, floor, ceiling, withscores=True)
+        tie = [member_id for member_id, value in near if close(floor, value, self.rank_rtol)]
+        indexes = self.redis.zmscore(keys.sweep_members_key(sweep_id), tie)
+        ranked = [(int(i), m) for m, i in zip(tie, indexes, strict=True) if i is not None]
+        if not ranked:
+            return None  # deleted meanwhile
+        index, winner = min(ranked)
+        result = json.loads(self.redis.hget(keys.job_key(winner.decode()), "result") or b"{}")
+        return SweepBest(
+            id=winner.decode(),
+            values=values[index],
+            final_loss=result["full_loss"],
+            final_val_loss=result.get("val_loss"),
+        )
+
+    def _view_reading_members(
+        self,
+        fields: dict[bytes, bytes],
+        values: list[dict[str, Any]],
+        spec: SweepSpec,
+        group_ids: list[str],
+        limit: int,
+        cursor: str | None,
+    ) -> SweepView:
+        """The view of a sweep stored before sweeps kept their counts and finals: counts and
+        best from every member's record, then the page."""
+        sweep_id = fields[b"id"].decode()
         ids = self.member_ids(sweep_id)
         pipe = self.redis.pipeline(transaction=False)
         for member_id in ids:
             pipe.hmget(keys.job_key(member_id), _MEMBER_FIELDS)
         members, counts = [], dict.fromkeys(JobStatus, 0)
-        for index, (member_id, (status, steps, loss, result, val_loss)) in enumerate(
-            zip(ids, pipe.execute(), strict=True)
-        ):
-            if status is None:
+        for index, (member_id, record) in enumerate(zip(ids, pipe.execute(), strict=True)):
+            if record[0] is None:
                 continue  # deleted
-            outcome = json.loads(result) if result else {}
-            member = SweepMember(
-                id=member_id,
-                values=values[index],
-                status=JobStatus(status.decode()),
-                steps_done=int(steps),
-                loss=_float(loss),
-                final_loss=outcome.get("full_loss"),
-                val_loss=_float(val_loss),
-                final_val_loss=outcome.get("val_loss"),
-            )
+            member = _member(member_id, index, values[index], record)
             counts[member.status] += 1
             members.append(member)
-        spec = SweepSpec.model_validate_json(fields[b"spec"])
-        best = self._best(members, spec.metric or "loss")
+        after = [m for m in members if cursor is None or (m.index or 0) > int(cursor)]
         return SweepView(
             id=sweep_id,
             name=fields[b"name"].decode() or None,
@@ -210,15 +360,18 @@ class Sweeps(RedisPart):
             started_at=_time(fields.get(b"started_at")),
             finished_at=_time(fields.get(b"finished_at")),
             counts={status: n for status, n in counts.items() if n},
-            groups=len(fields.get(b"groups", b"").split()),
-            members=members,
-            best=best,
+            groups=len(group_ids),
+            group_details=self._groups(group_ids) if limit else [],
+            member_count=len(members),
+            members=after[:limit],
+            members_next=str(after[limit - 1].index) if limit and len(after) > limit else None,
+            best=self._best(members, spec.metric or "loss"),
         )
 
     @translate_redis_errors
     def sweep_summary(self, sweep_id: str, tenant: str | None = None) -> SweepSummary:
         """The sweep as listings show it: counts and best, no members, no inline data."""
-        return self._summary(self._view(self.sweep_fields(sweep_id, tenant)))
+        return self._summary(self._view(self.sweep_fields(sweep_id, tenant), 0, None))
 
     @staticmethod
     def _summary(view: SweepView) -> SweepSummary:
@@ -226,9 +379,11 @@ class Sweeps(RedisPart):
         if spec["base"].get("data") is not None:
             spec["base"] = spec_summary(spec["base"])
         return SweepSummary(
-            **view.model_dump(exclude={"spec", "members"}),
+            **view.model_dump(
+                exclude={"spec", "members", "members_next", "group_details", "member_count"}
+            ),
             spec=spec,
-            member_count=len(view.members),
+            member_count=view.member_count,
         )
 
     def _best(self, members: list[SweepMember], metric: str) -> SweepBest | None:
@@ -267,28 +422,50 @@ class Sweeps(RedisPart):
         for sweep_id in ids[:limit]:
             fields = self.redis.hgetall(keys.sweep_key(sweep_id))
             if fields:
-                views.append(self._summary(self._view(fields)))
+                views.append(self._summary(self._view(fields, 0, None)))
         return views, (ids[limit - 1] if len(ids) > limit else None)
+
+    def _check_owner(self, sweep_id: str, tenant: str) -> None:
+        """SweepNotFound unless the sweep is `tenant`'s: one field, not the whole record (its
+        spec may hold inline data, its values one entry per member)."""
+        if self.redis.hget(keys.sweep_key(sweep_id), "tenant") != tenant.encode():
+            raise SweepNotFound(sweep_id)
 
     @translate_redis_errors
     def list_members(
         self, sweep_id: str, tenant: str, status: JobStatus | None, limit: int, cursor: str | None
     ) -> tuple[list[JobSummary], str | None]:
         """A sweep's members in member order (GET /v1/jobs?sweep=); `cursor` is the last
-        member index of the previous page."""
-        self.sweep_fields(sweep_id, tenant)
+        member index of the previous page. Reads the page's records only; with a `status`,
+        the members' statuses in batches after the cursor until the page is full."""
+        self._check_owner(sweep_id, tenant)
         if cursor is not None and not cursor.isdigit():
             return [], None  # names no member: nothing comes after it
-        start = "-inf" if cursor is None else f"({int(cursor)}"
-        found = self.redis.zrangebyscore(
-            keys.sweep_members_key(sweep_id), start, "+inf", withscores=True
-        )
-        rows = self.summaries([member_id.decode() for member_id, _ in found])
-        if status is not None:
+        lower = "-inf" if cursor is None else f"({int(cursor)}"
+        matched: list[tuple[str, int]] = []  # (member id, index), one past the page at most
+        batch = limit + 1 if status is None else max(limit + 1, MEMBER_STATUS_BATCH)
+        while len(matched) <= limit:
+            found = self.redis.zrangebyscore(
+                keys.sweep_members_key(sweep_id), lower, "+inf", 0, batch, withscores=True
+            )
+            ids = [(member_id.decode(), int(score)) for member_id, score in found]
+            if status is None:
+                matched += ids
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                for member_id, _ in ids:
+                    pipe.hget(keys.job_key(member_id), "status")
+                statuses = pipe.execute()
+                wanted = status.value.encode()
+                matched += [m for m, s in zip(ids, statuses, strict=True) if s == wanted]
+            if len(found) < batch:
+                break
+            lower = f"({ids[-1][1]}"
+        page = matched[:limit]
+        rows = self.summaries([member_id for member_id, _ in page])
+        if status is not None:  # a member may have moved on between the two reads
             rows = [row for row in rows if row.status is status]
-        indexes = {member_id.decode(): int(score) for member_id, score in found}
-        page = rows[:limit]
-        return page, (str(indexes[page[-1].id]) if len(rows) > limit else None)
+        return rows, (str(page[-1][1]) if len(matched) > limit else None)
 
     @translate_redis_errors
     def cancel_sweep(self, sweep_id: str, tenant: str) -> None:

@@ -106,14 +106,17 @@ class Workers(RedisPart):
         pipe = self.redis.pipeline(transaction=False)
         for status in JobStatus:
             pipe.zcard(keys.status_index(status))
+        for status in JobStatus:  # sweep members are jobs too, indexed apart
+            pipe.zcard(keys.member_status_index(status))
         for sweep_status in SweepStatus:
             pipe.scard(keys.sweep_status_index(sweep_status))
         for queue in queues:
             pipe.llen(queue)  # kombu's Redis transport keeps a queue's messages in a list
         pipe.hgetall(keys.STATS_KEY)
         *counts, stats = pipe.execute()
-        jobs = dict(zip(JobStatus, counts, strict=False))
-        counts = counts[len(JobStatus) :]
+        members = counts[len(JobStatus) : 2 * len(JobStatus)]
+        jobs = {s: n + m for s, n, m in zip(JobStatus, counts, members, strict=False)}
+        counts = counts[2 * len(JobStatus) :]
         sweeps = dict(zip(SweepStatus, counts, strict=False))
         depth = dict(zip(queues, counts[len(SweepStatus) :], strict=True))
         counters = {name.decode(): int(value) for name, value in stats.items()}

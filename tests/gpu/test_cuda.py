@@ -12,8 +12,9 @@ import torch
 from api.client import Client
 from cli.main import SEED_EXAMPLE
 from cli.stack import Stack, stop_process
+from services.attempts import Outcome
 from services.config import Settings
-from services.runner import Outcome, StepRecorder
+from services.runner import StepRecorder
 from services.schemas import JobSpec
 from services.store import Store
 from services.training import Trainer, compute_device
