@@ -191,7 +191,7 @@ def test_a_sweep_goes_on_exactly_across_a_failover_that_lost_writes(
     # Past the steps the failover lost, then an uninterrupted run of the same sweep as far.
     compared = lost + 1000
     resumed = _members_steps(api, sweep_id, compared)
-    assert "Redis lost recent steps" in failover.worker_log()
+    assert "Redis lost the attempt's latest steps" in failover.worker_log()
     reference = _members_steps(api, api.submit_sweep(SWEEP)["id"], compared)
     assert [steps[:compared] for steps in resumed] == [steps[:compared] for steps in reference]
 
