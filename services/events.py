@@ -16,6 +16,7 @@ import logging
 import time
 from array import array
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,7 @@ class Delivery:
     first: int | None = None
     starts: "array[int]" = field(default_factory=lambda: array("q"))
     ends: bool = False  # it carries `done`
+    through: int = -1  # with `done`: the job's last step; a watcher short of it fills the gap
 
     @property
     def events(self) -> int:
@@ -143,7 +145,9 @@ class _Tail:
                 watcher.queued_events += events
 
     def _send_event(self, event: StreamEvent) -> None:
-        self._send(Delivery(self.streams.render(event), ends=event.event == "done"))
+        done = event.event == "done"
+        through = self.steps_done - 1 if done else -1
+        self._send(Delivery(self.streams.render(event), ends=done, through=through))
 
     async def _send_steps(self, entries: list[Any]) -> None:
         """The steps of `entries`, each rendered once, to every watcher: one Delivery per page
@@ -196,6 +200,19 @@ class _Tail:
             await asyncio.sleep(self.read_at + spacing - loop.time())
         self.read_at = loop.time()
 
+    async def _check_finished(self) -> None:
+        """After a read that found nothing: a job that finished and was archived before this
+        tail read its last events has no streams left to block on (ARCHIVE deleted them), so
+        the record says it ended; the watchers take the steps they miss from the archive."""
+        status, steps_done = await self.streams.client.hmget(
+            job_key(self.job_id), "status", "steps_done"
+        )
+        if status is not None and JobStatus(status.decode()).finished:
+            self.status, self.steps_done = JobStatus(status.decode()), int(steps_done)
+            self._send_event(
+                StreamEvent("status", {"status": self.status.value, "steps_done": self.steps_done})
+            )
+
     async def _read(self) -> None:
         client = self.streams.client
         steps, events = steps_key(self.job_id).encode(), events_key(self.job_id).encode()
@@ -210,6 +227,7 @@ class _Tail:
                 )
                 if not reply:
                     self._send(Delivery(self.streams.render(None)))
+                    await self._check_finished()
                     continue
                 new = dict(reply)
                 await self._send_steps(new.get(steps, []))
@@ -232,6 +250,7 @@ class _Tail:
                     if self.status.finished:
                         break
             final = job_view(await client.hgetall(job_key(self.job_id)))
+            self.steps_done = final.steps_done
             self._send_event(StreamEvent("done", final.model_dump(mode="json")))
         except Exception:
             # Redis lost, or a record that cannot be read: end every watcher's stream; each
@@ -340,27 +359,25 @@ class JobStreams:
                 StreamEvent("status", {"status": status.value, "steps_done": steps_done})
             )
             cursor = after
-            # A finished job's backlog is all there is (the tail may have stopped mid-way).
-            until = b"+" if status.finished else joined_at
-            if until != b"0-0":  # else nothing was stored when it joined: no read
-                # The backlog goes out in writes of about BACKLOG_WRITE_BYTES, not one per step.
-                pending: list[bytes] = []
-                size = 0
-                backlog = self._stored_steps(tail.job_id, after, until)
-                if status.finished:
-                    backlog = self._with_archived(backlog, tail.job_id, after, steps_done)
-                async for event in backlog:
-                    cursor = event.id if event.id is not None else cursor
-                    frame = self.render(event)
-                    pending.append(frame)
-                    size += len(frame)
-                    if size >= BACKLOG_WRITE_BYTES:
-                        yield b"".join(pending)
-                        pending, size = [], 0
-                        await let_the_server_run()
-                if pending:
-                    yield b"".join(pending)
+            # The backlog: all of a finished job's steps (the tail may have stopped mid-way),
+            # a running job's up to where the tail was when this watcher joined (none when
+            # nothing was stored then). The backlog goes out in writes of about
+            # BACKLOG_WRITE_BYTES, not one per step.
             if status.finished:
+                backlog = self._steps_after(tail.job_id, after, steps_done - 1)
+            elif joined_at != b"0-0":
+                backlog = self._stored_steps(tail.job_id, after, joined_at)
+            else:
+                backlog = None
+            if backlog is not None:
+                async for data, last in self._writes(backlog):
+                    cursor = last
+                    yield data
+                    await let_the_server_run()
+            if status.finished:
+                if cursor < steps_done - 1:
+                    log.warning("job %s: steps after %d are gone; stream ended", job_id, cursor)
+                    return
                 final = job_view(await self.client.hgetall(job_key(tail.job_id)))
                 yield self.render(StreamEvent("done", final.model_dump(mode="json")))
                 return
@@ -370,11 +387,31 @@ class JobStreams:
                 while not watcher.queue.empty():
                     items.append(watcher.queue.get_nowait())
                 watcher.queued_bytes = watcher.queued_events = 0
-                parts, ended = [], False
+                parts: list[bytes] = []
+                ended = False
                 for item in items:
                     if item is _OVERFLOW:
                         ended = True
                         break
+                    # Continuity: the next step this watcher gets is cursor + 1. The tail may be
+                    # ahead of it (the backlog read found the stream archived under it) or end
+                    # the job past it: the steps between come from the stream or the archive.
+                    needed = item.first - 1 if item.first is not None else item.through
+                    if needed > cursor:
+                        if parts:
+                            yield b"".join(parts)
+                            parts = []
+                        missing = self._steps_after(tail.job_id, cursor, needed)
+                        async for data, last in self._writes(missing):
+                            cursor = last
+                            yield data
+                            await let_the_server_run()
+                        if cursor < needed:
+                            # Neither stored nor archived (deleted meanwhile): no `done` after a
+                            # gap; the client resumes by Last-Event-ID and learns why.
+                            log.warning("job %s: steps after %d are gone", job_id, cursor)
+                            ended = True
+                            break
                     parts.append(item.after(cursor))
                     if item.last is not None:
                         cursor = max(cursor, item.last)
@@ -389,9 +426,28 @@ class JobStreams:
         finally:
             tail.leave(watcher)
 
+    async def _writes(
+        self, events: AsyncGenerator[StreamEvent, None]
+    ) -> AsyncIterator[tuple[bytes, int]]:
+        """`events` rendered, about BACKLOG_WRITE_BYTES a write, each with the last step it
+        carries."""
+        async with aclosing(events):
+            pending: list[bytes] = []
+            size = cursor = 0
+            async for event in events:
+                cursor = event.id if event.id is not None else cursor
+                frame = self.render(event)
+                pending.append(frame)
+                size += len(frame)
+                if size >= BACKLOG_WRITE_BYTES:
+                    yield b"".join(pending), cursor
+                    pending, size = [], 0
+            if pending:
+                yield b"".join(pending), cursor
+
     async def _stored_steps(
         self, job_id: str, after: int, until: bytes
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Stored steps after `after`, in entries up to and including the entry `until`; each
         read takes about `page_bytes` of entries at most, and each entry becomes records a
         page at a time."""
@@ -409,23 +465,30 @@ class JobStreams:
                 return
             count = entries_per_read(entry_json_bytes(chunk), self.page_bytes)
 
-    async def _with_archived(
-        self, stored: AsyncIterator[StreamEvent], job_id: str, after: int, steps_done: int
-    ) -> AsyncIterator[StreamEvent]:
-        """A finished job's stored steps: those its stream holds, then, when the stream ends
-        short of its last step (it was archived, before this read or during it), the rest from
-        its archived file, a row group at a time off the event loop."""
-        async for event in stored:
-            after = event.id if event.id is not None else after
-            yield event
-        if after >= steps_done - 1:
+    async def _steps_after(
+        self, job_id: str, after: int, through: int
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """Steps `after + 1` … `through` (as far as they exist): those the job's stream holds,
+        then, when the stream ends short (the job was archived, before this read or during it),
+        the rest from its archived file, a row group at a time off the event loop."""
+        async with aclosing(self._stored_steps(job_id, after, b"+")) as stored:
+            async for event in stored:
+                if event.id is None or event.id > through:
+                    return
+                after = event.id
+                yield event
+        if after >= through:
             return
         archived = await self.client.hget(job_key(job_id), "archived")
         if archived is None:
             return
         archive, location = archived_file(self.archive, archived)
-        while chunk := await asyncio.to_thread(archive.chunk_after, location, after):
+        while after < through and (
+            chunk := await asyncio.to_thread(archive.chunk_after, location, after)
+        ):
             for page in record_pages(chunk, after, self.page_bytes):
                 for record in page:
+                    if record["step"] > through:
+                        return
                     yield StreamEvent("step", record, record["step"])
             after = chunk.last

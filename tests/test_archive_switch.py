@@ -1,0 +1,83 @@
+"""No gap at the archive switch: a watcher that joined while its job ran, and fell behind,
+gets every step exactly once, in order, then `done`, even when the job finished and was
+archived (its Redis stream deleted) before the watcher read its backlog: every stream checks
+that the next step it sends is its cursor + 1 and takes what the stream no longer holds from
+the archive.
+
+The watcher is a JobStreams stream in this process that the test stops reading after its
+first event (the `status` of a running job) and resumes once the job is archived: the hold is
+the consumer's, not a sleep. Archiving runs in-process right after the job ends (a hot window
+of 0), as tests/test_archive.py does."""
+
+import asyncio
+from collections.abc import AsyncGenerator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from api.client import Client, parse_sse
+from api.routes.streams import sse_frame
+from cli.stack import Stack, wait_until
+from services.archive import Archive
+from services.archiver import archive_job
+from services.events import JobStreams
+from services.store import Store
+from tests.faults import endless_spec
+
+
+@pytest.fixture
+def archive(stack: Stack) -> Archive:
+    return Archive(str(stack.archive_dir))
+
+
+@pytest.fixture
+def archiving_store(stack: Stack, archive: Archive) -> Iterator[Store]:
+    store = Store.from_url(stack.redis_url, archive)
+    yield store
+    store.redis.close()
+
+
+async def _rest(frames: AsyncGenerator[bytes, None]) -> bytes:
+    return b"".join([frame async for frame in frames])
+
+
+def test_a_watcher_held_behind_across_the_archive_switch_gets_every_step_then_done(
+    stack: Stack, client: Client, archive: Archive, archiving_store: Store
+) -> None:
+    job_id = client.submit(endless_spec(seed=22))["id"]
+    try:
+        wait_until(lambda: client.get(job_id)["steps_done"] >= 50, 60, "steps stored")
+
+        async def watch() -> bytes:
+            connection = aioredis.Redis.from_url(stack.redis_url)
+            streams = JobStreams(connection, 1.0, render=sse_frame, archive=archive)
+            try:
+                frames = await streams.open(job_id, -1, "alice")
+                first = await anext(frames)  # joined while it runs: its backlog is not read yet
+                assert b'"status":"running"' in first
+                await asyncio.to_thread(client.cancel, job_id)
+                # The tail reads the job to its end meanwhile, and stops.
+                for _ in range(600):
+                    if streams.readers == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                assert streams.readers == 0
+                view = await asyncio.to_thread(client.get, job_id)
+                assert view["status"] == "cancelled"
+                outcome = await asyncio.to_thread(archive_job, archiving_store, archive, job_id)
+                assert outcome == "ok"
+                assert not await connection.exists(f"gs:{{{job_id}}}:steps")
+                return first + await _rest(frames)  # resumed: the backlog is archived now
+            finally:
+                await connection.aclose()
+
+        body = asyncio.run(watch())
+    finally:
+        client.cancel(job_id) if client.get(job_id)["status"] == "running" else None
+
+    view = client.get(job_id)
+    events = list(parse_sse(iter(body.decode().splitlines())))
+    steps = [event.data["step"] for event in events if event.event == "step"]
+    assert steps == list(range(view["steps_done"]))
+    assert [event.event for event in events][-1] == "done"
+    assert events[-1].data["steps_done"] == view["steps_done"]
