@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             render=sse_frame,
             page_bytes=settings.max_page_bytes,
             archive=archive,
+            watcher_bytes=settings.sse_watcher_bytes,
         )
         store = app.state.store
 

@@ -68,12 +68,23 @@ class ServiceCollector(Collector):
             "or fall behind)",
             value=overdue,
         )
-        clients, lag = self.streams.watching()
+        clients, lag, held = self.streams.watching()
         yield GaugeMetricFamily(
             "gradstream_sse_clients", "Event-stream clients of this API process", value=clients
         )
         yield GaugeMetricFamily(
             "gradstream_sse_max_lag", "Most events queued for one client of this process", value=lag
+        )
+        yield GaugeMetricFamily(
+            "gradstream_sse_max_client_bytes",
+            "Most bytes one client of this process holds (queued and in flight; the budget is "
+            "GRADSTREAM_SSE_WATCHER_BYTES)",
+            value=held,
+        )
+        yield CounterMetricFamily(
+            "gradstream_sse_backlog_reads",
+            "Backlog pages this process read from Redis (shared by the watchers that need them)",
+            value=self.streams.backlog_reads,
         )
 
 

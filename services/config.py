@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     submits_per_minute: int = Field(default=600, ge=1, description="per tenant")
     # An SSE client that takes nothing for this long is dropped (it resumes by Last-Event-ID).
     sse_send_timeout_s: float = Field(default=30.0, gt=0)
+    # What one SSE watcher may hold in an API process: the events queued for it (shared with
+    # the job's other watchers) and its write in flight. Past it the watcher is dropped and
+    # resumes by Last-Event-ID. Its own copy is at most one write (64 KiB) beyond the socket.
+    sse_watcher_bytes: int = Field(default=32 * 1024 * 1024, ge=256 * 1024)
 
     # History beyond Redis memory (DESIGN §10): a job finished for `hot_retention_s` has its
     # step stream moved to one Parquet file under `archive_url` (any fsspec URL: a local

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -33,13 +34,19 @@ from services.store.steps import entries_per_read, entry_json_bytes, page_steps
 
 log = logging.getLogger(__name__)
 
-# A watcher that falls this many items, or this many page budgets of frames, behind the tail
-# is disconnected; it resumes by Last-Event-ID from Redis, instead of holding an unbounded
-# queue in this process.
+# A watcher that falls this many items, or its byte budget (GRADSTREAM_SSE_WATCHER_BYTES:
+# what is queued for it and the write in flight), behind the tail is disconnected; it resumes
+# by Last-Event-ID from Redis, instead of holding an unbounded queue in this process.
 MAX_LAG = 10_000
-MAX_LAG_PAGES = 4
 LAG_GRACE_S = 2.0
-BACKLOG_WRITE_BYTES = 64 * 1024
+# The most bytes one write to a watcher carries. What the client has not taken of a write sits
+# in its connection's transport buffer, a private copy per watcher (uvicorn waits for that
+# buffer to drain below its high-water mark before the next write): a write is never a page
+# of a wide job, nor everything a lagging watcher has queued.
+WRITE_BYTES = 64 * 1024
+# Rendered backlog pages kept per process for the next watcher of the same job (besides the
+# reads in flight, which every watcher that needs one waits on together).
+BACKLOG_PAGES_KEPT = 4
 # A tail reads at most once per this much per watcher (80 ms for 1 000 watchers), below
 # MIN_SPACING_S not at all: see _Tail._pace.
 WRITE_SPACING_S = 80e-6
@@ -81,13 +88,35 @@ class Delivery:
     def last(self) -> int | None:
         return None if self.first is None else self.first + len(self.starts) - 1
 
-    def after(self, cursor: int) -> bytes:
+    def after(self, cursor: int) -> bytes | memoryview:
         """What a watcher that has had every step up to `cursor` still needs: all of it, but
-        for a watcher whose own backlog read overlapped the tail's latest steps."""
+        for a watcher whose own backlog read overlapped the tail's latest steps (a view of the
+        shared bytes, not a copy)."""
         if self.first is None or self.first > cursor:
             return self.data
         skip = cursor + 1 - self.first
-        return self.data[self.starts[skip] :] if skip < len(self.starts) else b""
+        return memoryview(self.data)[self.starts[skip] :] if skip < len(self.starts) else b""
+
+
+def _pieces(data: bytes | memoryview) -> Iterator[bytes]:
+    """`data` in writes of at most WRITE_BYTES (the shared bytes themselves when they fit)."""
+    if len(data) <= WRITE_BYTES:
+        yield data if isinstance(data, bytes) else bytes(data)
+        return
+    view = memoryview(data)
+    for offset in range(0, len(view), WRITE_BYTES):
+        yield bytes(view[offset : offset + WRITE_BYTES])
+
+
+@dataclass(frozen=True, eq=False)
+class _BacklogPage:
+    """One read of a job's stored steps, rendered once for every watcher that reads its
+    backlog through it."""
+
+    delivery: Delivery
+    last_entry: bytes | None  # the last entry read; None: there was none
+    more: bool  # the read was full: more entries may follow
+    next_count: int  # entries for the next read, sized by this page's last entry
 
 
 @dataclass(eq=False)  # identity: watchers live in a set
@@ -134,7 +163,7 @@ class _Tail:
         behind gets _OVERFLOW instead and leaves."""
         size = len(item.data) if isinstance(item, Delivery) else 0
         events = item.events if isinstance(item, Delivery) else 0
-        max_bytes = MAX_LAG_PAGES * self.streams.page_bytes
+        max_bytes = self.streams.watcher_bytes
         for watcher in list(self.watchers):
             if watcher.queued_events >= MAX_LAG or watcher.queued_bytes + size > max_bytes:
                 watcher.queue.put_nowait(_OVERFLOW)
@@ -153,6 +182,7 @@ class _Tail:
         """The steps of `entries`, each rendered once, to every watcher: one Delivery per page
         of frames (one per read, unless the read is wider than a page)."""
         page_bytes = self.streams.page_bytes
+        delivery_bytes = self.streams.delivery_bytes
         frames: list[bytes] = []
         starts, size, first = array("q"), 0, -1
         for entry_id, fields in entries:
@@ -168,7 +198,7 @@ class _Tail:
                     frames.append(frame)
                     starts.append(size)
                     size += len(frame)
-                if size >= page_bytes:
+                if size >= delivery_bytes:
                     self._send(Delivery(b"".join(frames), first, starts))
                     frames, starts, size = [], array("q"), 0
                     await self._let_watchers_catch_up()
@@ -177,15 +207,15 @@ class _Tail:
             await self._let_watchers_catch_up()
 
     async def _let_watchers_catch_up(self) -> None:
-        """The watchers take a page before the next is made: a wide chunk does not pile up in
-        their queues (nor drop them for lag) within one read. One more than two pages behind
-        gets a moment to catch up first: a watcher that keeps reading is never dropped,
-        however fast the job; one that stalls is, at MAX_LAG_PAGES, after LAG_GRACE_S per
-        page."""
+        """The watchers take a delivery before the next is made: a wide chunk does not pile up
+        in their queues (nor drop them for lag) within one read. One more than half its byte
+        budget behind gets a moment to catch up first: a watcher that keeps reading is never
+        dropped, however fast the job; one that stalls is, at its budget, after LAG_GRACE_S
+        per delivery."""
         await asyncio.sleep(0)
         deadline = time.monotonic() + LAG_GRACE_S
         while time.monotonic() < deadline and any(
-            w.queued_bytes > 2 * self.streams.page_bytes for w in self.watchers
+            w.queued_bytes > self.streams.watcher_bytes // 2 for w in self.watchers
         ):
             await asyncio.sleep(0.01)
 
@@ -288,13 +318,21 @@ class JobStreams:
         render: Render,
         page_bytes: int = 8 * 1024 * 1024,
         archive: Archive | None = None,
+        watcher_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.client = client
         self.keepalive_s = keepalive_s
         self.render = render
         self.page_bytes = page_bytes  # the most step bytes one read takes from Redis
         self.archive = archive  # where archived jobs' steps are read from
+        # What one watcher may hold: the deliveries queued for it and its write in flight.
+        # The deliveries are shared by every watcher; its own copy is a write's unsent rest.
+        self.watcher_bytes = watcher_bytes
+        self.delivery_bytes = max(WRITE_BYTES, min(page_bytes, watcher_bytes // 4))
         self._tails: dict[str, _Tail] = {}
+        # Backlog reads by (job, first entry, entries): in flight, or kept (BACKLOG_PAGES_KEPT).
+        self._pages: OrderedDict[tuple[str, str, int], asyncio.Future[_BacklogPage]] = OrderedDict()
+        self.backlog_reads = 0  # XRANGEs of backlog pages made by this process
 
     @property
     def readers(self) -> int:
@@ -305,17 +343,22 @@ class JobStreams:
         if self._tails.get(tail.job_id) is tail:
             del self._tails[tail.job_id]
 
-    def watching(self) -> tuple[int, int]:
-        """Watchers in this process, and the most events one of them has queued (its lag).
-        Called from another thread (a metrics scrape) while the event loop changes the sets:
-        a snapshot that raced with a change is taken again."""
+    def watching(self) -> tuple[int, int, int]:
+        """Watchers in this process, the most events one of them has queued (its lag), and the
+        most bytes one holds (queued and in flight). Called from another thread (a metrics
+        scrape) while the event loop changes the sets: a snapshot that raced with a change is
+        taken again."""
         for _ in range(10):
             try:
                 watchers = [w for tail in list(self._tails.values()) for w in list(tail.watchers)]
-                return len(watchers), max((w.queued_events for w in watchers), default=0)
+                return (
+                    len(watchers),
+                    max((w.queued_events for w in watchers), default=0),
+                    max((w.queued_bytes for w in watchers), default=0),
+                )
             except RuntimeError:  # changed size during iteration
                 continue
-        return 0, 0
+        return 0, 0, 0
 
     async def open(self, job_id: str, after: int, tenant: str) -> AsyncGenerator[bytes, None]:
         """The rendered events of `job_id` (a job of `tenant`) after step `after` (-1: from
@@ -358,38 +401,55 @@ class JobStreams:
             yield self.render(
                 StreamEvent("status", {"status": status.value, "steps_done": steps_done})
             )
-            cursor = after
             # The backlog: all of a finished job's steps (the tail may have stopped mid-way),
             # a running job's up to where the tail was when this watcher joined (none when
-            # nothing was stored then). The backlog goes out in writes of about
-            # BACKLOG_WRITE_BYTES, not one per step.
+            # nothing was stored then), in pages read and rendered once for every watcher of
+            # the job in this process, sent a write of at most WRITE_BYTES at a time.
             if status.finished:
-                backlog = self._steps_after(tail.job_id, after, steps_done - 1)
-            elif joined_at != b"0-0":
-                backlog = self._stored_steps(tail.job_id, after, joined_at)
+                stop = steps_done - 1
             else:
-                backlog = None
-            if backlog is not None:
-                async for data, last in self._writes(backlog):
-                    cursor = last
+                stop = -1 if joined_at == b"0-0" else int(joined_at.split(b"-")[0])
+            cursor = after
+            start, count = step_entry_id(after + 1), 1  # one entry, until its size is known
+            while cursor < stop:
+                page = await self._backlog_page(job_id, start, count, status.finished)
+                for data in _pieces(page.delivery.after(cursor)):
                     yield data
                     await let_the_server_run()
+                cursor = max(cursor, page.delivery.last if page.delivery.last is not None else -1)
+                if not page.more or page.last_entry is None:
+                    break
+                start, count = "(" + page.last_entry.decode(), page.next_count
             if status.finished:
-                if cursor < steps_done - 1:
+                if cursor < stop:  # the stream ended short: archived before or during the reads
+                    async for data, last in self._writes(self._steps_after(job_id, cursor, stop)):
+                        cursor = last
+                        yield data
+                        await let_the_server_run()
+                if cursor < stop:
                     log.warning("job %s: steps after %d are gone; stream ended", job_id, cursor)
                     return
                 final = job_view(await self.client.hgetall(job_key(tail.job_id)))
                 yield self.render(StreamEvent("done", final.model_dump(mode="json")))
                 return
+            held: Any = None  # taken from the queue, but too big to join the write before it
             while True:
-                # Whatever has queued up goes out as one write.
-                items = [await watcher.queue.get()]
-                while not watcher.queue.empty():
-                    items.append(watcher.queue.get_nowait())
-                watcher.queued_bytes = watcher.queued_events = 0
-                parts: list[bytes] = []
+                # Whatever has queued up goes out together, up to WRITE_BYTES a write (a bigger
+                # delivery goes alone, in pieces); the bytes stay counted against the watcher
+                # until written.
+                batch = [held if held is not None else await watcher.queue.get()]
+                held = None
+                size = len(batch[0].data) if isinstance(batch[0], Delivery) else 0
+                while size < WRITE_BYTES and not watcher.queue.empty():
+                    item = watcher.queue.get_nowait()
+                    if isinstance(item, Delivery) and size + len(item.data) > WRITE_BYTES:
+                        held = item
+                        break
+                    batch.append(item)
+                    size += len(item.data) if isinstance(item, Delivery) else 0
+                parts: list[bytes | memoryview] = []
                 ended = False
-                for item in items:
+                for item in batch:
                     if item is _OVERFLOW:
                         ended = True
                         break
@@ -418,18 +478,79 @@ class JobStreams:
                     if item.ends:
                         ended = True
                         break
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                if data:
-                    yield data
+                for data in _pieces(parts[0] if len(parts) == 1 else b"".join(parts)):
+                    if data:
+                        yield data
+                for item in batch:
+                    if isinstance(item, Delivery):
+                        watcher.queued_bytes -= len(item.data)
+                        watcher.queued_events -= item.events
                 if ended:
                     return
         finally:
             tail.leave(watcher)
 
+    async def _backlog_page(
+        self, job_id: str, start: str, count: int, finished: bool
+    ) -> _BacklogPage:
+        """The stored entries of `job_id` from `start`, `count` of them, rendered: one read for
+        every watcher of this process that needs the same page at about the same time (a
+        thousand dashboards opening one job read each page once). Full pages, and a finished
+        job's last one, are kept for the next watchers; a running job's last page is not
+        (entries are still being added)."""
+        key = (job_id, start, count)
+        page = self._pages.get(key)
+        if page is None:
+            page = asyncio.ensure_future(self._read_page(job_id, start, count))
+            self._pages[key] = page
+
+            def kept(read: "asyncio.Future[_BacklogPage]") -> None:
+                if (
+                    read.cancelled()
+                    or read.exception() is not None
+                    or not (finished or read.result().more)
+                ):
+                    if self._pages.get(key) is read:
+                        del self._pages[key]
+                    return
+                done = [k for k, f in self._pages.items() if f.done()]
+                for old in done[: max(0, len(done) - BACKLOG_PAGES_KEPT)]:
+                    del self._pages[old]
+
+            page.add_done_callback(kept)
+        else:
+            self._pages.move_to_end(key)
+        # A watcher that goes away does not cancel the read the others wait on.
+        return await asyncio.shield(page)
+
+    async def _read_page(self, job_id: str, start: str, count: int) -> _BacklogPage:
+        self.backlog_reads += 1
+        entries = await self.client.xrange(steps_key(job_id), start, "+", count=count)
+        frames: list[bytes] = []
+        starts, size, first = array("q"), 0, None
+        next_count = count
+        for _, fields in entries:
+            chunk = Chunk.from_fields(fields)
+            next_count = entries_per_read(entry_json_bytes(chunk), self.page_bytes)
+            for records in record_pages(chunk, -1, self.page_bytes):
+                for record in records:
+                    first = record["step"] if first is None else first
+                    frame = self.render(StreamEvent("step", record, record["step"]))
+                    frames.append(frame)
+                    starts.append(size)
+                    size += len(frame)
+                await asyncio.sleep(0)  # a wide page does not hold the event loop whole
+        return _BacklogPage(
+            Delivery(b"".join(frames), first, starts),
+            entries[-1][0] if entries else None,
+            len(entries) == count,
+            next_count,
+        )
+
     async def _writes(
         self, events: AsyncGenerator[StreamEvent, None]
     ) -> AsyncIterator[tuple[bytes, int]]:
-        """`events` rendered, about BACKLOG_WRITE_BYTES a write, each with the last step it
+        """`events` rendered, about WRITE_BYTES a write, each with the last step it
         carries."""
         async with aclosing(events):
             pending: list[bytes] = []
@@ -439,7 +560,7 @@ class JobStreams:
                 frame = self.render(event)
                 pending.append(frame)
                 size += len(frame)
-                if size >= BACKLOG_WRITE_BYTES:
+                if size >= WRITE_BYTES:
                     yield b"".join(pending), cursor
                     pending, size = [], 0
             if pending:
