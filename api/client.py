@@ -4,6 +4,7 @@ nothing of the server and no torch, so `api/client.py` can be copied into any pr
 import asyncio
 import json
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
@@ -113,11 +114,25 @@ def _joined(view: dict[str, Any], page: dict[str, Any]) -> dict[str, Any]:
 
 
 def _backoff(failures: int) -> float:
-    return min(2.0, 0.2 * 2.0**failures)
+    """Exponential, jittered (0.5 to 1.5 times): clients dropped together (an API restart)
+    do not all come back at the same moment."""
+    return min(2.0, 0.2 * 2.0**failures) * random.uniform(0.5, 1.5)
+
+
+class StreamError(GradstreamError):
+    """An event stream ended with a `gone` event: the API cannot serve it, and retrying will
+    not change that (410: the job's archived steps are missing)."""
 
 
 # What a stream retries: the connection dropped or refused, or the API's Redis out of reach.
 _RETRIED = (httpx.TransportError, ServiceUnavailable)
+
+
+def _gave_up(failures: int, retries: int) -> bool:
+    """Whether a stream stops retrying: `failures` counts the connections in a row that gave
+    no new event with an id (a step, a sweep's progress); the `status` each connection begins
+    with does not count, or a stream that cannot go on would reconnect forever."""
+    return failures > retries
 
 
 _STREAM_TIMEOUT = httpx.Timeout(30, read=60)  # keep-alives come every 15 s
@@ -271,17 +286,20 @@ class Client:
                         response.read()
                         raise _error(response)
                     for event in parse_sse(response.iter_lines()):
-                        failures = 0
+                        if event.event == "gone":
+                            raise StreamError(event.data["status"], event.data["detail"])
                         if event.id is not None:
-                            last_event_id = int(event.id)
+                            failures, last_event_id = 0, int(event.id)
                         yield event
                         if event.event == "done":
                             return
             except _RETRIED:  # RemoteProtocolError (peer closed mid-stream) included
-                failures += 1
-                if failures > retries:
+                if _gave_up(failures := failures + 1, retries):
                     raise
-                time.sleep(_backoff(failures))
+            else:  # ended without `done` (the API dropped a watcher that lagged, or stopped)
+                if _gave_up(failures := failures + 1, retries):
+                    return
+            time.sleep(_backoff(failures))
 
 
 class AsyncClient:
@@ -445,14 +463,17 @@ class AsyncClient:
                         event = parser.feed(line)
                         if event is None:
                             continue
-                        failures = 0
+                        if event.event == "gone":
+                            raise StreamError(event.data["status"], event.data["detail"])
                         if event.id is not None:
-                            last_event_id = int(event.id)
+                            failures, last_event_id = 0, int(event.id)
                         yield event
                         if event.event == "done":
                             return
             except _RETRIED:  # RemoteProtocolError (peer closed mid-stream) included
-                failures += 1
-                if failures > retries:
+                if _gave_up(failures := failures + 1, retries):
                     raise
-                await asyncio.sleep(_backoff(failures))
+            else:  # ended without `done` (the API dropped a watcher that lagged, or stopped)
+                if _gave_up(failures := failures + 1, retries):
+                    return
+            await asyncio.sleep(_backoff(failures))

@@ -23,6 +23,7 @@ from services.auth import KeyRing, StreamTokens, parse_api_keys
 from services.config import Settings, get_settings
 from services.datasets import DatasetInvalid
 from services.errors import (
+    ArchivedStepsLost,
     DatasetInUse,
     DatasetNotFound,
     JobActive,
@@ -74,7 +75,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # A burst of watchers waits for a connection instead of failing (redis-py's pool
         # refuses past 100 by default); each watched job's tail holds one.
         app.state.async_redis = async_redis_client(
-            settings, max_connections=256, timeout=10, socket_timeout=settings.sse_keepalive_s + 10
+            settings,
+            max_connections=settings.sse_redis_connections,
+            timeout=10,
+            socket_timeout=settings.sse_keepalive_s + 10,
         )
         app.state.job_streams = JobStreams(
             app.state.async_redis,
@@ -296,6 +300,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             status_code=503, content={"detail": str(exc)}, headers={"Retry-After": RETRY_AFTER_S}
         )
+
+    @app.exception_handler(ArchivedStepsLost)
+    async def archived_steps_lost(_: Request, exc: ArchivedStepsLost) -> JSONResponse:
+        # 410 Gone, no Retry-After: the file is missing, no retry brings the steps back.
+        return JSONResponse(status_code=410, content={"detail": str(exc)})
 
     @app.exception_handler(MalformedJob)
     async def malformed_job(_: Request, exc: MalformedJob) -> JSONResponse:

@@ -81,6 +81,16 @@ class ServiceCollector(Collector):
             "GRADSTREAM_SSE_WATCHER_BYTES)",
             value=held,
         )
+        in_use, most = self.streams.connections()
+        connections = GaugeMetricFamily(
+            "gradstream_sse_redis_connections",
+            "This process's Redis connections for event streams: in use (a watched running job "
+            "or sweep holds one) and the most (GRADSTREAM_SSE_REDIS_CONNECTIONS)",
+            labels=["state"],
+        )
+        connections.add_metric(["in_use"], in_use)
+        connections.add_metric(["max"], most)
+        yield connections
         yield CounterMetricFamily(
             "gradstream_sse_backlog_reads",
             "Backlog pages this process read from Redis (shared by the watchers that need them)",

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     # the job's other watchers) and its write in flight. Past it the watcher is dropped and
     # resumes by Last-Event-ID. Its own copy is at most one write (64 KiB) beyond the socket.
     sse_watcher_bytes: int = Field(default=32 * 1024 * 1024, ge=256 * 1024)
+    # The API process's async Redis connections (its event streams): each watched running job
+    # or sweep holds one in a blocking read; backlog pages and snapshots share the rest. A
+    # stream that finds none free within 10 s fails (the client backs off and reconnects);
+    # gradstream_sse_redis_connections{state="in_use"} shows how near the limit a process is.
+    sse_redis_connections: int = Field(default=256, ge=8, description="per API process")
 
     # History beyond Redis memory (DESIGN §10): a job finished for `hot_retention_s` has its
     # step stream moved to one Parquet file under `archive_url` (any fsspec URL: a local

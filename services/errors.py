@@ -158,3 +158,18 @@ class MemberOfSweep(GradstreamError):
         )
         self.job_id = job_id
         self.status = "member"
+
+
+class ArchivedStepsLost(GradstreamError):
+    """A finished job's archived steps cannot be read because their file is gone: no retry
+    brings them back (the API answers 410, and an event stream ends with a `gone` event)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id}: its archived steps are missing from the archive")
+        self.job_id = job_id
+
+
+def archived_file_missing(exc: BaseException) -> bool:
+    """Whether a StoreUnavailable from reading the archive is a missing file (permanent), not
+    an archive out of reach for now."""
+    return isinstance(exc.__cause__, FileNotFoundError)

@@ -25,7 +25,12 @@ import redis
 import redis.asyncio as aioredis
 
 from services.archive import Archive, archived_file
-from services.errors import JobNotFound, StoreUnavailable
+from services.errors import (
+    ArchivedStepsLost,
+    JobNotFound,
+    StoreUnavailable,
+    archived_file_missing,
+)
 from services.records import Chunk, expand_chunk
 from services.schemas import JobStatus
 from services.store.jobs import job_view
@@ -339,6 +344,12 @@ class JobStreams:
         """How many jobs this process is reading from Redis now."""
         return len(self._tails)
 
+    def connections(self) -> tuple[int, int]:
+        """The Redis connections this process's streams hold now, and the most they may."""
+        pool = self.client.connection_pool
+        in_use = getattr(pool, "_in_use_connections", ())  # redis-py keeps no public count
+        return len(in_use), pool.max_connections
+
     def forget(self, tail: _Tail) -> None:
         if self._tails.get(tail.job_id) is tail:
             del self._tails[tail.job_id]
@@ -398,97 +409,116 @@ class JobStreams:
             tail = self._tails.setdefault(job_id, candidate or await self._new_tail(job_id))
         watcher, status, steps_done, joined_at = tail.join()
         try:
-            yield self.render(
-                StreamEvent("status", {"status": status.value, "steps_done": steps_done})
-            )
-            # The backlog: all of a finished job's steps (the tail may have stopped mid-way),
-            # a running job's up to where the tail was when this watcher joined (none when
-            # nothing was stored then), in pages read and rendered once for every watcher of
-            # the job in this process, sent a write of at most WRITE_BYTES at a time.
-            if status.finished:
-                stop = steps_done - 1
-            else:
-                stop = -1 if joined_at == b"0-0" else int(joined_at.split(b"-")[0])
-            cursor = after
-            start, count = step_entry_id(after + 1), 1  # one entry, until its size is known
-            while cursor < stop:
-                page = await self._backlog_page(job_id, start, count, status.finished)
-                for data in _pieces(page.delivery.after(cursor)):
+            async with aclosing(
+                self._events(tail, watcher, status, steps_done, joined_at, after)
+            ) as events:
+                async for data in events:
+                    yield data
+        except ArchivedStepsLost as exc:
+            # Permanent, unlike a dropped stream: the client is told why and does not retry.
+            log.error("%s", exc)
+            yield self.render(StreamEvent("gone", {"status": 410, "detail": str(exc)}))
+        finally:
+            tail.leave(watcher)
+
+    async def _events(
+        self,
+        tail: _Tail,
+        watcher: _Watcher,
+        status: JobStatus,
+        steps_done: int,
+        joined_at: bytes,
+        after: int,
+    ) -> AsyncGenerator[bytes, None]:
+        """One watcher's frames: status, its backlog, then what the tail queues for it."""
+        job_id = tail.job_id
+        yield self.render(StreamEvent("status", {"status": status.value, "steps_done": steps_done}))
+        # The backlog: all of a finished job's steps (the tail may have stopped mid-way),
+        # a running job's up to where the tail was when this watcher joined (none when
+        # nothing was stored then), in pages read and rendered once for every watcher of
+        # the job in this process, sent a write of at most WRITE_BYTES at a time.
+        if status.finished:
+            stop = steps_done - 1
+        else:
+            stop = -1 if joined_at == b"0-0" else int(joined_at.split(b"-")[0])
+        cursor = after
+        start, count = step_entry_id(after + 1), 1  # one entry, until its size is known
+        while cursor < stop:
+            page = await self._backlog_page(job_id, start, count, status.finished)
+            for data in _pieces(page.delivery.after(cursor)):
+                yield data
+                await let_the_server_run()
+            cursor = max(cursor, page.delivery.last if page.delivery.last is not None else -1)
+            if not page.more or page.last_entry is None:
+                break
+            start, count = "(" + page.last_entry.decode(), page.next_count
+        if status.finished:
+            if cursor < stop:  # the stream ended short: archived before or during the reads
+                async for data, last in self._writes(self._steps_after(job_id, cursor, stop)):
+                    cursor = last
                     yield data
                     await let_the_server_run()
-                cursor = max(cursor, page.delivery.last if page.delivery.last is not None else -1)
-                if not page.more or page.last_entry is None:
+            if cursor < stop:
+                log.warning("job %s: steps after %d are gone; stream ended", job_id, cursor)
+                return
+            final = job_view(await self.client.hgetall(job_key(tail.job_id)))
+            yield self.render(StreamEvent("done", final.model_dump(mode="json")))
+            return
+        held: Any = None  # taken from the queue, but too big to join the write before it
+        while True:
+            # Whatever has queued up goes out together, up to WRITE_BYTES a write (a bigger
+            # delivery goes alone, in pieces); the bytes stay counted against the watcher
+            # until written.
+            batch = [held if held is not None else await watcher.queue.get()]
+            held = None
+            size = len(batch[0].data) if isinstance(batch[0], Delivery) else 0
+            while size < WRITE_BYTES and not watcher.queue.empty():
+                item = watcher.queue.get_nowait()
+                if isinstance(item, Delivery) and size + len(item.data) > WRITE_BYTES:
+                    held = item
                     break
-                start, count = "(" + page.last_entry.decode(), page.next_count
-            if status.finished:
-                if cursor < stop:  # the stream ended short: archived before or during the reads
-                    async for data, last in self._writes(self._steps_after(job_id, cursor, stop)):
+                batch.append(item)
+                size += len(item.data) if isinstance(item, Delivery) else 0
+            parts: list[bytes | memoryview] = []
+            ended = False
+            for item in batch:
+                if item is _OVERFLOW:
+                    ended = True
+                    break
+                # Continuity: the next step this watcher gets is cursor + 1. The tail may be
+                # ahead of it (the backlog read found the stream archived under it) or end
+                # the job past it: the steps between come from the stream or the archive.
+                needed = item.first - 1 if item.first is not None else item.through
+                if needed > cursor:
+                    if parts:
+                        yield b"".join(parts)
+                        parts = []
+                    missing = self._steps_after(tail.job_id, cursor, needed)
+                    async for data, last in self._writes(missing):
                         cursor = last
                         yield data
                         await let_the_server_run()
-                if cursor < stop:
-                    log.warning("job %s: steps after %d are gone; stream ended", job_id, cursor)
-                    return
-                final = job_view(await self.client.hgetall(job_key(tail.job_id)))
-                yield self.render(StreamEvent("done", final.model_dump(mode="json")))
+                    if cursor < needed:
+                        # Neither stored nor archived (deleted meanwhile): no `done` after a
+                        # gap; the client resumes by Last-Event-ID and learns why.
+                        log.warning("job %s: steps after %d are gone", job_id, cursor)
+                        ended = True
+                        break
+                parts.append(item.after(cursor))
+                if item.last is not None:
+                    cursor = max(cursor, item.last)
+                if item.ends:
+                    ended = True
+                    break
+            for data in _pieces(parts[0] if len(parts) == 1 else b"".join(parts)):
+                if data:
+                    yield data
+            for item in batch:
+                if isinstance(item, Delivery):
+                    watcher.queued_bytes -= len(item.data)
+                    watcher.queued_events -= item.events
+            if ended:
                 return
-            held: Any = None  # taken from the queue, but too big to join the write before it
-            while True:
-                # Whatever has queued up goes out together, up to WRITE_BYTES a write (a bigger
-                # delivery goes alone, in pieces); the bytes stay counted against the watcher
-                # until written.
-                batch = [held if held is not None else await watcher.queue.get()]
-                held = None
-                size = len(batch[0].data) if isinstance(batch[0], Delivery) else 0
-                while size < WRITE_BYTES and not watcher.queue.empty():
-                    item = watcher.queue.get_nowait()
-                    if isinstance(item, Delivery) and size + len(item.data) > WRITE_BYTES:
-                        held = item
-                        break
-                    batch.append(item)
-                    size += len(item.data) if isinstance(item, Delivery) else 0
-                parts: list[bytes | memoryview] = []
-                ended = False
-                for item in batch:
-                    if item is _OVERFLOW:
-                        ended = True
-                        break
-                    # Continuity: the next step this watcher gets is cursor + 1. The tail may be
-                    # ahead of it (the backlog read found the stream archived under it) or end
-                    # the job past it: the steps between come from the stream or the archive.
-                    needed = item.first - 1 if item.first is not None else item.through
-                    if needed > cursor:
-                        if parts:
-                            yield b"".join(parts)
-                            parts = []
-                        missing = self._steps_after(tail.job_id, cursor, needed)
-                        async for data, last in self._writes(missing):
-                            cursor = last
-                            yield data
-                            await let_the_server_run()
-                        if cursor < needed:
-                            # Neither stored nor archived (deleted meanwhile): no `done` after a
-                            # gap; the client resumes by Last-Event-ID and learns why.
-                            log.warning("job %s: steps after %d are gone", job_id, cursor)
-                            ended = True
-                            break
-                    parts.append(item.after(cursor))
-                    if item.last is not None:
-                        cursor = max(cursor, item.last)
-                    if item.ends:
-                        ended = True
-                        break
-                for data in _pieces(parts[0] if len(parts) == 1 else b"".join(parts)):
-                    if data:
-                        yield data
-                for item in batch:
-                    if isinstance(item, Delivery):
-                        watcher.queued_bytes -= len(item.data)
-                        watcher.queued_events -= item.events
-                if ended:
-                    return
-        finally:
-            tail.leave(watcher)
 
     async def _backlog_page(
         self, job_id: str, start: str, count: int, finished: bool
@@ -604,9 +634,15 @@ class JobStreams:
         if archived is None:
             return
         archive, location = archived_file(self.archive, archived)
-        while after < through and (
-            chunk := await asyncio.to_thread(archive.chunk_after, location, after)
-        ):
+        while after < through:
+            try:
+                chunk = await asyncio.to_thread(archive.chunk_after, location, after)
+            except StoreUnavailable as exc:
+                if archived_file_missing(exc):
+                    raise ArchivedStepsLost(job_id) from exc
+                raise
+            if chunk is None:
+                return
             for page in record_pages(chunk, after, self.page_bytes):
                 for record in page:
                     if record["step"] > through:

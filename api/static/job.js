@@ -159,6 +159,10 @@ export function jobPage(jobId) {
       source.close();  // before the server ends the stream: no reconnect
       refresh();
     });
+    source.addEventListener("gone", (message) => {
+      source.close();  // permanent (the archived steps are missing): reconnecting cannot help
+      showError(new Error(JSON.parse(message.data).detail));
+    });
   }
 
   // The job view (worker, duration, rate) is read again every second while the job runs.

@@ -5,6 +5,7 @@ only the rows it returns."""
 from typing import Any
 
 from services.archive import archived_file
+from services.errors import ArchivedStepsLost, StoreUnavailable, archived_file_missing
 from services.records import Chunk, expand_chunk, record_json_bytes
 from services.schemas import JobStatus
 from services.store import keys
@@ -59,7 +60,12 @@ class Steps(RedisPart):
         if finished and len(records) < limit and last < steps_done - 1:
             archived = fields.get(b"archived") or self.redis.hget(keys.job_key(job_id), "archived")
             if archived is not None:
-                records += self._archive_page(archived, last, limit - len(records), max_bytes)
+                try:
+                    records += self._archive_page(archived, last, limit - len(records), max_bytes)
+                except StoreUnavailable as exc:
+                    if archived_file_missing(exc):
+                        raise ArchivedStepsLost(job_id) from exc
+                    raise
         last = records[-1]["step"] if records else after
         more = last < steps_done - 1 or not finished
         return records, (last if more else None)
