@@ -10,8 +10,11 @@ code that expands the stream's chunks: the JSON served from the archive cannot d
 JSON served from Redis.
 
 Files are published as object stores and data lakes do it: written under a temporary name,
-read back and checked (rows, steps, a SHA-256 of the float32 rows), then renamed. When each
-step runs, and marking the job archived in Redis, is services/archiver.py's.
+read back and checked (rows, steps, a SHA-256 of the float32 rows), then renamed. On a local
+disk the file and its folders are fsynced around the rename, so that the record names a file
+that survives a host crash once the stream is gone; on an object store the PUT's success is
+the durability point (the store acknowledges only what it keeps). When each step runs, and
+marking the job archived in Redis, is services/archiver.py's.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import importlib
 import itertools
 import json
 import logging
+import os
 import secrets
 import threading
 from collections import OrderedDict
@@ -229,6 +233,15 @@ def _write_parquet(handle: Any, chunks: Iterable[Chunk]) -> tuple[int, str]:
     return rows, digest.hexdigest()
 
 
+def _fsync(path: str, flags: int = 0) -> None:
+    """Wait until what `path` holds (a file's bytes, a folder's entries) is on the disk."""
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def archived_file(archive: Archive | None, archived: bytes) -> tuple[Archive, ArchivedFile]:
     """The archive, and the file an archived job's record (its `archived` field) names."""
     if archive is None:
@@ -285,6 +298,9 @@ class Archive:
         self.options = options or {}
         self.fs, self.root = fsspec.core.url_to_fs(url, **self.options)
         self.root = self.root.rstrip("/")
+        protocols = self.fs.protocol
+        # A local disk acknowledges writes it has only cached: publishing fsyncs there.
+        self.local = "file" in ((protocols,) if isinstance(protocols, str) else protocols)
         self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
         self._files: OrderedDict[str, _OpenFile] = OrderedDict()
@@ -348,9 +364,21 @@ class Archive:
             )
 
     def publish(self, temporary: str, path: str) -> None:
-        """Rename the verified file to its place (atomic on a local disk; on an object store a
-        copy then a delete, each object whole)."""
+        """Rename the verified file to its place, durably: on a local disk the rename is atomic,
+        and the file's bytes and then its folders (the rename, and folders `write` made) are
+        fsynced before this returns, since the caller deletes the only other copy next; on an
+        object store it is a copy then a delete, each object whole and kept once acknowledged."""
+        if self.local:
+            _fsync(temporary)
         self.fs.mv(temporary, path)
+        if self.local:
+            # Up to the root's parent: the first write made the tenant's folder, maybe the root.
+            folder, last = path.rsplit("/", 1)[0], self.root.rsplit("/", 1)[0] or "/"
+            while True:
+                _fsync(folder, os.O_DIRECTORY)
+                if len(folder) <= len(last):
+                    break
+                folder = folder.rsplit("/", 1)[0] or "/"
 
     # Removing.
 

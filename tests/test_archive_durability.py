@@ -1,0 +1,118 @@
+"""What archiving promises past its main path: the file is on the disk before the stream goes,
+two archivers of one job do not undo each other, files are deleted where the record says they
+are (and again, when a delete fails), jobs finished before the archiver existed get archived,
+and a file the cache closes is not closed under a reader.
+
+Each race is run in a chosen order, through a hook between two steps: nothing here waits for
+time to pass. Jobs run in-process against a Redis of the test's own, so that an archiver pass
+with a hot window of 0 archives only the test's jobs."""
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cli.stack import Stack
+from services.archive import Archive
+from services.archiver import archive_job
+from services.config import get_settings
+from services.runner import run_job
+from services.schemas import JobSpec
+from services.store import Store
+from services.store.keys import job_key, steps_key
+
+SPEC = {
+    "data": {"x": [[1.0, 2.0], [3.0, 4.0], [0.5, -1.0]], "y": [1.0, 0.0, 2.0]},
+    "bias": True,
+    "optimizer": {"name": "sgd", "lr": 0.01},
+    "steps": 300,
+    "device": "cpu",
+}
+
+
+@dataclass
+class Private:
+    """A Redis of the test's own, a store on it and a local archive."""
+
+    stack: Stack
+    store: Store
+    archive: Archive
+    folder: Path
+
+    def finished_job(self, steps: int = 300, tenant: str = "test") -> str:
+        spec = JobSpec.model_validate({**SPEC, "steps": steps})
+        job_id, _ = self.store.create_job(spec, "cpu", "cpu", "test", tenant=tenant)
+        run_job(self.store, job_id, "test-worker", torch.device("cpu"), get_settings())
+        return job_id
+
+
+@pytest.fixture
+def private(tmp_path: Path) -> Iterator[Private]:
+    stack = Stack(tmp_path)
+    stack.start_redis()
+    folder = tmp_path / "archive"
+    archive = Archive(str(folder), cache_bytes=64 * 1024 * 1024)
+    store = Store.from_url(stack.redis_url, archive)
+    try:
+        yield Private(stack, store, archive, folder)
+    finally:
+        store.redis.close()
+        stack.kill_redis()
+        stack.stop()
+
+
+def _opened(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def test_the_file_and_its_folders_are_fsynced_before_the_stream_is_deleted(
+    private: Private, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = private.finished_job()
+    path = private.archive.job_path("test", job_id)
+    events: list[tuple[str, str, bool]] = []  # (what, the path synced, the file in place)
+    real_fsync, real_mark = os.fsync, private.store.mark_archived
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("fsync", _opened(fd), os.path.exists(path)))
+
+    def mark(*args: Any) -> str:
+        events.append(("mark", "", os.path.exists(path)))
+        return real_mark(*args)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(private.store, "mark_archived", mark)
+
+    assert archive_job(private.store, private.archive, job_id) == "ok"
+
+    marked = events.index(("mark", "", True))
+    synced = events[:marked]
+    # The file's bytes (under its temporary name, before the rename made it visible)...
+    assert [p for _, p, _ in synced if p.startswith(f"{path}.tmp-")], events
+    # ...then, with the file in place, its folder, the archive's root and the root's parent
+    # (the first write made both folders).
+    folders = [p for _, p, in_place in synced if in_place and os.path.isdir(p)]
+    root = private.folder
+    assert folders == [str(root / "test"), str(root), str(root.parent)]
+    assert not private.store.redis.exists(steps_key(job_id))
+
+
+def test_an_object_store_publishes_without_fsync(
+    private: Private, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an object store the PUT's success is the durability point: nothing to fsync."""
+    memory = Archive("memory://gradstream-test-archive")
+    job_id = private.finished_job()
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    try:
+        assert archive_job(private.store, memory, job_id) == "ok"
+    finally:
+        memory.fs.rm(memory.root, recursive=True)
+    assert synced == []
+    assert private.store.redis.hexists(job_key(job_id), "archived")
