@@ -28,6 +28,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -328,18 +329,16 @@ class Archive:
     # Writing: temporary file, read back, rename.
 
     def write(self, path: str, chunks: Iterable[Chunk]) -> tuple[str, int, str]:
-        """Write a job's consecutive chunks (from step 0) to a new temporary file beside `path`:
-        its path, the rows written and the SHA-256 of their float32 bytes. Temporary files an
-        earlier, interrupted write left for this job are removed first."""
-        self.remove_temporaries(path)
+        """Write a job's consecutive chunks (from step 0) to a new temporary file beside `path`,
+        this writer's own (another archiver whose claim lapsed may be writing the same job):
+        its path, the rows written and the SHA-256 of their float32 bytes."""
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         temporary = f"{path}.tmp-{secrets.token_hex(6)}"
         try:
             with self.fs.open(temporary, "wb") as handle:
                 rows, sha256 = _write_parquet(handle, chunks)
         except BaseException:
-            if self.fs.exists(temporary):
-                self.fs.rm(temporary)
+            self.remove_temporary(temporary)
             raise
         return temporary, rows, sha256
 
@@ -388,9 +387,24 @@ class Archive:
         found: list[str] = self.fs.glob(pattern)
         return found
 
-    def remove_temporaries(self, path: str) -> None:
+    def remove_temporary(self, temporary: str) -> None:
+        """Remove a temporary file this process wrote (its write or its check failed)."""
+        if self.fs.exists(temporary):
+            self.fs.rm(temporary)
+
+    def remove_stale_temporaries(self, path: str, older_than_s: float) -> list[str]:
+        """Remove the temporary files beside `path` last written over `older_than_s` ago, left
+        by writers that died; younger ones may be a live writer's, and stay. Those removed."""
+        removed = []
         for leftover in self._glob(f"{path}.tmp-*"):
-            self.fs.rm(leftover)
+            try:
+                age = time.time() - self.fs.modified(leftover).timestamp()
+                if age > older_than_s:
+                    self.fs.rm(leftover)
+                    removed.append(leftover)
+            except FileNotFoundError:  # its writer published or removed it meanwhile
+                continue
+        return removed
 
     def remove_job(self, tenant: str, job_id: str, sweep: str | None = None) -> None:
         """Remove a deleted job's file and any temporary one an interrupted archiving left.

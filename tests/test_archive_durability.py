@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from cli.stack import Stack
-from services.archive import Archive
-from services.archiver import archive_job
+from services.archive import Archive, ArchiveMismatch
+from services.archiver import CLAIM_TTL_S, ArchiveRun, archive_due, archive_job
 from services.config import get_settings
 from services.runner import run_job
 from services.schemas import JobSpec
 from services.store import Store
-from services.store.keys import job_key, steps_key
+from services.store.keys import archiving_key, job_key, steps_key
+from tests.attempts import stored_steps
 
 SPEC = {
     "data": {"x": [[1.0, 2.0], [3.0, 4.0], [0.5, -1.0]], "y": [1.0, 0.0, 2.0]},
@@ -116,3 +117,64 @@ def test_an_object_store_publishes_without_fsync(
         memory.fs.rm(memory.root, recursive=True)
     assert synced == []
     assert private.store.redis.hexists(job_key(job_id), "archived")
+
+
+def test_two_archivers_of_one_job_keep_each_others_claim_and_file(
+    private: Private, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's claim lapses while it works (its TTL ran out); B takes the job over and is half-way
+    when A finishes: A's release leaves B's claim, A's write leaves B's temporary file."""
+    store, folder = private.store, private.folder / "test"
+    job_id = private.finished_job()
+    steps = stored_steps(store, job_id)
+    claim = archiving_key(job_id)
+    slow = Archive(str(private.folder))  # A's archive, with a hook between claim and write
+    second = ArchiveRun(store, private.archive, job_id)
+    tokens: dict[str, str | None] = {}
+    real_job_path = slow.job_path
+
+    def job_path(*args: Any) -> str:
+        if "b" not in tokens:
+            tokens["a"] = store.redis.get(claim).decode()
+            store.redis.delete(claim)  # A's claim lapses, as its TTL does
+            tokens["b"] = store.claim_archiving(job_id, CLAIM_TTL_S)
+            assert second.read()
+            second.write()  # B holds the claim and a temporary file: then A goes on
+        return real_job_path(*args)
+
+    monkeypatch.setattr(slow, "job_path", job_path)
+
+    assert archive_due(store, slow, hot_retention_s=0) == [job_id]
+
+    assert store.redis.exists(claim), "A's release dropped B's claim"
+    assert isinstance(tokens["b"], str) and tokens["b"] != tokens["a"]
+    assert store.redis.get(claim) == tokens["b"].encode()
+    assert store.claim_archiving(job_id, CLAIM_TTL_S) is None
+    assert Path(second.temporary).exists()  # A's write left B's file
+    second.verify()
+    second.publish()
+    assert second.mark() == "archived"  # the same rows: A's file or B's, the same bytes
+    assert store.release_archiving(job_id, tokens["b"])
+    assert not store.redis.exists(claim)
+    assert sorted(p.name for p in folder.iterdir()) == [f"{job_id}.parquet"]
+    assert stored_steps(store, job_id) == steps
+
+
+def test_a_failed_write_removes_only_its_own_temporary_file(
+    private: Private, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = private.finished_job()
+    other = ArchiveRun(private.store, private.archive, job_id)
+    assert other.read()
+    other.write()  # another archiver, still at work
+    failing = ArchiveRun(private.store, Archive(str(private.folder)), job_id)
+
+    def verify(path: str, rows: int, sha256: str) -> None:
+        raise ArchiveMismatch(f"{path}: does not read back")
+
+    monkeypatch.setattr(failing.archive, "verify", verify)
+    with pytest.raises(ArchiveMismatch):
+        failing.run()
+
+    assert failing.temporary and not Path(failing.temporary).exists()
+    assert Path(other.temporary).exists()

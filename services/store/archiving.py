@@ -2,6 +2,7 @@
 whole for its file, and the one script that marks a job archived and drops its stream. The
 files themselves are services/archive.py's; the order of the steps services/archiver.py's."""
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -62,13 +63,18 @@ class Archiving(RedisPart):
         self.redis.zrem(keys.ARCHIVE_DUE, job_id)
 
     @translate_redis_errors
-    def claim_archiving(self, job_id: str, ttl_s: int) -> bool:
-        """Whether this caller may archive the job now (no other worker is at it)."""
-        return bool(self.lua.claim_archiving(keys=[keys.archiving_key(job_id)], args=[ttl_s]))
+    def claim_archiving(self, job_id: str, ttl_s: int) -> str | None:
+        """A token for archiving the job now, or None while another holds its claim."""
+        token = secrets.token_hex(8)
+        claimed = self.lua.claim_archiving(keys=[keys.archiving_key(job_id)], args=[ttl_s, token])
+        return token if claimed else None
 
     @translate_redis_errors
-    def release_archiving(self, job_id: str) -> None:
-        self.redis.delete(keys.archiving_key(job_id))
+    def release_archiving(self, job_id: str, token: str) -> bool:
+        """End the claim `token` holds; False (nothing done) when it lapsed and another caller
+        took the job over meanwhile: that one's claim stays."""
+        released = self.lua.release_archiving(keys=[keys.archiving_key(job_id)], args=[token])
+        return bool(released)
 
     @translate_redis_errors
     def archive_snapshot(self, job_id: str) -> ArchiveSnapshot | None:

@@ -63,6 +63,7 @@ class LuaScripts:
         self.delete_sweep = client.register_script(scripts.DELETE_SWEEP)
         self.archive = client.register_script(scripts.ARCHIVE)
         self.claim_archiving = client.register_script(scripts.CLAIM_ARCHIVING)
+        self.release_archiving = client.register_script(scripts.RELEASE_ARCHIVING)
         self.defer_archive = client.register_script(scripts.DEFER_ARCHIVE)
 
 

@@ -1045,12 +1045,23 @@ return 'ok'
     allow_oom=True,
 )
 
-# KEYS: the job's archiving key. ARGV: its TTL in seconds. Takes the job's archiving for this
-# worker unless another holds it (1) or not (0). Allowed on a full Redis, like every write of
-# the archiver's: archiving is what makes room.
+# KEYS: the job's archiving key. ARGV: its TTL in seconds, the claimant's token. Takes the
+# job's archiving for this claimant unless another holds it (1) or not (0). Allowed on a full
+# Redis, like every write of the archiver's: archiving is what makes room.
 CLAIM_ARCHIVING = _script(
     """
-return redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) and 1 or 0
+return redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) and 1 or 0
+""",
+    allow_oom=True,
+    helpers=False,
+)
+
+# KEYS: the job's archiving key. ARGV: the claimant's token. Ends the claim if it is still
+# this claimant's (1), else leaves whoever took it over holding it (0). Allowed on a full Redis.
+RELEASE_ARCHIVING = _script(
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """,
     allow_oom=True,
     helpers=False,
