@@ -406,10 +406,21 @@ class Archive:
                 continue
         return removed
 
-    def remove_job(self, tenant: str, job_id: str, sweep: str | None = None) -> None:
-        """Remove a deleted job's file and any temporary one an interrupted archiving left.
-        A file system that fails leaves the file behind (logged): the job is gone either way."""
-        path = self.job_path(tenant, job_id, sweep)
+    def remove_url(self, url: str) -> None:
+        """Remove a deleted job's archived file by the URL its record kept (wherever the archive
+        is configured now), and temporary files beside it. Raises when the file system fails:
+        the caller keeps the URL to try again."""
+        self.forget(url)
+        fs, path = fsspec.core.url_to_fs(url, **self._options_for(url))
+        fs.invalidate_cache()
+        for found in fs.glob(f"{path}*"):
+            fs.rm(found)
+
+    def remove_job(self, tenant: str, job_id: str) -> None:
+        """Remove what archiving left of a deleted job at the configured path (a temporary file
+        of a writer that died); its archived file goes by its record's URL (`remove_url`). A
+        file system that fails leaves the file behind (logged): the job is gone either way."""
+        path = self.job_path(tenant, job_id)
         self.forget(self.url(path))
         try:
             for found in self._glob(f"{path}*"):
@@ -473,8 +484,13 @@ class Archive:
         return opened
 
     def _options_for(self, url: str) -> dict[str, Any]:
-        # A file of the configured file system is read with its options (an S3 endpoint...).
-        return self.options if url.startswith(self.url(self.root)) else {}
+        # A file of the configured file system's kind is read with its options (an S3
+        # endpoint...), also one written before the archive's URL changed; another kind's
+        # file (a folder's, when the archive moved to S3) with none.
+        protocol = fsspec.core.split_protocol(url)[0] or "file"
+        protocols = self.fs.protocol
+        same = protocol in ((protocols,) if isinstance(protocols, str) else protocols)
+        return self.options if same else {}
 
     def _keep(self, key: tuple[str, int], chunk: Chunk) -> None:
         size = len(chunk.rows)

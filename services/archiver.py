@@ -81,8 +81,8 @@ class ArchiveRun:
         assert self.snapshot is not None
         archived = ArchivedFile(self.archive.url(self.path), self.rows, self.sha256)
         outcome = self.store.mark_archived(self.snapshot, archived.to_json())
-        if outcome == "missing":  # deleted while its file was being written
-            self.archive.remove_job(self.snapshot.tenant, self.job_id, self.snapshot.sweep)
+        if outcome == "missing":  # deleted while its file was being written: its file goes
+            self.store.remove_archived_files(self.archive, [archived.url])
         return outcome
 
     def run(self) -> str:
@@ -107,7 +107,12 @@ def archive_job(store: Store, archive: Archive, job_id: str) -> str:
 
 def archive_due(store: Store, archive: Archive, hot_retention_s: float) -> list[str]:
     """A worker's archiver, once: archive the jobs finished for `hot_retention_s`, a batch at a
-    time for as long as whole batches get archived. The jobs archived."""
+    time for as long as whole batches get archived. The jobs archived. First, once per Redis,
+    jobs finished before archiving existed are made due; and deleted jobs' files whose
+    removal failed are tried again."""
+    if added := store.backfill_due():
+        log.info("archiver: %d jobs finished before archiving existed are due", added)
+    store.remove_archived_files(archive, store.pending_removals(BATCH))
     done: list[str] = []
     while True:
         archived = _archive_batch(store, archive, hot_retention_s)

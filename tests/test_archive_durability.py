@@ -23,7 +23,14 @@ from services.config import get_settings
 from services.runner import run_job
 from services.schemas import JobSpec
 from services.store import Store
-from services.store.keys import archiving_key, job_key, steps_key
+from services.store.keys import (
+    ARCHIVE_BACKFILLED,
+    ARCHIVE_DUE,
+    ARCHIVE_REMOVALS,
+    archiving_key,
+    job_key,
+    steps_key,
+)
 from tests.attempts import stored_steps
 
 SPEC = {
@@ -178,3 +185,70 @@ def test_a_failed_write_removes_only_its_own_temporary_file(
 
     assert failing.temporary and not Path(failing.temporary).exists()
     assert Path(other.temporary).exists()
+
+
+def test_deleting_removes_the_file_where_its_record_says_after_the_archive_moved(
+    private: Private, tmp_path: Path
+) -> None:
+    job_id = private.finished_job()
+    assert archive_job(private.store, private.archive, job_id) == "ok"
+    path = Path(private.archive.job_path("test", job_id))
+    # GRADSTREAM_ARCHIVE_URL changed since: new files go elsewhere, old ones stay where they are.
+    moved = Store.from_url(private.stack.redis_url, Archive(str(tmp_path / "moved")))
+    try:
+        assert len(stored_steps(moved, job_id)) == 300  # read where the record says
+        moved.delete_job(job_id, "test")
+    finally:
+        moved.redis.close()
+    assert not path.exists()
+    assert private.store.redis.zcard(ARCHIVE_REMOVALS) == 0
+
+
+def test_a_file_whose_removal_failed_is_removed_by_the_next_archiver_pass(
+    private: Private, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = private.finished_job()
+    assert archive_job(private.store, private.archive, job_id) == "ok"
+    path = Path(private.archive.job_path("test", job_id))
+    file_system = type(private.archive.fs)
+    real_rm = file_system.rm
+    unreachable = True  # while the job is deleted
+
+    def rm(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if unreachable:
+            raise OSError("the file system is unreachable")
+        return real_rm(self, *args, **kwargs)
+
+    monkeypatch.setattr(file_system, "rm", rm)
+    private.store.delete_job(job_id, "test")  # the job goes; its file stays, for now
+    unreachable = False
+
+    assert not private.store.redis.exists(job_key(job_id))
+    assert path.exists()
+    url = private.archive.url(str(path))
+    assert private.store.redis.zrange(ARCHIVE_REMOVALS, 0, -1) == [url.encode()]
+
+    assert archive_due(private.store, private.archive, hot_retention_s=0) == []
+
+    assert not path.exists()
+    assert private.store.redis.zcard(ARCHIVE_REMOVALS) == 0
+
+
+def test_a_job_finished_before_archiving_existed_is_archived(private: Private) -> None:
+    job_id = private.finished_job()
+    steps = stored_steps(private.store, job_id)
+    private.store.redis.zrem(ARCHIVE_DUE, job_id)  # finished by a version with no archiver
+    private.store.redis.delete(ARCHIVE_BACKFILLED)
+
+    # Due from when it finished: not before its hot window has passed...
+    assert archive_due(private.store, private.archive, hot_retention_s=3600) == []
+    finished = private.store.get_job(job_id).finished_at
+    assert finished is not None
+    due_at = private.store.redis.zscore(ARCHIVE_DUE, job_id)
+    assert due_at == pytest.approx(finished.timestamp(), abs=1e-3)
+    assert private.store.redis.exists(steps_key(job_id))
+
+    # ...then archived like any other.
+    assert archive_due(private.store, private.archive, hot_retention_s=0) == [job_id]
+    assert not private.store.redis.exists(steps_key(job_id))
+    assert stored_steps(private.store, job_id) == steps
