@@ -30,7 +30,8 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -252,7 +253,9 @@ def archived_file(archive: Archive | None, archived: bytes) -> tuple[Archive, Ar
 
 class _OpenFile:
     """One archived job's Parquet file, open: where each row group starts, and a lock (a file
-    handle is read by one thread at a time)."""
+    handle is read by one thread at a time). The cache may drop it (evicted, or its job
+    deleted) while threads read it: it is closed when the last of them is done (`readers`
+    and `retired` change under the Archive's lock)."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
         self.handle = fs.open(path, "rb")
@@ -263,6 +266,8 @@ class _OpenFile:
         for i in range(metadata.num_row_groups):
             self.starts.append(self.starts[-1] + metadata.row_group(i).num_rows)
         self.lock = threading.Lock()
+        self.readers = 0  # threads reading it now
+        self.retired = False  # out of the cache: closed once no thread reads it
 
     def group_of(self, step: int) -> int | None:
         """The row group holding `step`, or None past the last step."""
@@ -447,27 +452,43 @@ class Archive:
         """The row group holding step `after + 1` as a Chunk, or None past the job's last step.
         StoreUnavailable when the file cannot be read."""
         try:
-            opened = self._open(archived.url)
-            group = opened.group_of(after + 1)
-            if group is None:
-                return None
-            key = (archived.url, group)
-            with self._lock:
-                chunk = self._groups.get(key)
-                if chunk is not None:
-                    self._groups.move_to_end(key)
-                    return chunk
-            chunk = opened.read_group(group)
+            with self._reading(archived.url) as opened:
+                group = opened.group_of(after + 1)
+                if group is None:
+                    return None
+                key = (archived.url, group)
+                with self._lock:
+                    chunk = self._groups.get(key)
+                    if chunk is not None:
+                        self._groups.move_to_end(key)
+                        return chunk
+                chunk = opened.read_group(group)
         except (OSError, ArchiveMismatch, pa.ArrowException) as exc:
             raise StoreUnavailable(f"archived steps unavailable ({archived.url}): {exc}") from exc
         self._keep(key, chunk)
         return chunk
 
+    @contextmanager
+    def _reading(self, url: str) -> Iterator[_OpenFile]:
+        """The file open, held for this thread: the cache may drop it meanwhile, not close it."""
+        opened = self._open(url)
+        try:
+            yield opened
+        finally:
+            with self._lock:
+                opened.readers -= 1
+                done = opened.retired and not opened.readers
+            if done:
+                opened.close()
+
     def _open(self, url: str) -> _OpenFile:
+        """The file open (from the cache, else opened and cached), counted as read by one more
+        thread."""
         with self._lock:
             opened = self._files.get(url)
             if opened is not None:
                 self._files.move_to_end(url)
+                opened.readers += 1
                 return opened
         fs, path = fsspec.core.url_to_fs(url, **self._options_for(url))
         opened = _OpenFile(fs, path)
@@ -477,11 +498,19 @@ class Archive:
                 closing.append(opened)
                 opened = self._files[url]
             self._files[url] = opened
+            opened.readers += 1
             while len(self._files) > MAX_OPEN_FILES:
-                closing.append(self._files.popitem(last=False)[1])
+                closing += self._retire(self._files.popitem(last=False)[1])
         for old in closing:
             old.close()
         return opened
+
+    @staticmethod
+    def _retire(opened: _OpenFile) -> list[_OpenFile]:
+        """Under the lock: a file out of the cache, to close now if no thread reads it (else
+        its last reader closes it)."""
+        opened.retired = True
+        return [] if opened.readers else [opened]
 
     def _options_for(self, url: str) -> dict[str, Any]:
         # A file of the configured file system's kind is read with its options (an S3
@@ -507,9 +536,12 @@ class Archive:
 
     def forget(self, url: str) -> None:
         """Drop a file from the cache (it is being deleted)."""
+        closing: list[_OpenFile] = []
         with self._lock:
             opened = self._files.pop(url, None)
+            if opened is not None:
+                closing = self._retire(opened)
             for key in [k for k in self._groups if k[0] == url]:
                 self._cached_bytes -= len(self._groups.pop(key).rows)
-        if opened is not None:
-            opened.close()
+        for old in closing:
+            old.close()

@@ -8,6 +8,7 @@ time to pass. Jobs run in-process against a Redis of the test's own, so that an 
 with a hot window of 0 archives only the test's jobs."""
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,11 @@ import pytest
 import torch
 
 from cli.stack import Stack
-from services.archive import Archive, ArchiveMismatch
+from services import archive as archive_module
+from services.archive import Archive, ArchivedFile, ArchiveMismatch
 from services.archiver import CLAIM_TTL_S, ArchiveRun, archive_due, archive_job
 from services.config import get_settings
+from services.records import Chunk
 from services.runner import run_job
 from services.schemas import JobSpec
 from services.store import Store
@@ -252,3 +255,55 @@ def test_a_job_finished_before_archiving_existed_is_archived(private: Private) -
     assert archive_due(private.store, private.archive, hot_retention_s=0) == [job_id]
     assert not private.store.redis.exists(steps_key(job_id))
     assert stored_steps(private.store, job_id) == steps
+
+
+@pytest.mark.parametrize("dropped_by", ["delete", "eviction"])
+def test_a_file_dropped_from_the_cache_is_not_closed_under_a_reader(
+    private: Private, monkeypatch: pytest.MonkeyPatch, dropped_by: str
+) -> None:
+    """A thread reads a row group of an open file while another drops the file from the cache
+    (`forget`, as a delete does; or the LRU evicting it): the read completes, and the file is
+    closed once it has."""
+    first, other = private.finished_job(), private.finished_job(steps=20)
+    for job_id in (first, other):
+        assert archive_job(private.store, private.archive, job_id) == "ok"
+    archived = {
+        job_id: ArchivedFile.from_json(private.store.redis.hget(job_key(job_id), "archived") or b"")
+        for job_id in (first, other)
+    }
+    reader = Archive(str(private.folder), cache_bytes=64 * 1024 * 1024)
+    monkeypatch.setattr(archive_module, "MAX_OPEN_FILES", 1)
+    inside, go = threading.Event(), threading.Event()
+    real_group_of = archive_module._OpenFile.group_of
+
+    def group_of(self: Any, step: int) -> int | None:
+        if threading.current_thread().name == "reader":  # open, about to read: hold here
+            inside.set()
+            assert go.wait(10)
+        return real_group_of(self, step)
+
+    monkeypatch.setattr(archive_module._OpenFile, "group_of", group_of)
+    read: list[Any] = []
+
+    def read_first() -> None:
+        try:
+            read.append(reader.chunk_after(archived[first], -1))
+        except BaseException as exc:  # what the route would have turned into a 500
+            read.append(exc)
+
+    thread = threading.Thread(target=read_first, name="reader")
+    thread.start()
+    assert inside.wait(10)
+    opened = reader._files[archived[first].url]
+    if dropped_by == "delete":
+        reader.forget(archived[first].url)
+    else:
+        assert reader.chunk_after(archived[other], -1) is not None  # the LRU evicts `first`
+    assert archived[first].url not in reader._files
+    go.set()
+    thread.join(10)
+
+    [chunk] = read
+    assert isinstance(chunk, Chunk), chunk
+    assert (chunk.first, chunk.count) == (0, 300)
+    assert opened.handle.closed  # by its last reader
