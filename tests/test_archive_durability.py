@@ -20,7 +20,7 @@ import torch
 from cli.stack import Stack
 from services import archive as archive_module
 from services.archive import Archive, ArchivedFile, ArchiveMismatch
-from services.archiver import CLAIM_TTL_S, ArchiveRun, archive_due, archive_job
+from services.archiver import CLAIM_TTL_S, RETRY_AFTER_S, ArchiveRun, archive_due, archive_job
 from services.config import get_settings
 from services.records import Chunk
 from services.runner import run_job
@@ -307,3 +307,99 @@ def test_a_file_dropped_from_the_cache_is_not_closed_under_a_reader(
     assert isinstance(chunk, Chunk), chunk
     assert (chunk.first, chunk.count) == (0, 300)
     assert opened.handle.closed  # by its last reader
+
+
+def test_a_job_that_changed_while_being_archived_keeps_its_stream_and_waits(
+    private: Private, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARCHIVE's `changed`: the record is not as the archiver read it (here its attempt moved
+    on between the file's rename and the mark): nothing is marked, the stream stays, the job
+    is tried again RETRY_AFTER_S later, and then archived."""
+    store = private.store
+    job_id = private.finished_job()
+    steps = stored_steps(store, job_id)
+    real_publish = private.archive.publish
+
+    def publish(temporary: str, path: str) -> None:
+        real_publish(temporary, path)
+        store.redis.hincrby(job_key(job_id), "attempt", 1)  # the job is not as read
+
+    monkeypatch.setattr(private.archive, "publish", publish)
+    asked_at = store.redis_time()
+    assert archive_due(store, private.archive, hot_retention_s=0) == []
+
+    assert not store.redis.hexists(job_key(job_id), "archived")
+    assert store.redis.exists(steps_key(job_id))
+    assert (store.redis.zscore(ARCHIVE_DUE, job_id) or 0) >= asked_at + RETRY_AFTER_S
+    assert stored_steps(store, job_id) == steps
+
+    monkeypatch.undo()
+    store.redis.zadd(ARCHIVE_DUE, {job_id: 0})  # its retry is due
+    assert archive_due(store, private.archive, hot_retention_s=0) == [job_id]
+    assert stored_steps(store, job_id) == steps
+
+
+def test_a_job_deleted_while_being_archived_leaves_no_file(
+    private: Private, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARCHIVE's `missing`: the job is deleted after its file was published, before the mark:
+    the file goes, nothing is due, nothing is left to remove."""
+    store = private.store
+    job_id = private.finished_job()
+    path = Path(private.archive.job_path("test", job_id))
+    outcomes = []
+    real_mark = store.mark_archived
+
+    def mark(*args: Any) -> str:
+        assert path.exists()  # published
+        store.delete_job(job_id, "test")
+        outcomes.append(real_mark(*args))
+        return outcomes[-1]
+
+    monkeypatch.setattr(store, "mark_archived", mark)
+    assert archive_due(store, private.archive, hot_retention_s=0) == []
+
+    assert outcomes == ["missing"]
+    assert not path.exists()
+    assert list(path.parent.iterdir()) == []
+    assert store.redis.zcard(ARCHIVE_DUE) == 0
+    assert store.redis.zcard(ARCHIVE_REMOVALS) == 0
+    assert not store.redis.exists(job_key(job_id))
+
+
+@pytest.mark.parametrize("marked_before_page", [0, 1])
+def test_a_read_racing_the_mark_reads_every_step(
+    private: Private, monkeypatch: pytest.MonkeyPatch, marked_before_page: int
+) -> None:
+    """The mark lands after a page read the job's record (no `archived` field yet) and before
+    it read the stream, on the first page or between pages: every step is read once, in
+    order, from the stream, the file, or both."""
+    job_id = private.finished_job()
+    steps = stored_steps(private.store, job_id)
+    run = ArchiveRun(private.store, private.archive, job_id)
+    for step in ("read", "write", "verify", "publish"):
+        getattr(run, step)()
+    reader = Store.from_url(private.stack.redis_url, Archive(str(private.folder)))
+    real_job_fields = reader.job_fields
+    pages: list[dict[bytes, bytes]] = []
+
+    def job_fields(*args: Any, **kwargs: Any) -> dict[bytes, bytes]:
+        fields = real_job_fields(*args, **kwargs)
+        if len(pages) == marked_before_page:
+            assert b"archived" not in fields
+            assert run.mark() == "ok"  # the stream goes, under this page's read
+        pages.append(fields)
+        return fields
+
+    monkeypatch.setattr(reader, "job_fields", job_fields)
+    read: list[dict[str, Any]] = []
+    after: int | None = -1
+    try:
+        while after is not None:
+            records, after = reader.read_steps(job_id, after, 120)
+            read += records
+    finally:
+        reader.redis.close()
+    assert read == steps
+    assert len(pages) == 3  # 120 + 120 + 60
+    assert not private.store.redis.exists(steps_key(job_id))
