@@ -34,7 +34,7 @@ from services.store.keys import (
     job_key,
     steps_key,
 )
-from tests.attempts import stored_steps
+from tests.attempts import run_groups, store_sweep, stored_steps
 
 SPEC = {
     "data": {"x": [[1.0, 2.0], [3.0, 4.0], [0.5, -1.0]], "y": [1.0, 0.0, 2.0]},
@@ -403,3 +403,23 @@ def test_a_read_racing_the_mark_reads_every_step(
     assert read == steps
     assert len(pages) == 3  # 120 + 120 + 60
     assert not private.store.redis.exists(steps_key(job_id))
+
+
+def test_deleting_a_sweep_removes_its_members_files_where_their_records_say(
+    private: Private, tmp_path: Path
+) -> None:
+    spec = {"base": {**SPEC, "steps": 40}, "grid": {"optimizer.lr": [0.01, 0.02]}}
+    sweep = store_sweep(private.store, spec)
+    run_groups(private.store, sweep.id, torch.device("cpu"), get_settings())
+    members = [m.id for m in private.store.get_sweep(sweep.id).members]
+    assert sorted(archive_due(private.store, private.archive, hot_retention_s=0)) == sorted(members)
+    files = [Path(private.archive.job_path("test", m, sweep.id)) for m in members]
+    assert all(f.exists() for f in files)
+
+    moved = Store.from_url(private.stack.redis_url, Archive(str(tmp_path / "moved")))
+    try:
+        moved.delete_sweep(sweep.id, "test")
+    finally:
+        moved.redis.close()
+    assert not any(f.exists() for f in files)
+    assert private.store.redis.zcard(ARCHIVE_REMOVALS) == 0
