@@ -15,9 +15,9 @@
    many pages); XRANGE calls counted by the private redis-server's INFO commandstats.
 
 On this 2-core machine (1 000 watchers of a 2 000-step job, 100 new watchers of a 20 000-step
-job): before (services/events.py of a207f27) 3 251 KiB per watcher (API RSS 80 MiB -> 3.2
-GiB), 98 XRANGEs for one watcher and 9 800 for 100, in 39.5 s; after, 171 KiB per watcher
-(284 MiB), 95 XRANGEs for one watcher and 95 for 100, in 1.3 s.
+job): before (main at 9412b30, whose streams are a207f27's) 3 251 KiB per watcher (API RSS
+80 MiB -> 3.2 GiB), 98 XRANGEs for one watcher and 9 800 for 100, in 39.5 s; after, 171 KiB
+per watcher (284 MiB), 95 XRANGEs for one watcher and 95 for 100, in 1.3 s.
 """
 
 import argparse
