@@ -11,6 +11,7 @@ of 0), as tests/test_archive.py does."""
 
 import asyncio
 from collections.abc import AsyncGenerator, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -81,3 +82,58 @@ def test_a_watcher_held_behind_across_the_archive_switch_gets_every_step_then_do
     assert steps == list(range(view["steps_done"]))
     assert [event.event for event in events][-1] == "done"
     assert events[-1].data["steps_done"] == view["steps_done"]
+
+
+class HeldReads(aioredis.Redis):  # type: ignore[misc]
+    """A real client whose blocking reads (the tail's XREAD) wait while `gate` is clear: the
+    test holds the tail behind, where no sleep could be sure to."""
+
+    gate: asyncio.Event
+
+    async def xread(self, *args: Any, **kwargs: Any) -> Any:
+        await self.gate.wait()
+        return await super().xread(*args, **kwargs)
+
+
+def test_a_tail_held_behind_while_its_job_is_archived_still_ends_with_every_step(
+    stack: Stack, client: Client, archive: Archive, archiving_store: Store
+) -> None:
+    # ARCHIVE deletes the streams the tail blocks on: before, the tail read nothing more and
+    # its watchers got keep-alives forever.
+    job_id = client.submit(endless_spec(seed=23))["id"]
+    try:
+        wait_until(lambda: client.get(job_id)["steps_done"] >= 50, 60, "steps stored")
+
+        async def watch() -> bytes:
+            connection = HeldReads.from_url(stack.redis_url)
+            connection.gate = asyncio.Event()
+            connection.gate.set()
+            streams = JobStreams(connection, 0.5, render=sse_frame, archive=archive)
+            try:
+                frames = await streams.open(job_id, -1, "alice")
+                body = [await anext(frames)]
+                reader = asyncio.create_task(_rest(frames))
+                connection.gate.clear()  # the tail's next read waits
+                await asyncio.to_thread(client.cancel, job_id)
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: client.get(job_id)["status"] == "cancelled",
+                    60,
+                    "cancelled",
+                )
+                outcome = await asyncio.to_thread(archive_job, archiving_store, archive, job_id)
+                assert outcome == "ok"
+                connection.gate.set()  # the tail reads on, from where it was
+                return body[0] + await asyncio.wait_for(reader, 30)
+            finally:
+                await connection.aclose()
+
+        body = asyncio.run(watch())
+    finally:
+        client.cancel(job_id) if client.get(job_id)["status"] == "running" else None
+
+    view = client.get(job_id)
+    events = list(parse_sse(iter(body.decode().splitlines())))
+    steps = [event.data["step"] for event in events if event.event == "step"]
+    assert steps == list(range(view["steps_done"]))
+    assert events[-1].event == "done" and events[-1].data["status"] == "cancelled"
