@@ -9,6 +9,12 @@ its own backlog (the steps after its cursor up to where the tail was when it joi
 follows the tail, sending whatever has queued up for it as one write: with many watchers (or a
 slow one) a write carries several flushes, and the writes, not Redis, are what the process
 spends its time on.
+
+Bounded: a write is at most WRITE_BYTES (a client's unsent rest of a write is its only copy of
+the shared bytes), and a watcher holding more than its byte budget (queued and in flight) is
+dropped. Backlogs are read in pages shared by the job's watchers, as the tail is. Continuous:
+the next step a watcher gets is always its cursor + 1; whatever the stream no longer holds
+(the job was archived under a watcher, or under the tail) comes from the archive.
 """
 
 import asyncio
