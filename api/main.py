@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # cache the routes and the streams share.
         archive = Archive.from_settings(settings)
         app.state.store = Store.from_settings(settings, archive)
+        app.state.store.load_scripts()  # a script Redis cannot compile stops the API here
         # Blocking XREADs wait up to the keep-alive interval: the socket must wait longer.
         # A burst of watchers waits for a connection instead of failing (redis-py's pool
         # refuses past 100 by default); each watched job's tail holds one.

@@ -113,7 +113,9 @@ def init_child(**_: Any) -> None:
         # Apart from the child's start: Celery kills a child not up within a few seconds,
         # and a compile takes longer.
         threading.Thread(target=_warm_compiled, args=(settings,), daemon=True).start()
-    _child = ChildContext(Store.from_settings(settings), device, drain)
+    store = Store.from_settings(settings)
+    store.load_scripts()  # a script Redis cannot compile fails the child at start, not a job
+    _child = ChildContext(store, device, drain)
 
 
 def _warm_compiled(settings: Settings) -> None:

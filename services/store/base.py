@@ -65,6 +65,32 @@ class LuaScripts:
         self.claim_archiving = client.register_script(scripts.CLAIM_ARCHIVING)
         self.defer_archive = client.register_script(scripts.DEFER_ARCHIVE)
 
+    def load_all(self) -> None:
+        """SCRIPT LOAD every script, so that one Redis cannot compile fails the process that
+        starts (ScriptError) rather than the rare call that would run it. An unreachable Redis
+        only logs: redis-py loads a script on its first call anyway, as it must after a
+        restart or a failover (the script cache is neither persisted nor replicated)."""
+        for name, script in vars(self).items():
+            if not isinstance(script, redis.commands.core.Script):
+                continue
+            try:
+                sha = script.registered_client.script_load(script.script)
+            except redis.ResponseError as exc:
+                raise ScriptError(name, str(exc)) from exc
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Lua scripts not loaded at start (Redis unavailable): %s", exc)
+                return
+            if sha != script.sha:
+                raise ScriptError(name, f"Redis named it {sha}, not {script.sha}")
+
+
+class ScriptError(RuntimeError):
+    """A Lua script that Redis refuses to load: a bug, caught at start."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"Lua script {name.upper()} does not load: {reason}")
+        self.name = name
+
 
 class RedisPart:
     """A part of the store (one module per thing stored) on one Redis client. What one part
