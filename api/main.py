@@ -1,6 +1,7 @@
 """The API application: `uvicorn --factory api.main:create_app`."""
 
 import asyncio
+import logging
 import math
 import re
 from collections.abc import AsyncIterator
@@ -45,6 +46,8 @@ from services.events import JobStreams
 from services.redis_clients import async_redis_client, close_async_client, close_client
 from services.store import Store
 from services.sweep_events import SweepStreams
+
+log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "1"
 
@@ -292,7 +295,18 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(status_code=507, content={"detail": str(exc)})
 
     @app.exception_handler(StoreUnavailable)
-    async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # The client reads what is wrong; where Redis or the archive lives, and what the
+        # driver said, go to the log.
+        cause = exc.__cause__
+        log.warning(
+            "%s %s answered 503: %s (%s: %s)",
+            request.method,
+            request.url.path,
+            exc,
+            type(cause).__name__,
+            cause,
+        )
         return JSONResponse(
             status_code=503, content={"detail": str(exc)}, headers={"Retry-After": RETRY_AFTER_S}
         )

@@ -1,12 +1,13 @@
 """Settings: the only place that reads the environment (prefix GRADSTREAM_)."""
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BeforeValidator, Field, Secret, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.sweeps_math import DEFAULT_RANK_RTOL
@@ -18,6 +19,11 @@ def default_data_dir() -> Path:
     base directory default)."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "gradstream"
+
+
+def _json_object(value: Any) -> Any:
+    """A setting given as JSON text (the environment) is decoded before it is checked."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 class Settings(BaseSettings):
@@ -105,7 +111,10 @@ class Settings(BaseSettings):
     # of archived steps decoded, so that paging through an archived job reads each row group
     # once.
     archive_url: str = Field(default_factory=lambda: str(default_data_dir() / "archive"))
-    archive_options: dict[str, Any] = Field(default_factory=dict)
+    # A secret: s3fs's options carry the key and secret (never in a repr or a log line).
+    archive_options: Annotated[Secret[dict[str, Any]], BeforeValidator(_json_object)] = Field(
+        default_factory=lambda: Secret[dict[str, Any]]({})
+    )
     hot_retention_s: float = Field(default=3600.0, ge=0)
     archive_interval_s: float = Field(default=30.0, gt=0)
     archive_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)

@@ -23,7 +23,7 @@ import redis
 import redis.asyncio as aioredis
 
 from services.archive import Archive, archived_file
-from services.errors import JobNotFound, StoreUnavailable
+from services.errors import REDIS_UNAVAILABLE, JobNotFound, StoreUnavailable
 from services.records import Chunk, expand_chunk
 from services.schemas import JobStatus
 from services.store.jobs import job_view
@@ -320,7 +320,7 @@ class JobStreams:
         try:
             snapshot = await pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+            raise StoreUnavailable(REDIS_UNAVAILABLE) from exc
         if not snapshot[0]:
             raise JobNotFound(job_id)
         return _Tail(self, job_id, snapshot)

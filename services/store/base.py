@@ -2,15 +2,18 @@
 translation of Redis's failures into domain errors."""
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import redis
 
 from services.archive import Archive
-from services.errors import StorageFull, StoreUnavailable
+from services.errors import REDIS_UNAVAILABLE, StorageFull, StoreUnavailable
 from services.schemas import JobSummary
 from services.store import scripts
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -33,7 +36,7 @@ def translate_redis_errors(method: Callable[P, R]) -> Callable[P, R]:
         try:
             return method(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+            raise StoreUnavailable(REDIS_UNAVAILABLE) from exc
         except redis.exceptions.OutOfMemoryError as exc:
             raise StorageFull(STORAGE_FULL) from exc
 
