@@ -89,8 +89,10 @@ def _auth(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-# A dropped stream (or one the API cannot serve for now: a 503) is retried after this many
-# seconds, doubling up to 2 s: the default 10 retries ride out about 17 s without an event.
+# A dropped stream (or one the API cannot serve for now: a 503) is retried, backing off up to
+# 2 s, for STREAM_OUTAGE_S without an event by default: the longest a Redis failover may take
+# (the server's GRADSTREAM_REDIS_OUTAGE_S, 60 s, which docs/deploy.md sizes the sentinels for).
+STREAM_OUTAGE_S = 60.0
 # GET /v1/sweeps/{id} pages its members: members per page by default, and at most.
 MEMBERS_PAGE = 100
 MAX_MEMBERS_PAGE = 1000
@@ -114,6 +116,18 @@ def _joined(view: dict[str, Any], page: dict[str, Any]) -> dict[str, Any]:
 
 def _backoff(failures: int) -> float:
     return min(2.0, 0.2 * 2.0**failures)
+
+
+def retries_within(seconds: float) -> int:
+    """How many retries, backing off as streams do, wait `seconds` in all."""
+    retries, waited = 0, 0.0
+    while waited < seconds:
+        retries += 1
+        waited += _backoff(retries)
+    return retries
+
+
+STREAM_RETRIES = retries_within(STREAM_OUTAGE_S)
 
 
 # What a stream retries: the connection dropped or refused, or the API's Redis out of reach.
@@ -226,7 +240,7 @@ class Client:
             time.sleep(poll)
 
     def sweep_events(
-        self, sweep_id: str, last_event_id: int | None = None, retries: int = 10
+        self, sweep_id: str, last_event_id: int | None = None, retries: int = STREAM_RETRIES
     ) -> Iterator[Event]:
         """The sweep's events until `done`; a dropped connection resumes after the last one."""
         return self._events(f"/v1/sweeps/{sweep_id}/events", last_event_id, retries)
@@ -254,7 +268,7 @@ class Client:
             time.sleep(poll)
 
     def stream(
-        self, job_id: str, last_event_id: int | None = None, retries: int = 10
+        self, job_id: str, last_event_id: int | None = None, retries: int = STREAM_RETRIES
     ) -> Iterator[Event]:
         """Live events of a job until `done`; a dropped connection resumes after the last step."""
         return self._events(f"/v1/jobs/{job_id}/events", last_event_id, retries)
@@ -392,7 +406,7 @@ class AsyncClient:
             await asyncio.sleep(poll)
 
     def sweep_events(
-        self, sweep_id: str, last_event_id: int | None = None, retries: int = 10
+        self, sweep_id: str, last_event_id: int | None = None, retries: int = STREAM_RETRIES
     ) -> AsyncIterator[Event]:
         """The sweep's events until `done`; a dropped connection resumes after the last one."""
         return self._events(f"/v1/sweeps/{sweep_id}/events", last_event_id, retries)
@@ -422,7 +436,7 @@ class AsyncClient:
             await asyncio.sleep(poll)
 
     def stream(
-        self, job_id: str, last_event_id: int | None = None, retries: int = 10
+        self, job_id: str, last_event_id: int | None = None, retries: int = STREAM_RETRIES
     ) -> AsyncIterator[Event]:
         """Live events of a job until `done`; a dropped connection resumes after the last step."""
         return self._events(f"/v1/jobs/{job_id}/events", last_event_id, retries)

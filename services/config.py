@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # The sentinels' own password (their `requirepass`), if they have one; or read from a file.
     redis_sentinel_password: SecretStr = SecretStr("")
     redis_sentinel_password_file: str | None = None
+    # How long an attempt rides out an unreachable Redis (a restart, a Sentinel failover),
+    # retrying its flushes, before it gives up. It must cover the sentinels' worst failover,
+    # redis_clients.failover_bound_s of their down-after-milliseconds and failover-timeout
+    # (docs/deploy.md sizes them; the Python client's streams ride out as long).
+    redis_outage_s: float = Field(default=60.0, gt=0)
 
     # Who may call the API: `tenant:key` pairs separated by commas, or the path of a file of
     # them (services/auth.py). With none, the API refuses to start unless `auth_disabled` is
