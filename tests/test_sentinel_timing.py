@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from api.client import STREAM_OUTAGE_S, STREAM_RETRIES, _backoff
+from cli.stack import Stack
 from services.attempts import retry_through_outage
 from services.config import Settings
 from services.errors import StoreUnavailable
-from services.redis_clients import failover_bound_s
+from services.redis_clients import failover_bound_s, failover_outlasts_outage
+from tests.sentinels import ReplicatedRedis
 
 ROOT = Path(__file__).parent.parent
 # Where a sentinel's configuration is written: compose's, the one docs/deploy.md gives, the
@@ -72,3 +74,24 @@ def test_a_flush_rides_out_the_configured_outage_and_no_longer() -> None:
         return answer
 
     assert retry_through_outage(recovers, "test flush", outage_s=60) == "ok"
+
+
+def test_a_worker_is_warned_of_sentinels_whose_failover_outlasts_its_patience(
+    tmp_path: Path,
+) -> None:
+    stack = Stack(tmp_path)
+    replicated = ReplicatedRedis(stack)
+    try:
+        replicated.start()
+        settings = Settings(redis_url=replicated.url, **_settings_of(replicated.env()))
+        assert failover_outlasts_outage(settings) is None  # tests/sentinels.py's: 12 s
+        impatient = settings.model_copy(update={"redis_outage_s": 5.0})
+        warning = failover_outlasts_outage(impatient)
+        assert warning is not None and "GRADSTREAM_REDIS_OUTAGE_S" in warning
+    finally:
+        stack.stop()
+    assert failover_outlasts_outage(settings) is None  # no sentinel answers: nothing known
+
+
+def _settings_of(env: dict[str, str]) -> dict[str, str]:
+    return {name.removeprefix("GRADSTREAM_").lower(): value for name, value in env.items()}

@@ -35,6 +35,7 @@ from services.environment import cpu_model
 from services.errors import StoreUnavailable
 from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
+from services.redis_clients import failover_outlasts_outage
 from services.runner import warm_compiled
 from services.store import Store
 from services.training import compute_device, inductor_cache_dir, warm_up
@@ -174,6 +175,8 @@ def start_heartbeat(**_: Any) -> None:
         "queues": device.queue,
     }
     store = Store.from_settings(settings)
+    if warning := failover_outlasts_outage(settings):
+        log.warning("%s", warning)
 
     def beat() -> None:
         next_reap = 0.0
