@@ -10,8 +10,11 @@ code that expands the stream's chunks: the JSON served from the archive cannot d
 JSON served from Redis.
 
 Files are published as object stores and data lakes do it: written under a temporary name,
-read back and checked (rows, steps, a SHA-256 of the float32 rows), then renamed. When each
-step runs, and marking the job archived in Redis, is services/archiver.py's.
+read back and checked (rows, steps, a SHA-256 of the float32 rows), then renamed. On a local
+disk the file and its folders are fsynced around the rename, so that the record names a file
+that survives a host crash once the stream is gone; on an object store the PUT's success is
+the durability point (the store acknowledges only what it keeps). When each step runs, and
+marking the job archived in Redis, is services/archiver.py's.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ import importlib
 import itertools
 import json
 import logging
+import os
 import secrets
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -229,6 +235,15 @@ def _write_parquet(handle: Any, chunks: Iterable[Chunk]) -> tuple[int, str]:
     return rows, digest.hexdigest()
 
 
+def _fsync(path: str, flags: int = 0) -> None:
+    """Wait until what `path` holds (a file's bytes, a folder's entries) is on the disk."""
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def archived_file(archive: Archive | None, archived: bytes) -> tuple[Archive, ArchivedFile]:
     """The archive, and the file an archived job's record (its `archived` field) names."""
     if archive is None:
@@ -238,7 +253,9 @@ def archived_file(archive: Archive | None, archived: bytes) -> tuple[Archive, Ar
 
 class _OpenFile:
     """One archived job's Parquet file, open: where each row group starts, and a lock (a file
-    handle is read by one thread at a time)."""
+    handle is read by one thread at a time). The cache may drop it (evicted, or its job
+    deleted) while threads read it: it is closed when the last of them is done (`readers`
+    and `retired` change under the Archive's lock)."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
         self.handle = fs.open(path, "rb")
@@ -249,6 +266,8 @@ class _OpenFile:
         for i in range(metadata.num_row_groups):
             self.starts.append(self.starts[-1] + metadata.row_group(i).num_rows)
         self.lock = threading.Lock()
+        self.readers = 0  # threads reading it now
+        self.retired = False  # out of the cache: closed once no thread reads it
 
     def group_of(self, step: int) -> int | None:
         """The row group holding `step`, or None past the last step."""
@@ -285,6 +304,9 @@ class Archive:
         self.options = options or {}
         self.fs, self.root = fsspec.core.url_to_fs(url, **self.options)
         self.root = self.root.rstrip("/")
+        protocols = self.fs.protocol
+        # A local disk acknowledges writes it has only cached: publishing fsyncs there.
+        self.local = "file" in ((protocols,) if isinstance(protocols, str) else protocols)
         self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
         self._files: OrderedDict[str, _OpenFile] = OrderedDict()
@@ -313,18 +335,16 @@ class Archive:
     # Writing: temporary file, read back, rename.
 
     def write(self, path: str, chunks: Iterable[Chunk]) -> tuple[str, int, str]:
-        """Write a job's consecutive chunks (from step 0) to a new temporary file beside `path`:
-        its path, the rows written and the SHA-256 of their float32 bytes. Temporary files an
-        earlier, interrupted write left for this job are removed first."""
-        self.remove_temporaries(path)
+        """Write a job's consecutive chunks (from step 0) to a new temporary file beside `path`,
+        this writer's own (another archiver whose claim lapsed may be writing the same job):
+        its path, the rows written and the SHA-256 of their float32 bytes."""
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         temporary = f"{path}.tmp-{secrets.token_hex(6)}"
         try:
             with self.fs.open(temporary, "wb") as handle:
                 rows, sha256 = _write_parquet(handle, chunks)
         except BaseException:
-            if self.fs.exists(temporary):
-                self.fs.rm(temporary)
+            self.remove_temporary(temporary)
             raise
         return temporary, rows, sha256
 
@@ -349,9 +369,21 @@ class Archive:
             )
 
     def publish(self, temporary: str, path: str) -> None:
-        """Rename the verified file to its place (atomic on a local disk; on an object store a
-        copy then a delete, each object whole)."""
+        """Rename the verified file to its place, durably: on a local disk the rename is atomic,
+        and the file's bytes and then its folders (the rename, and folders `write` made) are
+        fsynced before this returns, since the caller deletes the only other copy next; on an
+        object store it is a copy then a delete, each object whole and kept once acknowledged."""
+        if self.local:
+            _fsync(temporary)
         self.fs.mv(temporary, path)
+        if self.local:
+            # Up to the root's parent: the first write made the tenant's folder, maybe the root.
+            folder, last = path.rsplit("/", 1)[0], self.root.rsplit("/", 1)[0] or "/"
+            while True:
+                _fsync(folder, os.O_DIRECTORY)
+                if len(folder) <= len(last):
+                    break
+                folder = folder.rsplit("/", 1)[0] or "/"
 
     # Removing.
 
@@ -361,14 +393,42 @@ class Archive:
         found: list[str] = self.fs.glob(pattern)
         return found
 
-    def remove_temporaries(self, path: str) -> None:
-        for leftover in self._glob(f"{path}.tmp-*"):
-            self.fs.rm(leftover)
+    def remove_temporary(self, temporary: str) -> None:
+        """Remove a temporary file this process wrote (its write or its check failed)."""
+        if self.fs.exists(temporary):
+            self.fs.rm(temporary)
 
-    def remove_job(self, tenant: str, job_id: str, sweep: str | None = None) -> None:
-        """Remove a deleted job's file and any temporary one an interrupted archiving left.
-        A file system that fails leaves the file behind (logged): the job is gone either way."""
-        path = self.job_path(tenant, job_id, sweep)
+    def remove_stale_temporaries(self, path: str, older_than_s: float) -> list[str]:
+        """Remove the temporary files beside `path` last written over `older_than_s` ago, left
+        by writers that died; younger ones may be a live writer's, and stay. Those removed."""
+        removed = []
+        for leftover in self._glob(f"{path}.tmp-*"):
+            try:
+                age = time.time() - self.fs.modified(leftover).timestamp()
+                if age > older_than_s:
+                    self.fs.rm(leftover)
+                    removed.append(leftover)
+            except FileNotFoundError:  # its writer published or removed it meanwhile
+                continue
+            except NotImplementedError:  # a file system that keeps no times: left alone
+                break
+        return removed
+
+    def remove_url(self, url: str) -> None:
+        """Remove a deleted job's archived file by the URL its record kept (wherever the archive
+        is configured now), and temporary files beside it. Raises when the file system fails:
+        the caller keeps the URL to try again."""
+        self.forget(url)
+        fs, path = fsspec.core.url_to_fs(url, **self._options_for(url))
+        fs.invalidate_cache()
+        for found in fs.glob(f"{path}*"):
+            fs.rm(found)
+
+    def remove_job(self, tenant: str, job_id: str) -> None:
+        """Remove what archiving left of a deleted job at the configured path (a temporary file
+        of a writer that died); its archived file goes by its record's URL (`remove_url`). A
+        file system that fails leaves the file behind (logged): the job is gone either way."""
+        path = self.job_path(tenant, job_id)
         self.forget(self.url(path))
         try:
             for found in self._glob(f"{path}*"):
@@ -395,28 +455,44 @@ class Archive:
         """The row group holding step `after + 1` as a Chunk, or None past the job's last step.
         StoreUnavailable when the file cannot be read."""
         try:
-            opened = self._open(archived.url)
-            group = opened.group_of(after + 1)
-            if group is None:
-                return None
-            key = (archived.url, group)
-            with self._lock:
-                chunk = self._groups.get(key)
-                if chunk is not None:
-                    self._groups.move_to_end(key)
-                    return chunk
-            chunk = opened.read_group(group)
+            with self._reading(archived.url) as opened:
+                group = opened.group_of(after + 1)
+                if group is None:
+                    return None
+                key = (archived.url, group)
+                with self._lock:
+                    chunk = self._groups.get(key)
+                    if chunk is not None:
+                        self._groups.move_to_end(key)
+                        return chunk
+                chunk = opened.read_group(group)
         except (OSError, ArchiveMismatch, pa.ArrowException) as exc:
             log.warning("archived steps unreadable at %s: %s", archived.url, exc)
             raise StoreUnavailable("this job's archived steps cannot be read for now") from exc
         self._keep(key, chunk)
         return chunk
 
+    @contextmanager
+    def _reading(self, url: str) -> Iterator[_OpenFile]:
+        """The file open, held for this thread: the cache may drop it meanwhile, not close it."""
+        opened = self._open(url)
+        try:
+            yield opened
+        finally:
+            with self._lock:
+                opened.readers -= 1
+                done = opened.retired and not opened.readers
+            if done:
+                opened.close()
+
     def _open(self, url: str) -> _OpenFile:
+        """The file open (from the cache, else opened and cached), counted as read by one more
+        thread."""
         with self._lock:
             opened = self._files.get(url)
             if opened is not None:
                 self._files.move_to_end(url)
+                opened.readers += 1
                 return opened
         fs, path = fsspec.core.url_to_fs(url, **self._options_for(url))
         opened = _OpenFile(fs, path)
@@ -426,15 +502,28 @@ class Archive:
                 closing.append(opened)
                 opened = self._files[url]
             self._files[url] = opened
+            opened.readers += 1
             while len(self._files) > MAX_OPEN_FILES:
-                closing.append(self._files.popitem(last=False)[1])
+                closing += self._retire(self._files.popitem(last=False)[1])
         for old in closing:
             old.close()
         return opened
 
+    @staticmethod
+    def _retire(opened: _OpenFile) -> list[_OpenFile]:
+        """Under the lock: a file out of the cache, to close now if no thread reads it (else
+        its last reader closes it)."""
+        opened.retired = True
+        return [] if opened.readers else [opened]
+
     def _options_for(self, url: str) -> dict[str, Any]:
-        # A file of the configured file system is read with its options (an S3 endpoint...).
-        return self.options if url.startswith(self.url(self.root)) else {}
+        # A file of the configured file system's kind is read with its options (an S3
+        # endpoint...), also one written before the archive's URL changed; another kind's
+        # file (a folder's, when the archive moved to S3) with none.
+        protocol = fsspec.core.split_protocol(url)[0] or "file"
+        protocols = self.fs.protocol
+        same = protocol in ((protocols,) if isinstance(protocols, str) else protocols)
+        return self.options if same else {}
 
     def _keep(self, key: tuple[str, int], chunk: Chunk) -> None:
         size = len(chunk.rows)
@@ -451,9 +540,12 @@ class Archive:
 
     def forget(self, url: str) -> None:
         """Drop a file from the cache (it is being deleted)."""
+        closing: list[_OpenFile] = []
         with self._lock:
             opened = self._files.pop(url, None)
+            if opened is not None:
+                closing = self._retire(opened)
             for key in [k for k in self._groups if k[0] == url]:
                 self._cached_bytes -= len(self._groups.pop(key).rows)
-        if opened is not None:
-            opened.close()
+        for old in closing:
+            old.close()

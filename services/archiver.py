@@ -6,7 +6,12 @@ and check it (verify), rename it to its place (publish), and mark the job archiv
 stream in one script, if the job is as the snapshot saw it (mark). Until `mark` the stream is
 in Redis, untouched; from `mark` on the record names a verified file. So a crash anywhere
 leaves the steps readable from Redis, the archive, or both, and running the whole sequence
-again finishes the work: the same path, temporary leftovers removed, the script idempotent.
+again finishes the work: the same path, the script idempotent.
+
+Two archivers may run one job at once (a claim lapses after CLAIM_TTL_S while its holder still
+writes): each writes its own temporary file and removes only that one, and releases the claim
+only if it still holds it (the claim's token). Both files hold the same verified rows, so
+whichever rename lands last, the record names the same bytes.
 """
 
 import logging
@@ -25,6 +30,10 @@ CLAIM_TTL_S = 600
 # A job whose archiving failed (storage unreachable, a file that did not verify) is tried again
 # this much later.
 RETRY_AFTER_S = 300.0
+# A temporary file beside a job's file, written this long ago, was left by a writer that died
+# (one whose claim lapsed may still be writing: a writer removes only its own file, and
+# others' only once they are this old, far longer than any write takes).
+STALE_TEMPORARY_S = 24 * 3600.0
 
 
 @dataclass
@@ -51,6 +60,7 @@ class ArchiveRun:
 
     def write(self) -> None:
         assert self.snapshot is not None
+        self.archive.remove_stale_temporaries(self.path, STALE_TEMPORARY_S)
         self.temporary, self.rows, self.sha256 = self.archive.write(
             self.path, self.store.stream_chunks(self.job_id)
         )
@@ -71,8 +81,8 @@ class ArchiveRun:
         assert self.snapshot is not None
         archived = ArchivedFile(self.archive.url(self.path), self.rows, self.sha256)
         outcome = self.store.mark_archived(self.snapshot, archived.to_json())
-        if outcome == "missing":  # deleted while its file was being written
-            self.archive.remove_job(self.snapshot.tenant, self.job_id, self.snapshot.sweep)
+        if outcome == "missing":  # deleted while its file was being written: its file goes
+            self.store.remove_archived_files(self.archive, [archived.url])
         return outcome
 
     def run(self) -> str:
@@ -83,8 +93,8 @@ class ArchiveRun:
             self.write()
             self.verify()
         except BaseException:
-            if self.temporary:
-                self.archive.remove_temporaries(self.path)
+            if self.temporary:  # this run's own file; another writer's stays
+                self.archive.remove_temporary(self.temporary)
             raise
         self.publish()
         return self.mark()
@@ -97,7 +107,12 @@ def archive_job(store: Store, archive: Archive, job_id: str) -> str:
 
 def archive_due(store: Store, archive: Archive, hot_retention_s: float) -> list[str]:
     """A worker's archiver, once: archive the jobs finished for `hot_retention_s`, a batch at a
-    time for as long as whole batches get archived. The jobs archived."""
+    time for as long as whole batches get archived. The jobs archived. First, once per Redis,
+    jobs finished before archiving existed are made due; and deleted jobs' files whose
+    removal failed are tried again."""
+    if added := store.backfill_due():
+        log.info("archiver: %d jobs finished before archiving existed are due", added)
+    store.remove_archived_files(archive, store.pending_removals(BATCH))
     done: list[str] = []
     while True:
         archived = _archive_batch(store, archive, hot_retention_s)
@@ -110,7 +125,8 @@ def _archive_batch(store: Store, archive: Archive, hot_retention_s: float) -> li
     """The oldest due jobs, each one that no other worker is at."""
     done = []
     for job_id in store.due_for_archive(hot_retention_s, BATCH):
-        if not store.claim_archiving(job_id, CLAIM_TTL_S):
+        token = store.claim_archiving(job_id, CLAIM_TTL_S)
+        if token is None:
             continue
         try:
             outcome = archive_job(store, archive, job_id)
@@ -119,7 +135,7 @@ def _archive_batch(store: Store, archive: Archive, hot_retention_s: float) -> li
             store.defer_archive(job_id, RETRY_AFTER_S)
             continue
         finally:
-            store.release_archiving(job_id)
+            store.release_archiving(job_id, token)
         if outcome == "ok":
             done.append(job_id)
         elif outcome == "changed":

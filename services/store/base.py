@@ -66,7 +66,9 @@ class LuaScripts:
         self.delete_sweep = client.register_script(scripts.DELETE_SWEEP)
         self.archive = client.register_script(scripts.ARCHIVE)
         self.claim_archiving = client.register_script(scripts.CLAIM_ARCHIVING)
+        self.release_archiving = client.register_script(scripts.RELEASE_ARCHIVING)
         self.defer_archive = client.register_script(scripts.DEFER_ARCHIVE)
+        self.backfill_due = client.register_script(scripts.BACKFILL_DUE)
 
     def load_all(self) -> None:
         """SCRIPT LOAD every script, so that one Redis cannot compile fails the process that
@@ -112,6 +114,9 @@ class RedisPart:
 
     def job_fields(self, job_id: str, tenant: str | None = None) -> dict[bytes, bytes]:
         raise NotImplementedError  # jobs.py
+
+    def remove_archived_files(self, archive: Archive | None, urls: list[str]) -> list[str]:
+        raise NotImplementedError  # archiving.py
 
     def live_queues(self) -> set[str]:
         raise NotImplementedError  # workers.py

@@ -278,9 +278,11 @@ class Jobs(RedisPart):
             raise MemberOfSweep(job_id, reply[1].decode())
         if reply[0] == b"missing":
             raise JobNotFound(job_id)
+        # After the record: the file where the record said it is (the script kept its URL for
+        # the archivers, should this fail); an archiver that publishes the file meanwhile
+        # finds the job gone and removes the file itself. (Members go with their sweep.)
+        self.remove_archived_files(self.archive, [url.decode() for url in reply[1:]])
         if self.archive is not None:
-            # After the record: an archiver that publishes the file meanwhile finds the job
-            # gone and removes the file itself. (A sweep's members go with their sweep.)
             self.archive.remove_job(tenant, job_id)
 
     @translate_redis_errors

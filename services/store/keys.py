@@ -27,6 +27,13 @@ STATS_KEY = "gs:stats"
 # Finished jobs whose steps are still in Redis, scored by when they finished (Redis seconds):
 # the workers' archiver moves each one's stream to the archive once it is old enough.
 ARCHIVE_DUE = "gs:archive:due"
+# Archived files of deleted jobs still to remove (their URLs, as the records kept them), scored
+# by when their removal was last tried (Redis seconds): the deleting script adds them, each
+# removal that succeeds takes one out, and the archivers try again those that failed.
+ARCHIVE_REMOVALS = "gs:archive:removals"
+# Set once an archiver has found every job finished before archiving existed (finished, steps
+# still in Redis, never due) and made it due.
+ARCHIVE_BACKFILLED = "gs:archive:backfilled"
 # A job record's field per attempt that stored steps: `env:<attempt>`, what it ran on (JSON).
 ENVIRONMENT_FIELD_PREFIX = "env:"
 

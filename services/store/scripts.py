@@ -76,6 +76,7 @@ local GROUP_INDEX = {_lua_string(keys.GROUP_STATUS_PREFIX)}
 local MEMBER_INDEX = {_lua_string(keys.MEMBER_STATUS_PREFIX)}
 local STATS = {_lua_string(keys.STATS_KEY)}
 local ARCHIVE_DUE = {_lua_string(keys.ARCHIVE_DUE)}
+local ARCHIVE_REMOVALS = {_lua_string(keys.ARCHIVE_REMOVALS)}
 local SWEEP_STATUS = {_lua_string(keys.SWEEP_STATUS_PREFIX)}
 local ENVIRONMENT = {_lua_string(keys.ENVIRONMENT_FIELD_PREFIX)}
 local FIELD_COUNT = {_lua_string(FIELD_COUNT.decode())}
@@ -102,6 +103,18 @@ end
 local function release_datasets(tenant, id, datasets)
   for dataset in string.gmatch(datasets or '', '%S+') do
     redis.call('SREM', dataset_users(tenant, dataset), id)
+  end
+end
+
+-- An archived job is being deleted: its file (where its record says it is, whatever the
+-- archive's settings are now) joins the files to remove, and its URL is returned to the
+-- caller, which removes it at once. One whose removal fails stays for the archivers.
+local function remove_archived(archived, reply)
+  if not archived then return end
+  local ok, file = pcall(cjson.decode, archived)
+  if ok and type(file) == 'table' and type(file.url) == 'string' then
+    redis.call('ZADD', ARCHIVE_REMOVALS, redis.call('TIME')[1], file.url)
+    reply[#reply + 1] = file.url
   end
 end
 
@@ -617,8 +630,9 @@ return 1
 
 # KEYS: the job's keys. ARGV: job id, '1' to delete whatever its status (a job that could not
 # be enqueued). Removes the job's keys, its index entries and its idempotency key, and gives
-# its bytes back to its tenant. Returns {'deleted'}, {'missing'} or {'live', status} (a queued
-# or running job is cancelled first).
+# its bytes back to its tenant. Returns {'deleted'} (with the URL of its archived file, to be
+# removed, if it was archived), {'missing'} or {'live', status} (a queued or running job is
+# cancelled first).
 DELETE = _script(
     """
 local status = redis.call('HGET', JOB, 'status')
@@ -643,8 +657,10 @@ redis.call('ZREM', STATUS_INDEX .. status, ARGV[1])
 redis.call('ZREM', ARCHIVE_DUE, ARGV[1])
 local idem = redis.call('HGET', JOB, 'idempotency')
 if idem and redis.call('GET', idem) == ARGV[1] then redis.call('DEL', idem) end
+local reply = {'deleted'}
+remove_archived(redis.call('HGET', JOB, 'archived'), reply)
 redis.call('DEL', JOB, STEPS, EVENTS, LEASE, CKPT)
-return {'deleted'}
+return reply
 """,
     allow_oom=True,
 )
@@ -961,8 +977,8 @@ return {'ok'}
 
 # KEYS: the sweep's record. ARGV: sweep id, '1' to delete whatever its status (a sweep that
 # could not be enqueued). Removes the sweep, its members (as DELETE removes a job), its groups,
-# the datasets it owns and its idempotency key; the tenant gets the bytes back. {'deleted'},
-# {'missing'} or {'live', status}.
+# the datasets it owns and its idempotency key; the tenant gets the bytes back. {'deleted',
+# the URLs of its archived members' files...}, {'missing'} or {'live', status}.
 DELETE_SWEEP = _script(
     """
 local sweep = ARGV[1]
@@ -973,8 +989,10 @@ if (status == 'queued' or status == 'running') and ARGV[2] ~= '1' then
 end
 local tenant = redis.call('HGET', KEYS[1], 'tenant')
 local freed = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
+local reply = {'deleted'}
 for _, id in ipairs(redis.call('ZRANGE', sweep_members_key(sweep), 0, -1)) do
-  local member = redis.call('HMGET', job_key(id), 'status', 'bytes')
+  local member = redis.call('HMGET', job_key(id), 'status', 'bytes', 'archived')
+  remove_archived(member[3], reply)
   if member[1] then
     redis.call('ZREM', tenant_index(tenant), id)
     redis.call('ZREM', tenant_index(tenant, member[1]), id)
@@ -1005,7 +1023,7 @@ local idem = redis.call('HGET', KEYS[1], 'idempotency')
 if idem and redis.call('GET', idem) == sweep then redis.call('DEL', idem) end
 redis.call('DEL', KEYS[1], sweep_events_key(sweep), sweep_members_key(sweep),
            sweep_finals_loss(sweep), sweep_finals_val_loss(sweep))
-return {'deleted'}
+return reply
 """,
     allow_oom=True,
 )
@@ -1017,7 +1035,8 @@ return {'deleted'}
 # place: if the job is unchanged and its stream ends at its last step, marks it archived and
 # deletes its stream, and its status events too (only a live job's tail reads them; a
 # stream's first node alone takes ~5 kB, more than the rest of a finished job). Returns 'ok',
-# 'archived' (already), 'missing' (deleted meanwhile: the file is the caller's to remove) or
+# 'archived' (already), 'missing' (deleted meanwhile: the file joins the files to remove, and
+# is the caller's to remove first) or
 # 'changed' (nothing done; a later pass tries again). Allowed on a full Redis: it frees the
 # streams.
 ARCHIVE = _script(
@@ -1026,6 +1045,7 @@ local record = redis.call('HMGET', JOB, 'status', 'attempt', 'steps_done', 'arch
 if not record[1] or record[4] then
   redis.call('ZREM', ARCHIVE_DUE, ARGV[1])
   if record[4] then return 'archived' end
+  remove_archived(ARGV[5], {})
   return 'missing'
 end
 if not TERMINAL[record[1]] or record[1] ~= ARGV[2] or record[2] ~= ARGV[3]
@@ -1042,22 +1062,48 @@ return 'ok'
     allow_oom=True,
 )
 
-# KEYS: the job's archiving key. ARGV: its TTL in seconds. Takes the job's archiving for this
-# worker unless another holds it (1) or not (0). Allowed on a full Redis, like every write of
-# the archiver's: archiving is what makes room.
+# KEYS: the job's archiving key. ARGV: its TTL in seconds, the claimant's token. Takes the
+# job's archiving for this claimant unless another holds it (1) or not (0). Allowed on a full
+# Redis, like every write of the archiver's: archiving is what makes room.
 CLAIM_ARCHIVING = _script(
     """
-return redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) and 1 or 0
+return redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) and 1 or 0
 """,
     allow_oom=True,
     helpers=False,
 )
 
-# KEYS: the due index. ARGV: job id, when to try it again (Redis seconds). A job whose
-# archiving failed waits, if it is still due. Allowed on a full Redis (it replaces a score).
+# KEYS: the job's archiving key. ARGV: the claimant's token. Ends the claim if it is still
+# this claimant's (1), else leaves whoever took it over holding it (0). Allowed on a full Redis.
+RELEASE_ARCHIVING = _script(
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""",
+    allow_oom=True,
+    helpers=False,
+)
+
+# KEYS: the due index (or the files to remove). ARGV: job id (or file URL), when to try it
+# again (Redis seconds). A job whose archiving failed (a file whose removal failed) waits, if
+# it is still there. Allowed on a full Redis (it replaces a score).
 DEFER_ARCHIVE = _script(
     """
 return redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+""",
+    allow_oom=True,
+    helpers=False,
+)
+
+# KEYS: the due index, the mark of a finished backfill. ARGV: '1' on the backfill's last call,
+# then (finished at, job id) pairs: jobs finished before archiving existed become due, unless
+# they are already. Allowed on a full Redis: archiving them is what makes room.
+BACKFILL_DUE = _script(
+    """
+local added = 0
+if #ARGV > 1 then added = redis.call('ZADD', KEYS[1], 'NX', unpack(ARGV, 2)) end
+if ARGV[1] == '1' then redis.call('SET', KEYS[2], '1') end
+return added
 """,
     allow_oom=True,
     helpers=False,

@@ -493,7 +493,8 @@ class Sweeps(RedisPart):
             raise SweepActive(sweep_id, reply[1].decode())
         if reply[0] == b"missing":
             raise SweepNotFound(sweep_id)
-        if self.archive is not None:
+        self.remove_archived_files(self.archive, [url.decode() for url in reply[1:]])
+        if self.archive is not None:  # what else archiving left in the sweep's folder
             self.archive.remove_sweep(tenant, sweep_id)
 
     @translate_redis_errors
