@@ -189,7 +189,7 @@ def start_heartbeat(**_: Any) -> None:
                 # renew its lease either. Reaping waits a lease once Redis is back, so that a
                 # lease that lapsed in the outage is renewed by its attempt, not taken for a
                 # lost worker (which would cost the job one of its max_attempts).
-                log.warning("worker heartbeat failed: %s", exc)
+                log.warning("worker heartbeat failed: %s (%s)", exc, exc.__cause__)
                 next_reap = time.monotonic() + settings.lease_s
             except Exception:
                 log.exception("worker heartbeat failed")
