@@ -90,8 +90,10 @@ def _auth(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-# A dropped stream (or one the API cannot serve for now: a 503) is retried after this many
-# seconds, doubling up to 2 s: the default 10 retries ride out about 17 s without an event.
+# A dropped stream (or one the API cannot serve for now: a 503) is retried, backing off up to
+# 2 s, for STREAM_OUTAGE_S without an event by default: the longest a Redis failover may take
+# (the server's GRADSTREAM_REDIS_OUTAGE_S, 60 s, which docs/deploy.md sizes the sentinels for).
+STREAM_OUTAGE_S = 60.0
 # GET /v1/sweeps/{id} pages its members: members per page by default, and at most.
 MEMBERS_PAGE = 100
 MAX_MEMBERS_PAGE = 1000
@@ -114,14 +116,31 @@ def _joined(view: dict[str, Any], page: dict[str, Any]) -> dict[str, Any]:
 
 
 def _backoff(failures: int) -> float:
-    """Exponential, jittered (0.5 to 1.5 times): clients dropped together (an API restart)
-    do not all come back at the same moment."""
-    return min(2.0, 0.2 * 2.0**failures) * random.uniform(0.5, 1.5)
+    return min(2.0, 0.2 * 2.0**failures)
+
+
+def _pause(failures: int) -> float:
+    """The wait before a stream's next try: `_backoff`, jittered (0.5 to 1.5 times, the same
+    on average) so that clients dropped together (an API restart) do not all come back at the
+    same moment."""
+    return _backoff(failures) * random.uniform(0.5, 1.5)
 
 
 class StreamError(GradstreamError):
     """An event stream ended with a `gone` event: the API cannot serve it, and retrying will
     not change that (410: the job's archived steps are missing)."""
+
+
+def retries_within(seconds: float) -> int:
+    """How many retries, backing off as streams do, wait `seconds` in all."""
+    retries, waited = 0, 0.0
+    while waited < seconds:
+        retries += 1
+        waited += _backoff(retries)
+    return retries
+
+
+STREAM_RETRIES = retries_within(STREAM_OUTAGE_S)
 
 
 # What a stream retries: the connection dropped or refused, or the API's Redis out of reach.
@@ -241,7 +260,7 @@ class Client:
             time.sleep(poll)
 
     def sweep_events(
-        self, sweep_id: str, last_event_id: int | None = None, retries: int = 10
+        self, sweep_id: str, last_event_id: int | None = None, retries: int = STREAM_RETRIES
     ) -> Iterator[Event]:
         """The sweep's events until `done`; a dropped connection resumes after the last one."""
         return self._events(f"/v1/sweeps/{sweep_id}/events", last_event_id, retries)
@@ -269,7 +288,7 @@ class Client:
             time.sleep(poll)
 
     def stream(
-        self, job_id: str, last_event_id: int | None = None, retries: int = 10
+        self, job_id: str, last_event_id: int | None = None, retries: int = STREAM_RETRIES
     ) -> Iterator[Event]:
         """Live events of a job until `done`; a dropped connection resumes after the last step."""
         return self._events(f"/v1/jobs/{job_id}/events", last_event_id, retries)
@@ -299,7 +318,7 @@ class Client:
             else:  # ended without `done` (the API dropped a watcher that lagged, or stopped)
                 if _gave_up(failures := failures + 1, retries):
                     return
-            time.sleep(_backoff(failures))
+            time.sleep(_pause(failures))
 
 
 class AsyncClient:
@@ -410,7 +429,7 @@ class AsyncClient:
             await asyncio.sleep(poll)
 
     def sweep_events(
-        self, sweep_id: str, last_event_id: int | None = None, retries: int = 10
+        self, sweep_id: str, last_event_id: int | None = None, retries: int = STREAM_RETRIES
     ) -> AsyncIterator[Event]:
         """The sweep's events until `done`; a dropped connection resumes after the last one."""
         return self._events(f"/v1/sweeps/{sweep_id}/events", last_event_id, retries)
@@ -440,7 +459,7 @@ class AsyncClient:
             await asyncio.sleep(poll)
 
     def stream(
-        self, job_id: str, last_event_id: int | None = None, retries: int = 10
+        self, job_id: str, last_event_id: int | None = None, retries: int = STREAM_RETRIES
     ) -> AsyncIterator[Event]:
         """Live events of a job until `done`; a dropped connection resumes after the last step."""
         return self._events(f"/v1/jobs/{job_id}/events", last_event_id, retries)
@@ -476,4 +495,4 @@ class AsyncClient:
             else:  # ended without `done` (the API dropped a watcher that lagged, or stopped)
                 if _gave_up(failures := failures + 1, retries):
                     return
-            await asyncio.sleep(_backoff(failures))
+            await asyncio.sleep(_pause(failures))

@@ -1,6 +1,7 @@
 """The API application: `uvicorn --factory api.main:create_app`."""
 
 import asyncio
+import logging
 import math
 import re
 from collections.abc import AsyncIterator
@@ -47,6 +48,8 @@ from services.redis_clients import async_redis_client, close_async_client, close
 from services.store import Store
 from services.sweep_events import SweepStreams
 
+log = logging.getLogger(__name__)
+
 RETRY_AFTER_S = "1"
 
 
@@ -71,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # cache the routes and the streams share.
         archive = Archive.from_settings(settings)
         app.state.store = Store.from_settings(settings, archive)
+        app.state.store.load_scripts()  # a script Redis cannot compile stops the API here
         # Blocking XREADs wait up to the keep-alive interval: the socket must wait longer.
         # A burst of watchers waits for a connection instead of failing (redis-py's pool
         # refuses past 100 by default); each watched job's tail holds one.
@@ -86,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             render=sse_frame,
             page_bytes=settings.max_page_bytes,
             archive=archive,
-            watcher_bytes=settings.sse_watcher_bytes,
+            watcher_bytes=settings.watcher_bytes,
         )
         store = app.state.store
 
@@ -296,7 +300,18 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(status_code=507, content={"detail": str(exc)})
 
     @app.exception_handler(StoreUnavailable)
-    async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # The client reads what is wrong; where Redis or the archive lives, and what the
+        # driver said, go to the log.
+        cause = exc.__cause__
+        log.warning(
+            "%s %s answered 503: %s (%s: %s)",
+            request.method,
+            request.url.path,
+            exc,
+            type(cause).__name__,
+            cause,
+        )
         return JSONResponse(
             status_code=503, content={"detail": str(exc)}, headers={"Retry-After": RETRY_AFTER_S}
         )

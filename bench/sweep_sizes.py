@@ -58,7 +58,7 @@ def main() -> None:
         stack.start_worker("cpu")
         stack.wait_for_workers({"cpu"})
         store = redis.Redis.from_url(stack.redis_url)
-        tenant_bytes = f"{keys.TENANT_PREFIX}local:bytes"  # the stack's own tenant
+        tenant_bytes = keys.tenant_storage("local")  # the stack's own tenant
         with Client(stack.api_url, stack.api_key, timeout=120) as api:
             sweep = api.submit_sweep(spec)
             reserved = int(store.get(tenant_bytes) or 0)

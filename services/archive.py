@@ -315,7 +315,8 @@ class Archive:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Archive:
-        return cls(settings.archive_url, settings.archive_options, settings.archive_cache_bytes)
+        options = settings.archive_options.get_secret_value()
+        return cls(settings.archive_url, options, settings.archive_cache_bytes)
 
     # Where files go: a tenant's jobs in its folder, a sweep's members in the sweep's (so that
     # deleting a sweep removes one folder).
@@ -466,7 +467,8 @@ class Archive:
                         return chunk
                 chunk = opened.read_group(group)
         except (OSError, ArchiveMismatch, pa.ArrowException) as exc:
-            raise StoreUnavailable(f"archived steps unavailable ({archived.url}): {exc}") from exc
+            log.warning("archived steps unreadable at %s: %s", archived.url, exc)
+            raise StoreUnavailable("this job's archived steps cannot be read for now") from exc
         self._keep(key, chunk)
         return chunk
 

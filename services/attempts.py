@@ -50,8 +50,6 @@ Dataset = tuple[torch.Tensor, torch.Tensor]
 
 # A chunk buffer holds at most this many bytes, so wide problems flush more often, not bigger.
 CHUNK_BUDGET_BYTES = 8 * 1024 * 1024
-# How long a flush keeps retrying while Redis is unreachable before the attempt gives up.
-STORE_OUTAGE_S = 60.0
 FULL = "Redis is full (maxmemory): resuming from its checkpoint once there is room"
 
 
@@ -179,11 +177,11 @@ class LeaseKeeper:
                 )
 
 
-def retry_through_outage(write: Callable[[], T], what: str) -> T:
-    """`write()`, retried while Redis is unreachable (it restarts, say) for up to
-    STORE_OUTAGE_S: the steps it carries are not lost, only late. A flush script recognises a
-    retry of a flush it applied, so retrying is safe."""
-    deadline = time.monotonic() + STORE_OUTAGE_S
+def retry_through_outage(write: Callable[[], T], what: str, outage_s: float) -> T:
+    """`write()`, retried while Redis is unreachable (it restarts, or fails over) for up to
+    `outage_s` (the redis_outage_s setting): the steps it carries are not lost, only late. A
+    flush script recognises a retry of a flush it applied, so retrying is safe."""
+    deadline = time.monotonic() + outage_s
     pause = 0.05
     while True:
         try:
@@ -318,7 +316,7 @@ class Attempt:
         it carries, for the worker's metrics."""
         started = time.perf_counter()
         try:
-            reply = retry_through_outage(flush, self.name)
+            reply = retry_through_outage(flush, self.name, self.settings.redis_outage_s)
         except StorageFull:
             log.warning("%s: flush refused, Redis is full", self.name)
             return full

@@ -22,6 +22,8 @@ from pathlib import Path
 from services.errors import Unauthorized
 
 TENANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# A tenant is a folder of the archive (<archive>/<tenant>/<job>.parquet): these name others.
+NOT_TENANTS = {".", ".."}
 MIN_KEY_LENGTH = 16
 # The tenant of every request when auth is turned off for development.
 DEV_TENANT = "dev"
@@ -49,6 +51,11 @@ def parse_api_keys(value: str) -> dict[str, str]:
                 raise ValueError(
                     f"API key entry {tenant!r}... is not `tenant:key` with a tenant of letters, "
                     "digits, '_', '.' or '-'"
+                )
+            if tenant in NOT_TENANTS:
+                raise ValueError(
+                    f"API key entry {tenant!r}... names no tenant: a tenant is a folder of the "
+                    "archive, and '.' and '..' are this folder and the one above"
                 )
             if len(key) < MIN_KEY_LENGTH:
                 raise ValueError(f"the key of tenant {tenant!r} is shorter than {MIN_KEY_LENGTH}")

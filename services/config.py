@@ -1,12 +1,13 @@
 """Settings: the only place that reads the environment (prefix GRADSTREAM_)."""
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BeforeValidator, Field, Secret, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.sweeps_math import DEFAULT_RANK_RTOL
@@ -18,6 +19,11 @@ def default_data_dir() -> Path:
     base directory default)."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "gradstream"
+
+
+def _json_object(value: Any) -> Any:
+    """A setting given as JSON text (the environment) is decoded before it is checked."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 class Settings(BaseSettings):
@@ -35,6 +41,11 @@ class Settings(BaseSettings):
     # The sentinels' own password (their `requirepass`), if they have one; or read from a file.
     redis_sentinel_password: SecretStr = SecretStr("")
     redis_sentinel_password_file: str | None = None
+    # How long an attempt rides out an unreachable Redis (a restart, a Sentinel failover),
+    # retrying its flushes, before it gives up. It must cover the sentinels' worst failover,
+    # redis_clients.failover_bound_s of their down-after-milliseconds and failover-timeout
+    # (docs/deploy.md sizes them; the Python client's streams ride out as long).
+    redis_outage_s: float = Field(default=60.0, gt=0)
 
     # Who may call the API: `tenant:key` pairs separated by commas, or the path of a file of
     # them (services/auth.py). With none, the API refuses to start unless `auth_disabled` is
@@ -99,7 +110,8 @@ class Settings(BaseSettings):
     # What one SSE watcher may hold in an API process: the events queued for it (shared with
     # the job's other watchers) and its write in flight. Past it the watcher is dropped and
     # resumes by Last-Event-ID. Its own copy is at most one write (64 KiB) beyond the socket.
-    sse_watcher_bytes: int = Field(default=32 * 1024 * 1024, ge=256 * 1024)
+    # Unset: 4 pages of `max_page_bytes` (32 MiB by default).
+    sse_watcher_bytes: int | None = Field(default=None, ge=256 * 1024)
     # The API process's async Redis connections (its event streams): each watched running job
     # or sweep holds one in a blocking read; backlog pages and snapshots share the rest. A
     # stream that finds none free within 10 s fails (the client backs off and reconnects);
@@ -114,7 +126,10 @@ class Settings(BaseSettings):
     # of archived steps decoded, so that paging through an archived job reads each row group
     # once.
     archive_url: str = Field(default_factory=lambda: str(default_data_dir() / "archive"))
-    archive_options: dict[str, Any] = Field(default_factory=dict)
+    # A secret: s3fs's options carry the key and secret (never in a repr or a log line).
+    archive_options: Annotated[Secret[dict[str, Any]], BeforeValidator(_json_object)] = Field(
+        default_factory=lambda: Secret[dict[str, Any]]({})
+    )
     hot_retention_s: float = Field(default=3600.0, ge=0)
     archive_interval_s: float = Field(default=30.0, gt=0)
     archive_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
@@ -205,6 +220,11 @@ class Settings(BaseSettings):
             self.redis_sentinel_password = SecretStr(password)
         self.sentinel_addresses()  # refuses a malformed list at start, naming the setting
         return self
+
+    @property
+    def watcher_bytes(self) -> int:
+        """The byte budget of one SSE watcher (`sse_watcher_bytes`, or 4 pages)."""
+        return self.sse_watcher_bytes or 4 * self.max_page_bytes
 
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         """`redis_sentinels` as (host, port) pairs; empty when Redis is reached by its URL."""

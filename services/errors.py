@@ -66,7 +66,13 @@ class SweepRejected(GradstreamError):
 
 
 class StoreUnavailable(GradstreamError):
-    """Redis could not be reached; the request may be retried."""
+    """Redis (or the archive) could not be reached; the request may be retried. Its message
+    says what is wrong in words a client may read (the API answers it as a 503); where things
+    live (hosts, ports, URLs) and the underlying error are the cause's, for the log only."""
+
+
+# What a client is told while Redis cannot be reached (a restart, a Sentinel failover).
+REDIS_UNAVAILABLE = "Redis is unavailable (restarting or failing over): retry shortly"
 
 
 class MalformedJob(GradstreamError):

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 
 from services.archive import Archive, archived_file
 from services.errors import (
+    REDIS_UNAVAILABLE,
     ArchivedStepsLost,
     JobNotFound,
     StoreUnavailable,
@@ -399,7 +400,7 @@ class JobStreams:
         try:
             snapshot = await pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+            raise StoreUnavailable(REDIS_UNAVAILABLE) from exc
         if not snapshot[0]:
             raise JobNotFound(job_id)
         return _Tail(self, job_id, snapshot)

@@ -123,7 +123,7 @@ def submit_job(
         # too, the reaper's orphan check sends the message later.)
         log.warning("enqueue of job %s failed: %s", job_id, exc)
         store.discard_job(job_id)
-        raise StoreUnavailable(f"could not enqueue the job: {exc}") from exc
+        raise StoreUnavailable("could not enqueue the job: the broker is unavailable") from exc
     log.info("job %s queued on %s (%s)", job_id, route.queue, route.reason)
     return view
 

@@ -28,6 +28,45 @@ STORE_OPTIONS: dict[str, Any] = {
 }
 # Asking a sentinel is quick or that sentinel is gone (the next one is asked).
 SENTINEL_TIMEOUT_S = 2.0
+# A sentinel that asked the others to elect it gives up after this (SENTINEL_ELECTION_TIMEOUT
+# in Redis's sentinel.c, 10 s, or the failover-timeout if shorter).
+SENTINEL_ELECTION_S = 10.0
+
+
+def failover_bound_s(down_after_ms: float, failover_timeout_ms: float) -> float:
+    """The longest one Sentinel failover leaves the store without a primary: the primary
+    silent for `down-after-milliseconds`, the sentinels agreeing (they ask each other every
+    second), a leader elected, and the replica it chose promoted (a failover not done within
+    `failover-timeout` is abandoned, and tried again only after twice that).
+    Settings.redis_outage_s, and the client's stream retries, must cover it."""
+    election_s = min(SENTINEL_ELECTION_S, failover_timeout_ms / 1000)
+    return down_after_ms / 1000 + 1.0 + election_s + failover_timeout_ms / 1000
+
+
+def failover_outlasts_outage(settings: Settings) -> str | None:
+    """Asked at start, of the first sentinel that answers: a warning when its failover may
+    outlast `redis_outage_s` (a running attempt would give up during one), else None; None
+    too without sentinels or with none answering (nothing is known yet)."""
+    for host, port in settings.sentinel_addresses():
+        sentinel = redis.Redis(host=host, port=port, **_sentinel_kwargs(settings))
+        try:
+            primary = sentinel.sentinel_master(settings.redis_master)
+        except redis.RedisError:
+            continue
+        finally:
+            sentinel.close()
+        down_after = float(primary["down-after-milliseconds"])
+        timeout = float(primary["failover-timeout"])
+        bound = failover_bound_s(down_after, timeout)
+        if bound <= settings.redis_outage_s:
+            return None
+        return (
+            f"a Sentinel failover may take {bound:.0f} s (down-after-milliseconds "
+            f"{down_after:.0f}, failover-timeout {timeout:.0f}), longer than "
+            f"GRADSTREAM_REDIS_OUTAGE_S ({settings.redis_outage_s:g} s): lower them or raise "
+            "it (docs/deploy.md, 'The clients' window')"
+        )
+    return None
 
 
 def direct_client(url: str) -> "redis.Redis":

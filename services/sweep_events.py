@@ -19,7 +19,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from services.errors import StoreUnavailable, SweepNotFound
+from services.errors import REDIS_UNAVAILABLE, StoreUnavailable, SweepNotFound
 from services.events import MAX_LAG, Render, StreamEvent, let_the_server_run
 from services.store.keys import (
     job_key,
@@ -107,7 +107,7 @@ class SweepStreams:
         try:
             owner, status = await self.client.hmget(sweep_key(sweep_id), "tenant", "status")
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+            raise StoreUnavailable(REDIS_UNAVAILABLE) from exc
         if owner != tenant.encode():
             raise SweepNotFound(sweep_id)
         return self._follow(sweep_id, status.decode(), after)

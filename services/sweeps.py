@@ -569,6 +569,6 @@ def submit_sweep(
     except Exception as exc:
         log.warning("enqueue of sweep %s failed: %s", sweep_id, exc)
         store.discard_sweep(sweep_id)
-        raise StoreUnavailable(f"could not enqueue the sweep: {exc}") from exc
+        raise StoreUnavailable("could not enqueue the sweep: the broker is unavailable") from exc
     log.info("sweep %s queued: %d members in %d groups", sweep_id, len(members), len(groups))
     return view

@@ -175,6 +175,9 @@ def test_api_keys_parse_from_pairs_or_a_file(tmp_path: pytest.TempPathFactory) -
         ("no key here", "tenant:key"),
         ("a b:cccccccccccccccccc", "tenant:key"),
         ("a:cccccccccccccccccc,b:cccccccccccccccccc", "share a key"),
+        # A tenant is a folder of the archive: these would write into its root or above it.
+        (".:cccccccccccccccccc", "names no tenant"),
+        ("..:cccccccccccccccccc", "names no tenant"),
     ]:
         with pytest.raises(ValueError, match=why):
             parse_api_keys(bad)

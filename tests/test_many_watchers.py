@@ -5,8 +5,11 @@ up no other; and `gradstream api --workers N` runs N such processes on one port.
 
 import asyncio
 import bisect
+import io
 import itertools
 import socket
+import threading
+import time
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +35,10 @@ WIDE = {
     "device": "cpu",
 }
 FAST_WATCHERS = 5
+# The page budget of the `paged` API: WIDE's 8 MB span ~120 pages, so a watcher more than two
+# pages behind is waited for (catch-up) and one four pages behind is dropped (lag), on any
+# machine: both are counted in bytes, not time.
+SMALL_PAGE_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +50,21 @@ def patient(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     api.redis_url = stack.redis_url
     try:
         api.start_api(GRADSTREAM_SSE_SEND_TIMEOUT_S="3600")
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture(scope="module")
+def paged(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Like `patient`, with small pages: a wide job is many pages, so the tail's catch-up
+    wait and its drop of a watcher that lags four pages run."""
+    api = Stack(tmp_path_factory.mktemp("paged"), env=TEST_ENV, tenants=("page",))
+    api.redis_url = stack.redis_url
+    try:
+        api.start_api(
+            GRADSTREAM_SSE_SEND_TIMEOUT_S="3600", GRADSTREAM_MAX_PAGE_BYTES=str(SMALL_PAGE_BYTES)
+        )
         yield api
     finally:
         api.stop()
@@ -80,9 +102,11 @@ class RawStream:
             lambda: b"event: status" in self.sock.recv(4096, socket.MSG_PEEK), 30, "first event"
         )
 
-    def writes(self) -> list[bytes]:
-        """Read the whole response: the body of each of the server's writes."""
-        with self.sock, self.sock.makefile("rb") as body:
+    def writes(self, pause_s: float = 0.0) -> list[bytes]:
+        """Read the whole response: the body of each of the server's writes. With `pause_s`,
+        a slow reader: it waits that long before each receive (of at most 16 KiB)."""
+        raw = _SlowSocket(self.sock, pause_s)
+        with self.sock, io.BufferedReader(raw, 16 * 1024) as body:
             while body.readline() not in (b"\r\n", b""):  # the status line and headers
                 pass
             writes = []
@@ -90,6 +114,20 @@ class RawStream:
                 writes.append(body.read(size))
                 body.readline()
             return writes
+
+
+class _SlowSocket(io.RawIOBase):
+    """A socket read `pause_s` after `pause_s`: a client that keeps reading, slowly."""
+
+    def __init__(self, sock: socket.socket, pause_s: float) -> None:
+        self.sock, self.pause_s = sock, pause_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        time.sleep(self.pause_s)
+        return self.sock.recv_into(buffer)
 
 
 def events_of(writes: list[bytes]) -> list[Event]:
@@ -205,6 +243,42 @@ def test_a_watcher_that_stops_reading_holds_up_no_other(patient: Stack, pat: Cli
         check_steps(events, stored)
     # It was neither dropped nor skipped: reading now, it gets the job too.
     check_steps(events_of(stalled.writes()), stored)
+
+
+def test_on_a_job_of_many_pages_a_slow_watcher_is_waited_for_and_a_stalled_one_dropped(
+    paged: Stack,
+) -> None:
+    with Client(paged.api_url, paged.api_key, timeout=10) as page:
+        job_id, blocker = queued_behind_a_running_job(page, WIDE)
+        stalled = RawStream(paged, job_id, stalled=True)
+        slow = RawStream(paged, job_id)
+        stalled.wait_until_following()
+        slow.wait_until_following()
+        # The slow one reads all along, a little at a time: whenever it is more than two pages
+        # behind the tail waits for it, so it is never dropped, however fast the job.
+        slow_writes: list[bytes] = []
+        reader = threading.Thread(target=lambda: slow_writes.extend(slow.writes(pause_s=0.005)))
+        reader.start()
+        others = asyncio.run(
+            _watch_from_the_start(paged, job_id, FAST_WATCHERS, lambda: page.cancel(blocker))
+        )
+        reader.join(120)
+        assert not reader.is_alive()
+        stored = list(page.steps(job_id))
+        assert len(stored) == WIDE["steps"]
+        for events in others:
+            check_steps(events, stored)
+        check_steps(events_of(slow_writes), stored)
+
+        # The stalled one fell four pages behind and was dropped: its stream ends (no `done`)
+        # after a prefix of the steps, each once and in order; by Last-Event-ID it gets the rest.
+        dropped = events_of(stalled.writes())
+        steps = [e for e in dropped if e.event == "step"]
+        assert dropped[-1].event != "done"
+        assert 0 < len(steps) < len(stored)
+        assert [e.data for e in steps] == stored[: len(steps)]
+        resumed = RawStream(paged, job_id, last_event_id=len(steps) - 1)
+        check_steps(events_of(resumed.writes()), stored[len(steps) :])
 
 
 def _serving_processes(api: Stack) -> list[int]:

@@ -18,7 +18,7 @@ from api.client import (
     Client,
     ServiceUnavailable,
     StreamError,
-    _backoff,
+    _pause,
 )
 from cli.stack import Stack, wait_until
 from services.archive import Archive, ArchivedFile
@@ -84,7 +84,7 @@ def test_a_stream_that_keeps_getting_503_raises_after_its_retries() -> None:
 
 
 def test_reconnects_back_off_exponentially_with_jitter() -> None:
-    first, third = [_backoff(1) for _ in range(50)], [_backoff(3) for _ in range(50)]
+    first, third = [_pause(1) for _ in range(50)], [_pause(3) for _ in range(50)]
     assert all(0.2 <= d <= 0.6 for d in first) and all(0.8 <= d <= 2.4 for d in third)
     assert len(set(third)) > 1  # not every client at the same moment
     assert sum(third) / len(third) > 2 * sum(first) / len(first)

@@ -35,6 +35,7 @@ from services.environment import cpu_model
 from services.errors import StoreUnavailable
 from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
+from services.redis_clients import failover_outlasts_outage
 from services.runner import warm_compiled
 from services.store import Store
 from services.training import compute_device, inductor_cache_dir, warm_up
@@ -113,7 +114,9 @@ def init_child(**_: Any) -> None:
         # Apart from the child's start: Celery kills a child not up within a few seconds,
         # and a compile takes longer.
         threading.Thread(target=_warm_compiled, args=(settings,), daemon=True).start()
-    _child = ChildContext(Store.from_settings(settings), device, drain)
+    store = Store.from_settings(settings)
+    store.load_scripts()  # a script Redis cannot compile fails the child at start, not a job
+    _child = ChildContext(store, device, drain)
 
 
 def _warm_compiled(settings: Settings) -> None:
@@ -172,6 +175,8 @@ def start_heartbeat(**_: Any) -> None:
         "queues": device.queue,
     }
     store = Store.from_settings(settings)
+    if warning := failover_outlasts_outage(settings):
+        log.warning("%s", warning)
 
     def beat() -> None:
         next_reap = 0.0
@@ -184,7 +189,7 @@ def start_heartbeat(**_: Any) -> None:
                 # renew its lease either. Reaping waits a lease once Redis is back, so that a
                 # lease that lapsed in the outage is renewed by its attempt, not taken for a
                 # lost worker (which would cost the job one of its max_attempts).
-                log.warning("worker heartbeat failed: %s", exc)
+                log.warning("worker heartbeat failed: %s (%s)", exc, exc.__cause__)
                 next_reap = time.monotonic() + settings.lease_s
             except Exception:
                 log.exception("worker heartbeat failed")

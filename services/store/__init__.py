@@ -60,6 +60,10 @@ class Store(Jobs, Attempts, Steps, Sweeps, Datasets, Workers, Recovery, Archivin
         """The store on the Redis at `url` (tests and benchmarks)."""
         return cls(direct_client(url), archive)
 
+    def load_scripts(self) -> None:
+        """Load every Lua script now, at the process's start (LuaScripts.load_all)."""
+        self.lua.load_all()
+
     @translate_redis_errors
     def ping(self) -> bool:
         return bool(self.redis.ping())

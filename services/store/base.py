@@ -2,15 +2,18 @@
 translation of Redis's failures into domain errors."""
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import redis
 
 from services.archive import Archive
-from services.errors import StorageFull, StoreUnavailable
+from services.errors import REDIS_UNAVAILABLE, StorageFull, StoreUnavailable
 from services.schemas import JobSummary
 from services.store import scripts
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -33,7 +36,7 @@ def translate_redis_errors(method: Callable[P, R]) -> Callable[P, R]:
         try:
             return method(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+            raise StoreUnavailable(REDIS_UNAVAILABLE) from exc
         except redis.exceptions.OutOfMemoryError as exc:
             raise StorageFull(STORAGE_FULL) from exc
 
@@ -66,6 +69,32 @@ class LuaScripts:
         self.release_archiving = client.register_script(scripts.RELEASE_ARCHIVING)
         self.defer_archive = client.register_script(scripts.DEFER_ARCHIVE)
         self.backfill_due = client.register_script(scripts.BACKFILL_DUE)
+
+    def load_all(self) -> None:
+        """SCRIPT LOAD every script, so that one Redis cannot compile fails the process that
+        starts (ScriptError) rather than the rare call that would run it. An unreachable Redis
+        only logs: redis-py loads a script on its first call anyway, as it must after a
+        restart or a failover (the script cache is neither persisted nor replicated)."""
+        for name, script in vars(self).items():
+            if not isinstance(script, redis.commands.core.Script):
+                continue
+            try:
+                sha = script.registered_client.script_load(script.script)
+            except redis.ResponseError as exc:
+                raise ScriptError(name, str(exc)) from exc
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Lua scripts not loaded at start (Redis unavailable): %s", exc)
+                return
+            if sha != script.sha:
+                raise ScriptError(name, f"Redis named it {sha}, not {script.sha}")
+
+
+class ScriptError(RuntimeError):
+    """A Lua script that Redis refuses to load: a bug, caught at start."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"Lua script {name.upper()} does not load: {reason}")
+        self.name = name
 
 
 class RedisPart:

@@ -21,8 +21,6 @@ GROUP_STATUS_PREFIX = "gs:groups:"  # + status: a sweep's groups (units of work,
 # covers it), so the reaper, which reads the jobs' and the groups' indexes, never walks them.
 MEMBER_STATUS_PREFIX = "gs:members:"
 TENANT_PREFIX = "gs:tenant:"  # + tenant + ':jobs' (+ ':' + status) | ':datasets' | ':bytes'
-TENANT_JOBS = ":jobs"
-DATASET_USERS = ":dataset-users:"  # tenant prefix + tenant + this + dataset id
 SWEEP_STATUS_PREFIX = "gs:sweeps:"  # + status: the ids of every tenant's sweeps in it (a set)
 WORKERS_INDEX = "gs:workers"
 STATS_KEY = "gs:stats"
@@ -130,10 +128,10 @@ def sweep_status_index(status: SweepStatus | str) -> str:
     return SWEEP_STATUS_PREFIX + str(status)
 
 
-def tenant_index(tenant: str, status: JobStatus | None = None) -> str:
+def tenant_index(tenant: str, status: JobStatus | str | None = None) -> str:
     """A tenant's jobs (all, or in one status), lex-sorted by id like the global indexes."""
-    base = f"{TENANT_PREFIX}{tenant}{TENANT_JOBS}"
-    return base if status is None else f"{base}:{status.value}"
+    base = f"{TENANT_PREFIX}{tenant}:jobs"
+    return base if status is None else f"{base}:{status}"
 
 
 def tenant_datasets(tenant: str) -> str:
@@ -144,6 +142,12 @@ def tenant_datasets(tenant: str) -> str:
 def tenant_storage(tenant: str) -> str:
     """Bytes a tenant keeps: its jobs' specs and steps (counted up front) and its datasets."""
     return f"{TENANT_PREFIX}{tenant}:bytes"
+
+
+def tenant_active_members(tenant: str) -> str:
+    """How many of a tenant's sweep members have not ended (a counter): its active jobs count
+    its sweeps, not their members."""
+    return f"{TENANT_PREFIX}{tenant}:members:active"
 
 
 def idempotency_key(tenant: str, key: str) -> str:
@@ -173,7 +177,7 @@ def dataset_refs(dataset_id: str) -> str:
 def dataset_users(tenant: str, dataset_id: str) -> str:
     """The tenant's jobs and sweeps not yet ended that train (or validate) on a dataset (a
     set of ids): a delete of the dataset asks it, not every active job."""
-    return f"{TENANT_PREFIX}{tenant}{DATASET_USERS}{dataset_id}"
+    return f"{TENANT_PREFIX}{tenant}:dataset-users:{dataset_id}"
 
 
 def sweep_dataset_id(sweep_id: str, part: str) -> str:

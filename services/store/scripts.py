@@ -27,44 +27,53 @@ def _lua_string(value: str) -> str:
 _TERMINAL = ", ".join(f"[{_lua_string(s.value)}] = true" for s in sorted(TERMINAL_STATUSES))
 
 
-def _key_function(name: str, key_of: Callable[[str], str]) -> str:
-    """A Lua function that spells a key around an id as `key_of` does in keys.py."""
-    prefix, suffix = key_of("\0").split("\0")
-    return (
-        f"local function {name}(id)\n"
-        f"  return {_lua_string(prefix)} .. id .. {_lua_string(suffix)}\nend\n"
-    )
+def _key_function(name: str, key_of: Callable[..., str], *params: str) -> str:
+    """A Lua function of `params` that spells a key as `key_of` does in keys.py: the Lua takes
+    every key name (and stream entry id) from there, never a literal of its own."""
+    marked = key_of(*(f"\0{param}\0" for param in params)).split("\0")
+    # Literal parts at even places, parameters at odd ones.
+    parts = [part if i % 2 else _lua_string(part) for i, part in enumerate(marked) if part or i % 2]
+    return f"local function {name}({', '.join(params)})\n  return {' .. '.join(parts)}\nend\n"
 
 
+# Each Lua function: its name, the function of keys.py it spells, its parameters.
+_KEY_SPELLINGS: list[tuple[str, Callable[..., str], str]] = [
+    ("job_key", keys.job_key, "id"),
+    ("steps_key", keys.steps_key, "id"),
+    ("events_key", keys.events_key, "id"),
+    ("lease_key", keys.lease_key, "id"),
+    ("ckpt_key", keys.ckpt_key, "id"),
+    ("sweep_key", keys.sweep_key, "id"),
+    ("sweep_events_key", keys.sweep_events_key, "id"),
+    ("sweep_members_key", keys.sweep_members_key, "id"),
+    ("sweep_finals_loss", lambda sweep: keys.sweep_finals_key(sweep, "loss"), "id"),
+    ("sweep_finals_val_loss", lambda sweep: keys.sweep_finals_key(sweep, "val_loss"), "id"),
+    ("tenant_sweeps", keys.tenant_sweeps, "id"),
+    ("tenant_active_sweeps", keys.tenant_active_sweeps, "id"),
+    ("dataset_key", keys.dataset_key, "id"),
+    ("tenant_jobs", keys.tenant_index, "tenant"),
+    ("tenant_jobs_in", keys.tenant_index, "tenant status"),
+    ("tenant_storage", keys.tenant_storage, "tenant"),
+    # A tenant's sweep members not yet ended: its active jobs count its sweeps instead.
+    ("tenant_active_members", keys.tenant_active_members, "tenant"),
+    # The tenant's jobs and sweeps not yet ended that use a dataset: `id` joins the sets
+    # of the datasets it names (space-separated) while it is queued or running, so that a
+    # dataset's delete asks one set instead of reading every active job.
+    ("dataset_users", keys.dataset_users, "tenant dataset"),
+    ("entry_id", keys.step_entry_id, "step"),
+]
 _KEY_FUNCTIONS = "".join(
-    _key_function(name, key_of)
-    for name, key_of in [
-        ("job_key", keys.job_key),
-        ("steps_key", keys.steps_key),
-        ("events_key", keys.events_key),
-        ("lease_key", keys.lease_key),
-        ("ckpt_key", keys.ckpt_key),
-        ("sweep_key", keys.sweep_key),
-        ("sweep_events_key", keys.sweep_events_key),
-        ("sweep_members_key", keys.sweep_members_key),
-        ("sweep_finals_loss", lambda sweep: keys.sweep_finals_key(sweep, "loss")),
-        ("sweep_finals_val_loss", lambda sweep: keys.sweep_finals_key(sweep, "val_loss")),
-        ("tenant_sweeps", keys.tenant_sweeps),
-        ("tenant_active_sweeps", keys.tenant_active_sweeps),
-        ("dataset_key", keys.dataset_key),
-    ]
+    _key_function(name, key_of, *params.split()) for name, key_of, params in _KEY_SPELLINGS
 )
 
-# Shared helpers, after each script's `#!lua` line.
-_HELPERS = f"""
+# What the Lua takes from keys.py and schemas.py: key names, index prefixes, field names. The
+# hand-written Lua below and in each script spells none of them (tests/test_scripts.py).
+GENERATED = f"""
 local TERMINAL = {{{_TERMINAL}}}
 local JOBS_INDEX = {_lua_string(keys.JOBS_INDEX)}
 local STATUS_INDEX = {_lua_string(keys.STATUS_INDEX_PREFIX)}
 local GROUP_INDEX = {_lua_string(keys.GROUP_STATUS_PREFIX)}
 local MEMBER_INDEX = {_lua_string(keys.MEMBER_STATUS_PREFIX)}
-local TENANT_PREFIX = {_lua_string(keys.TENANT_PREFIX)}
-local TENANT_JOBS = {_lua_string(keys.TENANT_JOBS)}
-local DATASET_USERS = {_lua_string(keys.DATASET_USERS)}
 local STATS = {_lua_string(keys.STATS_KEY)}
 local ARCHIVE_DUE = {_lua_string(keys.ARCHIVE_DUE)}
 local ARCHIVE_REMOVALS = {_lua_string(keys.ARCHIVE_REMOVALS)}
@@ -72,25 +81,17 @@ local SWEEP_STATUS = {_lua_string(keys.SWEEP_STATUS_PREFIX)}
 local ENVIRONMENT = {_lua_string(keys.ENVIRONMENT_FIELD_PREFIX)}
 local FIELD_COUNT = {_lua_string(FIELD_COUNT.decode())}
 local FIELD_ROWS = {_lua_string(FIELD_ROWS.decode())}
-local JOB, STEPS, EVENTS, LEASE, CKPT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 {_KEY_FUNCTIONS}"""
 
-_HELPERS += """
+# Shared helpers, after each script's `#!lua` line.
+_HELPERS = (
+    GENERATED
+    + """
+local JOB, STEPS, EVENTS, LEASE, CKPT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+
 local function tenant_index(tenant, status)
-  local base = TENANT_PREFIX .. tenant .. TENANT_JOBS
-  if status then return base .. ':' .. status end
-  return base
-end
-
-local function tenant_storage(tenant)
-  return TENANT_PREFIX .. tenant .. ':bytes'
-end
-
--- The tenant's jobs and sweeps not yet ended that use a dataset (keys.dataset_users): `id`
--- joins the sets of the datasets it names (space-separated) while it is queued or running,
--- so that a dataset's delete asks one set instead of reading every active job.
-local function dataset_users(tenant, dataset)
-  return TENANT_PREFIX .. tenant .. DATASET_USERS .. dataset
+  if status then return tenant_jobs_in(tenant, status) end
+  return tenant_jobs(tenant)
 end
 
 local function use_datasets(tenant, id, datasets)
@@ -115,11 +116,6 @@ local function remove_archived(archived, reply)
     redis.call('ZADD', ARCHIVE_REMOVALS, redis.call('TIME')[1], file.url)
     reply[#reply + 1] = file.url
   end
-end
-
--- A tenant's sweep members not yet ended: its active jobs count its sweeps, not their members.
-local function tenant_active_members(tenant)
-  return TENANT_PREFIX .. tenant .. ':members:active'
 end
 
 -- The jobs and sweeps of `tenant` that count against its limit of active jobs.
@@ -168,7 +164,7 @@ end
 local function sweep_event(sweep, kind, data)
   local record, stream = sweep_key(sweep), sweep_events_key(sweep)
   local seq = redis.call('HINCRBY', record, 'seq', 1)
-  local id = seq .. '-1'
+  local id = entry_id(seq)
   local keep = tonumber(redis.call('HGET', record, 'events_keep'))
   local grown = event_bytes(id, kind, data)
   if keep then
@@ -414,6 +410,7 @@ local function lapse(id, status, max_attempts, now)
   return 'requeue'
 end
 """
+)
 
 
 def _script(body: str, allow_oom: bool = False, helpers: bool = True) -> str:
@@ -876,7 +873,7 @@ for a = 11 + 2 * n, #ARGV, 8 do
                  'stepper', stepper)
     end
     if chunk and not applied and kept > 0 then
-      redis.call('XADD', STEPS, (first + kept - 1) .. '-1', FIELD_COUNT, kept,
+      redis.call('XADD', STEPS, entry_id(first + kept - 1), FIELD_COUNT, kept,
                  FIELD_ROWS, ARGV[a + 5], unpack(common))
       redis.call('HSET', JOB, 'steps_done', first + kept, 'loss', ARGV[a + 4])
       if ARGV[a + 7] ~= '' then redis.call('HSET', JOB, 'val_loss', ARGV[a + 7]) end
@@ -1056,7 +1053,7 @@ if not TERMINAL[record[1]] or record[1] ~= ARGV[2] or record[2] ~= ARGV[3]
   return 'changed'
 end
 local last = redis.call('XREVRANGE', STEPS, '+', '-', 'COUNT', 1)[1]
-if not last or last[1] ~= (tonumber(ARGV[4]) - 1) .. '-1' then return 'changed' end
+if not last or last[1] ~= entry_id(tonumber(ARGV[4]) - 1) then return 'changed' end
 redis.call('HSET', JOB, 'archived', ARGV[5])
 redis.call('DEL', STEPS, EVENTS)
 redis.call('ZREM', ARCHIVE_DUE, ARGV[1])
