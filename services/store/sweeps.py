@@ -219,10 +219,11 @@ class Sweeps(RedisPart):
         group_ids = fields.get(b"groups", b"").decode().split()
         if b"member_count" not in fields:  # stored before sweeps kept their counts
             return self._view_reading_members(fields, values, spec, group_ids, limit, cursor)
+        # In JobStatus order, as listings and the CLI print them (a hash's order is Redis's).
         counts = {
-            JobStatus(name[2:].decode()): int(n)
-            for name, n in fields.items()
-            if name.startswith(b"c:") and int(n) > 0
+            status: n
+            for status in JobStatus
+            if (n := int(fields.get(f"c:{status.value}".encode(), 0))) > 0
         }
         members, members_next = self._member_page(sweep_id, values, group_ids, limit, cursor)
         return SweepView(
