@@ -339,6 +339,26 @@ def test_a_sweeps_view_pages_its_members_but_counts_and_best_are_of_all(client: 
     client.delete_sweep(sweep_id)
 
 
+def test_a_sweep_stored_before_its_record_kept_counts_reads_them_from_its_members(
+    stack: Stack, client: Client
+) -> None:
+    # A record without member_count and c:<status> (written before sweeps kept them): its view
+    # counts, ranks and pages by reading every member, and says what the new record says.
+    lrs = [0.01, 0.02, 0.03, 0.04, 0.05]
+    base = {"data": {"x": [[1.0], [2.0]], "y": [2.0, 4.0]}, "init": {"w": [0.0]}, "steps": 5}
+    spec = {"base": {**base, "device": "cpu"}, "grid": {"optimizer.lr": lrs}}
+    sweep_id = client.submit_sweep(spec)["id"]
+    assert client.wait_sweep(sweep_id, timeout=60)["status"] == "succeeded"
+    pages = [client.sweep_page(sweep_id, 2), client.sweep_page(sweep_id, 2, "1")]
+    store = redis.Redis.from_url(stack.redis_url)
+    record = keys.sweep_key(sweep_id)
+    kept = [name for name in store.hkeys(record) if name.startswith(b"c:")]
+    assert kept and store.hdel(record, "member_count", *kept) == len(kept) + 1
+    store.close()
+    assert [client.sweep_page(sweep_id, 2), client.sweep_page(sweep_id, 2, "1")] == pages
+    client.delete_sweep(sweep_id)
+
+
 def test_halving_ranks_within_each_group_and_the_view_shows_each_groups_cuts(
     client: Client,
 ) -> None:

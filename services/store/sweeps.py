@@ -115,10 +115,21 @@ def _time(raw: bytes | None) -> datetime | None:
     return datetime.fromisoformat(raw.decode()) if raw else None
 
 
+def _fields(record: list[bytes | None]) -> tuple[list[bytes | None], bytes | None]:
+    """A member record read as _MEMBER_FIELDS and then `group`: the former, and its group."""
+    return record[:-1], record[-1]
+
+
 def _member(
-    member_id: str, index: int, values: dict[str, Any], record: list[bytes | None]
+    member_id: str,
+    index: int,
+    values: dict[str, Any],
+    record: list[bytes | None],
+    group: bytes | None,
+    position: dict[str, int],
 ) -> SweepMember:
-    """A member as its sweep shows it, from its record's _MEMBER_FIELDS."""
+    """A member as its sweep shows it, from its record's _MEMBER_FIELDS and its group's id
+    (`position`: each group's place in the sweep's groups)."""
     status, steps, loss, result, val_loss = record
     assert status is not None and steps is not None
     outcome = json.loads(result) if result else {}
@@ -132,6 +143,7 @@ def _member(
         final_loss=outcome.get("full_loss"),
         val_loss=_float(val_loss),
         final_val_loss=outcome.get("val_loss"),
+        group=position.get(group.decode()) if group else None,
     )
 
 
@@ -226,21 +238,39 @@ class Sweeps(RedisPart):
             if (n := int(fields.get(f"c:{status.value}".encode(), 0))) > 0
         }
         members, members_next = self._member_page(sweep_id, values, group_ids, limit, cursor)
+        return self._sweep_view(
+            fields,
+            spec,
+            group_ids,
+            limit,
+            counts=counts,
+            member_count=int(fields[b"member_count"]),
+            members=members,
+            members_next=members_next,
+            best=self._best_of_finals(sweep_id, values, metric),
+        )
+
+    def _sweep_view(
+        self,
+        fields: dict[bytes, bytes],
+        spec: SweepSpec,
+        group_ids: list[str],
+        limit: int,
+        **members: Any,
+    ) -> SweepView:
+        """A SweepView of the sweep's record fields, with its `members` part (counts,
+        member_count, members, members_next, best) read as the caller reads it."""
         return SweepView(
-            id=sweep_id,
+            id=fields[b"id"].decode(),
             name=fields[b"name"].decode() or None,
             status=SweepStatus(fields[b"status"].decode()),
             spec=spec,
             created_at=datetime.fromisoformat(fields[b"created_at"].decode()),
             started_at=_time(fields.get(b"started_at")),
             finished_at=_time(fields.get(b"finished_at")),
-            counts=counts,
             groups=len(group_ids),
             group_details=self._groups(group_ids) if limit else [],
-            member_count=int(fields[b"member_count"]),
-            members=members,
-            members_next=members_next,
-            best=self._best_of_finals(sweep_id, values, metric),
+            **members,
         )
 
     def _member_page(
@@ -267,9 +297,7 @@ class Sweeps(RedisPart):
         for (member_id, index), record in zip(page, pipe.execute(), strict=True):
             if record[0] is None:
                 continue  # deleted
-            member = _member(member_id, index, values[index], record[:-1])
-            group = record[-1].decode() if record[-1] else None
-            members.append(member.model_copy(update={"group": position.get(group or "")}))
+            members.append(_member(member_id, index, values[index], *_fields(record), position))
         return members, (str(page[-1][1]) if len(found) > limit else None)
 
     def _groups(self, group_ids: list[str]) -> list[SweepGroup]:
@@ -343,26 +371,22 @@ class Sweeps(RedisPart):
         ids = self.member_ids(sweep_id)
         pipe = self.redis.pipeline(transaction=False)
         for member_id in ids:
-            pipe.hmget(keys.job_key(member_id), _MEMBER_FIELDS)
+            pipe.hmget(keys.job_key(member_id), (*_MEMBER_FIELDS, "group"))
+        position = {group_id: i for i, group_id in enumerate(group_ids)}
         members, counts = [], dict.fromkeys(JobStatus, 0)
         for index, (member_id, record) in enumerate(zip(ids, pipe.execute(), strict=True)):
             if record[0] is None:
                 continue  # deleted
-            member = _member(member_id, index, values[index], record)
+            member = _member(member_id, index, values[index], *_fields(record), position)
             counts[member.status] += 1
             members.append(member)
         after = [m for m in members if cursor is None or (m.index or 0) > int(cursor)]
-        return SweepView(
-            id=sweep_id,
-            name=fields[b"name"].decode() or None,
-            status=SweepStatus(fields[b"status"].decode()),
-            spec=spec,
-            created_at=datetime.fromisoformat(fields[b"created_at"].decode()),
-            started_at=_time(fields.get(b"started_at")),
-            finished_at=_time(fields.get(b"finished_at")),
+        return self._sweep_view(
+            fields,
+            spec,
+            group_ids,
+            limit,
             counts={status: n for status, n in counts.items() if n},
-            groups=len(group_ids),
-            group_details=self._groups(group_ids) if limit else [],
             member_count=len(members),
             members=after[:limit],
             members_next=str(after[limit - 1].index) if limit and len(after) > limit else None,
