@@ -201,8 +201,9 @@ class Settings(BaseSettings):
     cpu_compiled_step_fixed_s: float = Field(default=10e-6, ge=0)
     cpu_compile_s: float = Field(default=10.0, ge=0)
     # A compile whose code Inductor's on-disk cache holds (another process compiled the
-    # shape): Dynamo still traces, and the cached code is loaded. A shape this process has
-    # compiled costs nothing.
+    # shape): Dynamo still traces, and the cached code is loaded (measured on this VM: 2.9 s
+    # for a process's first shape, 0.5 s for its next; 3.1 s in tests/test_resume.py). A
+    # shape this process has compiled costs nothing.
     cpu_compile_cached_s: float = Field(default=4.0, ge=0)
     gpu_step_fixed_s: float = Field(default=500e-6, ge=0)
     gpu_graph_step_fixed_s: float = Field(default=25e-6, ge=0)
