@@ -37,11 +37,18 @@ from services import metrics
 from services.config import Settings
 from services.environment import attempt_environment
 from services.errors import StorageFull, StoreUnavailable
-from services.queue import compiles
+from services.queue import CompiledAt, compiles
 from services.records import param_values
 from services.schemas import AttemptEnvironment, JobSpec
 from services.store import Claim, Store
-from services.training import DatasetCache, FitReference, inductor_cache_counts
+from services.training import (
+    BlockShape,
+    DatasetCache,
+    FitReference,
+    block_cached,
+    block_compiled,
+    inductor_cache_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +201,17 @@ def retry_through_outage(write: Callable[[], T], what: str, outage_s: float) -> 
             pause = min(1.0, pause * 2)
 
 
+def compiled_at(shape: BlockShape | None) -> CompiledAt:
+    """Where the compiled block of `shape` is found now: in this process (a job or the warm-up
+    compiled it), in Inductor's on-disk cache (another process did), or nowhere (None: the
+    shape is not known)."""
+    if shape is not None and block_compiled(shape):
+        return CompiledAt.PROCESS
+    if shape is not None and block_cached(shape):
+        return CompiledAt.DISK
+    return CompiledAt.NOWHERE
+
+
 def choose_stepper(
     spec: JobSpec,
     settings: Settings,
@@ -201,15 +219,17 @@ def choose_stepper(
     can_graph: bool,
     can_compile: bool,
     members: int = 1,
+    shape: BlockShape | None = None,
 ) -> str:
     """The cost model's stepper for an attempt no earlier attempt recorded one for: a CUDA
     graph where the steps can be captured (`can_graph`: a GPU) and `steps` are enough to repay
     the capture; compiled blocks where they can run (`can_compile`: the CPU) and repay their
-    compile over the whole job (a group of `members` costs as one job on `members` times the
-    data); else eager."""
+    compile over the whole job, a compile costing what is found of the block of `shape`
+    (`compiled_at`; a group of `members` costs as one job on `members` times the data); else
+    eager. The attempt records the choice with the job, and every later attempt runs it."""
     if can_graph and settings.cuda_graphs and steps >= settings.cuda_graph_min_steps:
         return "cuda-graph"
-    if can_compile and compiles(spec, settings, members):
+    if can_compile and compiles(spec, settings, members, compiled_at(shape)):
         return "compiled"
     return "eager"
 

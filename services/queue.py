@@ -1,6 +1,7 @@
 """The Celery app (configured lazily from Settings), the task name, and device -> queue routing."""
 
 from dataclasses import dataclass
+from enum import StrEnum
 from types import SimpleNamespace
 from typing import Any
 
@@ -113,17 +114,41 @@ def estimated_seconds(device: str, elements: int, steps: int, settings: Settings
     return steps * (settings.gpu_step_fixed_s + per_element) + transfer
 
 
-def compiles(spec: JobSpec, settings: Settings, members: int = 1) -> bool:
+class CompiledAt(StrEnum):
+    """Where a job's compiled block of steps is found when its attempt chooses a stepper."""
+
+    NOWHERE = "nowhere"  # compiled from scratch: cpu_compile_s
+    DISK = "disk"  # Inductor's on-disk cache holds its code: cpu_compile_cached_s
+    PROCESS = "process"  # this process compiled it already: nothing to pay
+
+
+def compile_seconds(compiled_at: CompiledAt, settings: Settings) -> float:
+    """The cost model's time to have a shape's compiled block ready, given where it is found."""
+    if compiled_at is CompiledAt.PROCESS:
+        return 0.0
+    if compiled_at is CompiledAt.DISK:  # never dearer than compiling
+        return min(settings.cpu_compile_cached_s, settings.cpu_compile_s)
+    return settings.cpu_compile_s
+
+
+def compiles(
+    spec: JobSpec,
+    settings: Settings,
+    members: int = 1,
+    compiled_at: CompiledAt = CompiledAt.NOWHERE,
+) -> bool:
     """Whether a CPU job runs compiled blocks: when the cost model says compiling repays
     itself over the whole job (the spec's steps, not an attempt's: every attempt of a job
-    chooses alike, so its records do not depend on where it was resumed). A sweep's group of
-    `members` costs as one job on `members` times the data."""
+    chooses alike, so its records do not depend on where it was resumed). The compile costs
+    what `compiled_at` says (nothing when this process has the block); a free one still needs
+    a whole block of steps. A sweep's group of `members` costs as one job on `members` times
+    the data."""
     if not settings.compile_steps or spec.steps < settings.compile_block_steps:
         return False
     elements = spec.data.samples * spec.data.features * members
     eager = estimated_seconds("cpu", elements, spec.steps, settings)
     per_step = settings.cpu_compiled_step_fixed_s + settings.cpu_step_per_element_s * elements
-    return settings.cpu_compile_s + spec.steps * per_step < eager
+    return compile_seconds(compiled_at, settings) + spec.steps * per_step < eager
 
 
 # Float32 (rows, members) tensors a batched step holds at once: y_hat, the residual, its

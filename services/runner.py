@@ -44,12 +44,19 @@ from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Claim, Store
 from services.store.sweeps import GROUP_SPEC_PREFIX
 from services.training import (
+    BlockShape,
     CompiledSteps,
     CudaGraphStep,
     FitReference,
     Layout,
     Trainer,
+    block_shape,
+    parse_shape,
+    recent_shapes,
+    recent_shapes_file,
+    remember_shape,
     serialize_state,
+    shape_text,
     supports_compiled_steps,
     supports_cuda_graph,
 )
@@ -223,22 +230,48 @@ class StopRule:
         return None
 
 
-def warm_compiled(settings: Settings) -> list[str]:
-    """Compile the blocks of the shapes in `settings.compile_warm_shapes` ("1x1,1000x10+b":
-    samples x features, +b with a bias) in this process, with the recorder a job of each
-    shape gets, so that such jobs start at once. The shapes done."""
+def shapes_to_warm(settings: Settings) -> list[str]:
+    """The shapes a pool process compiles when it starts: GRADSTREAM_COMPILE_WARM_SHAPES,
+    then the `compile_recent_shapes` latest shapes this worker's cache has seen, once each."""
+    shapes = [s.strip() for s in settings.compile_warm_shapes.split(",") if s.strip()]
+    if settings.compile_recent_shapes:
+        recent = recent_shapes(recent_shapes_file(settings.compile_cache_dir))
+        shapes += recent[: settings.compile_recent_shapes]
+    return list(dict.fromkeys(shapes))
+
+
+def note_recent_shape(settings: Settings, shape: BlockShape) -> None:
+    """Put `shape` first among the worker's recent shapes (kept if compile_recent_shapes)."""
+    if settings.compile_recent_shapes:
+        path = recent_shapes_file(settings.compile_cache_dir)
+        remember_shape(path, shape_text(shape), settings.compile_recent_shapes)
+
+
+def warm_compiled(settings: Settings, shapes: list[str] | None = None) -> list[str]:
+    """Compile the blocks of `shapes` (by default `shapes_to_warm`: "1x1", "1000x10+b+v200":
+    samples x features, +b with a bias, +vN with N validation rows) in this process, with the
+    recorder a job of each shape gets, so that such jobs start at once and the cost model
+    counts their compile as done. The shapes done; one that fails is logged and skipped."""
     block, done = settings.compile_block_steps, []
-    for shape in filter(None, (s.strip() for s in settings.compile_warm_shapes.split(","))):
-        size, bias = shape.removesuffix("+b"), shape.endswith("+b")
-        n, d = (int(v) for v in size.split("x"))
-        spec = JobSpec.model_validate(
-            {"data": {"synthetic": {"n": n, "d": d}}, "bias": bias, "steps": block}
-        )
-        trainer = Trainer(spec, torch.device("cpu"))
-        cpu = torch.device("cpu")
-        recorder = StepRecorder(trainer.layout, settings.flush_max_steps, cpu, 0, block)
-        CompiledSteps(trainer, recorder.storage, recorder.cursor, block)
-        done.append(shape)
+    cpu = torch.device("cpu")
+    for text in shapes_to_warm(settings) if shapes is None else shapes:
+        try:
+            samples, features, bias, _, validation = parse_shape(text, block)
+            fields: dict[str, Any] = {
+                "data": {"synthetic": {"n": samples, "d": features}},
+                "bias": bias,
+                "steps": block,
+            }
+            if validation:  # an explicit validation set of that many rows
+                zeros = {"x": [[0.0] * features] * validation, "y": [0.0] * validation}
+                fields["eval"] = {"data": zeros}
+            trainer = Trainer(JobSpec.model_validate(fields), cpu)
+            recorder = StepRecorder(trainer.layout, settings.flush_max_steps, cpu, 0, block)
+            CompiledSteps(trainer, recorder.storage, recorder.cursor, block)
+        except Exception:
+            log.warning("compiling the steps of shape %r failed; skipped", text, exc_info=True)
+            continue
+        done.append(text.strip())
     return done
 
 
@@ -378,13 +411,19 @@ class JobAttempt(Attempt):
 
     def _stepper_kind(self, spec: JobSpec, trainer: Trainer, steps: int) -> str:
         """The cost model's stepper (`choose_stepper`) for a job no attempt has recorded one
-        for; `steps`: those left."""
+        for; `steps`: those left. A job that could run compiled puts its shape first among
+        the worker's recent shapes, which its next start compiles."""
+        can_compile = self._can_run("compiled", spec, trainer)
+        shape = block_shape(trainer, self.settings.compile_block_steps)
+        if can_compile and spec.steps >= self.settings.compile_block_steps:
+            note_recent_shape(self.settings, shape)
         return choose_stepper(
             spec,
             self.settings,
             steps,
             self._can_run("cuda-graph", spec, trainer),
-            self._can_run("compiled", spec, trainer),
+            can_compile,
+            shape=shape,
         )
 
     def _can_run(self, kind: str, spec: JobSpec, trainer: Trainer) -> bool:

@@ -13,6 +13,8 @@ host sync.
 """
 
 import io
+import json
+import logging
 import math
 import os
 from collections import OrderedDict
@@ -29,6 +31,8 @@ import torch._dynamo
 
 from services.records import finite_or_none, is_evaluated, param_values, row_width
 from services.schemas import JobSpec, holdout_size
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -699,10 +703,12 @@ def supports_cuda_graph(trainer: Trainer) -> bool:
 
 # Compiled blocks, by (samples, features, bias, block), for as long as the process lives: a
 # worker's pool process compiles each shape once, and Inductor's on-disk caches make the next
-# process's compile of it a cache hit.
+# process's compile of it a cache hit. `_ready_blocks`: the shapes whose block has run here
+# (compiled, not only made), which the cost model counts as free.
 BlockShape = tuple[int, int, bool, int, int]  # samples, features, bias, block, validation rows
 _compiled_blocks: dict[BlockShape, Callable[..., None]] = {}
 _failed_blocks: set[BlockShape] = set()
+_ready_blocks: set[BlockShape] = set()
 
 
 def _block_of_steps(features: int, bias: bool, block: int, evaluated: bool) -> Callable[..., None]:
@@ -772,7 +778,7 @@ class CompiledSteps:
         self._trainer = trainer
         features, bias = trainer.layout.features, trainer.layout.bias
         validation = trainer.val or ()
-        key = (len(trainer.y), features, bias, block, len(validation[1]) if validation else 0)
+        key = block_shape(trainer, block)
         if key in _failed_blocks:  # one failed compile of a shape is enough
             raise RuntimeError(f"compiling blocks of shape {key} failed before in this process")
         if key not in _compiled_blocks:
@@ -806,10 +812,105 @@ class CompiledSteps:
             # That block changed the parameters and moved the cursor: undo it.
             theta.copy_(saved)
             cursor.copy_(start)
+        if key not in _ready_blocks:
+            _ready_blocks.add(key)
+            mark_cached(key)
 
     def replay(self) -> None:
         self._steps(*self._args)
         self._trainer.steps_done += self.block
+
+
+def block_shape(trainer: Trainer, block: int) -> BlockShape:
+    """What a compiled block of the trainer's steps is specialised to (with the recorder's
+    buffer, whose shape follows from it and the worker's settings)."""
+    validation = len(trainer.val[1]) if trainer.val is not None else 0
+    return (len(trainer.y), trainer.layout.features, trainer.layout.bias, block, validation)
+
+
+def shape_text(shape: BlockShape) -> str:
+    """A shape as GRADSTREAM_COMPILE_WARM_SHAPES writes it: samples x features, `+b` with a
+    bias, `+vN` with N validation rows (the block length is the worker's setting)."""
+    samples, features, bias, _, validation = shape
+    return f"{samples}x{features}{'+b' if bias else ''}{f'+v{validation}' if validation else ''}"
+
+
+def parse_shape(text: str, block: int) -> BlockShape:
+    """The BlockShape of `shape_text`'s `text` ("1000x10+b+v200") in blocks of `block`."""
+    size, *options = text.strip().split("+")
+    samples, features = (int(v) for v in size.split("x"))
+    validation = [int(o[1:]) for o in options if o.startswith("v")]
+    if any(o != "b" and not o.startswith("v") for o in options) or len(validation) > 1:
+        raise ValueError(f"{text!r} is not a shape like 1000x10+b+v200")
+    return (samples, features, "b" in options, block, validation[0] if validation else 0)
+
+
+def block_compiled(shape: BlockShape) -> bool:
+    """Whether this process has compiled and run the block of `shape`."""
+    return shape in _ready_blocks
+
+
+def _marker(shape: BlockShape) -> str:
+    """The file that says Inductor's cache (where this process writes it now) holds the code
+    of `shape`'s block, built by this torch version."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    name = f"{shape_text(shape)}.block{shape[3]}"
+    return os.path.join(cache_dir(), "gradstream-compiled", torch.__version__, name)
+
+
+def block_cached(shape: BlockShape) -> bool:
+    """Whether a process compiled the block of `shape` into Inductor's current on-disk cache
+    (its marker is there): one stat, no compile. A cache emptied by hand leaves no marker."""
+    return os.path.exists(_marker(shape))
+
+
+def mark_cached(shape: BlockShape) -> None:
+    """Leave the marker of `shape` beside Inductor's cache, after its block compiled."""
+    path = _marker(shape)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError:  # a read-only cache: the cost model then counts a full compile
+        pass
+
+
+def recent_shapes_file(cache_base: str) -> str:
+    """The file of the shapes recently seen by the workers whose compile cache is in
+    `cache_base` (GRADSTREAM_COMPILE_CACHE_DIR; one per CPU instruction set, like the code)."""
+    return os.path.join(inductor_cache_dir(cache_base), "gradstream-recent-shapes.json")
+
+
+def recent_shapes(path: str) -> list[str]:
+    """The shapes in the file at `path`, most recent first (none if it is missing or not a
+    list of strings)."""
+    try:
+        with open(path) as file:
+            shapes = json.load(file)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(shapes, list) or not all(isinstance(s, str) for s in shapes):
+        return []
+    return shapes
+
+
+def remember_shape(path: str, shape: str, keep: int) -> None:
+    """Put `shape` first in the file at `path`, which keeps the `keep` latest shapes. Written
+    to a temporary name and renamed, so a reader sees the old list or the new; two workers
+    writing at once may lose one of their shapes (it is a hint, not a record)."""
+    shapes = recent_shapes(path)
+    if shapes[:1] == [shape] or keep == 0:
+        return
+    shapes = [shape, *(s for s in shapes if s != shape)][:keep]
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w") as file:
+            json.dump(shapes, file)
+        os.replace(temporary, path)
+    except OSError:
+        log.warning("could not write the recent shapes to %s", path, exc_info=True)
 
 
 def supports_compiled_steps(trainer: Trainer) -> bool:

@@ -43,6 +43,10 @@ torch.set_num_threads(1)
 # Compiled code cached per CPU instruction set, as workers keep it: a run of the suite under
 # ATEN_CPU_CAPABILITY=default must not find the code built for this machine's AVX2.
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
+# Neither kept nor warmed: the tests' shapes stay out of this machine's list of recent shapes
+# (which its real workers compile when they start), and no test worker compiles that list.
+# Tests of the list give a folder of their own.
+os.environ["GRADSTREAM_COMPILE_RECENT_SHAPES"] = "0"
 
 # Short intervals so that tests see keep-alives, heartbeats and lapsed workers quickly.
 TEST_ENV = {

@@ -36,7 +36,7 @@ from services.errors import StoreUnavailable
 from services.logs import configure_logging
 from services.queue import Device, celery_app, enqueue_training
 from services.redis_clients import failover_outlasts_outage
-from services.runner import warm_compiled
+from services.runner import shapes_to_warm, warm_compiled
 from services.store import Store
 from services.training import compute_device, inductor_cache_dir, warm_up
 
@@ -110,18 +110,21 @@ def init_child(**_: Any) -> None:
     warm_up(device)
     drain = threading.Event()
     signal.signal(DRAIN_SIGNAL, lambda *_: drain.set())
-    if device.type == "cpu" and settings.compile_steps and settings.compile_warm_shapes:
+    # The configured shapes and those its cache's workers ran lately (the file is read after
+    # TORCHINDUCTOR_CACHE_DIR is set: it sits in that folder).
+    shapes = shapes_to_warm(settings) if device.type == "cpu" and settings.compile_steps else []
+    if shapes:
         # Apart from the child's start: Celery kills a child not up within a few seconds,
         # and a compile takes longer.
-        threading.Thread(target=_warm_compiled, args=(settings,), daemon=True).start()
+        threading.Thread(target=_warm_compiled, args=(settings, shapes), daemon=True).start()
     store = Store.from_settings(settings)
     store.load_scripts()  # a script Redis cannot compile fails the child at start, not a job
     _child = ChildContext(store, device, drain)
 
 
-def _warm_compiled(settings: Settings) -> None:
+def _warm_compiled(settings: Settings, shapes: list[str]) -> None:
     try:
-        log.info("compiled steps warmed for %s", ", ".join(warm_compiled(settings)))
+        log.info("compiled steps warmed for %s", ", ".join(warm_compiled(settings, shapes)))
     except Exception:
         log.exception("warming compiled steps failed (jobs compile when they come)")
 
