@@ -3,6 +3,7 @@ before it loads, reports its steps and loop time as a job does, and leaves its w
 registry entry clean however it ends. Groups run in this process, as a worker's pool child
 runs them, through stores that act at a chosen point (no sleeps racing a worker)."""
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -49,14 +50,25 @@ class SlowLoadStore(Store):
 
 class FencingStore(Store):
     """While the group loads, its lease lapses and a newer attempt (another worker's) takes
-    it: the attempt's lease keeper finds out at its next renewal, and the attempt stops
-    before it flushes anything (no script of its own ends it)."""
+    it: the load ends once the attempt's lease keeper has found that out (its renewal
+    refused), and the attempt stops before it flushes anything (no script of its own ends
+    it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refused = threading.Event()
+
+    def renew_lease(self, job_id: str, attempt: int, lease_s: float) -> bool:
+        renewed = super().renew_lease(job_id, attempt, lease_s)
+        if not renewed:
+            self.refused.set()
+        return renewed
 
     def group_work(self, group_id: str, member_ids: list[str]) -> GroupWork:
         self.redis.delete(keys.lease_key(group_id))
         claim = self.claim_job(group_id, "other-worker", 30.0, 5)
         assert claim.outcome == "claimed", claim
-        time.sleep(1.0)  # the keeper renews every 0.2 s (a lease of 0.6 s), and fails
+        assert self.refused.wait(30), "the lease keeper never renewed during the load"
         return super().group_work(group_id, member_ids)
 
 
