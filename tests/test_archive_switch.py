@@ -38,6 +38,16 @@ def archiving_store(stack: Stack, archive: Archive) -> Iterator[Store]:
     store.redis.close()
 
 
+def _every_step_then_done(body: bytes, view: dict[str, Any]) -> list[Any]:
+    """The stream's events, checked: every stored step of the job once, in order, then
+    `done`."""
+    events = list(parse_sse(iter(body.decode().splitlines())))
+    steps = [event.data["step"] for event in events if event.event == "step"]
+    assert steps == list(range(view["steps_done"]))
+    assert events[-1].event == "done"
+    return events
+
+
 async def _rest(frames: AsyncGenerator[bytes, None]) -> bytes:
     return b"".join([frame async for frame in frames])
 
@@ -76,12 +86,8 @@ def test_a_watcher_held_behind_across_the_archive_switch_gets_every_step_then_do
     finally:
         client.cancel(job_id) if client.get(job_id)["status"] == "running" else None
 
-    view = client.get(job_id)
-    events = list(parse_sse(iter(body.decode().splitlines())))
-    steps = [event.data["step"] for event in events if event.event == "step"]
-    assert steps == list(range(view["steps_done"]))
-    assert [event.event for event in events][-1] == "done"
-    assert events[-1].data["steps_done"] == view["steps_done"]
+    events = _every_step_then_done(body, client.get(job_id))
+    assert events[-1].data["steps_done"] == client.get(job_id)["steps_done"]
 
 
 class HeldReads(aioredis.Redis):  # type: ignore[misc]
@@ -132,8 +138,5 @@ def test_a_tail_held_behind_while_its_job_is_archived_still_ends_with_every_step
     finally:
         client.cancel(job_id) if client.get(job_id)["status"] == "running" else None
 
-    view = client.get(job_id)
-    events = list(parse_sse(iter(body.decode().splitlines())))
-    steps = [event.data["step"] for event in events if event.event == "step"]
-    assert steps == list(range(view["steps_done"]))
-    assert events[-1].event == "done" and events[-1].data["status"] == "cancelled"
+    events = _every_step_then_done(body, client.get(job_id))
+    assert events[-1].data["status"] == "cancelled"
