@@ -12,6 +12,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,8 @@ import torch
 
 from api.client import AsyncClient, Client
 from cli.stack import Stack
+from services import archive as archive_module
+from services.archive import Archive, ArchivedFile
 from services.attempts import Outcome
 from services.config import Settings
 from services.records import Chunk, expand_chunk, kept_steps, row_width, sparse_rows
@@ -280,3 +283,32 @@ def test_expanding_a_sparse_chunk_from_any_step() -> None:
     # As Redis gives the fields back: bytes.
     stored = {k: v if isinstance(v, bytes) else b"%d" % v for k, v in chunk.fields().items()}
     assert Chunk.from_fields(stored) == chunk
+
+
+def test_archived_sparse_rows_read_back_whatever_the_row_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Row groups of 9 rows across chunks of 13, 40 and 7 steps (the last ends the job): a row
+    # group starts between kept steps and ends at the job's last, kept beside the rule.
+    monkeypatch.setattr(archive_module, "ROW_GROUP_BYTES", 4 * 8 * 9)
+    archive = Archive(str(tmp_path), cache_bytes=1 << 20)
+    rng = np.random.default_rng(0)
+    chunks, first = [], 0
+    for count, last in [(13, False), (40, False), (7, True)]:
+        rows = rng.standard_normal((count, 8)).astype(np.float32)  # 2 features, bias, val_loss
+        rows[::3, -1] = np.nan  # steps not evaluated
+        packed = sparse_rows(rows, first, 5, True, last)
+        chunks.append(Chunk(first, count, 2, True, packed, evaluated=True, every=5))
+        first += count
+    records = [record for chunk in chunks for record in expand_chunk(chunk)]
+    path = archive.job_path("tenant", "job")
+    temporary, rows_written, sha256 = archive.write(path, chunks)
+    archive.verify(temporary, rows_written, sha256)
+    archive.publish(temporary, path)
+    archived = ArchivedFile(archive.url(path), rows_written, sha256)
+    back: list[dict[str, Any]] = []
+    while (chunk := archive.chunk_after(archived, len(back) - 1)) is not None:
+        assert chunk.every == 5
+        back += expand_chunk(chunk, len(back) - 1)
+    assert back == records
+    assert [r["step"] for r in back if "grads" in r] == [*range(0, 60, 5), 59]
