@@ -456,16 +456,19 @@ VAL_LOSS_WIDTH = len("  val_loss ") + 12
 
 def _format_step(step: dict[str, Any], evaluated: bool = False) -> str:
     """One line per step, however wide the model: loss, gradient norm, the first values. A job
-    with eval (`evaluated`) has a val_loss column, blank at the steps it was not evaluated."""
-    grads, params = step["grads"], step["params"]
+    with eval (`evaluated`) has a val_loss column, blank at the steps it was not evaluated; a
+    step of a sparse job (record.every) that kept no gradients shows its loss only."""
     val_loss = ""
     if "val_loss" in step:
         val_loss = f"  val_loss {_f32(step['val_loss']):<12}"
     elif evaluated:
         val_loss = " " * VAL_LOSS_WIDTH
-    text = (
-        f"step {step['step']:>4}  loss {_f32(step['loss']):<12}{val_loss}  |grad| {_norm(step):<10}"
-        f"  dLoss/dw {_f32_head(grads['w'])}  w {_f32_head(params['w'])}"
+    text = f"step {step['step']:>4}  loss {_f32(step['loss']):<12}{val_loss}"
+    if "grads" not in step:
+        return text
+    grads, params = step["grads"], step["params"]
+    text += (
+        f"  |grad| {_norm(step):<10}  dLoss/dw {_f32_head(grads['w'])}  w {_f32_head(params['w'])}"
     )
     if "b" in grads:
         text += f"  dLoss/db {_f32(grads['b'])}  b {_f32(params['b'])}"
@@ -688,6 +691,8 @@ def show(
     if record is None or record["step"] != step:
         _fail(f"job {job_id} has no step {step} stored", USAGE)
     if "explain" not in record:
+        if "grads" not in record:  # a step of a sparse job (record.every) that keeps its loss
+            _fail(f"job {job_id} kept no gradients at step {step} (record.every)", USAGE)
         _fail(f"job {job_id} was not run with record.explain: true", USAGE)
     typer.echo(_format_explain(record))
 
@@ -782,7 +787,7 @@ def csv_header(record: dict[str, Any], evaluated: bool = False) -> list[str]:
     """The CSV columns of a job whose first step is `record`: w_0…, b, grad_w_0…, grad_b,
     loss, step, epoch, batch (b and grad_b only with a bias), then val_loss for a job with
     eval (`evaluated`). val_loss comes last so that every other column keeps its place
-    whether or not a job has eval."""
+    whether or not a job has eval. Step 0 keeps its parameters whatever record.every is."""
     weights = [f"w_{i}" for i in range(len(record["params"]["w"]))]
     bias = ["b"] if "b" in record["params"] else []
     params = weights + bias
@@ -790,15 +795,20 @@ def csv_header(record: dict[str, Any], evaluated: bool = False) -> list[str]:
     return [*columns, "val_loss"] if evaluated else columns
 
 
-def csv_row(record: dict[str, Any], evaluated: bool = False) -> list[Any]:
+def csv_row(record: dict[str, Any], evaluated: bool = False, params: int = 0) -> list[Any]:
     """A step's values in csv_header's order. A full-batch step is one epoch of one batch;
     a value that was not finite (null in the API's JSON) is written `nan`; val_loss is empty
-    at a step that was not evaluated."""
-    params, grads = record["params"], record["grads"]
-    values = [*params["w"], *([params["b"]] if "b" in params else [])]
-    values += [*grads["w"], *([grads["b"]] if "b" in grads else [])]
-    values.append(record["loss"])
-    floats = ["nan" if v is None else v for v in values]
+    at a step that was not evaluated, and the `params` parameter and as many gradient columns
+    at a step of a sparse job (record.every) that kept none."""
+    values: list[Any]
+    if "params" in record:
+        kept, grads = record["params"], record["grads"]
+        values = [*kept["w"], *([kept["b"]] if "b" in kept else [])]
+        values += [*grads["w"], *([grads["b"]] if "b" in grads else [])]
+        values = ["nan" if v is None else v for v in values]
+    else:
+        values = [""] * (2 * params)
+    floats = [*values, "nan" if record["loss"] is None else record["loss"]]
     row = [*floats, record["step"], record.get("epoch", record["step"]), record.get("batch", 0)]
     if evaluated:
         val_loss = record.get("val_loss", "")
@@ -824,10 +834,13 @@ def steps(
             return
         evaluated = _evaluated(client.get(job_id)["spec"])
         writer = csv.writer(sys.stdout, lineterminator="\n")
+        params = 0
         for i, record in enumerate(client.steps(job_id)):
             if i == 0:
-                writer.writerow(csv_header(record, evaluated))
-            writer.writerow(csv_row(record, evaluated))
+                header = csv_header(record, evaluated)
+                params = header.index("loss") // 2
+                writer.writerow(header)
+            writer.writerow(csv_row(record, evaluated, params))
 
 
 @app.command()

@@ -3,7 +3,8 @@ file per job under GRADSTREAM_ARCHIVE_URL (any fsspec URL), and the cached reade
 it again.
 
 A file holds one row per step: `step` (int64), `loss` (float32), `grads` and `params` (fixed-
-size lists of float32, the record's `[w..., b]`), `explain` (float32, an explained job's graph)
+size lists of float32, the record's `[w..., b]`; null at the steps a job with record.every N > 1
+did not keep them), `explain` (float32, an explained job's graph, null where `grads` is)
 and `epoch`, `batch` (int64, a mini-batch job's). Its schema's metadata keeps the job's row
 layout, so that a row group becomes a `Chunk` again and is expanded into records by the very
 code that expands the stream's chunks: the JSON served from the archive cannot differ from the
@@ -39,7 +40,7 @@ import numpy as np
 
 from services.config import Settings
 from services.errors import StoreUnavailable
-from services.records import Chunk, row_width
+from services.records import Chunk, row_width, sparse_rows
 
 
 class _ImportedOnUse:
@@ -88,10 +89,13 @@ class Layout:
     batches: int
     explain: int
     evaluated: bool = False
+    every: int = 1  # record.every: > 1 for a sparse job, whose grads and params may be null
 
     @classmethod
     def of(cls, chunk: Chunk) -> Layout:
-        return cls(chunk.features, chunk.bias, chunk.batches, chunk.explain, chunk.evaluated)
+        return cls(
+            chunk.features, chunk.bias, chunk.batches, chunk.explain, chunk.evaluated, chunk.every
+        )
 
     @classmethod
     def from_schema(cls, schema: pa.Schema) -> Layout:
@@ -99,7 +103,10 @@ class Layout:
         if meta.get("version") != FORMAT_VERSION:
             raise ArchiveMismatch(f"not a gradstream archive of version {FORMAT_VERSION}")
         evaluated = meta.get("evaluated", False)  # files from before eval have no such key
-        return cls(meta["features"], meta["bias"], meta["batches"], meta["explain"], evaluated)
+        every = meta.get("every", 1)  # nor from before sparse records
+        return cls(
+            meta["features"], meta["bias"], meta["batches"], meta["explain"], evaluated, every
+        )
 
     @property
     def params(self) -> int:
@@ -148,15 +155,17 @@ class Layout:
             **{name: "DELTA_BINARY_PACKED" for name in ints},
         }
 
-    def table(self, first: int, rows: bytes) -> pa.Table:
-        """Rows of float32 (as the stream packs them) from step `first` on, as columns."""
+    def table(self, first: int, rows: bytes, kept: np.ndarray[Any, Any] | None = None) -> pa.Table:
+        """Full rows of float32 (as a dense chunk packs them, Chunk.dense) from step `first` on,
+        as columns; `kept`: which rows keep gradients and parameters (None: all)."""
         values = np.frombuffer(rows, np.float32).reshape(-1, self.width)
         steps = np.arange(first, first + len(values), dtype=np.int64)
         p = self.params
+        mask = None if kept is None or kept.all() else pa.array(~kept)
 
         def lists(begin: int, end: int) -> pa.Array:
             return pa.FixedSizeListArray.from_arrays(
-                pa.array(values[:, begin:end].ravel()), end - begin
+                pa.array(values[:, begin:end].ravel()), end - begin, mask=mask
             )
 
         columns = [
@@ -174,20 +183,22 @@ class Layout:
             columns += [pa.array(epochs), pa.array(batches)]
         return pa.Table.from_arrays(columns, schema=self.schema())
 
-    def rows(self, table: pa.Table) -> bytes:
-        """The float32 rows of a table `table()` made (a row group read back)."""
+    def rows(self, table: pa.Table) -> tuple[bytes, np.ndarray[Any, Any]]:
+        """The float32 rows of a table `table()` made (a row group read back), NaN where
+        gradients and parameters are null, and which rows keep them (bool)."""
         p = self.params
-        out = np.empty((table.num_rows, self.width), np.float32)
+        out = np.full((table.num_rows, self.width), np.nan, np.float32)
         out[:, 0] = table.column("loss").to_numpy()
+        kept = table.column("grads").combine_chunks().is_valid().to_numpy(zero_copy_only=False)
         parts = [("grads", 1, 1 + p), ("params", 1 + p, 1 + 2 * p)]
         if self.explain:
             parts.append(("explain", 1 + 2 * p, self.graph_end))
         for name, begin, end in parts:
-            flat = table.column(name).combine_chunks().flatten().to_numpy()
-            out[:, begin:end] = flat.reshape(table.num_rows, end - begin)
+            flat = table.column(name).combine_chunks().flatten().to_numpy()  # the valid rows'
+            out[kept, begin:end] = flat.reshape(-1, end - begin)
         if self.evaluated:
             out[:, -1] = table.column("val_loss").to_numpy()
-        return out.tobytes()
+        return out.tobytes(), kept
 
 
 @dataclass(frozen=True)
@@ -215,23 +226,32 @@ def _write_parquet(handle: Any, chunks: Iterable[Chunk]) -> tuple[int, str]:
         raise ArchiveMismatch("the job has no stored steps")
     layout = Layout.of(head)
     row_bytes = 4 * layout.width
-    group_bytes = row_bytes * max(1, ROW_GROUP_BYTES // row_bytes)
-    digest, rows, pending = hashlib.sha256(), 0, bytearray()
+    group_rows = max(1, ROW_GROUP_BYTES // row_bytes)
+    group_bytes = row_bytes * group_rows
+    # The digest is of the full rows (a sparse job's with NaN where it kept no gradients and
+    # parameters, as `Layout.rows` reads them back), however the rows were chunked.
+    digest, rows, pending, kept = hashlib.sha256(), 0, bytearray(), np.ones(0, bool)
     with pq.ParquetWriter(
         handle, layout.schema(), use_dictionary=False, column_encoding=layout.encodings()
     ) as writer:
         for chunk in itertools.chain([head], stream):
             if chunk.first != rows:
                 raise ArchiveMismatch(f"the stream jumps from step {rows} to {chunk.first}")
-            digest.update(chunk.rows)
-            pending += chunk.rows
+            dense, chunk_kept = chunk.dense()
+            full = dense.tobytes()
+            digest.update(full)
+            pending += full
+            kept = np.concatenate([kept, chunk_kept])
             rows += chunk.count
             while len(pending) >= group_bytes:
                 first = rows - len(pending) // row_bytes
-                writer.write_table(layout.table(first, bytes(pending[:group_bytes])))
+                table = layout.table(first, bytes(pending[:group_bytes]), kept[:group_rows])
+                writer.write_table(table)
                 del pending[:group_bytes]
+                kept = kept[group_rows:]
         if pending:
-            writer.write_table(layout.table(rows - len(pending) // row_bytes, bytes(pending)))
+            first = rows - len(pending) // row_bytes
+            writer.write_table(layout.table(first, bytes(pending), kept))
     return rows, digest.hexdigest()
 
 
@@ -279,15 +299,23 @@ class _OpenFile:
         with self.lock:
             table = self.parquet.read_row_group(group)
         layout = self.layout
+        first = self.starts[group]
+        rows, kept = layout.rows(table)
+        if layout.every > 1:  # a sparse job's rows as its stream held them
+            full = np.frombuffer(rows, np.float32).reshape(-1, layout.width)
+            # Beside the steps divisible by every, only the job's last step keeps its gradients.
+            last = bool(kept[-1]) and (first + len(kept) - 1) % layout.every != 0
+            rows = sparse_rows(full, first, layout.every, layout.evaluated, last)
         return Chunk(
-            first=self.starts[group],
+            first=first,
             count=table.num_rows,
             features=layout.features,
             bias=layout.bias,
-            rows=layout.rows(table),
+            rows=rows,
             batches=layout.batches,
             explain=layout.explain,
             evaluated=layout.evaluated,
+            every=layout.every,
         )
 
     def close(self) -> None:
@@ -360,7 +388,7 @@ class Archive:
                 steps = table.column("step").to_numpy()
                 if not np.array_equal(steps, np.arange(expected, expected + len(steps))):
                     raise ArchiveMismatch(f"{path}: steps out of order in row group {group}")
-                digest.update(layout.rows(table))
+                digest.update(layout.rows(table)[0])
                 expected += len(steps)
         if expected != rows or digest.hexdigest() != sha256:
             raise ArchiveMismatch(

@@ -48,6 +48,7 @@ from services.records import (
     first_not_finite,
     param_values,
     settle_validation,
+    sparse_rows,
 )
 from services.schemas import AttemptEnvironment, JobStatus
 from services.store import Claim, Store
@@ -185,6 +186,7 @@ class GroupAttempt(Attempt):
             flushed = self._flush(None, [], None, finish=True)
             return AttemptResult(Outcome.SUCCEEDED if flushed.reply != "fenced" else Outcome.FENCED)
         first = work.specs[0]
+        self.every = first.record.every  # the base's: members share it
         data, validation = uploaded_data(self.store, first, device, self.settings)
         early = self.spec.get("early_stop")
         rungs = halving_rungs(early["min_steps"], early["eta"], first.steps) if early else []
@@ -339,7 +341,7 @@ class GroupAttempt(Attempt):
             members.append(
                 MemberFlush(
                     self.ids[position],
-                    by_member[i, :kept].tobytes(),
+                    by_member[i, :kept].tobytes() if self.every <= 1 else b"",  # sparse: below
                     loss_or_none,
                     kept,
                     end,
@@ -358,6 +360,18 @@ class GroupAttempt(Attempt):
             self.result_s += time.perf_counter() - started
         elif step in rungs and self.spec.get("early_stop"):
             members = self._prune(members, metrics, survivors, trainer, params, step)
+        if self.every > 1:
+            # Sparse records (the base's record.every): every member's loss, and the gradients
+            # and parameters of the steps kept, and of the last step of a member that ends here.
+            members = [
+                dataclasses.replace(
+                    member,
+                    rows=sparse_rows(
+                        by_member[i, : member.kept], first, self.every, evaluated, bool(member.end)
+                    ),
+                )
+                for i, member in enumerate(members)
+            ]
         chunk = Chunk(
             first,
             count,
@@ -366,6 +380,7 @@ class GroupAttempt(Attempt):
             b"",
             trainer.batches_per_epoch if trainer.batches_per_epoch > 1 else 0,
             evaluated=evaluated,
+            every=self.every,
         )
         ended = {trainer.live[i] for i, member in enumerate(members) if member.end is not None}
         return chunk, members, ended

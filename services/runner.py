@@ -39,7 +39,13 @@ from services.errors import StorageFull
 from services.group_runner import GroupAttempt
 from services.logs import attempt_context
 from services.queue import compiles, estimated_seconds
-from services.records import Chunk, finite_steps, first_not_finite, settle_validation
+from services.records import (
+    Chunk,
+    finite_steps,
+    first_not_finite,
+    settle_validation,
+    sparse_rows,
+)
 from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Claim, Store
 from services.store.sweeps import GROUP_SPEC_PREFIX
@@ -165,11 +171,19 @@ class Packed:
 
 
 def pack(
-    recorded: Recorded, layout: Layout, batches: int = 1, evaluation: tuple[int, int] = (0, 0)
+    recorded: Recorded,
+    layout: Layout,
+    batches: int = 1,
+    evaluation: tuple[int, int] = (0, 0),
+    every: int = 1,
+    last: bool = False,
 ) -> Packed:
     """The rows as one chunk, cut after the first non-finite step; `batches` per epoch;
     `evaluation` (every, last step) for a job with eval, whose rows end with the validation
-    loss."""
+    loss. With record.every `every` > 1 the chunk is sparse (services/records.py): the device
+    wrote full rows, and only here, on the host, are the gradients and parameters of the
+    steps not kept left out; `last`: the rows end the job (its last row keeps them too, as a
+    diverged step's does)."""
     recorded.wait()
     host = recorded.rows
     if layout.evaluated:
@@ -179,7 +193,8 @@ def pack(
     bad = first_not_finite(finite_steps(host.numpy(), layout.params))
     if bad is not None:
         diverged_at, rows = recorded.first + bad, bad + 1
-    rows_bytes = host[:rows].numpy().tobytes()
+    ends = last or diverged_at is not None
+    rows_bytes = sparse_rows(host[:rows].numpy(), recorded.first, every, layout.evaluated, ends)
     epochs = batches if batches > 1 else 0  # a full-batch job's records carry no epoch
     chunk = Chunk(
         recorded.first,
@@ -190,6 +205,7 @@ def pack(
         epochs,
         layout.explain_samples,
         layout.evaluated,
+        every,
     )
     return Packed(chunk, diverged_at, float(host[rows - 1, 0]))
 
@@ -362,6 +378,7 @@ class JobAttempt(Attempt):
             self.last_loss = checkpoint.loss
         self.layout, self.batches = trainer.layout, trainer.batches_per_epoch
         self.evaluation = (trainer.eval_every, trainer.last_step)
+        self.every = spec.record.every
         # The stepper the job's first attempt recorded is every later attempt's, whatever
         # this worker's cost model says: a resumed job then rounds as its first attempt did.
         kind = recorded or self._stepper_kind(spec, trainer, spec.steps - start)
@@ -550,7 +567,10 @@ class JobAttempt(Attempt):
             return Flushed("fenced")
         chunk, checkpoint, status, error = None, None, None, None
         if recorded is not None:
-            packed = pack(recorded, self.layout, self.batches, self.evaluation)
+            # A finishing flush's rows end the job: its last step keeps its gradients.
+            packed = pack(
+                recorded, self.layout, self.batches, self.evaluation, self.every, result is not None
+            )
             chunk = packed.chunk
             self.last_loss = packed.last_loss
             checkpoint = dataclasses.replace(recorded.checkpoint, loss=packed.last_loss)

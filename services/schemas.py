@@ -249,14 +249,26 @@ EXPLAIN_MAX_FEATURES = 8
 
 
 class RecordSpec(StrictModel):
-    """What each step's record holds beyond loss, gradients and parameters."""
+    """What the step records hold: every step's loss, gradients and parameters by default;
+    with `every` N > 1 (DESIGN §10), gradients and parameters (and the explain view) only at
+    steps divisible by N and at the last step, the loss at every step."""
 
     explain: bool = Field(
         default=False,
         description=(
-            "the tutorial's computational graph of each step (y_hat = x @ w, s = y_hat - y, "
+            "the tutorial's computational graph of each step that keeps its gradients "
+            "(y_hat = x @ w, s = y_hat - y, "
             f"loss = mean(s^2)) from autograd; full batch, at most {EXPLAIN_MAX_SAMPLES} samples "
             f"and {EXPLAIN_MAX_FEATURES} features"
+        ),
+    )
+    every: int = Field(
+        default=1,
+        ge=1,
+        strict=True,
+        description=(
+            "keep gradients and parameters at steps divisible by every, and at the last step; "
+            "every step keeps its loss (and val_loss where evaluated)"
         ),
     )
 
@@ -596,8 +608,13 @@ class StepRecord(BaseModel):
 
     step: int
     loss: float | None
-    grads: ParamValues
-    params: ParamValues
+    grads: ParamValues | None = Field(
+        default=None,
+        description="absent at steps a job with record.every N > 1 does not keep (not % N)",
+    )
+    params: ParamValues | None = Field(
+        default=None, description="absent where `grads` is (record.every)"
+    )
     val_loss: float | None = Field(
         default=None,
         description="the validation loss at `params` (evaluated steps of jobs with eval only)",

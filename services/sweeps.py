@@ -508,8 +508,8 @@ def submit_sweep(
         for index in group.members:
             member = members[index]
             spec_json = member.spec.model_dump_json()
-            spec_bytes, row_bytes = stored_bytes(member.spec, spec_json)
-            member_bytes = spec_bytes + member.spec.steps * row_bytes
+            stored = stored_bytes(member.spec, spec_json)
+            member_bytes = stored.reserved(member.spec.steps)
             reserved += member_bytes
             fields = {
                 "id": member_ids[index],
@@ -517,8 +517,7 @@ def submit_sweep(
                 "spec": spec_json,
                 "summary": json.dumps(spec_summary(json.loads(spec_json))),
                 "bytes": member_bytes,
-                "spec_bytes": spec_bytes,
-                "row_bytes": row_bytes,
+                **stored.fields(),
                 "group": group_id,
                 "index": index,
                 **shared,

@@ -121,6 +121,20 @@ def reference_run(spec_fields: dict[str, Any], steps: int | None = None) -> Refe
     return _references[key]
 
 
+def thinned(records: list[dict[str, Any]], every: int, last: bool) -> list[dict[str, Any]]:
+    """Full records as a job with record.every `every` keeps them (DESIGN §10): gradients and
+    parameters (and the explain view) at steps divisible by `every`, and at the last record
+    if `last` (the job ended there by itself, not by a cancel)."""
+    final = records[-1]["step"] if records and last else -1
+    keep = ("grads", "params", "explain")
+    return [
+        r
+        if r["step"] % every == 0 or r["step"] == final
+        else {k: v for k, v in r.items() if k not in keep}
+        for r in records
+    ]
+
+
 @dataclass
 class InvariantReport:
     steps_checked: int = 0

@@ -337,6 +337,26 @@ def test_the_job_page_draws_the_explain_view(
     assert _severe(browser) == []
 
 
+def test_a_sparse_jobs_page_draws_every_loss_and_the_kept_parameters(
+    stack: Stack, client: Client, browser: webdriver.Chrome
+) -> None:
+    # record.every 10 over 95 steps: the loss at every step, w (2 values) and b, and their
+    # gradients, at steps 0, 10, ..., 90 and the last, 94.
+    spec = {**long_spec(95), "data": {"synthetic": {"n": 64, "d": 2, "seed": 3}}}
+    job = client.wait(client.submit({**spec, "record": {"every": 10}})["id"], timeout=60)
+    assert job["status"] == "succeeded"
+    browser.get(f"{stack.api_url}/#key={stack.api_key}&/jobs/{job['id']}")
+    _until(browser, lambda b: _drawn(b, "loss-chart", 95, "log"))
+    kept = 11 * 3  # steps kept x (w[0], w[1], b)
+    _until(browser, lambda b: _drawn(b, "params-chart", kept, "linear"))
+    _until(browser, lambda b: _drawn(b, "grads-chart", kept, "linear"))
+    chart = browser.find_element(By.ID, "params-chart")
+    series = {s["id"]: s for s in browser.execute_script(SERIES, chart)}
+    assert set(series) == {"w[0]", "w[1]", "b"}
+    assert [x for x, _ in series["b"]["data"]] == [*range(0, 95, 10), 94]
+    assert _severe(browser) == []
+
+
 # 32 rows for training, 8 held out; val_loss at steps 0, 10, …, 290 and the last, 299.
 EVAL_JOB = {
     "data": {"synthetic": {"n": 40, "d": 10, "noise": 0.5, "seed": 6}},

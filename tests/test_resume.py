@@ -24,6 +24,8 @@ from tests.faults import (
     cancel,
     endless_spec,
     redis_and_api,
+    reference_run,
+    thinned,
     wait_for_steps,
 )
 
@@ -93,6 +95,28 @@ def test_every_optimizer_resumes_bit_for_bit_after_a_sigkill(
     for name, job in jobs.items():
         assert cancel(api, job)["attempt"] == 2, name
         assert_cancelled_exactly(api, job, specs[name])
+
+
+def test_a_sparse_job_killed_mid_job_keeps_every_step_once_and_grads_at_the_kept_steps(
+    api: Client, four_at_once: "subprocess.Popen[bytes]"
+) -> None:
+    # record.every 50: the resumed attempt's chunks start wherever the checkpoint was, not
+    # at a multiple of 50, and still keep gradients and parameters at exactly those steps.
+    spec = {**endless_spec(seed=21), "record": {"every": 50}}
+    job = api.submit(spec)["id"]
+    wait_for_steps(api, job, 300, timeout=60)
+    for child in child_pids(four_at_once.pid):
+        os.kill(child, signal.SIGKILL)
+    killed_at = api.get(job)["steps_done"]
+    wait_for_steps(api, job, killed_at + 300, timeout=90)
+    assert cancel(api, job)["attempt"] == 2
+    stored = list(api.steps(job))
+    assert [s["step"] for s in stored] == list(range(len(stored)))
+    # Cancelled, not ended by itself: its last step keeps its gradients only if it is a
+    # multiple of 50.
+    assert [s["step"] for s in stored if "grads" in s] == list(range(0, len(stored), 50))
+    dense = {key: value for key, value in spec.items() if key != "record"}
+    assert stored == thinned(reference_run(dense, len(stored)).steps, 50, last=False)
 
 
 @pytest.fixture(scope="module")

@@ -146,8 +146,12 @@ export function jobPage(jobId) {
       lastStep = step.step;
       loss.add("loss", step.step, step.loss);
       if ("val_loss" in step) loss.add("val_loss", step.step, step.val_loss);
-      for (const [name, value] of flatten(step.params)) params.add(name, step.step, value);
-      for (const [name, value] of flatten(step.grads)) grads.add(name, step.step, value);
+      // A sparse job (record.every N) keeps gradients and parameters every N steps only:
+      // their charts take the steps that have them, the loss chart every step.
+      if (step.params) {
+        for (const [name, value] of flatten(step.params)) params.add(name, step.step, value);
+        for (const [name, value] of flatten(step.grads)) grads.add(name, step.step, value);
+      }
       loss.update(); params.update(); grads.update();
       if (step.explain && !explained) { explained = true; showExplain(explain, step); }
     });

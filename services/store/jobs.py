@@ -4,6 +4,7 @@ cancel, delete. Each write that changes a job's status is one script (scripts.py
 import json
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -15,7 +16,7 @@ from services.errors import (
     MalformedJob,
     MemberOfSweep,
 )
-from services.records import row_width
+from services.records import kept_steps, loss_width, row_width
 from services.schemas import AttemptEnvironment, JobSpec, JobStatus, JobSummary, JobView
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
@@ -68,12 +69,50 @@ def dataset_ids(spec: JobSpec) -> list[str]:
     return list(dict.fromkeys(d for d in found if d is not None))
 
 
-def stored_bytes(spec: JobSpec, spec_json: str) -> tuple[int, int]:
-    """What a job keeps, counted up front: its spec, and the bytes of one step's record (the
-    whole job reserves spec + steps x record)."""
+@dataclass(frozen=True)
+class StoredBytes:
+    """What a job keeps, counted up front: its spec, `row_bytes` for each step, and for a
+    sparse job (record.every > 1) `kept_row_bytes` more for each step that keeps its gradients
+    and parameters (services/records.py: a sparse chunk's loss block and its full rows). The
+    finish script counts the same from the steps stored (scripts.py `finish`)."""
+
+    spec_bytes: int
+    row_bytes: int
+    kept_row_bytes: int = 0
+    every: int = 1
+
+    def reserved(self, steps: int) -> int:
+        """The bytes a job of `steps` steps reserves at submit."""
+        kept = kept_steps(steps, self.every) if self.kept_row_bytes else 0
+        return self.spec_bytes + steps * self.row_bytes + kept * self.kept_row_bytes
+
+    def fields(self) -> dict[str, int]:
+        """The job record's fields the finish script counts what the job keeps from."""
+        fields = {"spec_bytes": self.spec_bytes, "row_bytes": self.row_bytes}
+        if self.kept_row_bytes:
+            fields |= {"kept_row_bytes": self.kept_row_bytes, "record_every": self.every}
+        return fields
+
+
+def stored_bytes(spec: JobSpec, spec_json: str) -> StoredBytes:
+    """What a job keeps (StoredBytes): its spec and its step records."""
     explain = spec.train_samples if spec.record.explain else 0
-    width = row_width(spec.data.features, spec.bias, explain, spec.eval is not None)
-    return len(spec_json), 4 * width
+    evaluated = spec.eval is not None
+    full = 4 * row_width(spec.data.features, spec.bias, explain, evaluated)
+    every = spec.record.every
+    if every == 1:
+        return StoredBytes(len(spec_json), full)
+    return StoredBytes(len(spec_json), 4 * loss_width(evaluated), full, every)
+
+
+def _kept_words(stored: StoredBytes) -> str:
+    """How a sparse job's records count, for a message."""
+    if not stored.kept_row_bytes:
+        return ""
+    return (
+        f", and {stored.kept_row_bytes} more for each step divisible by record.every "
+        f"{stored.every} and the last"
+    )
 
 
 def _stop_reason(status: JobStatus, result: dict[str, Any] | None, error: str | None) -> str | None:
@@ -214,8 +253,8 @@ class Jobs(RedisPart):
         """
         job_id = keys.new_job_id()
         spec_json = spec.model_dump_json()
-        spec_bytes, row_bytes = stored_bytes(spec, spec_json)
-        reserved = spec_bytes + spec.steps * row_bytes
+        stored = stored_bytes(spec, spec_json)
+        reserved = stored.reserved(spec.steps)
         record = {
             "id": job_id,
             "tenant": tenant,
@@ -230,8 +269,7 @@ class Jobs(RedisPart):
             "steps_done": 0,
             "created_at": keys.utc_now(),
             "bytes": reserved,
-            "spec_bytes": spec_bytes,
-            "row_bytes": row_bytes,
+            **stored.fields(),
             "datasets": " ".join(dataset_ids(spec)),
         }
         script_keys = keys.job_keys(job_id)
@@ -251,7 +289,8 @@ class Jobs(RedisPart):
             raise LimitExceeded(
                 "tenant_storage_bytes",
                 f"tenant {tenant!r} keeps {int(detail)} bytes; this job needs {reserved} more "
-                f"(its spec and {spec.steps} step records of {row_bytes} bytes), and "
+                f"(its spec and {spec.steps} step records of {stored.row_bytes} bytes"
+                f"{_kept_words(stored)}), and "
                 f"tenant_storage_bytes is {storage_limit}: delete finished jobs or datasets",
             )
         return found.decode(), bool(detail)

@@ -256,16 +256,31 @@ end
 
 local member_ended, end_members
 
+-- The full rows a sparse job (record.every > 1, `record_every`) kept of its `done` steps:
+-- those divisible by every, and the last if the job ended there by itself (`new`: its rows
+-- were packed knowing it, services/records.py), not when a cancel or a failure ended it.
+local function kept_rows(done, new)
+  local every = tonumber(redis.call('HGET', JOB, 'record_every') or '1')
+  if done <= 0 then return 0 end
+  local rows = math.floor((done - 1) / every) + 1
+  if (done - 1) % every ~= 0 and (new == 'succeeded' or new == 'diverged' or new == 'pruned') then
+    rows = rows + 1
+  end
+  return rows
+end
+
 -- A finished job needs neither its lease nor its checkpoint; what its tenant keeps shrinks
--- from the steps reserved at submit to the steps stored.
+-- from the steps reserved at submit to the steps stored (a sparse job: and the full rows).
 local function finish(id, old, new, now)
   clear_worker(id)
   redis.call('DEL', LEASE, CKPT)
   redis.call('HSET', JOB, 'finished_at', now)
   local reserved = tonumber(redis.call('HGET', JOB, 'bytes') or '0')
+  local done = tonumber(redis.call('HGET', JOB, 'steps_done'))
   local kept = tonumber(redis.call('HGET', JOB, 'spec_bytes') or '0')
-             + tonumber(redis.call('HGET', JOB, 'steps_done')) *
-               tonumber(redis.call('HGET', JOB, 'row_bytes') or '0')
+             + done * tonumber(redis.call('HGET', JOB, 'row_bytes') or '0')
+  local kept_row_bytes = tonumber(redis.call('HGET', JOB, 'kept_row_bytes') or '0')
+  if kept_row_bytes > 0 then kept = kept + kept_rows(done, new) * kept_row_bytes end
   local tenant = redis.call('HGET', JOB, 'tenant')
   if tenant and kept < reserved then
     redis.call('DECRBY', tenant_storage(tenant), reserved - kept)

@@ -6,7 +6,7 @@ from typing import Any
 
 from services.archive import archived_file
 from services.errors import ArchivedStepsLost, StoreUnavailable, archived_file_missing
-from services.records import Chunk, expand_chunk, record_json_bytes
+from services.records import Chunk, expand_chunk, loss_record_json_bytes, record_json_bytes
 from services.schemas import JobStatus
 from services.store import keys
 from services.store.base import RedisPart, translate_redis_errors
@@ -22,16 +22,25 @@ def entries_per_read(entry_bytes: int, budget_bytes: int) -> int:
 
 def entry_json_bytes(chunk: Chunk) -> int:
     """An upper bound on the JSON an entry's steps become (reads are sized by it)."""
-    return chunk.count * record_json_bytes(
-        chunk.features, chunk.bias, chunk.explain, chunk.evaluated
-    )
+    full = record_json_bytes(chunk.features, chunk.bias, chunk.explain, chunk.evaluated)
+    if chunk.every <= 1:
+        return chunk.count * full
+    kept = len(chunk.kept_rows())
+    return kept * full + (chunk.count - kept) * loss_record_json_bytes(chunk.evaluated)
 
 
 def page_steps(chunk: Chunk, limit: int, max_bytes: int) -> int:
     """The most steps of this job one page may hold: `limit`, fewer if their JSON would pass
     `max_bytes` (never fewer than one)."""
-    per_record = record_json_bytes(chunk.features, chunk.bias, chunk.explain, chunk.evaluated)
-    return max(1, min(limit, max_bytes // per_record))
+    full = record_json_bytes(chunk.features, chunk.bias, chunk.explain, chunk.evaluated)
+    if chunk.every <= 1:
+        return max(1, min(limit, max_bytes // full))
+    # k steps of a sparse job hold at most k // every + 2 full records (one each `every`
+    # steps, and the job's last step): k x loss + (k / every + 2) x extra <= max_bytes.
+    loss = loss_record_json_bytes(chunk.evaluated)
+    extra = full - loss
+    steps = int((max_bytes - 2 * extra) / (loss + extra / chunk.every))
+    return max(1, min(limit, steps))
 
 
 class Steps(RedisPart):
