@@ -259,7 +259,9 @@ class Trainer:
         plain = o.name == "sgd" and o.momentum == 0 and o.schedule.name == "constant"
         self.plain_sgd = (o.lr, o.weight_decay) if plain else None
         self.steps_done = 0
-        samples = spec.data.samples
+        # Batches of the training rows: a holdout's validation rows are not among them (counted
+        # with them, an epoch had batches past its rows, empty, and their loss NaN).
+        samples = len(self.y)
         self.batch_size = min(spec.batch_size or samples, samples)
         self.batches_per_epoch = -(-samples // self.batch_size)  # 1: full batch
         self._seed = spec.shuffle_seed

@@ -15,6 +15,7 @@ import torch
 
 from api.client import Client
 from cli.stack import Stack, stop_process
+from services.attempts import Outcome
 from services.config import Settings
 from services.queue import compiles
 from services.runner import StepRecorder
@@ -154,6 +155,19 @@ def test_what_stays_eager_and_what_the_cost_model_compiles() -> None:
     adam = {**seed, "optimizer": {"name": "adam", "lr": 0.01}}
     assert compiles(JobSpec.model_validate(adam), costs)
     assert not compiles(JobSpec.model_validate(seed), costs)
+
+
+def test_mini_batches_split_the_training_rows_of_a_holdout(store: Store) -> None:
+    # 240 rows, 48 held out: 192 training rows in 4 batches of 48 an epoch (counted with the
+    # held-out rows there were 5, the last of them empty), and they run compiled.
+    fields = case_spec("mini-batch", 40).model_dump(mode="json")
+    spec = JobSpec.model_validate({**fields, "eval": {"holdout": 0.2, "seed": 1, "every": 10}})
+    trainer = Trainer(spec, CPU)
+    assert (trainer.batches_per_epoch, len(trainer.y)) == (4, 192)
+    assert supports_compiled_steps(trainer)
+    result, steps = run_once(store, spec, CPU, EAGER)
+    assert result.outcome is Outcome.SUCCEEDED and len(steps) == 40
+    assert [(s["epoch"], s["batch"]) for s in steps[3:6]] == [(0, 3), (1, 0), (1, 1)]
 
 
 @pytest.fixture(scope="module")
