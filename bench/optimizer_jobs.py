@@ -18,6 +18,7 @@ The job's rate is steps / (finished_at - started_at) from its JobView.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -84,9 +85,12 @@ def hand_loop(spec: JobSpec) -> float:
 
 
 def run_stack(mode: str, cases: list[str], repeat: int) -> None:
-    env = {"GRADSTREAM_COMPILE_STEPS": "false"}
+    # The machine's list of recent shapes neither read nor written: the worker compiles the
+    # cases' shapes only, and leaves no shape for this machine's other workers to warm.
+    env = {"GRADSTREAM_COMPILE_RECENT_SHAPES": "0", "GRADSTREAM_COMPILE_STEPS": "false"}
     if mode == "compiled":
-        env = {"GRADSTREAM_COMPILE_WARM_SHAPES": ",".join(CASES[name][2] for name in cases)}
+        warm = ",".join(CASES[name][2] for name in cases)
+        env = {"GRADSTREAM_COMPILE_RECENT_SHAPES": "0", "GRADSTREAM_COMPILE_WARM_SHAPES": warm}
     with temporary_stack("gradstream-bench-") as stack:
         stack.start_redis()
         stack.start_api()
@@ -96,7 +100,7 @@ def run_stack(mode: str, cases: list[str], repeat: int) -> None:
             log = stack.run_dir / f"worker-cpu-{len(stack.processes) - 1}.log"
             wait_until(lambda: "compiled steps warmed for" in log.read_text(), 900, "warm-up")
             warmed = [line for line in log.read_text().splitlines() if "warmed for" in line]
-            print(f"worker: {warmed[0].split(': ', 1)[-1]}")
+            print(f"worker: {json.loads(warmed[0])['msg']}")
         with Client(stack.api_url, stack.api_key, timeout=30) as api:
             for name in cases:
                 fields, steps, _ = CASES[name]
