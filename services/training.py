@@ -904,18 +904,18 @@ def _optimizer_state(trainer: Trainer, update: str) -> tuple[torch.Tensor, ...]:
     makes them where no step has run yet (a zero momentum buffer takes the first gradient as
     torch.optim's first step does)."""
     theta = trainer.theta
+    if update == "sgd":  # stateless: no entry either (the snapshot of plain SGD is None)
+        return ()
     state = trainer.optimizer.state[theta]
     if update in ("momentum", "nesterov"):
         if state.get("momentum_buffer") is None:
             state["momentum_buffer"] = torch.zeros_like(theta.detach())
         return (state["momentum_buffer"],)
-    if update in ("adam", "adamw"):
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(theta.detach())
-            state["exp_avg_sq"] = torch.zeros_like(theta.detach())
-        return (state["step"], state["exp_avg"], state["exp_avg_sq"])
-    return ()
+    if not state:  # adam, adamw
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(theta.detach())
+        state["exp_avg_sq"] = torch.zeros_like(theta.detach())
+    return (state["step"], state["exp_avg"], state["exp_avg_sq"])
 
 
 class CompiledSteps:
@@ -983,7 +983,7 @@ class CompiledSteps:
             _failed_blocks.add(key)
             del _compiled_blocks[key]
             if not had_state:  # as it was: eager steps make their state themselves
-                trainer.optimizer.state[trainer.theta].clear()
+                trainer.optimizer.state.pop(trainer.theta, None)
             raise
         finally:
             # That block changed the parameters, the optimizer's state and the cursor: undo.
