@@ -141,12 +141,18 @@ def compiles(
     itself over the whole job (the spec's steps, not an attempt's: every attempt of a job
     chooses alike, so its records do not depend on where it was resumed). The compile costs
     what `compiled_at` says (nothing when this process has the block); a free one still needs
-    a whole block of steps. A sweep's group of `members` costs as one job on `members` times
-    the data."""
+    a whole block of steps. A step computes on its mini-batch's rows (all of them by
+    default), and an optimizer with state (momentum, Adam, AdamW) makes an eager step dearer
+    by `cpu_stateful_update_s`. A sweep's group of `members` costs as one job on `members`
+    times the data."""
     if not settings.compile_steps or spec.steps < settings.compile_block_steps:
         return False
-    elements = spec.data.samples * spec.data.features * members
+    rows = min(spec.batch_size or spec.data.samples, spec.data.samples)
+    elements = rows * spec.data.features * members
     eager = estimated_seconds("cpu", elements, spec.steps, settings)
+    o = spec.optimizer
+    if o.name != "sgd" or o.momentum:
+        eager += spec.steps * settings.cpu_stateful_update_s
     per_step = settings.cpu_compiled_step_fixed_s + settings.cpu_step_per_element_s * elements
     return compile_seconds(compiled_at, settings) + spec.steps * per_step < eager
 

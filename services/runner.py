@@ -264,18 +264,25 @@ def note_recent_shape(settings: Settings, shape: BlockShape) -> None:
 
 
 def warm_compiled(settings: Settings, shapes: list[str] | None = None) -> list[str]:
-    """Compile the blocks of `shapes` (by default `shapes_to_warm`: "1x1", "1000x10+b+v200":
-    samples x features, +b with a bias, +vN with N validation rows) in this process, with the
-    recorder a job of each shape gets, so that such jobs start at once and the cost model
-    counts their compile as done. The shapes done; one that fails is logged and skipped."""
+    """Compile the blocks of `shapes` (by default `shapes_to_warm`: "1x1", "1000x10+b+v200",
+    "1000x10+bs100+adam": samples x features, +b with a bias, +vN with N validation rows, +bsN
+    mini-batches of N rows, the update unless plain SGD) in this process, with the recorder a
+    job of each shape gets, so that such jobs start at once and the cost model counts their
+    compile as done. The shapes done; one that fails is logged and skipped."""
     block, done = settings.compile_block_steps, []
     cpu = torch.device("cpu")
     for text in shapes_to_warm(settings) if shapes is None else shapes:
         try:
-            samples, features, bias, _, validation = parse_shape(text, block)
+            shape = parse_shape(text, block)
+            samples, features, validation = shape.samples, shape.features, shape.validation
+            optimizer: dict[str, Any] = {"name": shape.update}
+            if shape.update in ("momentum", "nesterov"):  # any momentum: it is a tensor
+                optimizer = {"name": "sgd", "momentum": 0.9, "nesterov": shape.update != "momentum"}
             fields: dict[str, Any] = {
                 "data": {"synthetic": {"n": samples, "d": features}},
-                "bias": bias,
+                "bias": shape.bias,
+                "optimizer": optimizer,
+                "batch_size": shape.batch or None,
                 "steps": block,
             }
             if validation:  # an explicit validation set of that many rows

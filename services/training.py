@@ -20,7 +20,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -259,7 +259,9 @@ class Trainer:
         plain = o.name == "sgd" and o.momentum == 0 and o.schedule.name == "constant"
         self.plain_sgd = (o.lr, o.weight_decay) if plain else None
         self.steps_done = 0
-        samples = spec.data.samples
+        # Batches of the training rows: a holdout's validation rows are not among them (counted
+        # with them, an epoch had batches past its rows, empty, and their loss NaN).
+        samples = len(self.y)
         self.batch_size = min(spec.batch_size or samples, samples)
         self.batches_per_epoch = -(-samples // self.batch_size)  # 1: full batch
         self._seed = spec.shuffle_seed
@@ -270,11 +272,28 @@ class Trainer:
         if self.batches_per_epoch == 1:
             return self.x, self.y
         epoch, index = divmod(step, self.batches_per_epoch)
+        rows = self.epoch_order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.x[rows], self.y[rows]
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """`batch_order` of `epoch` on the data's device (the latest epoch's is kept)."""
         if self._order is None or self._order[0] != epoch:
             order = batch_order(len(self.y), self._seed, epoch).to(self.x.device)
             self._order = (epoch, order)
-        rows = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
-        return self.x[rows], self.y[rows]
+        return self._order[1]
+
+    def block_rows(self, step: int, steps: int, out: torch.Tensor) -> None:
+        """The rows of the mini-batches of steps `step` .. `step + steps - 1` into `out`
+        ((steps, batch_size)), as `batch` takes them; for batches that split the rows evenly
+        (the steps' rows are then consecutive runs of the epochs' orders)."""
+        size, per_epoch = self.batch_size, self.batches_per_epoch * self.batch_size
+        start, end, filled = step * size, (step + steps) * size, 0
+        flat = out.view(-1)
+        while start < end:
+            epoch, offset = divmod(start, per_epoch)
+            take = min(end - start, per_epoch - offset)
+            flat[filled : filled + take] = self.epoch_order(epoch)[offset : offset + take]
+            start, filled = start + take, filled + take
 
     def forward_backward(self, explain: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of the next step: the loss; autograd puts dLoss/dtheta into
@@ -701,23 +720,110 @@ def supports_cuda_graph(trainer: Trainer) -> bool:
     )
 
 
-# Compiled blocks, by (samples, features, bias, block), for as long as the process lives: a
-# worker's pool process compiles each shape once, and Inductor's on-disk caches make the next
-# process's compile of it a cache hit. `_ready_blocks`: the shapes whose block has run here
-# (compiled, not only made), which the cost model counts as free.
-BlockShape = tuple[int, int, bool, int, int]  # samples, features, bias, block, validation rows
+class BlockShape(NamedTuple):
+    """What a compiled block of a job's steps is specialised to (with the recorder's buffer,
+    whose shape follows from it and the worker's settings)."""
+
+    samples: int  # training rows
+    features: int
+    bias: bool
+    block: int  # steps per call
+    validation: int = 0  # validation rows
+    update: str = "sgd"  # the optimizer's update: one of UPDATES
+    batch: int = 0  # rows per mini-batch; 0: the full batch
+
+
+# The updates a compiled block runs, as `Trainer.update` computes them at a constant lr: plain
+# SGD (the tutorial's), SGD with momentum (and nesterov), Adam and AdamW.
+UPDATES = ("sgd", "momentum", "nesterov", "adam", "adamw")
+
+# Compiled blocks, by shape, for as long as the process lives: a worker's pool process compiles
+# each shape once, and Inductor's on-disk caches make the next process's compile of it a cache
+# hit. `_ready_blocks`: the shapes whose block has run here (compiled, not only made), which
+# the cost model counts as free.
 _compiled_blocks: dict[BlockShape, Callable[..., None]] = {}
 _failed_blocks: set[BlockShape] = set()
 _ready_blocks: set[BlockShape] = set()
 
+Update = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], Any], None]
 
-def _block_of_steps(features: int, bias: bool, block: int, evaluated: bool) -> Callable[..., None]:
-    """`block` whole steps as one compiled call: forward, the gradient from autograd
+
+def _sgd_update(update: str) -> tuple[Callable[..., Any], Update]:
+    """SGD's update (plain, `momentum` or `nesterov`) for a compiled block: the
+    hyperparameters as float32 tensors (lr, weight decay, momentum), as eager SGD's kernels
+    take its Python numbers."""
+
+    def constants(hyper: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return hyper
+
+    def plain(theta: torch.Tensor, grad: torch.Tensor, _: Any, c: Any) -> None:
+        lr, weight_decay = c
+        theta.sub_((grad + weight_decay * theta) * lr)  # the tutorial's update
+
+    def momentum(theta: torch.Tensor, grad: torch.Tensor, state: Any, c: Any) -> None:
+        lr, weight_decay, momentum = c
+        (buffer,) = state  # zeros before the first step: then it becomes the gradient itself
+        grad = grad + weight_decay * theta
+        buffer.mul_(momentum).add_(grad)
+        theta.sub_((grad + momentum * buffer if update == "nesterov" else buffer) * lr)
+
+    return constants, plain if update == "sgd" else momentum
+
+
+def _adam_update(decoupled: bool) -> tuple[Callable[..., Any], Update]:
+    """Adam's (AdamW's: `decoupled` weight decay) update for a compiled block, as
+    `Trainer._update_by_hand` computes it: the numbers it computes in Python (float64) are
+    computed here in float64 too, from float64 hyperparameters and the step count, and taken
+    to float32 where its kernels take them."""
+
+    def constants(hyper: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        lr, weight_decay, beta1, beta2, eps = hyper
+        f32 = torch.float32
+        return (
+            lr,
+            weight_decay,
+            beta1,
+            beta2,
+            (1 - lr * weight_decay).to(f32) if decoupled else weight_decay.to(f32),
+            (1 - beta1).to(f32),
+            beta2.to(f32),
+            (1 - beta2).to(f32),
+            eps.to(f32),
+        )
+
+    def adam(theta: torch.Tensor, grad: torch.Tensor, state: Any, c: Any) -> None:
+        lr, _, beta1, beta2, decay, one_minus_beta1, beta2_32, one_minus_beta2, eps = c
+        step, exp_avg, exp_avg_sq = state
+        step.add_(1)  # float32, as torch.optim keeps it
+        t = step.to(torch.float64)
+        if decoupled:
+            theta.mul_(decay)
+        else:
+            grad = grad + decay * theta
+        exp_avg.lerp_(grad, one_minus_beta1)
+        exp_avg_sq.mul_(beta2_32).add_(grad * grad * one_minus_beta2)
+        step_size = (lr / (1 - beta1**t)).to(torch.float32)
+        bias_correction2_sqrt = ((1 - beta2**t) ** 0.5).to(torch.float32)
+        denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps
+        theta.sub_(step_size * exp_avg / denom)
+
+    return constants, adam
+
+
+def _block_of_steps(shape: BlockShape) -> Callable[..., None]:
+    """`shape.block` whole steps as one compiled call: forward, the gradient from autograd
     (torch.func.grad_and_value, traced), the record row written at the device-side `cursor`,
-    and the tutorial's update. One call's fixed cost (Dynamo's guards) is paid once per block.
-    With `evaluated`, each row also gets the validation loss at the step's parameters: a
-    branch per step would break the block up, so every step evaluates (the runner keeps the
-    values of the steps that the records show)."""
+    and the optimizer's update (`shape.update`) on its state. One call's fixed cost (Dynamo's
+    guards) is paid once per block. With mini-batches, `rows` holds each step's rows (the
+    caller fills it: `Trainer.block_rows`). With validation rows, each row also gets the
+    validation loss at the step's parameters: a branch per step would break the block up, so
+    every step evaluates (the runner keeps the values of the steps that the records show)."""
+    features, bias, block = shape.features, shape.bias, shape.block
+    evaluated, batched = bool(shape.validation), bool(shape.batch)
+    if shape.update in ("adam", "adamw"):
+        constants, update = _adam_update(shape.update == "adamw")
+    else:
+        constants, update = _sgd_update(shape.update)
 
     def loss_of(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss: torch.Tensor = mse(x, y, theta, features, bias)
@@ -729,15 +835,21 @@ def _block_of_steps(features: int, bias: bool, block: int, evaluated: bool) -> C
         theta: torch.Tensor,
         x: torch.Tensor,
         y: torch.Tensor,
-        lr: torch.Tensor,
-        weight_decay: torch.Tensor,
+        hyper: tuple[torch.Tensor, ...],
+        state: tuple[torch.Tensor, ...],
         storage: torch.Tensor,
         cursor: torch.Tensor,
+        rows: torch.Tensor | None = None,
         x_val: torch.Tensor | None = None,
         y_val: torch.Tensor | None = None,
     ) -> None:
-        for _ in range(block):  # unrolled when traced
-            grad, loss = grad_and_loss(theta, x, y)
+        c = constants(hyper)
+        for i in range(block):  # unrolled when traced
+            if batched:
+                assert rows is not None
+                grad, loss = grad_and_loss(theta, x[rows[i]], y[rows[i]])
+            else:
+                grad, loss = grad_and_loss(theta, x, y)
             parts = [loss.view(1), grad, theta]  # the parameters before the update
             if evaluated:
                 assert x_val is not None and y_val is not None
@@ -745,18 +857,74 @@ def _block_of_steps(features: int, bias: bool, block: int, evaluated: bool) -> C
             row = torch.cat(parts)
             storage.index_copy_(0, cursor.view(1), row.view(1, -1))
             cursor.add_(1)
-            theta.sub_((grad + weight_decay * theta) * lr)
+            update(theta, grad, state, c)
 
-    # The lr and weight decay are tensors, so that one compiled block serves every job of a
+    # The hyperparameters are tensors, so that one compiled block serves every job of a
     # shape; each shape is a graph of its own (static shapes: the fastest code).
     compiled: Callable[..., None] = torch.compile(steps, fullgraph=True, dynamic=False)
     return compiled
 
 
+def compiled_update(trainer: Trainer) -> str | None:
+    """Which of UPDATES the trainer's optimizer takes, or None where a compiled block cannot
+    take it: an lr schedule (its lr changes between steps; torch.optim's schedulers are
+    Python), or a setting the JobSpec does not give (dampening, amsgrad, maximize)."""
+    if trainer.scheduler is not None:
+        return None
+    optimizer, group = trainer.optimizer, trainer.optimizer.param_groups[0]
+    if group.get("maximize") or group.get("amsgrad"):
+        return None
+    if isinstance(optimizer, torch.optim.AdamW):
+        return "adamw"
+    if isinstance(optimizer, torch.optim.Adam):
+        return "adam"
+    if not isinstance(optimizer, torch.optim.SGD) or group["dampening"] != 0:
+        return None
+    if group["momentum"] == 0:
+        return "sgd"
+    return "nesterov" if group["nesterov"] else "momentum"
+
+
+def _hyperparameters(trainer: Trainer, update: str) -> tuple[torch.Tensor, ...]:
+    """The block's hyperparameter tensors for `update` (`_sgd_update`, `_adam_update`)."""
+    group = trainer.optimizer.param_groups[0]
+    if update in ("adam", "adamw"):
+        beta1, beta2 = group["betas"]
+        adam = [group["lr"], group["weight_decay"], beta1, beta2, group["eps"]]
+        return tuple(torch.tensor(float(n), dtype=torch.float64) for n in adam)
+    numbers = [group["lr"], group["weight_decay"]]
+    if update != "sgd":
+        numbers.append(group["momentum"])
+    return tuple(torch.tensor(float(n), dtype=torch.float32) for n in numbers)
+
+
+def _optimizer_state(trainer: Trainer, update: str) -> tuple[torch.Tensor, ...]:
+    """The optimizer's state tensors that `update` changes in place: torch.optim's own, under
+    its keys (a checkpoint then reads alike whichever stepper wrote it); made as torch.optim
+    makes them where no step has run yet (a zero momentum buffer takes the first gradient as
+    torch.optim's first step does)."""
+    theta = trainer.theta
+    if update == "sgd":  # stateless: no entry either (the snapshot of plain SGD is None)
+        return ()
+    state = trainer.optimizer.state[theta]
+    if update in ("momentum", "nesterov"):
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(theta.detach())
+        return (state["momentum_buffer"],)
+    if not state:  # adam, adamw
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(theta.detach())
+        state["exp_avg_sq"] = torch.zeros_like(theta.detach())
+    return (state["step"], state["exp_avg"], state["exp_avg_sq"])
+
+
 class CompiledSteps:
     """Blocks of the trainer's whole step compiled with torch.compile (Inductor, on the CPU):
-    plain SGD on the full batch. Like `CudaGraphStep` it writes each row at the device-side
-    `cursor` of the recorder's storage; `replay()` runs `block` steps.
+    the full batch or mini-batches that split the rows evenly, plain SGD, SGD with momentum,
+    Adam or AdamW at a constant lr. Like `CudaGraphStep` it writes each row at the device-side
+    `cursor` of the recorder's storage; `replay()` runs `block` steps. The optimizer's state
+    is torch.optim's own tensors (`optimizer.state`), changed in place by the block, so
+    checkpoints are the eager steps' format.
 
     Compiled code rounds a little differently from the eager step (records agree to float32
     rounding). Every attempt of a job runs the stepper its first attempt recorded (DESIGN
@@ -774,10 +942,11 @@ class CompiledSteps:
     def __init__(
         self, trainer: Trainer, storage: torch.Tensor, cursor: torch.Tensor, block: int
     ) -> None:
+        update = compiled_update(trainer)
+        if update is None or not supports_compiled_steps(trainer):
+            raise ValueError("this job's steps cannot run compiled")
         self.block = block
         self._trainer = trainer
-        features, bias = trainer.layout.features, trainer.layout.bias
-        validation = trainer.val or ()
         key = block_shape(trainer, block)
         if key in _failed_blocks:  # one failed compile of a shape is enough
             raise RuntimeError(f"compiling blocks of shape {key} failed before in this process")
@@ -787,67 +956,103 @@ class CompiledSteps:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, 1024)
             config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
-            _compiled_blocks[key] = _block_of_steps(features, bias, block, bool(validation))
+            _compiled_blocks[key] = _block_of_steps(key)
         self._steps = _compiled_blocks[key]
-        lr, weight_decay = trainer.plain_sgd or (0.0, 0.0)
+        had_state = bool(trainer.optimizer.state.get(trainer.theta))
+        state = _optimizer_state(trainer, update)
+        self._rows = None
+        if key.batch:
+            self._rows = torch.empty(block, key.batch, dtype=torch.long, device=storage.device)
         theta = trainer.theta.detach()  # the trainer's parameters: updated in place
         self._args = (
             theta,
             trainer.x,
             trainer.y,
-            torch.tensor(lr),
-            torch.tensor(weight_decay),
+            _hyperparameters(trainer, update),
+            state,
             storage,
             cursor,
-            *validation,
+            self._rows,
+            *(trainer.val or ()),
         )
         saved, start = theta.clone(), cursor.clone()
+        saved_state = [t.clone() for t in state]
         try:
-            self._steps(*self._args)  # compiles now, not in the first step of the loop
+            self.replay(count=False)  # compiles now, not in the first step of the loop
         except Exception:
             _failed_blocks.add(key)
             del _compiled_blocks[key]
+            if not had_state:  # as it was: eager steps make their state themselves
+                trainer.optimizer.state.pop(trainer.theta, None)
             raise
         finally:
-            # That block changed the parameters and moved the cursor: undo it.
+            # That block changed the parameters, the optimizer's state and the cursor: undo.
             theta.copy_(saved)
             cursor.copy_(start)
+            for tensor, value in zip(state, saved_state, strict=True):
+                tensor.copy_(value)
         if key not in _ready_blocks:
             _ready_blocks.add(key)
             mark_cached(key)
 
-    def replay(self) -> None:
+    def replay(self, count: bool = True) -> None:
+        """Run the next `block` steps (`count`: and count them as done)."""
+        trainer = self._trainer
+        if self._rows is not None:
+            trainer.block_rows(trainer.steps_done, self.block, self._rows)
         self._steps(*self._args)
-        self._trainer.steps_done += self.block
+        if count:
+            trainer.steps_done += self.block
 
 
 def block_shape(trainer: Trainer, block: int) -> BlockShape:
-    """What a compiled block of the trainer's steps is specialised to (with the recorder's
-    buffer, whose shape follows from it and the worker's settings)."""
+    """What a compiled block of the trainer's steps is specialised to."""
     validation = len(trainer.val[1]) if trainer.val is not None else 0
-    return (len(trainer.y), trainer.layout.features, trainer.layout.bias, block, validation)
+    batch = trainer.batch_size if trainer.batches_per_epoch > 1 else 0
+    update = compiled_update(trainer) or "sgd"
+    features, bias = trainer.layout.features, trainer.layout.bias
+    return BlockShape(len(trainer.y), features, bias, block, validation, update, batch)
 
 
-def shape_text(shape: BlockShape) -> str:
+def shape_text(shape: tuple[Any, ...]) -> str:
     """A shape as GRADSTREAM_COMPILE_WARM_SHAPES writes it: samples x features, `+b` with a
-    bias, `+vN` with N validation rows (the block length is the worker's setting)."""
-    samples, features, bias, _, validation = shape
-    return f"{samples}x{features}{'+b' if bias else ''}{f'+v{validation}' if validation else ''}"
+    bias, `+vN` with N validation rows, `+bsN` for mini-batches of N rows, and the update
+    unless plain SGD (`+adam`) (the block length is the worker's setting)."""
+    shape = BlockShape(*shape)
+    text = f"{shape.samples}x{shape.features}{'+b' if shape.bias else ''}"
+    text += f"+v{shape.validation}" if shape.validation else ""
+    text += f"+bs{shape.batch}" if shape.batch else ""
+    return text + (f"+{shape.update}" if shape.update != "sgd" else "")
 
 
 def parse_shape(text: str, block: int) -> BlockShape:
-    """The BlockShape of `shape_text`'s `text` ("1000x10+b+v200") in blocks of `block`."""
+    """The BlockShape of `shape_text`'s `text` ("1000x10+b+v200+bs100+adam") in blocks of
+    `block`."""
     size, *options = text.strip().split("+")
     samples, features = (int(v) for v in size.split("x"))
     validation = [int(o[1:]) for o in options if o.startswith("v")]
-    if any(o != "b" and not o.startswith("v") for o in options) or len(validation) > 1:
-        raise ValueError(f"{text!r} is not a shape like 1000x10+b+v200")
-    return (samples, features, "b" in options, block, validation[0] if validation else 0)
+    batch = [int(o[2:]) for o in options if o.startswith("bs")]
+    updates = [o for o in options if o in UPDATES]
+    known = ("b", *UPDATES)
+    if (
+        any(o not in known and not o.startswith(("v", "bs")) for o in options)
+        or max(len(validation), len(batch), len(updates)) > 1
+    ):
+        raise ValueError(f"{text!r} is not a shape like 1000x10+b+v200+bs100+adam")
+    return BlockShape(
+        samples,
+        features,
+        "b" in options,
+        block,
+        validation[0] if validation else 0,
+        updates[0] if updates else "sgd",
+        batch[0] if batch else 0,
+    )
 
 
-def block_compiled(shape: BlockShape) -> bool:
+def block_compiled(shape: tuple[Any, ...]) -> bool:
     """Whether this process has compiled and run the block of `shape`."""
-    return shape in _ready_blocks
+    return BlockShape(*shape) in _ready_blocks
 
 
 def _marker(shape: BlockShape) -> str:
@@ -915,11 +1120,14 @@ def remember_shape(path: str, shape: str, keep: int) -> None:
 
 def supports_compiled_steps(trainer: Trainer) -> bool:
     """Whether the step can be compiled in blocks: on the CPU (a GPU captures a CUDA graph),
-    plain SGD at a constant lr, the full batch, no explain view."""
+    an update a block can take (`compiled_update`: no lr schedule), the full batch or
+    mini-batches that split the rows evenly (a shorter last batch would be a shape of its
+    own), no explain view."""
+    batches = trainer.batches_per_epoch
     return (
         trainer.theta.device.type == "cpu"
-        and trainer.plain_sgd is not None
-        and trainer.batches_per_epoch == 1
+        and compiled_update(trainer) is not None
+        and (batches == 1 or batches * trainer.batch_size == len(trainer.y))
         and trainer.layout.explain_samples == 0
     )
 

@@ -117,8 +117,8 @@ def test_a_job_that_could_run_compiled_puts_its_shape_first_among_the_recent(
     settings = Settings(compile_cache_dir=str(tmp_path), compile_recent_shapes=4)
     path = Path(recent_shapes_file(str(tmp_path)))
     assert run_once(store, scalar(5), CPU, settings)[0].steps == 5  # under a block: not kept
-    momentum = compiled_spec(32, momentum=0.9)  # not plain SGD: never compiled
-    run_once(store, momentum, CPU, settings)
+    scheduled = compiled_spec(32, schedule={"name": "step"})  # an lr schedule: never compiled
+    run_once(store, scheduled, CPU, settings)
     assert not path.exists()
     run_once(store, scalar(20), CPU, settings)  # kept, however it ran
     run_once(store, compiled_spec(32), CPU, settings)
