@@ -718,7 +718,8 @@ class GroupFlushTry:
         try:
             self.pipe.watch(keys.job_key(self.group_id))
             live = self._check(ids)
-            queued = [i for i, flag in zip(ids, live, strict=True) if flag == "2"]
+            # '' when the block appends no row: nothing to watch but the group's record.
+            queued = [i for i, flag in zip(ids, live or "0" * len(ids), strict=True) if flag == "2"]
             if queued:
                 self.pipe.watch(*(keys.job_key(i) for i in queued))
                 live = self._check(ids)
