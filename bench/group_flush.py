@@ -6,12 +6,13 @@ Redis, no training.
 
     .venv/bin/python bench/group_flush.py [--members 64 1024] [--flushes 20] [--repeat 3]
 
-Per K and repeat (the three cases alternate, each on a group of its own): member-steps per
-second through each path (rows per chunk as the group runner's chunk budget gives them), the
-bare XADDs', each path's ratio to them, and the CPU each costs per flush (this process's
-`process_time`, then the Redis server's `INFO cpu`), with bare's CPU over the path's: on a
-shared machine the CPU ratio moves less with the load than the rates do. Prints `uptime`
-before and after.
+Per K and repeat (the cases alternate, each flush path on a group of its own): member-steps
+per second through each path (rows per chunk as the group runner's chunk budget gives them),
+the bare XADDs' (of the same entries: the fields a flush writes; and of the rows and their
+count alone, the baseline before issue 23), each path's ratio to the former, and the CPU each
+costs per flush (this process's `process_time`, then the Redis server's `INFO cpu`), with
+bare's CPU over the path's: on a shared machine the CPU ratio moves less with the load than
+the rates do. Prints `uptime` before and after.
 """
 
 import argparse
@@ -113,13 +114,18 @@ def _redis_cpu(client: "redis.Redis") -> float:
 
 
 def bare_xadds(url: str, members: int, flushes: int, rows: int, width: int = WIDTH) -> float:
-    """Member-steps per second of pipelined XADDs of a group's entries (`rows` rows of `width`
-    float32 each), K per round trip, `flushes` times (also bench/gpu_sweeps.py's baseline)."""
+    """Member-steps per second of pipelined XADDs of a group's rows (`rows` rows of `width`
+    float32 each, with their count), K per round trip, `flushes` times (also
+    bench/gpu_sweeps.py's baseline)."""
     return bare_cost(url, members, flushes, rows, width).rate
 
 
-def bare_cost(url: str, members: int, flushes: int, rows: int, width: int = WIDTH) -> Cost:
-    """bare_xadds, with the CPU it costs."""
+def bare_cost(
+    url: str, members: int, flushes: int, rows: int, width: int = WIDTH, same: bool = False
+) -> Cost:
+    """bare_xadds, with the CPU it costs; with `same`, each entry has the fields a group's
+    flush gives it (its count and rows, then the chunk's first step, features and bias), not
+    only the rows and their count."""
     client = redis.Redis.from_url(url)
     blob = os.urandom(rows * width * 4)
     redis_cpu = _redis_cpu(client)
@@ -128,7 +134,10 @@ def bare_cost(url: str, members: int, flushes: int, rows: int, width: int = WIDT
     for i in range(flushes):
         pipe = client.pipeline(transaction=False)
         for member in range(members):
-            pipe.xadd(f"bench:xadd:{member}", {"rows": blob, "count": rows}, id=f"{i + 1}-1")
+            fields: dict[str, bytes | int] = {"rows": blob, "count": rows}
+            if same:
+                fields = {"n": rows, "rows": blob, "first": i * rows, "d": FEATURES, "b": 0}
+            pipe.xadd(f"bench:xadd:{member}", fields, id=f"{i + 1}-1")  # type: ignore[arg-type]
         pipe.execute()
     elapsed = time.perf_counter() - started
     cost = Cost(
@@ -156,12 +165,15 @@ def main() -> None:
             for _ in range(args.repeat):
                 old = group_flushes(store, members, args.flushes, rows, True)
                 new = group_flushes(store, members, args.flushes, rows, False)
-                bare = bare_cost(url, members, args.flushes, rows)
+                rows_only = bare_cost(url, members, args.flushes, rows)
+                bare = bare_cost(url, members, args.flushes, rows, same=True)
                 print(
-                    f"K={members:<5} {rows} rows a chunk: bare XADD {bare.rate:>11,.0f}"
-                    f" member-steps/s, CPU {bare.client_s * 1000:5.1f}+"
-                    f"{bare.redis_s * 1000:5.1f} ms a flush | script (before) {old.line(bare)}"
-                    f" | WATCH+MULTI (after) {new.line(bare)}",
+                    f"K={members:<5} {rows} rows a chunk: bare XADD of the same entries"
+                    f" {bare.rate:>10,.0f} member-steps/s, CPU {bare.client_s * 1000:5.1f}+"
+                    f"{bare.redis_s * 1000:5.1f} ms a flush (rows and count only:"
+                    f" {rows_only.rate:>10,.0f}/s) | script (before) {old.line(bare)}"
+                    f" | WATCH+MULTI (after) {new.line(bare)}; after/before"
+                    f" {new.rate / old.rate:4.2f}x",
                     flush=True,
                 )
         print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
