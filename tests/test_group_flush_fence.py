@@ -238,3 +238,17 @@ def test_the_rows_are_the_members_own_whatever_their_bytes(group: Group) -> None
     members = [MemberFlush(m.member_id, rows, m.loss, m.kept) for m in members]
     assert group.store.flush_group(group.id, attempt, chunk, members, b"", 60).reply == "ok"
     assert all(entries[0][1][b"rows"] == rows for entries in group.streams().values())
+
+
+def test_a_script_cache_emptied_between_check_and_commit_leaves_no_row_uncommitted(
+    group: Group,
+) -> None:
+    """Redis flushed its scripts after the check (as a restart or a failover empties them):
+    the block still commits whole, never rows without their bookkeeping."""
+    attempt = group.claim("worker")
+    flush = group.attempt_try(attempt, 0, mark=1)
+    flush.watch()
+    group.store.redis.script_flush()
+    assert flush.commit() == GroupFlushed("ok", {})
+    assert group.steps_done() == [ROWS] * 4
+    assert all(len(entries) == 1 for entries in group.streams().values())
