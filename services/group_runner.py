@@ -1,5 +1,6 @@
 """One attempt at a sweep's group (DESIGN §9): its running members trained together, one
-batched step for all of them, flushed by one fenced script per chunk. No Celery here.
+batched step for all of them, flushed by one fenced write per chunk (the members' XADDs and a
+commit script in one MULTI block: services/store/sweeps.py). No Celery here.
 
 A group is claimed, leased, checkpointed and handed back like a job, by the same scripts and
 the same attempt lifecycle (services/attempts.py); what differs is the step loop and the
@@ -148,7 +149,7 @@ class _GroupSteps:
 
 class GroupAttempt(Attempt):
     """One attempt at a sweep's group: its running members' steps in one batched tensor,
-    each chunk flushed (on a thread of its own) by one fenced script for all of them."""
+    each chunk flushed (on a thread of its own) by one fenced write for all of them."""
 
     what = "group"
 
@@ -443,7 +444,7 @@ class GroupAttempt(Attempt):
         environment: AttemptEnvironment | None = None,
     ) -> GroupFlushed:
         """The group's flush with the checkpoint `snapshot` (`state_snapshot()` after the
-        chunk; on a GPU once `landed`), retried while Redis is unreachable (the script
+        chunk; on a GPU once `landed`), retried while Redis is unreachable (the commit script
         recognises a retry of a flush it applied); `full` when Redis refused it for memory."""
         if landed is not None:
             landed.synchronize()

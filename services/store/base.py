@@ -62,6 +62,8 @@ class LuaScripts:
         self.touch_queued = client.register_script(scripts.TOUCH_QUEUED)
         self.create_sweep = client.register_script(scripts.CREATE_SWEEP)
         self.flush_group = client.register_script(scripts.FLUSH_GROUP)
+        self.commit_group = client.register_script(scripts.COMMIT_GROUP)
+        self.check_group_flush = client.register_script(scripts.CHECK_GROUP_FLUSH)
         self.cancel_sweep = client.register_script(scripts.CANCEL_SWEEP)
         self.delete_sweep = client.register_script(scripts.DELETE_SWEEP)
         self.archive = client.register_script(scripts.ARCHIVE)

@@ -428,8 +428,12 @@ end
 )
 
 
-def _script(body: str, allow_oom: bool = False, helpers: bool = True) -> str:
-    shebang = "#!lua flags=allow-oom" if allow_oom else "#!lua"
+def _script(
+    body: str, allow_oom: bool = False, helpers: bool = True, flags: str | None = None
+) -> str:
+    if flags is None:
+        flags = "allow-oom" if allow_oom else ""
+    shebang = f"#!lua flags={flags}" if flags else "#!lua"
     return shebang + "\n" + (_HELPERS if helpers else "") + body
 
 
@@ -827,17 +831,25 @@ return {'ok'}
 # the chunk (0: none), now, lease ms, the group's checkpoint, '1' to end the group, the
 # attempt's environment (JSON) with its first flush and again if its stepper changes, else ''
 # (recorded on the group and its members, with the members' attempt and worker), n, then n
-# field/value pairs every member's chunk shares, then for each member still training: id,
-# what ends it now ('' to go on, or its terminal status), result JSON, error, the last step's
-# loss ('' if not finite), its chunk's rows, how many of the chunk's steps it keeps (fewer
-# for a member that diverged: its chunk ends at its first non-finite step), and the chunk's
-# last evaluated validation loss ('' if none). One fenced write
-# of a whole group's flush: each member's chunk, the members that end, the group's checkpoint
-# and lease, the sweep's progress event. Returns {reply, member id, status, ...}: `ok`,
-# `finished`, `fenced` or `gap` (then the group's stored step), and the members no longer
-# training (ended now, or cancelled or deleted meanwhile) with their status.
-FLUSH_GROUP = _script(
-    """
+# field/value pairs every member's chunk shares, then of the members still training, each a
+# space-separated list in member order: their ids, how many of the chunk's steps each keeps
+# (fewer for a member that diverged: its chunk ends at its first non-finite step), the last
+# step's loss ('-' if not finite) and the chunk's last evaluated validation loss ('-' if
+# none); then e, and e times the members that end now: place in those lists (from 1), their
+# terminal status, result JSON ('' if none), error ('' if none); then (FLUSH_GROUP only) each
+# member's chunk rows. Lists, not eight arguments a member: a thousand members' arguments
+# cost the client and Redis more to encode and decode than a few long strings. One fenced
+# write of a whole group's flush: each member's chunk, the members that end, the group's
+# checkpoint and lease, the sweep's progress event. Returns {reply, member id, status, ...}:
+# `ok`, `finished`, `fenced` or `gap` (then the group's stored step), and the members no
+# longer training (ended now, or cancelled or deleted meanwhile) with their status.
+#
+# Two scripts share this body (DESIGN "Exactly once per member"). FLUSH_GROUP appends the
+# members' rows itself (a flush that WATCH kept refusing falls back to it). COMMIT_GROUP is
+# the same bookkeeping without the XADDs: a group's flush sends it last in a MULTI block after
+# the members' XADDs, under a WATCH of the records CHECK_GROUP_FLUSH read, so it finds what
+# the check found, and the rows it does not append are exactly those the block appended.
+_GROUP_FLUSH_BODY = """
 local attempt, now = ARGV[2], ARGV[5]
 if not owns(attempt) then return {'fenced'} end
 local group_status = redis.call('HGET', JOB, 'status')
@@ -871,11 +883,33 @@ end
 local worker = redis.call('HGET', JOB, 'worker') or ''
 local env_field, stepper = ENVIRONMENT .. attempt, redis.call('HGET', JOB, 'stepper')
 local gone, progress, ending, passed, moved, member_steps = {}, {}, {}, 0, false, 0
+local h = 11 + 2 * n
+local function list(at)
+  local values = {}
+  for value in string.gmatch(ARGV[at], '%S+') do values[#values + 1] = value end
+  return values
+end
+local ids, kepts, losses, val_losses = list(h), list(h + 1), list(h + 2), list(h + 3)
+local endings = {}
+local e = tonumber(ARGV[h + 4])
+for j = 0, e - 1 do
+  local b = h + 5 + 4 * j
+  endings[tonumber(ARGV[b])] = {ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]}
+end
+local rows_at = h + 5 + 4 * e - 1  -- member i's rows: ARGV[rows_at + i] (FLUSH_GROUP)
 local group = use_job(ARGV[1])
-for a = 11 + 2 * n, #ARGV, 8 do
+for i, id in ipairs(ids) do
   passed = passed + 1
-  local id, action, kept = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 6])
-  use_job(id)
+  local kept = tonumber(kepts[i])
+  local action, result, failure = '', '', ''
+  if endings[i] then action, result, failure = endings[i][1], endings[i][2], endings[i][3] end
+  local loss, val_loss = losses[i], val_losses[i]
+  if loss == '-' then loss = '' end
+  if val_loss == '-' then val_loss = '' end
+  -- The member's record only: its other keys are named where a helper needs them (set_status
+  -- writes its events; the ends below point at all of them). Five key names a member cost a
+  -- thousand members' flush a quarter of its bookkeeping.
+  JOB = job_key(id)
   local status = redis.call('HGET', JOB, 'status')
   if not status or TERMINAL[status] then
     table.insert(gone, id)
@@ -888,23 +922,26 @@ for a = 11 + 2 * n, #ARGV, 8 do
                  'stepper', stepper)
     end
     if chunk and not applied and kept > 0 then
-      redis.call('XADD', STEPS, entry_id(first + kept - 1), FIELD_COUNT, kept,
-                 FIELD_ROWS, ARGV[a + 5], unpack(common))
-      redis.call('HSET', JOB, 'steps_done', first + kept, 'loss', ARGV[a + 4])
-      if ARGV[a + 7] ~= '' then redis.call('HSET', JOB, 'val_loss', ARGV[a + 7]) end
+      if ROWS_HERE then
+        redis.call('XADD', steps_key(id), entry_id(first + kept - 1), FIELD_COUNT, kept,
+                   FIELD_ROWS, ARGV[rows_at + i], unpack(common))
+      end
+      redis.call('HSET', JOB, 'steps_done', first + kept, 'loss', loss)
+      if val_loss ~= '' then redis.call('HSET', JOB, 'val_loss', val_loss) end
       member_steps = member_steps + kept
     end
     if status == 'queued' then
       if redis.call('HEXISTS', JOB, 'started_at') == 0 then
         redis.call('HSET', JOB, 'started_at', now)
       end
+      use_job(id)
       set_status(id, status, 'running')
       status = 'running'
     end
     local ends = nil
     if action ~= '' and not applied then
-      if ARGV[a + 2] ~= '' then redis.call('HSET', JOB, 'result', ARGV[a + 2]) end
-      if ARGV[a + 3] ~= '' then redis.call('HSET', JOB, 'error', ARGV[a + 3]) end
+      if result ~= '' then redis.call('HSET', JOB, 'result', result) end
+      if failure ~= '' then redis.call('HSET', JOB, 'error', failure) end
       ends = action
     elseif status == 'cancelling' then
       ends = 'cancelled'
@@ -914,11 +951,10 @@ for a = 11 + 2 * n, #ARGV, 8 do
       table.insert(gone, id)
       table.insert(gone, ends)
     end
-    local loss = tonumber(ARGV[a + 4])
     local step = done - 1
     if chunk then step = first + kept - 1 end
-    progress[id] = {step = step, loss = loss or cjson.null, status = ends or status}
-    if ARGV[a + 7] ~= '' then progress[id].val_loss = tonumber(ARGV[a + 7]) end
+    progress[id] = {step = step, loss = tonumber(loss) or cjson.null, status = ends or status}
+    if val_loss ~= '' then progress[id].val_loss = tonumber(val_loss) end
     moved = true
   end
 end
@@ -957,6 +993,38 @@ redis.call('SET', LEASE, attempt, 'PX', ARGV[6])
 table.insert(gone, 1, 'ok')
 return gone
 """
+FLUSH_GROUP = _script("\nlocal ROWS_HERE = true" + _GROUP_FLUSH_BODY)
+COMMIT_GROUP = _script("\nlocal ROWS_HERE = false" + _GROUP_FLUSH_BODY)
+
+# KEYS: the group's record. ARGV: attempt, first step, steps in the chunk, the member ids of
+# the flush (space-separated). Read-only, run under the WATCH that COMMIT_GROUP's MULTI block
+# commits: which members that block appends a row to, one character each: '1' (append: the
+# attempt owns the group, the chunk follows its stored steps, the member exists and runs or
+# is being cancelled), '2' (append, and the member is queued: a cancel may end it without
+# touching the group's record, so its record must be watched too) or '0' (it ended or was
+# deleted); or '' when the block appends none (fenced, ended, a gap, a retry of an applied
+# flush, no chunk: the commit script's reply says which). The same conditions as the body
+# above, which decides the same from the same records.
+CHECK_GROUP_FLUSH = _script(
+    """
+local attempt, first, count = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if count <= 0 or not owns(attempt) then return '' end
+if TERMINAL[redis.call('HGET', JOB, 'status')] then return '' end
+if tonumber(redis.call('HGET', JOB, 'steps_done')) ~= first then return '' end
+local live = {}
+for id in string.gmatch(ARGV[4], '%S+') do
+  local status = redis.call('HGET', job_key(id), 'status')
+  if status == 'queued' then
+    live[#live + 1] = '2'
+  elseif status and not TERMINAL[status] then
+    live[#live + 1] = '1'
+  else
+    live[#live + 1] = '0'
+  end
+end
+return table.concat(live)
+""",
+    flags="no-writes",
 )
 
 # KEYS: the sweep's record. ARGV: sweep id, now. Cancels every unfinished member: a queued one

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import redis
+
 from services.errors import LimitExceeded, SweepActive, SweepFinished, SweepNotFound
 from services.records import FIELD_COUNT, FIELD_ROWS, Chunk
 from services.schemas import (
@@ -558,52 +560,28 @@ class Sweeps(RedisPart):
         finish: bool = False,
         environment: AttemptEnvironment | None = None,
         worker: str | None = None,
+        rows_in_script: bool = False,
     ) -> GroupFlushed:
         """Append each member's chunk (steps `chunk.first ..`, the rows of `members`), end the
         members that end, write the group's checkpoint (`state`, after the chunk's last step)
-        and renew its lease; with `finish` end the group. One atomic script fenced by the
-        group's attempt (DESIGN §9, exactly once for every member). The attempt's first flush
-        (and one after its stepper changed) carries its `environment`, recorded on the group
-        and its members."""
-        common: list[Any] = []
-        if chunk is not None:
-            for name, value in chunk.fields().items():
-                if name not in (FIELD_ROWS, FIELD_COUNT):  # each member's own
-                    common += [name, value]
-        args: list[Any] = [
-            group_id,
-            attempt,
-            chunk.first if chunk else -1,
-            chunk.count if chunk else 0,
-            keys.utc_now(),
-            int(lease_s * 1000),
-            state,
-            "1" if finish else "",
-            environment.model_dump_json() if environment else "",
-            len(common) // 2,
-            *common,
-        ]
-        for member in members:
-            args += [
-                member.member_id,
-                member.end.value if member.end else "",
-                json.dumps(member.result) if member.result is not None else "",
-                member.error or "",
-                "" if member.loss is None or not math.isfinite(member.loss) else repr(member.loss),
-                member.rows,
-                member.kept,
-                "" if member.val_loss is None else repr(member.val_loss),
-            ]
-        script_keys = [*keys.job_keys(group_id)]
-        if worker is not None:
-            script_keys.append(keys.worker_key(worker))
-        reply = self.lua.flush_group(keys=script_keys, args=args)
-        outcome = reply[0].decode()
-        if outcome == "gap":
-            return GroupFlushed(outcome, {}, int(reply[1]))
-        rest = reply[1:]
-        gone = {rest[i].decode(): rest[i + 1].decode() for i in range(0, len(rest), 2)}
-        return GroupFlushed(outcome, gone)
+        and renew its lease; with `finish` end the group. Fenced by the group's attempt and
+        atomic (DESIGN §9, exactly once for every member): one MULTI block of the members'
+        XADDs and the COMMIT_GROUP script under a WATCH of the records the fence reads
+        (GroupFlushTry), tried again when another client changed one of them meanwhile; after
+        WATCH_TRIES refusals, or with `rows_in_script`, one FLUSH_GROUP script that passes the
+        rows through its arguments (three times slower in Redis: bench/group_flush.py). The
+        attempt's first flush (and one after its stepper changed) carries its `environment`,
+        recorded on the group and its members."""
+        flush = GroupFlushTry(
+            self, group_id, attempt, chunk, members, state, lease_s, finish, environment, worker
+        )
+        if not rows_in_script:
+            for _ in range(WATCH_TRIES):
+                flush.watch()
+                flushed = flush.commit()
+                if flushed is not None:
+                    return flushed
+        return flush.in_script()
 
     @translate_redis_errors
     def sweep_events(
@@ -617,3 +595,199 @@ class Sweeps(RedisPart):
             (int(entry_id.split(b"-")[0]), f[b"type"].decode(), f[b"data"].decode())
             for entry_id, f in entries
         ]
+
+
+# Tries of a group's flush under WATCH before it falls back to FLUSH_GROUP: a refusal means
+# that another client changed the group's record or a member's meanwhile (a claim, a hand-back,
+# a cancel), which is rare, and the script decides every case alone.
+WATCH_TRIES = 3
+
+
+def _number(value: float | None) -> str:
+    """A loss as the scripts' lists carry it: '-' for none or not finite."""
+    return "-" if value is None or not math.isfinite(value) else repr(value)
+
+
+def _group_reply(reply: list[bytes]) -> GroupFlushed:
+    """The reply of FLUSH_GROUP or COMMIT_GROUP."""
+    outcome = reply[0].decode()
+    if outcome == "gap":
+        return GroupFlushed(outcome, {}, int(reply[1]))
+    rest = reply[1:]
+    gone = {rest[i].decode(): rest[i + 1].decode() for i in range(0, len(rest), 2)}
+    return GroupFlushed(outcome, gone)
+
+
+class GroupFlushTry:
+    """A group's flush with its rows outside the Lua (DESIGN "Exactly once per member").
+
+    Passing 8 MB of rows through one script's arguments costs Redis about three times what
+    the same XADDs cost sent as commands, so the rows go as commands: `watch()` WATCHes the
+    group's record and its members' (everything the fence reads: the attempt, the hand-back,
+    the statuses, the stored step) and asks CHECK_GROUP_FLUSH which members get a row;
+    `commit()` sends those XADDs and then COMMIT_GROUP (the bookkeeping of FLUSH_GROUP, its
+    same checks) in one MULTI block. Redis runs the block whole, or not at all when a watched
+    record changed after the check (a newer attempt's claim, a hand-back, a member's cancel or
+    delete): a stale attempt's rows are never written, whenever they are sent. Nothing is
+    staged, so an attempt that dies before EXEC leaves nothing behind. `in_script()` is the
+    same flush as one FLUSH_GROUP script."""
+
+    def __init__(
+        self,
+        sweeps: Sweeps,
+        group_id: str,
+        attempt: int,
+        chunk: Chunk | None,
+        members: list[MemberFlush],
+        state: bytes,
+        lease_s: float,
+        finish: bool,
+        environment: AttemptEnvironment | None,
+        worker: str | None,
+    ) -> None:
+        self.sweeps, self.group_id, self.attempt = sweeps, group_id, attempt
+        self.chunk, self.members = chunk, members
+        # What every member's entry carries besides its count and rows (the chunk's first
+        # step, features, bias...), in the order the scripts append them.
+        self.common: dict[bytes, bytes | int] = {}
+        if chunk is not None:
+            self.common = {
+                name: value
+                for name, value in chunk.fields().items()
+                if name not in (FIELD_ROWS, FIELD_COUNT)  # each member's own
+            }
+        self.head: list[Any] = [
+            group_id,
+            attempt,
+            chunk.first if chunk else -1,
+            chunk.count if chunk else 0,
+            keys.utc_now(),
+            int(lease_s * 1000),
+            state,
+            "1" if finish else "",
+            environment.model_dump_json() if environment else "",
+            len(self.common),
+        ]
+        for name, value in self.common.items():
+            self.head += [name, value]
+        self.script_keys = [*keys.job_keys(group_id)]
+        if worker is not None:
+            self.script_keys.append(keys.worker_key(worker))
+        self.pipe: Any = None
+        self.live = ""
+
+    def _args(self, rows: bool) -> list[Any]:
+        """The scripts' ARGV (scripts.py, FLUSH_GROUP): the members' rows only with `rows`."""
+        members = self.members
+        ends = [(i, m) for i, m in enumerate(members, start=1) if m.end is not None]
+        args = [
+            *self.head,
+            " ".join(m.member_id for m in members),
+            " ".join(str(m.kept) for m in members),
+            " ".join(_number(m.loss) for m in members),
+            " ".join(_number(m.val_loss) for m in members),
+            len(ends),
+        ]
+        for i, member in ends:
+            assert member.end is not None
+            args += [
+                i,
+                member.end.value,
+                json.dumps(member.result) if member.result is not None else "",
+                member.error or "",
+            ]
+        if rows:
+            args += [m.rows for m in members]
+        return args
+
+    def watch(self) -> None:
+        """WATCH the records the fence reads, then read which members get a row.
+
+        The group's record holds what fences the attempt (its attempt number, the hand-back,
+        its status and stored step), and every change of a running member's status outside
+        this flush writes it too (a hand-back or a lapse requeues its members, a group's end
+        ends them) but one: a cancel ends a *queued* member (one this attempt has not flushed
+        yet) on the member's record alone. So the group's record is watched, and the records
+        of the members the check finds queued, before the check is read again. Not every
+        member's: WATCH compares each key with those the client watches already, so watching
+        a thousand keys costs Redis milliseconds, which only an attempt's first flush (when
+        its members are queued) pays."""
+        self.reset()
+        self.pipe = self.sweeps.redis.pipeline(transaction=True)
+        ids = [member.member_id for member in self.members]
+        try:
+            self.pipe.watch(keys.job_key(self.group_id))
+            live = self._check(ids)
+            # '' when the block appends no row: nothing to watch but the group's record.
+            queued = [i for i, flag in zip(ids, live or "0" * len(ids), strict=True) if flag == "2"]
+            if queued:
+                self.pipe.watch(*(keys.job_key(i) for i in queued))
+                live = self._check(ids)
+        except BaseException:
+            self.reset()
+            raise
+        self.live = live
+
+    def _check(self, ids: list[str]) -> str:
+        first, count = (self.chunk.first, self.chunk.count) if self.chunk else (-1, 0)
+        live: bytes = self.sweeps.lua.check_group_flush(
+            keys=[keys.job_key(self.group_id)],
+            args=[self.attempt, first, count, " ".join(ids)],
+            client=self.pipe,
+        )
+        return live.decode()
+
+    def commit(self) -> GroupFlushed | None:
+        """The members' XADDs and COMMIT_GROUP in one MULTI block: the flush's reply, or None
+        when a watched record changed since `watch()` (nothing was written; watch again)."""
+        pipe, chunk = self.pipe, self.chunk
+        try:
+            pipe.multi()
+            if self.live and chunk is not None:
+                # The entry FLUSH_GROUP would append: its count, its rows, the shared fields.
+                common = [
+                    v if isinstance(v, bytes) else str(v).encode()
+                    for pair in self.common.items()
+                    for v in pair
+                ]
+                for member, live in zip(self.members, self.live, strict=True):
+                    if live != "0" and member.kept > 0:
+                        pipe.execute_command(
+                            "XADD",
+                            keys.steps_key(member.member_id),
+                            keys.step_entry_id(chunk.first + member.kept - 1),
+                            FIELD_COUNT,
+                            member.kept,
+                            FIELD_ROWS,
+                            member.rows,
+                            *common,
+                        )
+            # By its text (EVAL), not its SHA: Redis hashes 20 kB and finds it compiled, and a
+            # script cache emptied since the check (a restart, SCRIPT FLUSH) cannot leave the
+            # block's XADDs applied without their commit (NOSCRIPT is an error at EXEC).
+            script = self.sweeps.lua.commit_group
+            pipe.eval(script.script, len(self.script_keys), *self.script_keys, *self._args(False))
+            replies = pipe.execute()
+        except redis.WatchError:
+            return None
+        except redis.exceptions.ExecAbortError as exc:
+            # Redis refuses the whole block at EXEC when it went over its maxmemory after the
+            # commands were queued: nothing was written, as for a script refused for memory.
+            if "OOM" in str(exc):
+                raise redis.exceptions.OutOfMemoryError(str(exc)) from exc
+            raise
+        finally:
+            self.reset()
+        return _group_reply(replies[-1])
+
+    def reset(self) -> None:
+        """UNWATCH and give the connection back (a try that stops before its EXEC)."""
+        if self.pipe is not None:
+            self.pipe.reset()
+            self.pipe = None
+
+    def in_script(self) -> GroupFlushed:
+        """The same flush as one FLUSH_GROUP script, its rows in its arguments."""
+        return _group_reply(
+            self.sweeps.lua.flush_group(keys=self.script_keys, args=self._args(True))
+        )
