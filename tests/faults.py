@@ -70,13 +70,15 @@ def long_spec(steps: int = 8000, seed: int = 0) -> dict[str, Any]:
 
 def endless_spec(seed: int = 0) -> dict[str, Any]:
     """A CPU job no test sees finish: the most steps a job may have (a million), each an
-    eager step (momentum runs no compiled blocks), ~20 µs of torch's dispatch even on the
-    fastest CPU and ~300 µs here: 20 s at the very least, minutes here. For a job that must
-    still be running after a client's round trip (holding the worker, interrupted mid-job,
-    cancelled while it runs); the test cancels it at the end."""
+    eager step (an lr schedule runs no compiled blocks; momentum alone now does), ~20 µs of
+    torch's dispatch even on the fastest CPU and ~300 µs here: 20 s at the very least, minutes
+    here. For a job that must still be running after a client's round trip (holding the
+    worker, interrupted mid-job, cancelled while it runs); the test cancels it at the end.
+    The schedule's gamma of 1 keeps the lr constant."""
+    schedule = {"name": "step", "step_size": 1000, "gamma": 1.0}
     return {
         **long_spec(steps=Settings().max_steps, seed=seed),
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": schedule},
     }
 
 
