@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -41,7 +42,7 @@ from services.logs import attempt_context
 from services.queue import compiles, estimated_seconds
 from services.records import Chunk, finite_steps, first_not_finite, settle_validation
 from services.schemas import JobSpec, JobStatus, StopSpec
-from services.store import Checkpoint, Claim, Store
+from services.store import Checkpoint, Claim, SentFlush, Store
 from services.store.sweeps import GROUP_SPEC_PREFIX
 from services.training import (
     BlockShape,
@@ -316,10 +317,14 @@ class JobAttempt(Attempt):
     """The step loop of one attempt of a job, on one thread of control: set up, run steps,
     flush chunks, and finish or hand the job back.
 
-    Chunks are packed and flushed on a thread of their own, one at a time, while the loop
-    records into the other buffer; the loop reads a flush's reply when it hands over the next
-    chunk (so it never waits on Redis unless a flush takes longer than a whole chunk of
-    steps), and it alone decides what a reply means: go on, stop, or hand the job back."""
+    Chunks are flushed one at a time while the loop records into the other buffer; the loop
+    reads a flush's reply when it hands over the next chunk (so it never waits on Redis unless
+    a flush takes longer than a whole chunk of steps), and it alone decides what a reply
+    means: go on, stop, or hand the job back. On the CPU the loop packs a chunk and sends its
+    script itself, without waiting for the reply (Store.send_flush_steps): a flush thread that
+    waited for Redis would take the GIL back from the loop after each reply, and the loop
+    lost 20 % of its steps to that convoy (bench/RESULTS.md, issue 23). On a GPU a flush
+    thread packs and flushes, since packing waits for the rows' copy from the device."""
 
     def __init__(
         self,
@@ -333,8 +338,9 @@ class JobAttempt(Attempt):
         super().__init__(store, job_id, claim, worker, settings, drain)
         self.job_id = job_id
         self.last_loss: float | None = None
-        self._flushing: concurrent.futures.Future[Flushed] | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{job_id}")
+        self._flushing: Callable[[], Flushed] | None = None  # reads the reply of the flush sent
+        self._unread: SentFlush | None = None  # the script sent whose reply is not read yet
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # a GPU's flusher
         self.recorder: StepRecorder | None = None
 
     def progress(self) -> int:
@@ -345,6 +351,8 @@ class JobAttempt(Attempt):
         """Run the attempt from the claim's checkpoint; the stepper is the one an earlier
         attempt recorded, if any."""
         self.device = device
+        if device.type == "cuda":
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{self.job_id}")
         checkpoint, recorded = self.claim.checkpoint, self.claim.stepper
         try:
             spec = JobSpec.model_validate_json(self.claim.spec_json)
@@ -387,7 +395,10 @@ class JobAttempt(Attempt):
         try:
             return self._loop(spec, trainer, recorder, fast, start)
         finally:
-            self._executor.shutdown(wait=True)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            if self._unread is not None:  # the attempt ended by an error, before the reply
+                self._unread.close()
             self.loop_s = time.perf_counter() - started
             self.steps_run = recorder.first + recorder.count - start
 
@@ -506,8 +517,7 @@ class JobAttempt(Attempt):
                     return self._outcome(self._flush(recorded)) or self.hand_back(
                         "its worker is shutting down"
                     )
-                context = contextvars.copy_context()  # the flush logs with the job's ids
-                self._flushing = self._executor.submit(context.run, self._flush, recorded)
+                self._hand_over(recorded)
                 last_flush = time.perf_counter()
 
         if stopped := self._previous_flush():
@@ -527,11 +537,21 @@ class JobAttempt(Attempt):
         started = self.store.job_fields(self.job_id).get(b"started_at")
         return datetime.fromisoformat(started.decode()).timestamp() if started else time.time()
 
+    def _hand_over(self, recorded: Recorded | None) -> None:
+        """Start flushing `recorded`; the loop reads the reply at its next hand-over
+        (`_previous_flush`)."""
+        if self._executor is None:
+            self._flushing = self._send(recorded)
+            return
+        context = contextvars.copy_context()  # the flush logs with the job's ids
+        self._flushing = self._executor.submit(context.run, self._flush, recorded).result
+
     def _previous_flush(self) -> AttemptResult | None:
-        """Wait for the flush in flight, if any: an AttemptResult if the attempt must stop."""
+        """The reply of the flush in flight, if any (waiting for it if it has not come yet):
+        an AttemptResult if the attempt must stop."""
         if self._flushing is None:
             return None
-        flushed = self._flushing.result()  # re-raises what the flush raised
+        flushed = self._flushing()  # raises what the flush raised
         self._flushing = None
         return self._outcome(flushed)
 
@@ -544,10 +564,19 @@ class JobAttempt(Attempt):
         return self.ended_by(flushed.reply)
 
     def _flush(self, recorded: Recorded | None, result: dict[str, Any] | None = None) -> Flushed:
-        """Pack and flush recorded rows (with `result`, finish the job), on whichever thread
-        calls it; the caller decides what the reply means (`_outcome`)."""
+        """Pack and flush recorded rows (with `result`, finish the job), and wait for the reply,
+        on whichever thread calls it; the caller decides what the reply means (`_outcome`)."""
+        return self._send(recorded, result)()
+
+    def _send(
+        self, recorded: Recorded | None, result: dict[str, Any] | None = None
+    ) -> Callable[[], Flushed]:
+        """Pack recorded rows (with `result`, finish the job) and send their flush script
+        without waiting for Redis: what it returns reads the reply (retried through an outage:
+        `Attempt.write`)."""
         if self.keeper.lost.is_set():
-            return Flushed("fenced")
+            return lambda: Flushed("fenced")
+        started = time.perf_counter()
         chunk, checkpoint, status, error = None, None, None, None
         if recorded is not None:
             packed = pack(recorded, self.layout, self.batches, self.evaluation)
@@ -561,21 +590,23 @@ class JobAttempt(Attempt):
             status = JobStatus.SUCCEEDED
             result["loss"] = self.last_loss
         # Flushes run one at a time: the first takes the attempt's environment along.
-        environment = self.environment()
-        reply = self.write(
-            lambda: self.store.flush_steps(
-                self.job_id,
-                self.attempt,
-                chunk,
-                checkpoint,
-                self.settings.lease_s,
-                finish=status,
-                result=result,
-                error=error,
-                worker=self.worker,
-                environment=environment,
-            ),
-            0 if chunk is None else chunk.count,
-            "full",
+        sent = self._unread = self.store.send_flush_steps(
+            self.job_id,
+            self.attempt,
+            chunk,
+            checkpoint,
+            self.settings.lease_s,
+            finish=status,
+            result=result,
+            error=error,
+            worker=self.worker,
+            environment=self.environment(),
         )
-        return Flushed(reply, error)
+        sending_s = time.perf_counter() - started
+
+        def receive() -> Flushed:
+            self._unread = None
+            steps = 0 if chunk is None else chunk.count
+            return Flushed(self.write(sent.reply, steps, "full", sending_s), error)
+
+        return receive
