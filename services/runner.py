@@ -39,7 +39,7 @@ from services.config import Settings
 from services.errors import StorageFull
 from services.group_runner import GroupAttempt
 from services.logs import attempt_context
-from services.queue import compiles, estimated_seconds
+from services.queue import estimated_seconds
 from services.records import Chunk, finite_steps, first_not_finite, settle_validation
 from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Claim, SentFlush, Store
@@ -378,7 +378,9 @@ class JobAttempt(Attempt):
             error = f"invalid job record: {exc.error_count()} error(s): {exc}"
             self.store.fail_job(self.job_id, self.attempt, error, self.worker)
             return AttemptResult(Outcome.FAILED, reason=error)
-        self._keep_lease(spec, device, recorded)
+        validation_set = spec.eval.data if spec.eval is not None else None
+        if spec.data.dataset_id is not None or (validation_set and validation_set.dataset_id):
+            self.keeper.start()  # loading a dataset takes time: leased from now on
         data, validation = uploaded_data(self.store, spec, device, self.settings)
         trainer = Trainer(spec, device, data, validation)
         start = 0
@@ -391,6 +393,7 @@ class JobAttempt(Attempt):
         # The stepper the job's first attempt recorded is every later attempt's, whatever
         # this worker's cost model says: a resumed job then rounds as its first attempt did.
         kind = recorded or self._stepper_kind(spec, trainer, spec.steps - start)
+        self._keep_lease(spec, device, kind)
         block = self.settings.compile_block_steps if kind == "compiled" else 1
         # No more rows than the attempt has steps (a short job should not pay for 2 x 4096),
         # but for compiled blocks: their code is specialised to the buffer's shape, which
@@ -420,21 +423,24 @@ class JobAttempt(Attempt):
             self.loop_s = time.perf_counter() - started
             self.steps_run = recorder.first + recorder.count - start
 
-    def _keep_lease(self, spec: JobSpec, device: torch.device, recorded: str | None) -> None:
-        """Start the lease keeper before anything that takes time (loading a dataset,
-        compiling), unless the job is tutorial-sized: no dataset to load, nothing to compile,
+    def _keep_lease(self, spec: JobSpec, device: torch.device, kind: str) -> None:
+        """Start the lease keeper (if a dataset's load has not) before the steps and anything
+        else that takes time (compiling), unless the job is tutorial-sized: nothing to compile,
         and the cost model expects all its steps to take less than a third of the lease. Such
         a job's final flush comes long before the lease needs renewing, and one that takes
-        longer after all is safe anyway (if the reaper requeued it, its flush takes it back)."""
+        longer after all is safe anyway (if the reaper requeued it, its flush takes it back).
+        `kind` is the stepper the attempt runs: chosen knowing where a compiled block is found
+        (`compiled_at`), or recorded by the first attempt."""
+        if self.keeper.started:
+            return
         settings = self.settings
-        # The dataset test first: a dataset's shape, which the cost model reads, is known only
-        # once it is loaded.
-        if spec.data.dataset_id is None and not (
-            device.type == "cpu" and (recorded == "compiled" or compiles(spec, settings))
-        ):
-            kind = "cpu" if device.type == "cpu" else "cuda"
+        if kind != "compiled":
+            device_kind = "cpu" if device.type == "cpu" else "cuda"
             elements = spec.data.samples * spec.data.features
-            if estimated_seconds(kind, elements, spec.steps, settings) < settings.lease_s / 3:
+            if (
+                estimated_seconds(device_kind, elements, spec.steps, settings)
+                < settings.lease_s / 3
+            ):
                 return
         self.keeper.start()
 
