@@ -124,6 +124,7 @@ class SentFlush:
 
     @translate_redis_errors
     def reply(self) -> str:
+        """What the script answered: `ok`, `finished`, `cancelled`, `fenced` or `gap`."""
         connection = self._connection
         if connection is None:
             answer = self._script(keys=self._keys, args=self._args)
