@@ -2,8 +2,8 @@
 `bench/worker_loop.py`): the tutorial's hand-written loop, the trainer's recorded step alone
 (rows written, nothing flushed), and a whole attempt through services.runner.run_job against a
 real redis-server, split into set-up (claim to first step), the step loop, the result, and
-the time the flush thread spent packing and writing (beside the loop, on the other core, but
-holding the GIL for its Python part).
+the CPU time the flushes took (packing, sending, reading the reply: on the loop thread, which
+sends each flush script and reads its reply at the next hand-over).
 
     .venv/bin/python bench/eager_breakdown.py [--repeat 3] [--cases ...]
 """
@@ -43,25 +43,33 @@ def recorded_steps(spec: JobSpec) -> float:
 
 
 def attempt(store: Store, spec: JobSpec, settings: Settings) -> dict[str, float]:
-    """One attempt through run_job: seconds of each part, and the flush thread's."""
+    """One attempt through run_job: seconds of each part, and the CPU time the flushes took
+    (packing, sending and reading replies: on the loop thread itself since issue 23)."""
     flushes: list[float] = []
-    flush = runner.JobAttempt._flush
+    send = runner.JobAttempt._send
 
-    def timed_flush(self: runner.JobAttempt, *args: object, **kwargs: object) -> runner.Flushed:
+    def timed_send(self: runner.JobAttempt, *args: object, **kwargs: object) -> object:
         started = time.thread_time()
-        try:
-            return flush(self, *args, **kwargs)  # type: ignore[arg-type]
-        finally:
-            flushes.append(time.thread_time() - started)
+        receive = send(self, *args, **kwargs)  # type: ignore[arg-type]
+        sent = time.thread_time() - started
 
-    runner.JobAttempt._flush = timed_flush  # type: ignore[method-assign]
+        def timed_receive() -> runner.Flushed:
+            started = time.thread_time()
+            try:
+                return receive()
+            finally:
+                flushes.append(sent + time.thread_time() - started)
+
+        return timed_receive
+
+    runner.JobAttempt._send = timed_send  # type: ignore[assignment,method-assign]
     try:
         job_id, _ = store.create_job(spec, "cpu", "bench-no-consumer", "bench")
         started = time.perf_counter()
         result = run_job(store, job_id, "bench", torch.device("cpu"), settings)
         total = time.perf_counter() - started
     finally:
-        runner.JobAttempt._flush = flush  # type: ignore[method-assign]
+        runner.JobAttempt._send = send  # type: ignore[method-assign]
     assert result.outcome is Outcome.SUCCEEDED, result
     loop = result.loop_s
     return {
@@ -83,7 +91,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     with temporary_stack("gradstream-bench-") as stack:
-        settings = Settings(redis_url=stack.start_redis())
+        # Eager steps only: a long case could otherwise run compiled where a shape is cached.
+        settings = Settings(redis_url=stack.start_redis(), compile_steps=False)
         if args.flush_interval is not None:
             settings = settings.model_copy(update={"flush_interval_s": args.flush_interval})
         store = Store.from_url(settings.redis_url)
@@ -104,7 +113,7 @@ def main() -> None:
                 f"  recorded step {1e6 / statistics.median(recorded):5.1f} us"
                 f"  attempt {med['total'] * us:5.1f} us = set-up {med['setup'] * us:4.1f}"
                 f" + loop {med['loop'] * us:5.1f} + result {med['result'] * us:4.1f};"
-                f"  flush thread CPU {med['flush_cpu'] * us:4.1f} us/step"
+                f"  flush CPU {med['flush_cpu'] * us:4.1f} us/step"
                 f" ({med['flushes']:.0f} flushes, {med['flush_cpu'] / med['flushes'] * 1e6:.0f}"
                 f" us each);  attempt/tutorial rate {steps / (med['total'] * hand):.2f}"
             )

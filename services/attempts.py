@@ -330,17 +330,18 @@ class Attempt:
         self._sent_stepper = self.stepper
         return attempt_environment(self.attempt, self.device, self.stepper, self.worker)
 
-    def write(self, flush: Callable[[], T], steps: int, full: T) -> T:
-        """Run one flush script (`flush()`), retried while Redis is unreachable; `full` when
-        Redis refused it for memory (nothing of it was written). `steps`: the step records
-        it carries, for the worker's metrics."""
+    def write(self, flush: Callable[[], T], steps: int, full: T, sending_s: float = 0.0) -> T:
+        """Run one flush script (`flush()`, or read the reply of one sent already), retried
+        while Redis is unreachable; `full` when Redis refused it for memory (nothing of it was
+        written). `steps`: the step records it carries, for the worker's metrics; `sending_s`:
+        the time spent packing and sending it, for a flush whose reply is read later."""
         started = time.perf_counter()
         try:
             reply = retry_through_outage(flush, self.name, self.settings.redis_outage_s)
         except StorageFull:
             log.warning("%s: flush refused, Redis is full", self.name)
             return full
-        metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+        metrics.FLUSH_SECONDS.observe(sending_s + time.perf_counter() - started)
         if steps:
             metrics.STEPS.inc(steps)
             metrics.FLUSHES.inc()

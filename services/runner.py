@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,7 +39,7 @@ from services.config import Settings
 from services.errors import StorageFull
 from services.group_runner import GroupAttempt
 from services.logs import attempt_context
-from services.queue import compiles, estimated_seconds
+from services.queue import estimated_seconds
 from services.records import (
     Chunk,
     finite_steps,
@@ -47,7 +48,7 @@ from services.records import (
     sparse_rows,
 )
 from services.schemas import JobSpec, JobStatus, StopSpec
-from services.store import Checkpoint, Claim, Store
+from services.store import Checkpoint, Claim, SentFlush, Store
 from services.store.sweeps import GROUP_SPEC_PREFIX
 from services.training import (
     BlockShape,
@@ -68,6 +69,10 @@ from services.training import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# Row views made at a time (StepRecorder.next_row): one call for a block instead of one per step.
+VIEWS_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,10 @@ class StepRecorder:
         self.capacity = max(block, rows // block * block)
         self.storage = torch.empty(2 * self.capacity, layout.width, device=device)
         self.cursor = torch.zeros((), dtype=torch.long, device=device)
-        self._views = list(self.storage.unbind(0))  # made once: an eager step takes one each
+        # An eager step's row views, made as first needed and then reused by each chunk of the
+        # half: a chunk flushed by time holds far fewer rows than its capacity (4 096), and
+        # making all 8 192 views up front cost 2 % of a 10 000-step job.
+        self._views: list[torch.Tensor | None] = [None] * (2 * self.capacity)
         self._on_gpu = device.type == "cuda"
         if self._on_gpu:  # each half's host copy, and the parameters after its last step
             self._host_rows = torch.empty(2 * self.capacity, layout.width, pin_memory=True)
@@ -127,9 +135,20 @@ class StepRecorder:
         return self.count == self.capacity
 
     def next_row(self) -> torch.Tensor:
-        row = self._views[self._offset + self.count]
+        index = self._offset + self.count
+        row = self._views[index]
+        if row is None:
+            row = self._make_views(index)
         self.count += 1
         return row
+
+    def _make_views(self, index: int) -> torch.Tensor:
+        """The views of rows `index` on, a block of them (to the end of the half at most), and
+        the first of them."""
+        end = min(index + VIEWS_BLOCK, self._offset + self.capacity)
+        views = self.storage[index:end].unbind(0)
+        self._views[index:end] = views
+        return views[0]
 
     def advance(self, steps: int = 1) -> None:
         """Count `steps` rows that a graph or a compiled block wrote at `cursor`."""
@@ -339,10 +358,14 @@ class JobAttempt(Attempt):
     """The step loop of one attempt of a job, on one thread of control: set up, run steps,
     flush chunks, and finish or hand the job back.
 
-    Chunks are packed and flushed on a thread of their own, one at a time, while the loop
-    records into the other buffer; the loop reads a flush's reply when it hands over the next
-    chunk (so it never waits on Redis unless a flush takes longer than a whole chunk of
-    steps), and it alone decides what a reply means: go on, stop, or hand the job back."""
+    Chunks are flushed one at a time while the loop records into the other buffer; the loop
+    reads a flush's reply when it hands over the next chunk (so it never waits on Redis unless
+    a flush takes longer than a whole chunk of steps), and it alone decides what a reply
+    means: go on, stop, or hand the job back. On the CPU the loop packs a chunk and sends its
+    script itself, without waiting for the reply (Store.send_flush_steps): a flush thread that
+    waited for Redis would take the GIL back from the loop after each reply, and the loop
+    lost 20 % of its steps to that convoy (bench/RESULTS.md, issue 23). On a GPU a flush
+    thread packs and flushes, since packing waits for the rows' copy from the device."""
 
     def __init__(
         self,
@@ -356,8 +379,9 @@ class JobAttempt(Attempt):
         super().__init__(store, job_id, claim, worker, settings, drain)
         self.job_id = job_id
         self.last_loss: float | None = None
-        self._flushing: concurrent.futures.Future[Flushed] | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{job_id}")
+        self._flushing: Callable[[], Flushed] | None = None  # reads the reply of the flush sent
+        self._unread: SentFlush | None = None  # the script sent whose reply is not read yet
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # a GPU's flusher
         self.recorder: StepRecorder | None = None
 
     def progress(self) -> int:
@@ -368,6 +392,8 @@ class JobAttempt(Attempt):
         """Run the attempt from the claim's checkpoint; the stepper is the one an earlier
         attempt recorded, if any."""
         self.device = device
+        if device.type == "cuda":
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, f"flush-{self.job_id}")
         checkpoint, recorded = self.claim.checkpoint, self.claim.stepper
         try:
             spec = JobSpec.model_validate_json(self.claim.spec_json)
@@ -375,7 +401,9 @@ class JobAttempt(Attempt):
             error = f"invalid job record: {exc.error_count()} error(s): {exc}"
             self.store.fail_job(self.job_id, self.attempt, error, self.worker)
             return AttemptResult(Outcome.FAILED, reason=error)
-        self._keep_lease(spec, device, recorded)
+        validation_set = spec.eval.data if spec.eval is not None else None
+        if spec.data.dataset_id is not None or (validation_set and validation_set.dataset_id):
+            self.keeper.start()  # loading a dataset takes time: leased from now on
         data, validation = uploaded_data(self.store, spec, device, self.settings)
         trainer = Trainer(spec, device, data, validation)
         start = 0
@@ -389,6 +417,7 @@ class JobAttempt(Attempt):
         # The stepper the job's first attempt recorded is every later attempt's, whatever
         # this worker's cost model says: a resumed job then rounds as its first attempt did.
         kind = recorded or self._stepper_kind(spec, trainer, spec.steps - start)
+        self._keep_lease(spec, device, kind)
         block = self.settings.compile_block_steps if kind == "compiled" else 1
         # No more rows than the attempt has steps (a short job should not pay for 2 x 4096),
         # but for compiled blocks: their code is specialised to the buffer's shape, which
@@ -411,25 +440,31 @@ class JobAttempt(Attempt):
         try:
             return self._loop(spec, trainer, recorder, fast, start)
         finally:
-            self._executor.shutdown(wait=True)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            if self._unread is not None:  # the attempt ended by an error, before the reply
+                self._unread.close()
             self.loop_s = time.perf_counter() - started
             self.steps_run = recorder.first + recorder.count - start
 
-    def _keep_lease(self, spec: JobSpec, device: torch.device, recorded: str | None) -> None:
-        """Start the lease keeper before anything that takes time (loading a dataset,
-        compiling), unless the job is tutorial-sized: no dataset to load, nothing to compile,
+    def _keep_lease(self, spec: JobSpec, device: torch.device, kind: str) -> None:
+        """Start the lease keeper (if a dataset's load has not) before the steps and anything
+        else that takes time (compiling), unless the job is tutorial-sized: nothing to compile,
         and the cost model expects all its steps to take less than a third of the lease. Such
         a job's final flush comes long before the lease needs renewing, and one that takes
-        longer after all is safe anyway (if the reaper requeued it, its flush takes it back)."""
+        longer after all is safe anyway (if the reaper requeued it, its flush takes it back).
+        `kind` is the stepper the attempt runs: chosen knowing where a compiled block is found
+        (`compiled_at`), or recorded by the first attempt."""
+        if self.keeper.started:
+            return
         settings = self.settings
-        # The dataset test first: a dataset's shape, which the cost model reads, is known only
-        # once it is loaded.
-        if spec.data.dataset_id is None and not (
-            device.type == "cpu" and (recorded == "compiled" or compiles(spec, settings))
-        ):
-            kind = "cpu" if device.type == "cpu" else "cuda"
+        if kind != "compiled":
+            device_kind = "cpu" if device.type == "cpu" else "cuda"
             elements = spec.data.samples * spec.data.features
-            if estimated_seconds(kind, elements, spec.steps, settings) < settings.lease_s / 3:
+            if (
+                estimated_seconds(device_kind, elements, spec.steps, settings)
+                < settings.lease_s / 3
+            ):
                 return
         self.keeper.start()
 
@@ -530,8 +565,7 @@ class JobAttempt(Attempt):
                     return self._outcome(self._flush(recorded)) or self.hand_back(
                         "its worker is shutting down"
                     )
-                context = contextvars.copy_context()  # the flush logs with the job's ids
-                self._flushing = self._executor.submit(context.run, self._flush, recorded)
+                self._hand_over(recorded)
                 last_flush = time.perf_counter()
 
         if stopped := self._previous_flush():
@@ -551,11 +585,21 @@ class JobAttempt(Attempt):
         started = self.store.job_fields(self.job_id).get(b"started_at")
         return datetime.fromisoformat(started.decode()).timestamp() if started else time.time()
 
+    def _hand_over(self, recorded: Recorded | None) -> None:
+        """Start flushing `recorded`; the loop reads the reply at its next hand-over
+        (`_previous_flush`)."""
+        if self._executor is None:
+            self._flushing = self._send(recorded)
+            return
+        context = contextvars.copy_context()  # the flush logs with the job's ids
+        self._flushing = self._executor.submit(context.run, self._flush, recorded).result
+
     def _previous_flush(self) -> AttemptResult | None:
-        """Wait for the flush in flight, if any: an AttemptResult if the attempt must stop."""
+        """The reply of the flush in flight, if any (waiting for it if it has not come yet):
+        an AttemptResult if the attempt must stop."""
         if self._flushing is None:
             return None
-        flushed = self._flushing.result()  # re-raises what the flush raised
+        flushed = self._flushing()  # raises what the flush raised
         self._flushing = None
         return self._outcome(flushed)
 
@@ -568,10 +612,19 @@ class JobAttempt(Attempt):
         return self.ended_by(flushed.reply)
 
     def _flush(self, recorded: Recorded | None, result: dict[str, Any] | None = None) -> Flushed:
-        """Pack and flush recorded rows (with `result`, finish the job), on whichever thread
-        calls it; the caller decides what the reply means (`_outcome`)."""
+        """Pack and flush recorded rows (with `result`, finish the job), and wait for the reply,
+        on whichever thread calls it; the caller decides what the reply means (`_outcome`)."""
+        return self._send(recorded, result)()
+
+    def _send(
+        self, recorded: Recorded | None, result: dict[str, Any] | None = None
+    ) -> Callable[[], Flushed]:
+        """Pack recorded rows (with `result`, finish the job) and send their flush script
+        without waiting for Redis: what it returns reads the reply (retried through an outage:
+        `Attempt.write`)."""
         if self.keeper.lost.is_set():
-            return Flushed("fenced")
+            return lambda: Flushed("fenced")
+        started = time.perf_counter()
         chunk, checkpoint, status, error = None, None, None, None
         if recorded is not None:
             # A finishing flush's rows end the job: its last step keeps its gradients.
@@ -588,21 +641,23 @@ class JobAttempt(Attempt):
             status = JobStatus.SUCCEEDED
             result["loss"] = self.last_loss
         # Flushes run one at a time: the first takes the attempt's environment along.
-        environment = self.environment()
-        reply = self.write(
-            lambda: self.store.flush_steps(
-                self.job_id,
-                self.attempt,
-                chunk,
-                checkpoint,
-                self.settings.lease_s,
-                finish=status,
-                result=result,
-                error=error,
-                worker=self.worker,
-                environment=environment,
-            ),
-            0 if chunk is None else chunk.count,
-            "full",
+        sent = self._unread = self.store.send_flush_steps(
+            self.job_id,
+            self.attempt,
+            chunk,
+            checkpoint,
+            self.settings.lease_s,
+            finish=status,
+            result=result,
+            error=error,
+            worker=self.worker,
+            environment=self.environment(),
         )
-        return Flushed(reply, error)
+        sending_s = time.perf_counter() - started
+
+        def receive() -> Flushed:
+            self._unread = None
+            steps = 0 if chunk is None else chunk.count
+            return Flushed(self.write(sent.reply, steps, "full", sending_s), error)
+
+        return receive

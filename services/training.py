@@ -252,6 +252,11 @@ class Trainer:
         self.last_step = spec.steps - 1
         self.always_evaluate = False
         self.theta = initial_theta(spec).to(device).requires_grad_()
+        # theta's values without autograd (the same memory): the record row copies them, and the
+        # plain update changes them in place, with no detach() and no no_grad block per step.
+        self._values = self.theta.detach()
+        # Neither explained nor evaluated: a step's whole row is [loss, grads, params].
+        self._plain_row = not explained and spec.eval is None
         self.optimizer, self.scheduler = build_optimizer(spec, self.theta)
         # Plain SGD at a constant lr takes the tutorial's update itself (`update`); the
         # optimizer object stays, for the checkpoint's format and the stateful cases.
@@ -298,7 +303,7 @@ class Trainer:
     def forward_backward(self, explain: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of the next step: the loss; autograd puts dLoss/dtheta into
         theta.grad. With `explain` (a row slice), the step's graph is written there too."""
-        x, y = self.batch(self.steps_done)
+        x, y = (self.x, self.y) if self.batches_per_epoch == 1 else self.batch(self.steps_done)
         # The views are taken each step, after the previous in-place update.
         y_hat = self._forward(x, self.theta)
         s = y_hat - y
@@ -356,16 +361,20 @@ class Trainer:
         1.3-1.9x the update itself on these small problems (bench/optimizer_step.py). On a GPU
         torch.optim runs its own (foreach) implementation.
         """
+        if self.plain_sgd is not None:
+            # The tutorial's update, w <- w - lr * dLoss/dw, as one in-place op on theta's
+            # values (no graph is recorded for them: no no_grad block needed). Plain SGD has no
+            # schedule.
+            lr, weight_decay = self.plain_sgd
+            grad = self.theta.grad
+            assert grad is not None
+            if weight_decay:
+                grad = grad.add(self._values, alpha=weight_decay)
+            self._values.add_(grad, alpha=-lr)
+            self.steps_done += 1
+            return
         with torch.no_grad():
-            if self.plain_sgd is not None:
-                # The tutorial's update, w <- w - lr * dLoss/dw, as one in-place op.
-                lr, weight_decay = self.plain_sgd
-                grad = self.theta.grad
-                assert grad is not None
-                if weight_decay:
-                    grad = grad.add(self.theta, alpha=weight_decay)
-                self.theta.add_(grad, alpha=-lr)
-            elif self.theta.device.type == "cpu":
+            if self.theta.device.type == "cpu":
                 self._update_by_hand()
                 # What torch.optim's step wrapper records, and the schedule checks: the
                 # optimizer stepped before the schedule does.
@@ -421,20 +430,25 @@ class Trainer:
     def step(self, record: torch.Tensor) -> None:
         """Run one step and write its [loss, grads, params] into `record` (a row on the device),
         and where the job evaluates, the validation loss into its last value."""
-        p = self.layout.params
         theta = self.theta
         # Backward then writes a fresh gradient: no zeroing and no accumulating.
         theta.grad = None
+        if self._plain_row:
+            loss = self.forward_backward()
+            grad = theta.grad
+            assert grad is not None
+            # Recorded before the update, which changes theta in place: the row holds the
+            # parameters this step's forward pass used. One device-side copy, no .item() sync.
+            torch.cat([loss.detach().view(1), grad, self._values], out=record)
+            self.update()
+            return
+        p = self.layout.params
         explain = None
         if self.layout.explain_samples:
             explain = record[1 + 2 * p : self.layout.width - int(self.layout.evaluated)]
         loss = self.forward_backward(explain)
         assert theta.grad is not None
-        # Recorded before the update, which changes theta in place: the row holds the
-        # parameters this step's forward pass used. One device-side copy, no .item() sync.
-        plain_row = explain is None and self.val is None
-        row = record if plain_row else record[: 1 + 2 * p]
-        torch.cat([loss.detach().view(1), theta.grad, theta.detach()], out=row)
+        torch.cat([loss.detach().view(1), theta.grad, self._values], out=record[: 1 + 2 * p])
         if self.val is not None and (
             self.always_evaluate or is_evaluated(self.steps_done, self.eval_every, self.last_step)
         ):

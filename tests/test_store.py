@@ -1,15 +1,17 @@
 """The store on a real Redis: step pages across chunks, fencing, job listing."""
 
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cli.stack import wait_until
-from services.attempts import LeaseKeeper, Outcome
+from cli.stack import Stack, wait_until
+from services.attempts import LeaseKeeper, Outcome, retry_through_outage
 from services.config import Settings
-from services.errors import JobFinished, JobNotFound
+from services.errors import JobFinished, JobNotFound, StoreUnavailable
 from services.records import Chunk
 from services.runner import run_job
 from services.schemas import JobSpec, JobStatus, StopSpec
@@ -74,6 +76,63 @@ def test_flush_is_fenced_by_attempt_and_refuses_gaps(store: Store) -> None:
     assert store.flush_steps(job_id, attempt, _chunk(3, 1), None, 10) == "fenced"
     with pytest.raises(JobFinished):
         store.cancel_job(job_id)
+
+
+def test_a_sent_flush_is_applied_before_its_reply_is_read(store: Store) -> None:
+    # The step loop sends a flush and reads its reply a chunk later: the script runs at once,
+    # and the reply, read late, says what the flush_steps reply would (cancelled, fenced).
+    job_id, attempt = _running_job(store)
+    sent = store.send_flush_steps(job_id, attempt, _chunk(0, 3), None, 10)
+    wait_until(lambda: store.get_job(job_id).steps_done == 3, 10, "the sent flush applied")
+    assert sent.reply() == "ok"
+    # Redis without the script (restarted, or failed over, since it was loaded): NOSCRIPT runs
+    # nothing, and the reply runs the script by the client, which loads it.
+    store.redis.script_flush()
+    assert store.send_flush_steps(job_id, attempt, _chunk(3, 2), None, 10).reply() == "ok"
+    store.cancel_job(job_id)
+    assert store.send_flush_steps(job_id, attempt, _chunk(5, 1), None, 10).reply() == "cancelled"
+    assert store.send_flush_steps(job_id, attempt, _chunk(6, 1), None, 10).reply() == "fenced"
+    records, _ = store.read_steps(job_id, after=-1, limit=100)
+    assert [r["step"] for r in records] == list(range(6))
+
+
+@pytest.fixture
+def own_store(tmp_path: Path) -> Iterator[Store]:
+    """A store on a Redis of the test's own: pausing its writes holds up no worker."""
+    local = Stack(tmp_path)
+    try:
+        store = Store.from_url(local.start_redis())
+        yield store
+        store.redis.close()
+    finally:
+        local.stop()
+
+
+def test_a_sent_flush_whose_connection_dropped_is_run_again_once(own_store: Store) -> None:
+    store = own_store
+    job_id, attempt = _running_job(store)
+    assert store.flush_steps(job_id, attempt, _chunk(0, 2), None, 10) == "ok"
+    # Writes paused, the script waits in Redis; its connection is killed before it runs.
+    store.redis.client_pause(10_000, all=False)
+    try:
+        sent = store.send_flush_steps(job_id, attempt, _chunk(2, 3), None, 10)
+
+        def waiting() -> list[str]:
+            clients = store.redis.client_list()
+            return [c["id"] for c in clients if c["cmd"] == "evalsha" and "b" in c["flags"]]
+
+        wait_until(lambda: bool(waiting()), 10, "the flush waits in Redis")
+        store.redis.client_kill_filter(_id=waiting()[0])
+    finally:
+        store.redis.client_unpause()
+    with pytest.raises(StoreUnavailable):
+        sent.reply()
+    # The attempt retries the reply through the outage (Attempt.write): the script runs again,
+    # once (a retry of a flush that did run is recognised: test_flush_is_fenced_by_attempt...).
+    assert retry_through_outage(sent.reply, "test", 10) == "ok"
+    records, _ = store.read_steps(job_id, after=-1, limit=100)
+    assert [r["step"] for r in records] == list(range(5))
+    assert store.redis.xlen(f"gs:{{{job_id}}}:steps") == 2
 
 
 def test_list_jobs_newest_first_with_cursor_and_status(store: Store) -> None:

@@ -18,7 +18,7 @@ from services.archive import Archive
 from services.config import Settings
 from services.redis_clients import direct_client, redis_client
 from services.store.archiving import Archiving
-from services.store.attempts import Attempts, Checkpoint, Claim
+from services.store.attempts import Attempts, Checkpoint, Claim, SentFlush
 from services.store.base import LuaScripts, translate_redis_errors
 from services.store.datasets import Datasets
 from services.store.jobs import Jobs, job_view
@@ -28,7 +28,7 @@ from services.store.sweeps import Sweeps
 from services.store.workers import LIVE_QUEUES_TTL_S, Workers
 from services.sweeps_math import DEFAULT_RANK_RTOL
 
-__all__ = ["Checkpoint", "Claim", "Store", "job_view"]
+__all__ = ["Checkpoint", "Claim", "SentFlush", "Store", "job_view"]
 
 
 class Store(Jobs, Attempts, Steps, Sweeps, Datasets, Workers, Recovery, Archiving):

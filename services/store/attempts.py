@@ -7,6 +7,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+from redis.commands.core import Script
+from redis.connection import Connection
+
 from services.records import Chunk
 from services.schemas import AttemptEnvironment, JobStatus
 from services.store import keys
@@ -57,6 +61,95 @@ def _attempt_keys(job_id: str, worker: str | None) -> list[str]:
     return script_keys
 
 
+def _flush_arguments(
+    job_id: str,
+    attempt: int,
+    chunk: Chunk | None,
+    checkpoint: Checkpoint | None,
+    lease_s: float,
+    finish: JobStatus | None,
+    result: dict[str, Any] | None,
+    error: str | None,
+    worker: str | None,
+    environment: AttemptEnvironment | None,
+) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV of the FLUSH script (services/store/scripts.py)."""
+    args: list[Any] = [
+        job_id,
+        attempt,
+        chunk.first if chunk else -1,
+        keys.step_entry_id(chunk.last) if chunk else "",
+        keys.utc_now(),
+        finish.value if finish else "",
+        json.dumps(result) if result is not None else "",
+        error or "",
+        int(lease_s * 1000),
+        checkpoint.theta if checkpoint else b"",
+        checkpoint.optimizer if checkpoint else b"",
+        checkpoint.loss_bytes if checkpoint else b"",
+        environment.model_dump_json() if environment else "",
+    ]
+    if chunk is not None:
+        for name, value in chunk.fields().items():
+            args += [name, value]
+    return _attempt_keys(job_id, worker), args
+
+
+class SentFlush:
+    """A flush script sent on a connection of its own whose reply is not read yet.
+
+    `reply()` answers as `Store.flush_steps` would, errors included (StoreUnavailable,
+    StorageFull). Where the reply cannot be read (the connection dropped, or the script was
+    never sent), whether the script ran is unknown: `reply()` then runs it again, and again on
+    each call after a StoreUnavailable (retry_through_outage's loop). That is safe because the
+    script recognises a retry of a flush it applied. Redis without the script (restarted or
+    failed over since it was loaded: NOSCRIPT, nothing ran) gets it run by the client, which
+    loads it first."""
+
+    def __init__(
+        self, client: "redis.Redis", script: Script, script_keys: list[str], args: list[Any]
+    ) -> None:
+        self._pool = client.connection_pool
+        self._script, self._keys, self._args = script, script_keys, args
+        self._connection: Connection | None = None
+        try:
+            self._connection = self._pool.get_connection()
+            self._connection.send_command(
+                "EVALSHA", script.sha, len(script_keys), *script_keys, *args
+            )
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Not sent, or not all of it: redis-py closed the connection (or never had one),
+            # and the first reply() runs the script again.
+            self.close()
+
+    @translate_redis_errors
+    def reply(self) -> str:
+        """What the script answered: `ok`, `finished`, `cancelled`, `fenced` or `gap`."""
+        connection = self._connection
+        if connection is None:
+            answer = self._script(keys=self._keys, args=self._args)
+        else:
+            try:
+                answer = connection.read_response()
+            except redis.exceptions.NoScriptError:
+                answer = self._script(keys=self._keys, args=self._args)
+            finally:
+                # An error that leaves the connection unusable has closed it already (redis-py
+                # disconnects on a read that fails), so it goes back to the pool either way.
+                self._pool.release(connection)
+                self._connection = None
+        return str(answer[0].decode())
+
+    def close(self) -> None:
+        """Give the connection back without reading the reply (the attempt ended before it
+        read it: the script runs anyway, and the unread reply must not reach another user of
+        the connection)."""
+        if self._connection is not None:
+            self._connection.disconnect()
+            self._pool.release(self._connection)
+            self._connection = None
+
+
 class Attempts(RedisPart):
     """Claims, leases, flushes and checkpoints."""
 
@@ -99,26 +192,33 @@ class Attempts(RedisPart):
         (the chunk does not follow the stored steps: Redis lost recent writes, so resume from
         the stored checkpoint). StorageFull when Redis is full (nothing written).
         """
-        args: list[Any] = [
-            job_id,
-            attempt,
-            chunk.first if chunk else -1,
-            keys.step_entry_id(chunk.last) if chunk else "",
-            keys.utc_now(),
-            finish.value if finish else "",
-            json.dumps(result) if result is not None else "",
-            error or "",
-            int(lease_s * 1000),
-            checkpoint.theta if checkpoint else b"",
-            checkpoint.optimizer if checkpoint else b"",
-            checkpoint.loss_bytes if checkpoint else b"",
-            environment.model_dump_json() if environment else "",
-        ]
-        if chunk is not None:
-            for name, value in chunk.fields().items():
-                args += [name, value]
-        reply = self.lua.flush(keys=_attempt_keys(job_id, worker), args=args)
+        script_keys, args = _flush_arguments(
+            job_id, attempt, chunk, checkpoint, lease_s, finish, result, error, worker, environment
+        )
+        reply = self.lua.flush(keys=script_keys, args=args)
         return str(reply[0].decode())
+
+    def send_flush_steps(
+        self,
+        job_id: str,
+        attempt: int,
+        chunk: Chunk | None,
+        checkpoint: Checkpoint | None,
+        lease_s: float,
+        *,
+        finish: JobStatus | None = None,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        worker: str | None = None,
+        environment: AttemptEnvironment | None = None,
+    ) -> "SentFlush":
+        """`flush_steps`, sent without waiting for Redis's reply, which `SentFlush.reply()`
+        reads later: the step loop sends a chunk and goes on (no round trip on its thread,
+        and no second thread that takes the GIL to wait for Redis)."""
+        script_keys, args = _flush_arguments(
+            job_id, attempt, chunk, checkpoint, lease_s, finish, result, error, worker, environment
+        )
+        return SentFlush(self.redis, self.lua.flush, script_keys, args)
 
     @translate_redis_errors
     def renew_lease(self, job_id: str, attempt: int, lease_s: float) -> bool:
