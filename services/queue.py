@@ -131,6 +131,12 @@ def compile_seconds(compiled_at: CompiledAt, settings: Settings) -> float:
     return settings.cpu_compile_s
 
 
+def may_compile(spec: JobSpec, settings: Settings) -> bool:
+    """Whether a CPU job may run compiled blocks at all, whatever they cost: compiling is on
+    and the job has a whole block of steps."""
+    return settings.compile_steps and spec.steps >= settings.compile_block_steps
+
+
 def compiles(
     spec: JobSpec,
     settings: Settings,
@@ -143,7 +149,7 @@ def compiles(
     what `compiled_at` says (nothing when this process has the block); a free one still needs
     a whole block of steps. A sweep's group of `members` costs as one job on `members` times
     the data."""
-    if not settings.compile_steps or spec.steps < settings.compile_block_steps:
+    if not may_compile(spec, settings):
         return False
     elements = spec.data.samples * spec.data.features * members
     eager = estimated_seconds("cpu", elements, spec.steps, settings)
