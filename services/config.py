@@ -184,6 +184,10 @@ class Settings(BaseSettings):
     # lately before such jobs come again. 0: neither kept nor warmed.
     compile_recent_shapes: int = Field(default=4, ge=0)
     worker_heartbeat_s: float = Field(default=2.0, gt=0)
+    # Celery task events (Flower shows tasks from them): three PUBLISHes per job from the
+    # worker, one from the API. Off, Redis does ~100-170 µs less per tutorial job and a
+    # worker's main process ~0.6-1 ms less (bench/job_cost.py); Flower still lists workers.
+    task_events: bool = True
     # A worker serves its own Prometheus metrics on this port (`gradstream worker
     # --metrics-port`, which also sets up prometheus-client's multiprocess mode).
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)

@@ -44,9 +44,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             **transport_options,
         },
         "task_time_limit": settings.attempt_time_limit_s,
-        # Task events, so that Flower (`celery --broker URL flower`) shows gradstream's tasks.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Task events, so that Flower (`celery --broker URL flower`) shows gradstream's tasks
+        # (GRADSTREAM_TASK_EVENTS=false: not, for a service that has no use for them).
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
     }
 
 
