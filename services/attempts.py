@@ -37,7 +37,7 @@ from services import metrics
 from services.config import Settings
 from services.environment import attempt_environment
 from services.errors import StorageFull, StoreUnavailable
-from services.queue import CompiledAt, compiles
+from services.queue import CompiledAt, compiles, may_compile
 from services.records import param_values
 from services.schemas import AttemptEnvironment, JobSpec
 from services.store import Claim, Store
@@ -229,7 +229,10 @@ def choose_stepper(
     eager. The attempt records the choice with the job, and every later attempt runs it."""
     if can_graph and settings.cuda_graphs and steps >= settings.cuda_graph_min_steps:
         return "cuda-graph"
-    if can_compile and compiles(spec, settings, members, compiled_at(shape)):
+    # Where the block is found is looked up (a stat in Inductor's cache) only for a job that
+    # may compile: not for each tutorial-sized job, shorter than a block.
+    may = can_compile and may_compile(spec, settings)
+    if may and compiles(spec, settings, members, compiled_at(shape)):
         return "compiled"
     return "eager"
 

@@ -184,6 +184,11 @@ class Settings(BaseSettings):
     # lately before such jobs come again. 0: neither kept nor warmed.
     compile_recent_shapes: int = Field(default=4, ge=0)
     worker_heartbeat_s: float = Field(default=2.0, gt=0)
+    # Celery task events (Flower shows tasks from them): three PUBLISHes per job from the
+    # worker, one from the API. Off, Redis did ~230-350 µs less per tutorial job (of ~720-850)
+    # and a worker's main process ~1-1.3 ms less (of ~2-2.4) on this project's VM
+    # (bench/job_cost.py, bench/RESULTS.md); Flower still lists the workers.
+    task_events: bool = True
     # A worker serves its own Prometheus metrics on this port (`gradstream worker
     # --metrics-port`, which also sets up prometheus-client's multiprocess mode).
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)

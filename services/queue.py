@@ -44,9 +44,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             **transport_options,
         },
         "task_time_limit": settings.attempt_time_limit_s,
-        # Task events, so that Flower (`celery --broker URL flower`) shows gradstream's tasks.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Task events, so that Flower (`celery --broker URL flower`) shows gradstream's tasks
+        # (GRADSTREAM_TASK_EVENTS=false: not, for a service that has no use for them).
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
     }
 
 
@@ -131,6 +132,12 @@ def compile_seconds(compiled_at: CompiledAt, settings: Settings) -> float:
     return settings.cpu_compile_s
 
 
+def may_compile(spec: JobSpec, settings: Settings) -> bool:
+    """Whether a CPU job may run compiled blocks at all, whatever they cost: compiling is on
+    and the job has a whole block of steps."""
+    return settings.compile_steps and spec.steps >= settings.compile_block_steps
+
+
 def compiles(
     spec: JobSpec,
     settings: Settings,
@@ -145,7 +152,7 @@ def compiles(
     default), and an optimizer with state (momentum, Adam, AdamW) makes an eager step dearer
     by `cpu_stateful_update_s`. A sweep's group of `members` costs as one job on `members`
     times the data."""
-    if not settings.compile_steps or spec.steps < settings.compile_block_steps:
+    if not may_compile(spec, settings):
         return False
     rows = min(spec.batch_size or spec.data.samples, spec.data.samples)
     elements = rows * spec.data.features * members

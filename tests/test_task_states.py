@@ -9,6 +9,7 @@ must still be running when the test acts on them are endless (tests/faults.py)."
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -99,8 +100,8 @@ class Workers:
         self.stack, self.api = stack, api
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> "subprocess.Popen[bytes]":
-        worker = self.stack.start_worker("cpu")
+    def start(self, **env: str) -> "subprocess.Popen[bytes]":
+        worker = self.stack.start_worker("cpu", **env)
         self.started.append(worker)
         wait_until(
             lambda: any(w["name"].startswith(f"cpu-{worker.pid}@") for w in self.api.workers()),
@@ -200,3 +201,28 @@ def test_a_handed_back_job_is_retried_then_runs_on_as_the_same_task(
     assert cancel(api, job["id"])["status"] == "cancelled"
     resumed = monitor.wait_for_state(job["id"], "REVOKED")
     assert resumed.uuid == retried.uuid and resumed.retries == 1
+
+
+def test_a_worker_without_task_events_runs_jobs_and_sends_none(
+    api: Client, monitor: Monitor, workers: Workers
+) -> None:
+    """GRADSTREAM_TASK_EVENTS=false, for a service without Flower (bench/job_cost.py counts
+    what the events cost): the jobs run, Flower still sees the worker, and a task stays as
+    the API's task-sent event left it."""
+    for worker in workers.started:
+        stop_process(worker)
+    quiet = workers.start(GRADSTREAM_TASK_EVENTS="false")
+    job = api.wait(api.submit(SEED_EXAMPLE)["id"], timeout=30)
+    assert job["status"] == "succeeded"
+    ended = time.time()
+
+    def last_heartbeat() -> float:
+        found = [
+            w for name, w in monitor.state.workers.items() if name.startswith(f"cpu-{quiet.pid}@")
+        ]
+        return max(found[0].heartbeats, default=0.0) if found else 0.0
+
+    # A task event sent as the job ended would come before the worker's heartbeats a couple
+    # of seconds later: one dispatcher, one connection.
+    wait_until(lambda: last_heartbeat() > ended + 2, 30, "the worker's heartbeats after the job")
+    assert monitor.task_of(job["id"]).state == "PENDING"  # sent, and nothing since
