@@ -3,7 +3,7 @@ deployed (cli.stack.Stack: `gradstream worker`, one torch thread, one pool proce
 and jobs submitted over HTTP, every member-step recorded and flushed to Redis; ratios
 measured in the same run.
 
-    .venv/bin/python bench/sweeps.py [--quick]
+    .venv/bin/python bench/sweeps.py [--quick] [--cases a b c d] [--repeat 1]
 
 (a) member-steps per second of a K-member sweep (one group) against one job of the same spec
     (1000x10, K = 64; the tutorial's scalar problem, K = 512; 2 000 steps), and each against
@@ -21,6 +21,8 @@ measured in the same run.
     successive halving (min_steps 10, eta 3) against the same sweep without early stop.
 
 `--quick` runs every case small, as a smoke test of the harness; its figures mean little.
+`--repeat K` runs (a) K times in the same stack: its first run shares the new worker with the
+worker's start-up compile of its recent shapes, the later ones do not.
 """
 
 import argparse
@@ -202,6 +204,8 @@ class Bench:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small cases: a smoke test")
+    parser.add_argument("--cases", nargs="*", default=list("abcd"), choices=list("abcd"))
+    parser.add_argument("--repeat", type=int, default=1, help="runs of case (a)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as a worker runs (GRADSTREAM_TORCH_THREADS)
     quick = args.quick
@@ -218,15 +222,16 @@ def main() -> None:
         )
         with Client(stack.api_url, stack.api_key, timeout=60) as api:
             bench = Bench(stack, api)
-            bench.rates("1000x10", SYNTHETIC, 8 if quick else 64, 200 if quick else 2000)
-            bench.rates("scalar (tutorial)", SCALAR, 32 if quick else 512, 200 if quick else 2000)
-            bench.end_to_end(8 if quick else 64, 200 if quick else 2000)
-            if quick:
-                bench.halving_budget(9, 2, 3, 18)
-                bench.compute_bound(10_000, 9, 30)
-            else:
-                bench.halving_budget(81, 10, 3, 810)
-                bench.compute_bound(100_000, 27, 270)
+            steps = 200 if quick else 2000
+            for _ in range(args.repeat if "a" in args.cases else 0):
+                bench.rates("1000x10", SYNTHETIC, 8 if quick else 64, steps)
+                bench.rates("scalar (tutorial)", SCALAR, 32 if quick else 512, steps)
+            if "b" in args.cases:
+                bench.end_to_end(8 if quick else 64, steps)
+            if "c" in args.cases:
+                bench.halving_budget(*((9, 2, 3, 18) if quick else (81, 10, 3, 810)))
+            if "d" in args.cases:
+                bench.compute_bound(*((10_000, 9, 30) if quick else (100_000, 27, 270)))
 
 
 if __name__ == "__main__":
