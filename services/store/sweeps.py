@@ -618,6 +618,65 @@ def _group_reply(reply: list[bytes]) -> GroupFlushed:
     return GroupFlushed(outcome, gone)
 
 
+_MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+
+
+def _bulk(value: bytes) -> bytes:
+    """`value` as a RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _resp(args: list[Any]) -> bytes:
+    """A command as RESP (its arguments str, int or bytes)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, int):
+            arg = str(arg).encode()
+        parts.append(_bulk(arg))
+    return b"".join(parts)
+
+
+def _transaction(connection: Any, block: bytes, queued: int) -> list[Any] | None:
+    """Send `block` (MULTI, `queued` - 1 commands, EXEC) and read its replies, as redis-py's
+    pipeline does: EXEC's replies, or None when a watched key changed (EXEC answers nil).
+
+    Every reply is read even after an error, so that the connection stays in step; a command
+    refused as it was queued (OOM, a wrong argument) makes Redis refuse the block at EXEC,
+    and its error is raised, not EXECABORT's. A connection lost midway is dropped (redis-py
+    raises ConnectionError, and disconnects it) with the block unapplied or applied whole:
+    the retry decides which (DESIGN "Why a retry cannot duplicate")."""
+    try:
+        connection.send_packed_command([block])
+        errors: list[redis.ResponseError] = []
+        for _ in range(queued):
+            try:
+                connection.read_response()
+            except redis.ResponseError as exc:
+                errors.append(exc)
+        try:
+            replies = connection.read_response()
+        except redis.exceptions.ExecAbortError as exc:
+            if errors:
+                raise errors[0] from exc
+            # Redis refuses the whole block at EXEC when it went over its maxmemory after the
+            # commands were queued: nothing was written, as for a script refused for memory.
+            if "OOM" in str(exc):
+                raise redis.exceptions.OutOfMemoryError(str(exc)) from exc
+            raise
+    except (redis.ConnectionError, redis.TimeoutError):
+        connection.disconnect()
+        raise
+    if replies is None:
+        return None
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    return list(replies)
+
+
 class GroupFlushTry:
     """A group's flush with its rows outside the Lua (DESIGN "Exactly once per member").
 
@@ -739,46 +798,72 @@ class GroupFlushTry:
 
     def commit(self) -> GroupFlushed | None:
         """The members' XADDs and COMMIT_GROUP in one MULTI block: the flush's reply, or None
-        when a watched record changed since `watch()` (nothing was written; watch again)."""
-        pipe, chunk = self.pipe, self.chunk
+        when a watched record changed since `watch()` (nothing was written; watch again).
+
+        The block is written as RESP by hand (`_block`) and sent whole on the connection the
+        WATCH holds, its replies read after: through redis-py's pipeline, queueing a thousand
+        XADDs one `execute_command` at a time and running each reply's callback cost this
+        process as much as Redis's own work on the block (bench/group_flush.py)."""
+        pipe = self.pipe
         try:
-            pipe.multi()
-            if self.live and chunk is not None:
-                # The entry FLUSH_GROUP would append: its count, its rows, the shared fields.
-                common = [
-                    v if isinstance(v, bytes) else str(v).encode()
-                    for pair in self.common.items()
-                    for v in pair
-                ]
-                for member, live in zip(self.members, self.live, strict=True):
-                    if live != "0" and member.kept > 0:
-                        pipe.execute_command(
-                            "XADD",
-                            keys.steps_key(member.member_id),
-                            keys.step_entry_id(chunk.first + member.kept - 1),
-                            FIELD_COUNT,
-                            member.kept,
-                            FIELD_ROWS,
-                            member.rows,
-                            *common,
-                        )
+            connection = pipe.connection
+            commands = 1  # MULTI
+            packed = [_MULTI]
+            if self.live and self.chunk is not None:
+                commands += self._xadds(packed)
             # By its text (EVAL), not its SHA: Redis hashes 20 kB and finds it compiled, and a
             # script cache emptied since the check (a restart, SCRIPT FLUSH) cannot leave the
             # block's XADDs applied without their commit (NOSCRIPT is an error at EXEC).
             script = self.sweeps.lua.commit_group
-            pipe.eval(script.script, len(self.script_keys), *self.script_keys, *self._args(False))
-            replies = pipe.execute()
-        except redis.WatchError:
-            return None
-        except redis.exceptions.ExecAbortError as exc:
-            # Redis refuses the whole block at EXEC when it went over its maxmemory after the
-            # commands were queued: nothing was written, as for a script refused for memory.
-            if "OOM" in str(exc):
-                raise redis.exceptions.OutOfMemoryError(str(exc)) from exc
-            raise
+            packed.append(
+                _resp(
+                    [
+                        "EVAL",
+                        script.script,
+                        len(self.script_keys),
+                        *self.script_keys,
+                        *self._args(False),
+                    ]
+                )
+            )
+            packed.append(_EXEC)
+            replies = _transaction(connection, b"".join(packed), commands + 1)
+            # EXEC (or its refusal) ended the WATCH: no UNWATCH to send.
+            pipe.watching = False
         finally:
             self.reset()
-        return _group_reply(replies[-1])
+        return None if replies is None else _group_reply(replies[-1])
+
+    def _xadds(self, packed: list[bytes]) -> int:
+        """Append to `packed` the XADDs of the members' entries (the entry FLUSH_GROUP would
+        append: its count, its rows, the shared fields), as RESP; how many."""
+        chunk = self.chunk
+        assert chunk is not None
+        common = b"".join(
+            _bulk(v if isinstance(v, bytes) else str(v).encode())
+            for pair in self.common.items()
+            for v in pair
+        )
+        head = b"*%d\r\n$4\r\nXADD\r\n" % (7 + 2 * len(self.common))
+        count = _bulk(FIELD_COUNT)
+        rows = _bulk(FIELD_ROWS)
+        added = 0
+        for member, live in zip(self.members, self.live, strict=True):
+            if live != "0" and member.kept > 0:
+                packed += [
+                    head,
+                    _bulk(keys.steps_key(member.member_id).encode()),
+                    _bulk(keys.step_entry_id(chunk.first + member.kept - 1).encode()),
+                    count,
+                    _bulk(str(member.kept).encode()),
+                    rows,
+                    b"$%d\r\n" % len(member.rows),
+                    member.rows,
+                    b"\r\n",
+                    common,
+                ]
+                added += 1
+        return added
 
     def reset(self) -> None:
         """UNWATCH and give the connection back (a try that stops before its EXEC)."""
