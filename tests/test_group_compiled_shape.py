@@ -27,6 +27,8 @@ BLOCK = Settings().compile_block_steps
 # Only a block compiled in this process is free; one from Inductor's cache or from scratch
 # never repays itself here.
 LATER = Settings(cpu_compile_s=1e6, cpu_compile_cached_s=1e6)
+# A worker that runs no compiled blocks.
+NO_COMPILE = Settings(compile_steps=False)
 # A compile from Inductor's cache is free, one from scratch never repays itself.
 CACHED = Settings(cpu_compile_s=1e6, cpu_compile_cached_s=0)
 
@@ -63,18 +65,23 @@ def test_a_group_runs_compiled_once_this_process_compiled_its_block(store: Store
     shape = group_block_shape(BatchedTrainer([base, base], CPU), BLOCK)
     assert not block_compiled(shape) and not block_cached(shape)
 
-    # Its block compiled nowhere: the first attempt runs eager steps and hands the group back.
-    eager = store_sweep(store, spec)
-    drain = threading.Event()
-    drain.set()
-    first = run_job(store, group_id(store, eager.id), "test-worker", CPU, LATER, drain)
-    assert (first.outcome, first.stepper) == (Outcome.RELEASED, "eager")
-
     # A worker's start compiles the group's block (its recent shapes): two members, here.
+    # First, so that nothing slow (a compile) comes between the hand-back and the resume
+    # below: a queued group with no message is an orphan to the session worker's reaper after
+    # a few seconds, and that worker would take it.
     assert warm_compiled(LATER, ["3001x6+b+group"]) == ["3001x6+b+group"]
     assert block_compiled(shape) and block_cached(shape)
 
-    # The resumed group keeps the eager steps its first attempt recorded (DESIGN §11) ...
+    # A first attempt on a worker that does not compile runs eager steps and hands the group
+    # back ...
+    eager = store_sweep(store, spec)
+    drain = threading.Event()
+    drain.set()
+    first = run_job(store, group_id(store, eager.id), "test-worker", CPU, NO_COMPILE, drain)
+    assert (first.outcome, first.stepper) == (Outcome.RELEASED, "eager")
+
+    # ... and the resumed group keeps the eager steps it recorded (DESIGN §11), on a worker
+    # whose cost model would now compile it ...
     resumed = run_job(store, group_id(store, eager.id), "test-worker", CPU, LATER)
     assert (resumed.outcome, resumed.stepper) == (Outcome.SUCCEEDED, "eager")
     # ... and a new group of that shape runs compiled, of four members on the block compiled
