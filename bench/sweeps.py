@@ -133,10 +133,12 @@ class Bench:
         member_steps = sum(member["steps_done"] for member in view["members"])
         assert member_steps == members * steps
         swept = member_steps / self.group_seconds(view["id"])
+        group = self.api.get(view["members"][0]["id"]).get("stepper", "?")  # the group's
         job = 2 * steps / (seconds(before) + seconds(after))
         hand = (hand_before + hand_after) / 2
         print(
-            f"(a) {name}, K = {members}, {steps} steps: sweep {swept:,.0f} member-steps/s, "
+            f"(a) {name}, K = {members}, {steps} steps: sweep {swept:,.0f} member-steps/s "
+            f"({group}), "
             f"one job {job:,.0f} steps/s ({before['result'].get('stepper', '?')}), hand-written "
             f"loop {hand:,.0f} steps/s; sweep/job {swept / job:.1f}x, "
             f"sweep/hand {swept / hand:.1f}x, job/hand {job / hand:.2f}x",

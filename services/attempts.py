@@ -48,6 +48,9 @@ from services.training import (
     block_cached,
     block_compiled,
     inductor_cache_counts,
+    recent_shapes_file,
+    remember_shape,
+    shape_text,
 )
 
 log = logging.getLogger(__name__)
@@ -199,6 +202,14 @@ def retry_through_outage(write: Callable[[], T], what: str, outage_s: float) -> 
             log.warning("%s: Redis unreachable, flush retried", what)
             time.sleep(pause)
             pause = min(1.0, pause * 2)
+
+
+def note_recent_shape(settings: Settings, shape: BlockShape) -> None:
+    """Put `shape` (a job's block or a group's) first among the worker's recent shapes (kept
+    if compile_recent_shapes), which its pool processes compile when they start."""
+    if settings.compile_recent_shapes:
+        path = recent_shapes_file(settings.compile_cache_dir)
+        remember_shape(path, shape_text(shape), settings.compile_recent_shapes)
 
 
 def compiled_at(shape: BlockShape | None) -> CompiledAt:

@@ -30,10 +30,12 @@ import torch
 from services.records import is_evaluated
 from services.schemas import JobSpec
 from services.training import (
+    BlockShape,
     FitReference,
     Layout,
     _snapshot,
     batch_order,
+    block_ready,
     build_dataset,
     capture_whole_step,
     initial_theta,
@@ -412,13 +414,22 @@ def supports_batched_compile(trainer: BatchedTrainer) -> bool:
     )
 
 
-# Compiled blocks of group steps, by (samples, features, bias, block), for as long as the
-# process lives: the members' count and the record buffer's rows (which depend on it) are
-# dynamic dimensions, so one compile serves every group of a problem's shape however many
-# members it has (and as many as it keeps after a cut).
-GroupBlockShape = tuple[int, int, bool, int, int]  # samples, features, bias, block, val rows
-_group_blocks: dict[GroupBlockShape, Callable[..., None]] = {}
-_failed_group_blocks: set[GroupBlockShape] = set()
+# Compiled blocks of group steps, by shape (`group_block_shape`), for as long as the process
+# lives: the members' count and the record buffer's rows (which depend on it) are dynamic
+# dimensions, so one compile serves every group of a problem's shape however many members it
+# has (and as many as it keeps after a cut). Those that have run are `block_compiled`, and
+# `block_cached` in the next process, like a job's: the cost model counts them so.
+_group_blocks: dict[BlockShape, Callable[..., None]] = {}
+_failed_group_blocks: set[BlockShape] = set()
+
+
+def group_block_shape(trainer: BatchedTrainer, block: int) -> BlockShape:
+    """What a compiled block of the group's steps is specialised to: the problem's samples,
+    features, bias and validation rows, and the block's length (its update is plain SGD, the
+    only one it runs); not the members' count nor the chunk's rows, which are dynamic."""
+    validation = len(trainer.val[1]) if trainer.val is not None else 0
+    layout = trainer.layout
+    return BlockShape(len(trainer.y), layout.features, layout.bias, block, validation, group=True)
 
 
 def _group_block(features: int, bias: bool, block: int, evaluated: bool) -> Callable[..., None]:
@@ -482,7 +493,7 @@ class BatchedCompiledSteps:
         self.block, self.live, self._trainer = block, list(trainer.live), trainer
         features, bias = trainer.layout.features, trainer.layout.bias
         validation = trainer.val or ()
-        key = (len(trainer.y), features, bias, block, len(validation[1]) if validation else 0)
+        key = group_block_shape(trainer, block)
         if key in _failed_group_blocks:
             raise RuntimeError(f"compiling group blocks of shape {key} failed before")
         theta = trainer.theta.detach()  # the trainer's parameters: updated in place
@@ -529,6 +540,7 @@ class BatchedCompiledSteps:
                 theta.copy_(saved)  # the block changed the parameters and moved the cursor
                 cursor.copy_(start)
         self._checked = True
+        block_ready(self._key)  # the cost model counts its compile as done from now on
 
     def replay(self) -> None:
         """`block` steps; the first on these tensors is guarded, as Dynamo checks its guards

@@ -176,7 +176,8 @@ class Settings(BaseSettings):
     compile_block_steps: int = Field(default=16, ge=1)
     compile_cache_dir: str = ""
     # Shapes each pool process compiles when it starts, e.g. "1x1,1000x10+b" (samples x
-    # features, +b with a bias), so that jobs of those shapes never wait for a compile.
+    # features, +b with a bias; "1000x10+group": a sweep group's block), so that jobs (groups)
+    # of those shapes never wait for a compile.
     compile_warm_shapes: str = ""
     # Besides those, the shapes of the last `compile_recent_shapes` jobs that could run
     # compiled, kept most recent first in a small file in the compile cache's folder (shared by

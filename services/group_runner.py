@@ -33,16 +33,19 @@ from services.attempts import (
     diverged_error,
     finished_result,
     make_fast,
+    note_recent_shape,
     uploaded_data,
 )
 from services.batched import (
     BatchedCompiledSteps,
     BatchedCudaGraphStep,
     BatchedTrainer,
+    group_block_shape,
     supports_batched_compile,
     supports_batched_cuda_graph,
 )
 from services.config import Settings
+from services.queue import may_compile
 from services.records import (
     Chunk,
     finite_steps,
@@ -51,7 +54,7 @@ from services.records import (
     settle_validation,
     sparse_rows,
 )
-from services.schemas import AttemptEnvironment, JobStatus
+from services.schemas import AttemptEnvironment, JobSpec, JobStatus
 from services.store import Claim, Store
 from services.store.sweeps import GroupFlushed, MemberFlush
 from services.sweeps_math import halving_cut, halving_rungs, rank_by_loss
@@ -147,6 +150,15 @@ class _GroupSteps:
         return done
 
 
+def warm_group_block(spec: JobSpec, settings: Settings) -> None:
+    """Compile the group block of `spec`'s problem (services/runner.py `warm_compiled`) as a
+    group of it would: two members (the members' count is dynamic: one compile serves any),
+    the buffer a group's chunks get. Raises if it cannot be made."""
+    trainer = BatchedTrainer([spec, spec], torch.device("cpu"))
+    if _GroupSteps("warm-up", trainer, "compiled", settings).fast is None:
+        raise RuntimeError("the group's block could not be compiled")
+
+
 class GroupAttempt(Attempt):
     """One attempt at a sweep's group: its running members' steps in one batched tensor,
     each chunk flushed (on a thread of its own) by one fenced write for all of them."""
@@ -202,14 +214,7 @@ class GroupAttempt(Attempt):
         self.positions = {member_id: p for p, member_id in enumerate(self.ids)}
         # The stepper the group's first attempt recorded is every later attempt's, whatever
         # this worker's cost model says: a resumed group then rounds as its first attempt did.
-        kind = self.claim.stepper or choose_stepper(
-            first,
-            self.settings,
-            first.steps,
-            supports_batched_cuda_graph(trainer),
-            supports_batched_compile(trainer),
-            len(work.specs),
-        )
+        kind = self.claim.stepper or self._stepper_kind(first, trainer, len(work.specs))
         self.stepper = kind
         log.info(
             "group %s attempt %d: %d members, steps %d..%d on %s (%s)",
@@ -226,6 +231,25 @@ class GroupAttempt(Attempt):
             return self._loop(trainer, first.steps, kind, rungs)
         finally:
             self.loop_s = time.perf_counter() - started
+
+    def _stepper_kind(self, first: JobSpec, trainer: BatchedTrainer, members: int) -> str:
+        """The cost model's stepper (`choose_stepper`) for a group no attempt has recorded one
+        for, its compile costing what is found of the group's block (compiled in this process,
+        or in Inductor's cache). A group that could run compiled puts its block's shape first
+        among the worker's recent shapes, which its next start compiles, as a job does."""
+        can_compile = supports_batched_compile(trainer)
+        shape = group_block_shape(trainer, self.settings.compile_block_steps)
+        if can_compile and may_compile(first, self.settings):
+            note_recent_shape(self.settings, shape)
+        return choose_stepper(
+            first,
+            self.settings,
+            first.steps,
+            supports_batched_cuda_graph(trainer),
+            can_compile,
+            members,
+            shape=shape,
+        )
 
     def _cut(self, deadline: float) -> bool:
         """Whether the chunk ends now: the worker drains, the lease is lost, or it is time to

@@ -32,12 +32,13 @@ from services.attempts import (
     diverged_error,
     finished_result,
     make_fast,
+    note_recent_shape,
     run_attempt,
     uploaded_data,
 )
 from services.config import Settings
 from services.errors import StorageFull
-from services.group_runner import GroupAttempt
+from services.group_runner import GroupAttempt, warm_group_block
 from services.logs import attempt_context
 from services.queue import estimated_seconds
 from services.records import (
@@ -51,7 +52,6 @@ from services.schemas import JobSpec, JobStatus, StopSpec
 from services.store import Checkpoint, Claim, SentFlush, Store
 from services.store.sweeps import GROUP_SPEC_PREFIX
 from services.training import (
-    BlockShape,
     CompiledSteps,
     CudaGraphStep,
     FitReference,
@@ -61,9 +61,7 @@ from services.training import (
     parse_shape,
     recent_shapes,
     recent_shapes_file,
-    remember_shape,
     serialize_state,
-    shape_text,
     supports_compiled_steps,
     supports_cuda_graph,
 )
@@ -275,19 +273,13 @@ def shapes_to_warm(settings: Settings) -> list[str]:
     return list(dict.fromkeys(shapes))
 
 
-def note_recent_shape(settings: Settings, shape: BlockShape) -> None:
-    """Put `shape` first among the worker's recent shapes (kept if compile_recent_shapes)."""
-    if settings.compile_recent_shapes:
-        path = recent_shapes_file(settings.compile_cache_dir)
-        remember_shape(path, shape_text(shape), settings.compile_recent_shapes)
-
-
 def warm_compiled(settings: Settings, shapes: list[str] | None = None) -> list[str]:
     """Compile the blocks of `shapes` (by default `shapes_to_warm`: "1x1", "1000x10+b+v200",
     "1000x10+bs100+adam": samples x features, +b with a bias, +vN with N validation rows, +bsN
-    mini-batches of N rows, the update unless plain SGD) in this process, with the recorder a
-    job of each shape gets, so that such jobs start at once and the cost model counts their
-    compile as done. The shapes done; one that fails is logged and skipped."""
+    mini-batches of N rows, the update unless plain SGD; "1000x10+group": a sweep group's
+    block) in this process, with the recorder a job (or a group) of each shape gets, so that
+    such jobs start at once and the cost model counts their compile as done. The shapes done;
+    one that fails is logged and skipped."""
     block, done = settings.compile_block_steps, []
     cpu = torch.device("cpu")
     for text in shapes_to_warm(settings) if shapes is None else shapes:
@@ -307,7 +299,12 @@ def warm_compiled(settings: Settings, shapes: list[str] | None = None) -> list[s
             if validation:  # an explicit validation set of that many rows
                 zeros = {"x": [[0.0] * features] * validation, "y": [0.0] * validation}
                 fields["eval"] = {"data": zeros}
-            trainer = Trainer(JobSpec.model_validate(fields), cpu)
+            spec = JobSpec.model_validate(fields)
+            if shape.group:
+                warm_group_block(spec, settings)
+                done.append(text.strip())
+                continue
+            trainer = Trainer(spec, cpu)
             recorder = StepRecorder(trainer.layout, settings.flush_max_steps, cpu, 0, block)
             CompiledSteps(trainer, recorder.storage, recorder.cursor, block)
         except Exception:

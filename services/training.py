@@ -745,6 +745,10 @@ class BlockShape(NamedTuple):
     validation: int = 0  # validation rows
     update: str = "sgd"  # the optimizer's update: one of UPDATES
     batch: int = 0  # rows per mini-batch; 0: the full batch
+    # A sweep group's block (services/batched.py), a graph of its own: every live member's
+    # steps at once, the members' count and the record buffer's rows dynamic, so nothing that
+    # varies per group or per chunk is in the shape (only plain SGD on the full batch).
+    group: bool = False
 
 
 # The updates a compiled block runs, as `Trainer.update` computes them at a constant lr: plain
@@ -1005,9 +1009,7 @@ class CompiledSteps:
             cursor.copy_(start)
             for tensor, value in zip(state, saved_state, strict=True):
                 tensor.copy_(value)
-        if key not in _ready_blocks:
-            _ready_blocks.add(key)
-            mark_cached(key)
+        block_ready(key)
 
     def replay(self, count: bool = True) -> None:
         """Run the next `block` steps (`count`: and count them as done)."""
@@ -1030,24 +1032,26 @@ def block_shape(trainer: Trainer, block: int) -> BlockShape:
 
 def shape_text(shape: tuple[Any, ...]) -> str:
     """A shape as GRADSTREAM_COMPILE_WARM_SHAPES writes it: samples x features, `+b` with a
-    bias, `+vN` with N validation rows, `+bsN` for mini-batches of N rows, and the update
-    unless plain SGD (`+adam`) (the block length is the worker's setting)."""
+    bias, `+vN` with N validation rows, `+bsN` for mini-batches of N rows, the update unless
+    plain SGD (`+adam`), and `+group` for a sweep group's block (the block length is the
+    worker's setting)."""
     shape = BlockShape(*shape)
     text = f"{shape.samples}x{shape.features}{'+b' if shape.bias else ''}"
     text += f"+v{shape.validation}" if shape.validation else ""
     text += f"+bs{shape.batch}" if shape.batch else ""
-    return text + (f"+{shape.update}" if shape.update != "sgd" else "")
+    text += f"+{shape.update}" if shape.update != "sgd" else ""
+    return text + ("+group" if shape.group else "")
 
 
 def parse_shape(text: str, block: int) -> BlockShape:
-    """The BlockShape of `shape_text`'s `text` ("1000x10+b+v200+bs100+adam") in blocks of
-    `block`."""
+    """The BlockShape of `shape_text`'s `text` ("1000x10+b+v200+bs100+adam", "1000x10+group")
+    in blocks of `block`."""
     size, *options = text.strip().split("+")
     samples, features = (int(v) for v in size.split("x"))
     validation = [int(o[1:]) for o in options if o.startswith("v")]
     batch = [int(o[2:]) for o in options if o.startswith("bs")]
     updates = [o for o in options if o in UPDATES]
-    known = ("b", *UPDATES)
+    known = ("b", "group", *UPDATES)
     if (
         any(o not in known and not o.startswith(("v", "bs")) for o in options)
         or max(len(validation), len(batch), len(updates)) > 1
@@ -1061,12 +1065,21 @@ def parse_shape(text: str, block: int) -> BlockShape:
         validation[0] if validation else 0,
         updates[0] if updates else "sgd",
         batch[0] if batch else 0,
+        "group" in options,
     )
 
 
 def block_compiled(shape: tuple[Any, ...]) -> bool:
     """Whether this process has compiled and run the block of `shape`."""
     return BlockShape(*shape) in _ready_blocks
+
+
+def block_ready(shape: BlockShape) -> None:
+    """Note that this process has compiled and run the block of `shape` (a job's, or a
+    group's: services/batched.py), and leave its marker beside Inductor's cache."""
+    if shape not in _ready_blocks:
+        _ready_blocks.add(shape)
+        mark_cached(shape)
 
 
 def _marker(shape: BlockShape) -> str:
