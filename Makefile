@@ -85,7 +85,8 @@ NUMERIC_TESTS := tests/test_training.py tests/test_batched.py tests/test_group_s
 	tests/test_sweep_resume.py tests/test_explain.py tests/test_results.py tests/test_sweeps.py \
 	tests/test_eval.py tests/test_end_to_end.py tests/test_datasets.py tests/test_storage.py \
 	tests/test_faults.py tests/test_member_results.py tests/test_group_cancel.py \
-	tests/test_sweep_scale.py tests/test_compiled_optimizers.py tests/test_sparse.py
+	tests/test_sweep_scale.py tests/test_compiled_optimizers.py tests/test_sparse.py \
+	tests/test_group_compiled_shape.py
 CPU_CAPABILITIES ?= default avx2
 test-cpu-kernels: $(STAMP) redis-server
 	@for capability in $(CPU_CAPABILITIES); do \
